@@ -1,0 +1,34 @@
+# Every target bootstraps what it needs: apt packages (when root and missing) and the venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv demo test lint e2e faults bench bench-quick package clean
+
+help:
+	@echo "make demo         run the daemon in the foreground on the bundled demo programs"
+	@echo "make test         the fast test suite (lint + pytest)"
+	@echo "make e2e          packages + systemd end-to-end tests (root, minutes)"
+	@echo "make faults       the fault, load and hostile-input suite"
+	@echo "make bench        benchmark against supervisord (bench-quick: the CI-sized run)"
+	@echo "make package      build the .deb and .rpm into dist/"
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	PYTHON=$(PYTHON) bash scripts/bootstrap.sh $(VENV)
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ocp_agentd.demo.config .demo
+	$(VENV)/bin/ocp-agentd --config .demo/demo.toml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) .demo dist build *.egg-info

@@ -1,0 +1,3 @@
+from ocp_agentd.daemon import main
+
+raise SystemExit(main())

@@ -1,0 +1,279 @@
+"""Settings and ProgramSpec: the TOML file plus OCP_AGENTD_* environment overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/ocp_agentd/config.toml")
+ENV_CONFIG_PATH = "OCP_AGENTD_CONFIG"
+PERMISSIONS = ("HOST_VIEWER", "HOST_MANAGER", "TASK_VIEWER", "TASK_MANAGER")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names each key path and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AgentSection(_Strict):
+    host_id: int = Field(default=1, gt=0, lt=2**63)
+    install_home: Path = Path("/home/admin/ocp_agent")
+    state_dir: Path = Path("/var/lib/ocp_agentd")
+    log_dir: Path = Path("/var/log/ocp_agentd")
+
+
+class TokenSpec(_Strict):
+    name: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    permissions: list[str] = Field(default_factory=lambda: list(PERMISSIONS))
+
+    @field_validator("permissions")
+    @classmethod
+    def _known_permissions(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(PERMISSIONS))
+        if unknown:
+            raise ValueError(f"unknown permission(s) {unknown}; known: {list(PERMISSIONS)}")
+        return value
+
+
+class ApiSection(_Strict):
+    socket: Path = Path("/run/ocp_agentd/agentd.sock")
+    socket_mode: str = Field(default="0660", pattern=r"^0?[0-7]{3}$")
+    tcp: str = ""
+    max_body_bytes: int = Field(default=65536, ge=1024, le=64 * 1024 * 1024)
+    tokens: list[TokenSpec] = Field(default_factory=list)
+
+    @field_validator("tcp")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:62887")
+        return value
+
+    @property
+    def socket_mode_int(self) -> int:
+        return int(self.socket_mode, 8)
+
+    @property
+    def tcp_host_port(self) -> tuple[str, int] | None:
+        if not self.tcp:
+            return None
+        host, _, port = self.tcp.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class ProgramSpec(_Strict):
+    name: str = ""
+    role: Literal["pos_proxy", "worker"] = "worker"
+    command: list[str] = Field(min_length=1)
+    cwd: Path | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    user: str = ""
+    operable: bool | None = None
+    ports: list[int] = Field(default_factory=list)
+    health_url: str = ""
+    start_seconds: float = Field(default=1.0, ge=0, le=3600)
+    start_timeout: float = Field(default=30.0, gt=0, le=86400)
+    stop_signal: str = "TERM"
+    stop_timeout: float = Field(default=10.0, gt=0, le=3600)
+    autorestart: Literal["always", "on-failure", "never"] = "on-failure"
+    backoff_initial: float = Field(default=0.5, gt=0, le=3600)
+    backoff_max: float = Field(default=30.0, gt=0, le=86400)
+    max_quick_exits: int = Field(default=5, ge=1, le=1000)
+    stdout_log: Path | None = None
+    stderr_log: Path | None = None
+    log_max_bytes: int = Field(default=52428800, ge=0)
+    log_backups: int = Field(default=5, ge=0, le=100)
+
+    @field_validator("command")
+    @classmethod
+    def _absolute_command(cls, value: list[str]) -> list[str]:
+        if not value[0] or not os.path.isabs(value[0]):
+            raise ValueError(f"the program path must be absolute, got {value[0]!r}")
+        return value
+
+    @field_validator("ports")
+    @classmethod
+    def _valid_ports(cls, value: list[int]) -> list[int]:
+        for port in value:
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port} is outside 1..65535")
+        return value
+
+    @field_validator("stop_signal")
+    @classmethod
+    def _known_signal(cls, value: str) -> str:
+        name = value.upper().removeprefix("SIG")
+        if name not in signal.Signals.__members__ and f"SIG{name}" not in signal.Signals.__members__:
+            raise ValueError(f"unknown signal {value!r}")
+        return name
+
+    @field_validator("health_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("health_url must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults(self) -> ProgramSpec:
+        if self.operable is None:
+            self.operable = self.role != "pos_proxy"
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("backoff_max must be at least backoff_initial")
+        return self
+
+    @property
+    def is_worker(self) -> bool:
+        return self.role != "pos_proxy" and bool(self.operable)
+
+    @property
+    def signal_number(self) -> int:
+        return int(signal.Signals[f"SIG{self.stop_signal}"])
+
+    def fingerprint(self) -> str:
+        """A stable hash of everything that changes how the program runs.
+
+        Reload restarts a program whose fingerprint changed; the pid record keeps
+        it, so a daemon started on an edited config restarts what changed too.
+        """
+        fields = self.model_dump(
+            mode="json",
+            include={"command", "cwd", "env", "user", "stdout_log", "stderr_log"},
+        )
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="OCP_AGENTD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    agent: AgentSection = Field(default_factory=AgentSection)
+    api: ApiSection = Field(default_factory=ApiSection)
+    programs: dict[str, ProgramSpec] = Field(default_factory=dict)
+
+    # Set by load_settings() before validation; read by settings_customise_sources.
+    _toml_path: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_path))
+        return tuple(sources)
+
+    @field_validator("programs")
+    @classmethod
+    def _programs(cls, programs: dict[str, ProgramSpec]) -> dict[str, ProgramSpec]:
+        for name, spec in programs.items():
+            if not name.replace("_", "").replace("-", "").isalnum() or name == "ocp_agentd":
+                raise ValueError(
+                    f"program name {name!r} must be letters, digits, '_' or '-' "
+                    "and not 'ocp_agentd'"
+                )
+            spec.name = name
+        proxies = [name for name, spec in programs.items() if spec.role == "pos_proxy"]
+        if len(proxies) > 1:
+            raise ValueError(f"exactly one program may have role 'pos_proxy', found {proxies}")
+        return programs
+
+    @property
+    def pos_proxy(self) -> ProgramSpec | None:
+        return next((s for s in self.programs.values() if s.role == "pos_proxy"), None)
+
+    def resolve_paths(self, base: Path) -> None:
+        """Relative paths in the file are taken from the file's own folder."""
+        agent = self.agent
+        agent.install_home = _absolute(agent.install_home, base)
+        agent.state_dir = _absolute(agent.state_dir, base)
+        agent.log_dir = _absolute(agent.log_dir, base)
+        self.api.socket = _absolute(self.api.socket, base)
+        for spec in self.programs.values():
+            spec.cwd = _absolute(spec.cwd, base) if spec.cwd else agent.install_home
+            spec.stdout_log = _absolute(
+                spec.stdout_log or agent.log_dir / f"{spec.name}.stdout.log", base
+            )
+            spec.stderr_log = _absolute(
+                spec.stderr_log or agent.log_dir / f"{spec.name}.stderr.log", base
+            )
+
+
+def _absolute(path: Path, base: Path) -> Path:
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def config_path(cli_value: str | os.PathLike[str] | None) -> Path:
+    if cli_value:
+        return Path(cli_value)
+    if os.environ.get(ENV_CONFIG_PATH):
+        return Path(os.environ[ENV_CONFIG_PATH])
+    return DEFAULT_CONFIG_PATH
+
+
+def _describe(error: ValidationError, path: Path) -> str:
+    lines = [f"invalid configuration {path}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path, **overrides: Any) -> Settings:
+    """Reads and validates the file; raises ConfigError naming every bad key."""
+    if not path.is_file():
+        raise ConfigError(f"configuration file {path} does not exist or is not a file")
+    try:
+        with path.open("rb") as handle:
+            import tomllib
+
+            tomllib.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc}") from None
+    Settings._toml_path = path
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    finally:
+        Settings._toml_path = None
+    settings.resolve_paths(path.resolve().parent)
+    return settings
