@@ -1,0 +1,99 @@
+"""A tiny event-driven HTTP/1.0 server for the demo programs (standard library only).
+
+Every demo program that has a port uses `run_http`: one asyncio loop, no timers, so an
+idle program sleeps in epoll and costs no CPU. SIGTERM and SIGINT stop it cleanly
+(exit status 0). Each request is logged to stdout, one line each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+Reply = tuple[int, str, bytes]  # (status, content type, body)
+Routes = dict[str, Callable[[], Reply]]
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error"}
+
+
+def log(name: str, message: str, stream=None) -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    print(f"{stamp} {name}[{os.getpid()}] {message}", file=stream or sys.stdout, flush=True)
+
+
+def json_reply(payload: object, status: int = 200) -> Reply:
+    return status, "application/json", json.dumps(payload).encode() + b"\n"
+
+
+def text_reply(text: str, status: int = 200) -> Reply:
+    return status, "text/plain; version=0.0.4; charset=utf-8", text.encode()
+
+
+def _answer(routes: Routes, method: str, path: str) -> Reply:
+    route = routes.get(path)
+    if route is None:
+        return json_reply({"error": f"no route {path}"}, 404)
+    if method not in ("GET", "HEAD"):
+        return json_reply({"error": f"method {method} not allowed"}, 405)
+    try:
+        return route()
+    except Exception as exc:  # a demo must keep serving; say what broke
+        return json_reply({"error": repr(exc)}, 500)
+
+
+async def _serve(name: str, host: str, port: int, routes: Routes, delay: float) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if delay > 0:
+        log(name, f"waiting {delay}s before listening on {host}:{port}")
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+            log(name, "stopped before listening")
+            return 0
+        except TimeoutError:
+            pass
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = (await asyncio.wait_for(reader.readline(), 10)).decode("latin-1")
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass  # headers are not needed
+            parts = request.split()
+            method, path = (parts[0], parts[1].split("?")[0]) if len(parts) >= 2 else ("", "")
+            status, content_type, body = _answer(routes, method, path)
+            head = (
+                f"HTTP/1.0 {status} {_REASONS.get(status, 'Error')}\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + (b"" if method == "HEAD" else body))
+            await writer.drain()
+            log(name, f"{method} {path} {status}")
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+
+    try:
+        server = await asyncio.start_server(handle, host, port)
+    except OSError as exc:
+        log(name, f"cannot listen on {host}:{port}: {exc}", sys.stderr)
+        return 1
+    log(name, f"listening on {host}:{port}")
+    await stop.wait()
+    server.close()
+    await server.wait_closed()
+    log(name, "stopped on signal")
+    return 0
+
+
+def run_http(name: str, host: str, port: int, routes: Routes, delay: float = 0.0) -> int:
+    """Serves `routes` (path -> reply function) until SIGTERM; returns the exit status."""
+    return asyncio.run(_serve(name, host, port, routes, delay))

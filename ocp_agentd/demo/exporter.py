@@ -1,0 +1,54 @@
+"""Stand-in metrics exporter (a worker with a port): serves /metrics and /health.
+
+    python -m ocp_agentd.demo.exporter --port 62889 [--host 127.0.0.1]
+
+/metrics answers a few Prometheus lines (the host load is real, the rest is made up).
+Exits with status 0 on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from ocp_agentd.demo._serve import json_reply, log, run_http, text_reply
+
+NAME = "ocp_exporter"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=NAME, description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=62889)
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    started = time.time()
+    scrapes = [0]
+
+    def metrics():
+        scrapes[0] += 1
+        load1 = os.getloadavg()[0]
+        return text_reply(
+            "# HELP ocp_exporter_up Whether the exporter runs.\n"
+            "# TYPE ocp_exporter_up gauge\n"
+            "ocp_exporter_up 1\n"
+            "# HELP ocp_exporter_scrapes_total Scrapes served since start.\n"
+            "# TYPE ocp_exporter_scrapes_total counter\n"
+            f"ocp_exporter_scrapes_total {scrapes[0]}\n"
+            "# HELP ob_host_load1 One-minute load average of the host.\n"
+            "# TYPE ob_host_load1 gauge\n"
+            f"ob_host_load1 {load1:.2f}\n"
+            "# HELP ob_server_active_sessions Active sessions of the observer (made up).\n"
+            "# TYPE ob_server_active_sessions gauge\n"
+            'ob_server_active_sessions{tenant="sys"} 3\n'
+        )
+
+    def health():
+        return json_reply({"status": "ok", "pid": os.getpid(), "uptime": time.time() - started})
+
+    log(NAME, f"starting (port {args.port})")
+    return run_http(NAME, args.host, args.port, {"/metrics": metrics, "/health": health})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
