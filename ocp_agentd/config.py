@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,7 +129,10 @@ class ProgramSpec(_Strict):
     @classmethod
     def _known_signal(cls, value: str) -> str:
         name = value.upper().removeprefix("SIG")
-        if name not in signal.Signals.__members__ and f"SIG{name}" not in signal.Signals.__members__:
+        if (
+            name not in signal.Signals.__members__
+            and f"SIG{name}" not in signal.Signals.__members__
+        ):
             raise ValueError(f"unknown signal {value!r}")
         return name
 
@@ -169,6 +173,15 @@ class ProgramSpec(_Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class _TomlSource(threading.local):
+    """The file load_settings() is reading; Settings() alone reads no file."""
+
+    path: Path | None = None
+
+
+_toml_source = _TomlSource()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="OCP_AGENTD_",
@@ -181,9 +194,6 @@ class Settings(BaseSettings):
     api: ApiSection = Field(default_factory=ApiSection)
     programs: dict[str, ProgramSpec] = Field(default_factory=dict)
 
-    # Set by load_settings() before validation; read by settings_customise_sources.
-    _toml_path: Path | None = None
-
     @classmethod
     def settings_customise_sources(
         cls,
@@ -194,8 +204,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._toml_path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_path))
+        if _toml_source.path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_toml_source.path))
         return tuple(sources)
 
     @field_validator("programs")
@@ -268,12 +278,12 @@ def load_settings(path: Path, **overrides: Any) -> Settings:
             tomllib.load(handle)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read configuration {path}: {exc}") from None
-    Settings._toml_path = path
+    _toml_source.path = path
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
     finally:
-        Settings._toml_path = None
+        _toml_source.path = None
     settings.resolve_paths(path.resolve().parent)
     return settings

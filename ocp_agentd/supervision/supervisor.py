@@ -1,0 +1,308 @@
+"""The set of programs: boot (adopt or start), start_all, stop_all, reload, lookup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import aiohttp
+
+from ocp_agentd.config import ProgramSpec, Settings
+from ocp_agentd.supervision import output
+from ocp_agentd.supervision.identity import PidRecords, pin
+from ocp_agentd.supervision.proctable import Scanner
+from ocp_agentd.supervision.program import (
+    OperationFailed,
+    ProcessInfo,
+    Program,
+    State,
+    VerifyResult,
+)
+
+log = logging.getLogger("ocp_agentd.supervisor")
+T = TypeVar("T")
+Listener = Callable[[str, State, State], None]
+
+
+class ProgramNotFound(KeyError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"no program named {self.name!r}"
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir = settings.agent.state_dir
+        self.records = PidRecords(self.state_dir / "pids")
+        self.scanner = Scanner()
+        self._listeners: list[Listener] = []
+        self._http: aiohttp.ClientSession | None = None
+        self.programs: dict[str, Program] = {}
+        for spec in _ordered(settings.programs.values()):
+            self.programs[spec.name] = self._make(spec)
+
+    # ---- wiring -----------------------------------------------------------------------------
+
+    def add_listener(self, callback: Listener) -> None:
+        self._listeners.append(callback)
+
+    def _notify(self, name: str, old: State, new: State) -> None:
+        for callback in self._listeners:
+            try:
+                callback(name, old, new)
+            except Exception:  # a listener must never break a transition
+                log.exception("state listener failed")
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
+    def _make(self, spec: ProgramSpec) -> Program:
+        return Program(
+            spec, self.state_dir, self.records, self.scanner, self._session, self._notify
+        )
+
+    # ---- lookup -----------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self.programs)
+
+    def workers(self) -> list[str]:
+        return [name for name, p in self.programs.items() if p.spec.is_worker]
+
+    def program(self, name: str) -> Program:
+        try:
+            return self.programs[name]
+        except KeyError:
+            raise ProgramNotFound(name) from None
+
+    def info(self, name: str) -> ProcessInfo:
+        return self.program(name).info()
+
+    def infos(self) -> list[ProcessInfo]:
+        return [p.info() for p in self.programs.values()]
+
+    def counts(self) -> dict[str, int]:
+        counted = Counter(str(p.state) for p in self.programs.values())
+        return {str(state): counted.get(str(state), 0) for state in State}
+
+    def is_operable(self, name: str) -> bool:
+        return bool(self.program(name).spec.operable)
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    async def start(self, name: str, timeout: float | None = None) -> ProcessInfo:
+        return await _within(self.program(name).start(), timeout, name, "start")
+
+    async def stop(self, name: str, timeout: float | None = None) -> ProcessInfo:
+        return await _within(self.program(name).stop(), timeout, name, "stop")
+
+    async def restart(self, name: str, timeout: float | None = None) -> ProcessInfo:
+        return await _within(self.program(name).restart(), timeout, name, "restart")
+
+    async def verify(self, name: str) -> VerifyResult:
+        return await self.program(name).verify()
+
+    async def start_all(
+        self, timeout: float | None = None
+    ) -> dict[str, ProcessInfo | OperationFailed]:
+        return await self._each(self.workers(), lambda n: self.start(n, timeout))
+
+    async def stop_all(
+        self, timeout: float | None = None
+    ) -> dict[str, ProcessInfo | OperationFailed]:
+        return await self._each(self.workers(), lambda n: self.stop(n, timeout))
+
+    async def verify_all(self) -> dict[str, VerifyResult]:
+        names = self.names()
+        results = await asyncio.gather(*(self.verify(n) for n in names))
+        return dict(zip(names, results, strict=True))
+
+    async def _each(
+        self, names: list[str], action: Callable[[str], Awaitable[ProcessInfo]]
+    ) -> dict[str, ProcessInfo | OperationFailed]:
+        results = await asyncio.gather(*(action(n) for n in names), return_exceptions=True)
+        out: dict[str, ProcessInfo | OperationFailed] = {}
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, OperationFailed | ProcessInfo):
+                out[name] = result
+            elif isinstance(result, BaseException):
+                log.error("%s: %s", name, result, exc_info=result)
+                out[name] = OperationFailed(name, f"internal error: {result}")
+        return out
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    async def boot(self) -> None:
+        """Adopts every program that still runs as recorded, starts the others."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        snap = await self.scanner.snapshot()
+        to_start: list[str] = []
+        to_restart: list[str] = []
+        state_dir = str(self.state_dir)
+        for name, program in self.programs.items():
+            record = self.records.load(name)
+            adopted = record is not None and program.adopt(record)
+            if not adopted:
+                mains = snap.marked_mains(state_dir, name)
+                for entry in mains:
+                    marker = snap.markers[entry.pid]
+                    if not program.alive() and program.adopt_unrecorded(entry, marker.run_id):
+                        adopted = True
+                        log.warning(
+                            "%s: adopted pid %d found by its marker (no usable record)",
+                            name,
+                            entry.pid,
+                        )
+                if len(mains) > 1:
+                    await self._end_extra(name, program, mains)
+            if adopted and record is not None and record.fingerprint != program.spec.fingerprint():
+                to_restart.append(name)
+            elif not adopted:
+                to_start.append(name)
+        await self._stop_unknown(snap)
+        await asyncio.gather(
+            *(self._start_quietly(n) for n in to_start),
+            *(self._restart_quietly(n) for n in to_restart),
+        )
+
+    async def _end_extra(self, name: str, program: Program, mains: list[Any]) -> None:
+        """More than one marked instance of a program: keep the adopted one, end the rest."""
+        keep = program.instance.pid if program.instance else None
+        for entry in mains:
+            if entry.pid == keep:
+                continue
+            handle = pin(entry.pid, entry.starttime)
+            if handle is not None:
+                log.warning("%s: ending second instance pid %d", name, entry.pid)
+                handle.send(signal.SIGTERM)
+                handle.close()
+
+    async def _stop_unknown(self, snap: Any) -> None:
+        """Programs recorded by an earlier daemon but gone from the config are stopped."""
+        for name in self.records.names():
+            if name in self.programs:
+                continue
+            record = self.records.load(name)
+            if record is None:
+                continue
+            ghost = Program(
+                ProgramSpec(name=name, command=record.cmdline or ["/"]),
+                self.state_dir,
+                self.records,
+                self.scanner,
+                self._session,
+                self._notify,
+            )
+            if ghost.adopt(record):
+                log.warning("%s: no longer configured, stopping pid %d", name, record.pid)
+                await ghost.stop()
+            ghost.discard_record()
+
+    async def _start_quietly(self, name: str) -> None:
+        try:
+            await self.program(name).start()
+        except OperationFailed as exc:
+            log.error("%s", exc)
+
+    async def _restart_quietly(self, name: str) -> None:
+        log.info("%s: configuration changed since it was started, restarting", name)
+        try:
+            await self.program(name).restart()
+        except OperationFailed as exc:
+            log.error("%s", exc)
+
+    async def shutdown(self) -> None:
+        """Stops every program: workers in parallel first, pos_proxy and the rest last."""
+        first = self.workers()
+        last = [n for n in self.names() if n not in first]
+        for group in (first, last):
+            results = await self._each(group, lambda n: self.program(n).stop())
+            for result in results.values():
+                if isinstance(result, OperationFailed):
+                    log.error("%s", result)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stops watching; the programs go on running for the next daemon to adopt."""
+        for program in self.programs.values():
+            program.release()
+        if self._http is not None:
+            await self._http.close()
+
+    async def reload(self, settings: Settings) -> dict[str, list[str]]:
+        """Starts added programs, stops removed ones, restarts changed ones."""
+        new_specs = {s.name: s for s in _ordered(settings.programs.values())}
+        report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
+        removed = [n for n in self.programs if n not in new_specs]
+        for name in removed:
+            await self.program(name).stop()
+            self.programs.pop(name).release()
+            report["removed"].append(name)
+        restart: list[str] = []
+        for name, spec in new_specs.items():
+            current = self.programs.get(name)
+            if current is None:
+                self.programs[name] = self._make(spec)
+                report["added"].append(name)
+            elif current.spec != spec:
+                needs_restart = current.spec.fingerprint() != spec.fingerprint()
+                current.spec = spec
+                report["changed"].append(name)
+                if needs_restart and current.state not in (State.STOPPED, State.EXITED):
+                    restart.append(name)
+            else:
+                report["unchanged"].append(name)
+        self.programs = {n: self.programs[n] for n in new_specs}
+        self.settings = settings
+        await asyncio.gather(
+            *(self._start_quietly(n) for n in report["added"]),
+            *(self._restart_quietly(n) for n in restart),
+        )
+        return report
+
+    async def housekeep(self) -> None:
+        """Rotates program log files that grew past their limit."""
+        specs = [p.spec for p in self.programs.values()]
+
+        def rotate() -> None:
+            seen = set()
+            for spec in specs:
+                for path in (spec.stdout_log, spec.stderr_log):
+                    if path is not None and path not in seen:
+                        seen.add(path)
+                        output.rotate_if_needed(path, spec.log_max_bytes, spec.log_backups)
+
+        await asyncio.to_thread(rotate)
+
+
+def _ordered(specs: Any) -> list[ProgramSpec]:
+    specs = list(specs)
+    return [s for s in specs if s.role == "pos_proxy"] + [s for s in specs if s.role != "pos_proxy"]
+
+
+async def _within(action: Awaitable[T], timeout: float | None, name: str, verb: str) -> T:
+    # The operation itself is never cancelled half-way (a stop that sent SIGTERM must finish
+    # its job); the caller only stops waiting for it.
+    task = asyncio.ensure_future(action)
+    if timeout is None:
+        return await task
+    started = time.monotonic()
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout)
+    except TimeoutError:
+        raise OperationFailed(
+            name,
+            f"{verb} did not finish within {timeout:g}s "
+            f"(gave up after {time.monotonic() - started:.1f}s)",
+        ) from None
