@@ -1,0 +1,109 @@
+"""Who is calling, and what may they do.
+
+On the unix socket the kernel tells who the peer is (SO_PEERCRED): root, the daemon's own
+user and members of the socket file's group hold every permission. Anyone else on the
+socket, and every TCP caller, sends ``Authorization: Bearer <token>``; the token's sha256 is
+compared with every configured token in constant time (no early exit), and that token's
+permissions apply.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import hmac
+import os
+import pwd
+import socket
+import struct
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ocp_agentd.api.envelope import ApiError, ErrorCode
+from ocp_agentd.config import PERMISSIONS, TokenSpec
+
+ALL_PERMISSIONS = frozenset(PERMISSIONS)
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: a description for the log and its permissions."""
+
+    who: str
+    permissions: frozenset[str]
+
+
+def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of a unix socket peer; None for TCP."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+class Authenticator:
+    def __init__(self, tokens: list[TokenSpec]) -> None:
+        self._tokens = [
+            (spec.name, spec.sha256.lower().encode("ascii"), frozenset(spec.permissions))
+            for spec in tokens
+        ]
+        self.daemon_uid = os.getuid()
+        # The socket file's group; set by start_api once the socket exists.
+        self.socket_gid: int | None = None
+
+    def _trusted_peer(self, uid: int, gid: int) -> bool:
+        if uid in (0, self.daemon_uid):
+            return True
+        group = self.socket_gid
+        if group is None:
+            return False
+        if gid == group:
+            return True
+        try:
+            user = pwd.getpwuid(uid).pw_name
+            return user in grp.getgrgid(group).gr_mem
+        except KeyError:
+            return False
+
+    def _token(self, header: str | None) -> Caller:
+        scheme, _, token = (header or "").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(
+                ErrorCode.UNAUTHENTICATED,
+                "credentials required: send 'Authorization: Bearer <token>'",
+            )
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest().encode()
+        found: tuple[str, frozenset[str]] | None = None
+        for name, expected, permissions in self._tokens:
+            # Every token is compared, whatever matched before: the time taken does not
+            # tell which (or whether a) token matched.
+            if hmac.compare_digest(digest, expected) and found is None:
+                found = (name, permissions)
+        if found is None:
+            raise ApiError(ErrorCode.UNAUTHENTICATED, "unknown token")
+        return Caller(f"token {found[0]}", found[1])
+
+    def authenticate(self, request: web.Request) -> Caller:
+        """The caller, or ApiError 1004."""
+        peer = peer_credentials(request)
+        if peer is not None:
+            pid, uid, gid = peer
+            if self._trusted_peer(uid, gid):
+                return Caller(f"uid {uid} (pid {pid})", ALL_PERMISSIONS)
+        return self._token(request.headers.get("Authorization"))
+
+    @staticmethod
+    def authorize(caller: Caller, permission: str | None) -> None:
+        """ApiError 1005 unless the caller holds ``permission`` (None: any caller)."""
+        if permission is not None and permission not in caller.permissions:
+            raise ApiError(
+                ErrorCode.FORBIDDEN,
+                f"{caller.who} lacks the {permission} permission",
+                target=permission,
+            )

@@ -1,0 +1,319 @@
+"""SPEC section 6: the local process API over the Supervisor.
+
+GETs need HOST_VIEWER, POSTs HOST_MANAGER. Operations take an optional body
+``{"timeout": seconds, "force": bool}``: the supervisor waits at most ``timeout`` for the
+program to be RUNNING (or gone); ``force`` lets a caller act on a program that is not
+operable (the restart task's pos_proxy subtask). The daemon itself (``ocp_agentd``) is never
+operable here. A failed operation answers 2004 (see api/envelope.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from aiohttp import web
+
+from ocp_agentd import __version__
+from ocp_agentd.api.envelope import ApiError, ErrorCode, sub_error
+from ocp_agentd.api.routes import Param, Route, app_context
+from ocp_agentd.supervision import OperationFailed, ProcessInfo, ProgramNotFound
+
+DAEMON_NAME = "ocp_agentd"
+
+_TIMEOUT = {
+    "type": "number",
+    "exclusiveMinimum": 0,
+    "maximum": 86400,
+    "description": "Seconds to wait for the outcome; default: the program's start_timeout "
+    "or stop_timeout",
+}
+OPERATION_BODY: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "timeout": _TIMEOUT,
+        "force": {
+            "type": "boolean",
+            "description": "Act on a program that is not operable (e.g. pos_proxy)",
+        },
+    },
+    "additionalProperties": False,
+}
+ALL_BODY: dict[str, Any] = {
+    "type": "object",
+    "properties": {"timeout": _TIMEOUT},
+    "additionalProperties": False,
+}
+
+PROCESS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "role": {"type": "string", "enum": ["pos_proxy", "worker"]},
+        "operable": {"type": "boolean"},
+        "state": {
+            "type": "string",
+            "enum": ["STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL"],
+        },
+        "pid": {"type": "integer", "nullable": True},
+        "create_time": {"type": "number", "nullable": True},
+        "uptime": {"type": "number", "nullable": True},
+        "restarts": {"type": "integer"},
+        "last_exit": {
+            "type": "object",
+            "nullable": True,
+            "properties": {
+                "code": {"type": "integer", "nullable": True},
+                "signal": {"type": "string", "nullable": True},
+                "at": {"type": "string"},
+                "reason": {"type": "string"},
+            },
+        },
+        "ports": {"type": "array", "items": {"type": "integer"}},
+        "command": {"type": "array", "items": {"type": "string"}},
+    },
+}
+VERIFY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "checks": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "ok": {"type": "boolean"},
+                    "detail": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+ALL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "processes": {"type": "array", "items": PROCESS_SCHEMA},
+    },
+}
+VERIFY_ALL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "programs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, **VERIFY_SCHEMA["properties"]},
+            },
+        },
+    },
+}
+STATUS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "version": {"type": "string"},
+        "pid": {"type": "integer"},
+        "uptime": {"type": "number"},
+        "started_at": {"type": "string"},
+        "host_id": {"type": "integer"},
+        "state": {"type": "string"},
+        "programs": {"type": "integer"},
+        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+    },
+}
+
+
+def _record(info: ProcessInfo) -> dict[str, Any]:
+    return info.as_dict()
+
+
+def _lookup(request: web.Request, name: str) -> ProcessInfo:
+    try:
+        return app_context(request).supervisor.info(name)
+    except ProgramNotFound:
+        raise ApiError(
+            ErrorCode.PROCESS_NOT_FOUND, f"no program named {name!r}", target="name"
+        ) from None
+
+
+def _operable_target(request: web.Request) -> str:
+    """The program named in the path, if this request may operate on it."""
+    name: str = request["params"]["name"]
+    if name == DAEMON_NAME:
+        raise ApiError(
+            ErrorCode.PROCESS_NOT_OPERABLE,
+            "ocp_agentd is the daemon itself; it is operated through systemd",
+            target="name",
+        )
+    info = _lookup(request, name)
+    if not info.operable and not request["body"].get("force", False):
+        raise ApiError(
+            ErrorCode.PROCESS_NOT_OPERABLE,
+            f"program {name!r} is not operable one by one (send \"force\": true to override)",
+            target="name",
+        )
+    return name
+
+
+def _failed(exc: OperationFailed, action: str) -> ApiError:
+    return ApiError(
+        ErrorCode.PROCESS_OPERATION_FAILED,
+        f"{action} {exc.program} failed: {exc.reason}",
+        target=exc.program,
+    )
+
+
+async def get_status(request: web.Request) -> dict[str, Any]:
+    ctx = app_context(request)
+    counts = ctx.supervisor.counts()
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime": round(max(0.0, time.time() - ctx.started_at), 3),
+        "started_at": _iso(ctx.started_at),
+        "host_id": ctx.settings.agent.host_id,
+        "state": ctx.state,
+        "programs": sum(counts.values()),
+        "counts": {str(state): number for state, number in counts.items()},
+    }
+
+
+def _iso(epoch: float) -> str:
+    from datetime import datetime
+
+    from ocp_agentd.api.envelope import timestamp
+
+    return timestamp(datetime.fromtimestamp(epoch))
+
+
+async def list_processes(request: web.Request) -> list[dict[str, Any]]:
+    return [_record(info) for info in app_context(request).supervisor.infos()]
+
+
+async def get_process(request: web.Request) -> dict[str, Any]:
+    return _record(_lookup(request, request["params"]["name"]))
+
+
+async def _operate(request: web.Request, action: str) -> dict[str, Any]:
+    name = _operable_target(request)
+    supervisor = app_context(request).supervisor
+    operation = {"start": supervisor.start, "stop": supervisor.stop,
+                 "restart": supervisor.restart}[action]
+    try:
+        info = await operation(name, timeout=request["body"].get("timeout"))
+    except ProgramNotFound:
+        raise ApiError(ErrorCode.PROCESS_NOT_FOUND, f"no program named {name!r}",
+                       target="name") from None
+    except OperationFailed as exc:
+        raise _failed(exc, action) from None
+    return _record(info)
+
+
+async def start_process(request: web.Request) -> dict[str, Any]:
+    return await _operate(request, "start")
+
+
+async def stop_process(request: web.Request) -> dict[str, Any]:
+    return await _operate(request, "stop")
+
+
+async def restart_process(request: web.Request) -> dict[str, Any]:
+    return await _operate(request, "restart")
+
+
+async def verify_process(request: web.Request) -> dict[str, Any]:
+    name = request["params"]["name"]
+    _lookup(request, name)
+    try:
+        result = await app_context(request).supervisor.verify(name)
+    except ProgramNotFound:
+        raise ApiError(ErrorCode.PROCESS_NOT_FOUND, f"no program named {name!r}",
+                       target="name") from None
+    return dict(result.as_dict())
+
+
+async def _all(request: web.Request, action: str) -> dict[str, Any]:
+    supervisor = app_context(request).supervisor
+    operation = supervisor.start_all if action == "start" else supervisor.stop_all
+    results = await operation(timeout=request["body"].get("timeout"))
+    failures = {name: r for name, r in results.items() if isinstance(r, OperationFailed)}
+    if failures:
+        names = ", ".join(sorted(failures))
+        raise ApiError(
+            ErrorCode.PROCESS_OPERATION_FAILED,
+            f"{action}-all failed for {len(failures)} of {len(results)} programs: {names}",
+            sub_errors=[
+                sub_error(ErrorCode.PROCESS_OPERATION_FAILED, f"{action} failed: {exc.reason}",
+                          target=name)
+                for name, exc in failures.items()
+            ],
+        )
+    return {"ok": True, "processes": [_record(info) for info in results.values()]}
+
+
+async def start_all(request: web.Request) -> dict[str, Any]:
+    return await _all(request, "start")
+
+
+async def stop_all(request: web.Request) -> dict[str, Any]:
+    return await _all(request, "stop")
+
+
+async def verify_all(request: web.Request) -> dict[str, Any]:
+    results = await app_context(request).supervisor.verify_all()
+    programs = [{"name": name, **result.as_dict()} for name, result in results.items()]
+    return {"ok": all(item["ok"] for item in programs), "programs": programs}
+
+
+_NAME = Param("name", "path", "string", description="The program name from the config")
+_HOST = ("processes",)
+_NOT_FOUND = (ErrorCode.PROCESS_NOT_FOUND,)
+_OPERATION_ERRORS = (
+    ErrorCode.PROCESS_NOT_FOUND,
+    ErrorCode.PROCESS_NOT_OPERABLE,
+    ErrorCode.PROCESS_OPERATION_FAILED,
+)
+
+
+def routes() -> list[Route]:
+    viewer, manager = "HOST_VIEWER", "HOST_MANAGER"
+    return [
+        Route("GET", "/api/v1/status", get_status, viewer, "Daemon status",
+              description="Version, pid, uptime, host id, daemon state and the number of "
+              "programs per state.", data=STATUS_SCHEMA, tags=_HOST),
+        Route("GET", "/api/v1/processes", list_processes, viewer, "Every program's record",
+              data={"type": "array", "items": PROCESS_SCHEMA}, tags=_HOST),
+        Route("GET", "/api/v1/processes/{name}", get_process, viewer, "One program's record",
+              params=(_NAME,), data=PROCESS_SCHEMA, errors=_NOT_FOUND, tags=_HOST),
+        Route("POST", "/api/v1/processes/{name}/start", start_process, manager,
+              "Start a program and wait until it is RUNNING",
+              params=(_NAME,), body=OPERATION_BODY, data=PROCESS_SCHEMA,
+              errors=_OPERATION_ERRORS, tags=_HOST),
+        Route("POST", "/api/v1/processes/{name}/stop", stop_process, manager,
+              "Stop a program and wait until its whole process tree is gone",
+              params=(_NAME,), body=OPERATION_BODY, data=PROCESS_SCHEMA,
+              errors=_OPERATION_ERRORS, tags=_HOST),
+        Route("POST", "/api/v1/processes/{name}/restart", restart_process, manager,
+              "Restart a program and wait until it is RUNNING again",
+              params=(_NAME,), body=OPERATION_BODY, data=PROCESS_SCHEMA,
+              errors=_OPERATION_ERRORS, tags=_HOST),
+        Route("POST", "/api/v1/processes/{name}/verify", verify_process, manager,
+              "Check a program: alive, ports listening, health URL",
+              params=(_NAME,), data=VERIFY_SCHEMA, errors=_NOT_FOUND, tags=_HOST),
+        Route("POST", "/api/v1/agent/stop-all", stop_all, manager,
+              "Stop every worker program, in parallel",
+              description="On failure: 2004 with one subError per failed program.",
+              body=ALL_BODY, data=ALL_SCHEMA, errors=(ErrorCode.PROCESS_OPERATION_FAILED,),
+              tags=_HOST),
+        Route("POST", "/api/v1/agent/start-all", start_all, manager,
+              "Start every worker program, in parallel",
+              description="On failure: 2004 with one subError per failed program.",
+              body=ALL_BODY, data=ALL_SCHEMA, errors=(ErrorCode.PROCESS_OPERATION_FAILED,),
+              tags=_HOST),
+        Route("POST", "/api/v1/agent/verify", verify_all, manager, "Check every program",
+              description="Answers 200 with ok=false when a check fails.",
+              data=VERIFY_ALL_SCHEMA, tags=_HOST),
+    ]
