@@ -1,0 +1,323 @@
+"""ocp-agentd: wiring only. config -> Supervisor -> TaskEngine -> API -> systemd notify; signals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ocp_agentd import __version__
+from ocp_agentd.config import ConfigError, Settings, config_path, load_settings
+
+log = logging.getLogger("ocp_agentd")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_HANDOVER = 75  # the unit's RestartForceExitStatus: start the new version at once
+HOUSEKEEPING_SECONDS = 10.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ocp-agentd",
+        description=(
+            "The OCP Agent daemon: supervises pos_proxy and the worker agents of this host "
+            "and serves the OCP agent API on a unix socket (and optionally TCP)."
+        ),
+        epilog=(
+            "Signals: TERM/INT stop every program and exit; HUP reloads the configuration; "
+            f"USR2 hands over to a new daemon (exit {EXIT_HANDOVER}, programs keep running). "
+            "The configuration path is --config, else $OCP_AGENTD_CONFIG, else "
+            "/etc/ocp_agentd/config.toml; any key can be overridden as "
+            "OCP_AGENTD_<SECTION>__<KEY>."
+        ),
+    )
+    parser.add_argument("--config", metavar="PATH", help="the TOML configuration file")
+    parser.add_argument(
+        "--check", action="store_true", help="validate the configuration, print a summary, exit"
+    )
+    parser.add_argument("--version", action="version", version=f"ocp-agentd {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("OCP_AGENTD_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="daemon log level (default INFO, or $OCP_AGENTD_LOG_LEVEL)",
+    )
+    return parser.parse_args(argv)
+
+
+def check_writable(directory: Path) -> str | None:
+    """None if the daemon can create files in directory, else why not."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        return f"{directory} is not writable: {exc.strerror or exc}"
+    return None
+
+
+def setup_logging(settings: Settings | None, level: str) -> None:
+    from ocp_agentd.systemd import journal_handler
+
+    root = logging.getLogger()
+    root.setLevel(level)
+    logging.raiseExceptions = False  # a full disk must not turn logging into crashes
+    journal = journal_handler()
+    if journal is not None:
+        root.addHandler(journal)
+    else:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(stream)
+    if settings is not None:
+        path = settings.agent.log_dir / "ocp_agentd.log"
+        with contextlib.suppress(OSError):
+            handler = logging.handlers.RotatingFileHandler(
+                path, maxBytes=50 * 1024 * 1024, backupCount=5
+            )
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+            )
+            root.addHandler(handler)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config_file: Path) -> None:
+        from ocp_agentd.supervision import Supervisor
+        from ocp_agentd.systemd import Notifier
+
+        self.settings = settings
+        self.config_file = config_file
+        self.supervisor = Supervisor(settings)
+        self.notifier = Notifier()
+        self.started_at = time.time()
+        self.exit_code = EXIT_OK
+        self._stop = asyncio.Event()
+        self._handover = False
+        self._reloading = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.server: Any = None
+        self.app: Any = None
+        self.task_engine: Any = None
+        self.loop_lag_max = 0.0
+
+    async def run(self) -> int:
+        from ocp_agentd.api.app import AppContext, create_app, start_api
+
+        loop = asyncio.get_running_loop()
+        for signum, handler in (
+            (signal.SIGTERM, self._request_stop),
+            (signal.SIGINT, self._request_stop),
+            (signal.SIGHUP, self._request_reload),
+            (signal.SIGUSR2, self._request_handover),
+        ):
+            loop.add_signal_handler(signum, handler)
+
+        log.info(
+            "ocp-agentd %s starting (pid %d, host_id %d, config %s)",
+            __version__,
+            os.getpid(),
+            self.settings.agent.host_id,
+            self.config_file,
+        )
+        self.supervisor.add_listener(lambda *_: self._status_changed())
+        await self.supervisor.boot()
+
+        self.task_engine = self._make_task_engine()
+        ctx = AppContext(
+            settings=self.settings,
+            supervisor=self.supervisor,
+            started_at=self.started_at,
+            task_engine=self.task_engine,
+        )
+        self.app = create_app(ctx)
+        self.server = await start_api(self.app, self.settings)
+        if self.task_engine is not None:
+            await self.task_engine.start()
+        self.notifier.ready(self._status_text())
+        log.info("ready: %s", self._status_text())
+
+        self._background(self._tick())
+        await self._stop.wait()
+        return await self._shutdown()
+
+    def _make_task_engine(self) -> Any:
+        try:
+            from ocp_agentd.client import AgentClient
+            from ocp_agentd.tasks.engine import TaskEngine
+        except ImportError as exc:
+            log.warning("task engine unavailable: %s", exc)
+            return None
+
+        settings = self.settings
+        return TaskEngine(
+            store_path=settings.agent.state_dir / "tasks.sqlite3",
+            client_factory=lambda: AgentClient(socket_path=settings.api.socket),
+            host_id=settings.agent.host_id,
+            executor=_host_address(),
+            logger=logging.getLogger("ocp_agentd.tasks"),
+        )
+
+    async def _shutdown(self) -> int:
+        self.notifier.stopping()
+        if self.task_engine is not None:
+            with contextlib.suppress(Exception):
+                await self.task_engine.close()
+        if self.server is not None:
+            await self.server.close()
+        if self._handover:
+            log.info("handing over: leaving %d program(s) running", len(self.supervisor.names()))
+            await self.supervisor.close()
+            return EXIT_HANDOVER
+        log.info("stopping every program")
+        await self.supervisor.shutdown()
+        log.info("stopped")
+        return self.exit_code
+
+    # ---- signals -------------------------------------------------------------------------------
+
+    def _request_stop(self) -> None:
+        log.info("stop requested")
+        self._stop.set()
+
+    def _request_handover(self) -> None:
+        log.info("handover requested")
+        self._handover = True
+        self._stop.set()
+
+    def _request_reload(self) -> None:
+        self._background(self.reload())
+
+    async def reload(self) -> dict[str, list[str]] | None:
+        async with self._reloading:
+            self.notifier.reloading()
+            try:
+                settings = await asyncio.to_thread(load_settings, self.config_file)
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays:\n%s", exc)
+                self.notifier.ready(self._status_text())
+                return None
+            unchangeable = [
+                key
+                for key, old, new in (
+                    ("agent.state_dir", self.settings.agent.state_dir, settings.agent.state_dir),
+                    ("api.socket", self.settings.api.socket, settings.api.socket),
+                    ("api.tcp", self.settings.api.tcp, settings.api.tcp),
+                )
+                if old != new
+            ]
+            if unchangeable:
+                log.warning("reload: %s take effect only after a restart", ", ".join(unchangeable))
+            report = await self.supervisor.reload(settings)
+            self.settings.programs = settings.programs
+            self.settings.api.tokens = settings.api.tokens
+            log.info("reloaded: %s", {k: v for k, v in report.items() if v})
+            self.notifier.ready(self._status_text())
+            return report
+
+    # ---- periodic work ---------------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        """Watchdog pings, log rotation and the loop-lag measurement, all from the event loop.
+
+        The loop wakes no more often than the watchdog needs (or every 10 s without one).
+        """
+        interval = self.notifier.watchdog_interval() or HOUSEKEEPING_SECONDS
+        interval = min(interval, HOUSEKEEPING_SECONDS)
+        last_housekeeping = 0.0
+        while True:
+            expected = time.monotonic() + interval
+            await asyncio.sleep(interval)
+            lag = max(0.0, time.monotonic() - expected)
+            self.loop_lag_max = max(self.loop_lag_max, lag)
+            self._record_lag(lag)
+            self.notifier.ping()
+            if time.monotonic() - last_housekeeping >= HOUSEKEEPING_SECONDS:
+                last_housekeeping = time.monotonic()
+                try:
+                    await self.supervisor.housekeep()
+                except Exception:
+                    log.exception("housekeeping failed")
+
+    def _record_lag(self, lag: float) -> None:
+        hook: Callable[[float], None] | None = getattr(self.app, "observe_loop_lag", None)
+        if hook is None and self.app is not None:
+            hook = self.app.get("observe_loop_lag") if hasattr(self.app, "get") else None
+        if hook is not None:
+            hook(lag)
+
+    def _status_changed(self) -> None:
+        self.notifier.status(self._status_text())
+
+    def _status_text(self) -> str:
+        counts = self.supervisor.counts()
+        total = sum(counts.values())
+        text = f"{counts.get('RUNNING', 0)} of {total} programs running"
+        troubled = [
+            f"{n} {s.lower()}" for s, n in counts.items() if n and s in ("FATAL", "BACKOFF")
+        ]
+        return f"{text} ({', '.join(troubled)})" if troubled else text
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _host_address() -> str:
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    path = config_path(args.config)
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        print(f"ocp-agentd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        print(f"configuration {path} is valid")
+        print(f"  host_id {settings.agent.host_id}, state_dir {settings.agent.state_dir}")
+        print(
+            f"  socket {settings.api.socket}"
+            + (f", tcp {settings.api.tcp}" if settings.api.tcp else "")
+        )
+        for spec in settings.programs.values():
+            kind = (
+                "pos_proxy"
+                if spec.role == "pos_proxy"
+                else ("worker" if spec.is_worker else "fixed")
+            )
+            print(f"  {spec.name:<20} {kind:<9} {' '.join(spec.command)}")
+        return EXIT_OK
+    for directory in (settings.agent.state_dir, settings.agent.log_dir):
+        problem = check_writable(directory)
+        if problem:
+            print(f"ocp-agentd: cannot start: {problem}", file=sys.stderr)
+            return EXIT_FAILURE
+    setup_logging(settings, args.log_level)
+    daemon = Daemon(settings, path)
+    try:
+        return asyncio.run(daemon.run())
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILURE
