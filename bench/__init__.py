@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of ocp-agentd against supervisord (run: python -m bench.run)."""
