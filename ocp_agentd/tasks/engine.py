@@ -1,0 +1,579 @@
+"""The task engine: runs a task's subtasks as a DAG and keeps the store truthful.
+
+Forward, a subtask becomes READY when all its upstreams are SUCCESSFUL (a
+skipped subtask is SUCCESSFUL with operation SKIP) and then runs, under its
+timeout. Rollback undoes the done subtasks in reverse: a subtask marked
+ROLLBACK runs when every downstream marked ROLLBACK is undone.
+
+Every state change is committed to the store first, then announced (logged,
+given to listeners). A daemon that dies mid-task finds the task RUNNING in the
+store at the next start and resumes it: a subtask that was RUNNING runs again
+(subtasks are idempotent), a CANCELING one becomes FAILED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ocp_agentd.tasks.base import (
+    OPERATION_RUNNING,
+    ROLLBACK_PROHIBITED,
+    TASK_NOT_FOUND,
+    WRONG_STATE,
+    Subtask,
+    SubtaskFailed,
+    TaskError,
+    Template,
+)
+from ocp_agentd.tasks.model import (
+    Operation,
+    SubtaskInstance,
+    SubtaskStatus,
+    TaskInstance,
+    TaskStatus,
+    iso_now,
+)
+from ocp_agentd.tasks.store import LockHeld, TaskStore
+
+Listener = Callable[[TaskInstance, SubtaskInstance | None], None]
+
+
+@dataclass
+class _Run:
+    """The live state of one RUNNING task: its committed copy and its workers."""
+
+    task: TaskInstance
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    workers: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    halted: bool = False  # a subtask failed during this run: start nothing new
+    driver: asyncio.Task[None] | None = None
+
+
+class _Context:
+    """What a subtask sees while it runs (see base.SubtaskContext)."""
+
+    def __init__(
+        self, engine: TaskEngine, run: _Run, sub: SubtaskInstance, client: Any, deadline: float
+    ) -> None:
+        self._engine = engine
+        self._run = run
+        self._sub = sub
+        self._client = client
+        self._deadline = deadline
+        self.task_id = run.task.id
+        self.subtask_id = sub.id
+        self.host_id = run.task.host_id
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    @property
+    def string_map(self) -> dict[str, str]:
+        return self._run.task.string_map
+
+    @property
+    def list_map(self) -> dict[str, list[str]]:
+        return self._run.task.list_map
+
+    def log(self, line: str) -> None:
+        self._engine._log_line(self._run.task, self._sub, line)
+
+    def remaining(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    async def save_context(self) -> None:
+        await self._engine._store.save(self._run.task)
+
+    async def hold_lock(self) -> None:
+        task = self._run.task
+        wanted = self._engine._lock_key(task)
+        if wanted and task.lock_key != wanted:
+            task.lock_key = wanted
+            try:
+                await self._engine._store.save(task)
+            except LockHeld as exc:
+                task.lock_key = None
+                raise SubtaskFailed(
+                    f"another agent operation is running on this host: task {exc.holder}"
+                ) from None
+        self.log(f"holding the host operation lock {wanted!r}")
+
+    async def release_lock(self) -> None:
+        task = self._run.task
+        if task.lock_key is not None:
+            task.lock_key = None
+            await self._engine._store.save(task)
+        self.log("released the host operation lock")
+
+
+class _NoClient:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class TaskEngine:
+    def __init__(
+        self,
+        store_path: Path,
+        client_factory: Callable[[], Any] | None,
+        host_id: int,
+        executor: str,
+        logger: logging.Logger | None = None,
+        *,
+        templates: Iterable[Template] | None = None,
+        timeouts: dict[str, float] | None = None,
+    ) -> None:
+        if templates is None:
+            from ocp_agentd.tasks.templates import TEMPLATES
+
+            templates = TEMPLATES
+        self.host_id = host_id
+        self.executor = executor
+        self.log = logger or logging.getLogger("ocp_agentd.tasks")
+        self.templates: dict[str, Template] = {t.name: t for t in templates}
+        self._classes: dict[str, type[Subtask]] = {
+            step.subtask.class_name: step.subtask
+            for t in self.templates.values()
+            for step in t.steps
+        }
+        self._timeouts = dict(timeouts or {})
+        self._client_factory = client_factory or _NoClient
+        self._store = TaskStore(Path(store_path), self.log)
+        self._runs: dict[int, _Run] = {}
+        self._listeners: list[Listener] = []
+        self._closing = False
+
+    # ---- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and resume every task it holds as RUNNING."""
+        await self._store.open()
+        for task in await self._store.running():
+            await self._resume(task)
+
+    async def close(self) -> None:
+        """Stop the workers without recording anything: RUNNING tasks stay
+        RUNNING in the store and are resumed by the next start()."""
+        self._closing = True
+        pending: list[asyncio.Task[None]] = []
+        for run in self._runs.values():
+            pending.extend(run.workers.values())
+            if run.driver:
+                pending.append(run.driver)
+        for job in pending:
+            job.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._runs.clear()
+        await self._store.close()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Called after each committed change: (task, subtask or None for the task)."""
+        self._listeners.append(listener)
+
+    # ---- reads ----------------------------------------------------------------
+
+    async def get(self, task_id: int) -> TaskInstance:
+        task = await self._store.load(task_id)
+        if task is None:
+            raise TaskError(TASK_NOT_FOUND, f"task {task_id} not found", "id")
+        return task
+
+    async def page(self, page: int, size: int) -> tuple[list[TaskInstance], int]:
+        """Tasks newest first; page counts from 1."""
+        return await self._store.page((page - 1) * size, size)
+
+    async def subtask_log(self, task_id: int, subtask_id: int) -> str:
+        task = await self.get(task_id)
+        self._subtask(task, subtask_id)
+        lines = await self._store.read_log(subtask_id)
+        return "".join(f"{at} {line}\n" for at, line in lines)
+
+    async def lock_holder(self, lock_key: str) -> int | None:
+        return await self._store.holder(lock_key)
+
+    async def wait(self, task_id: int, timeout: float | None = None) -> TaskInstance:
+        """Wait until the task is no longer being driven; answers its state."""
+        run = self._runs.get(task_id)
+        if run and run.driver:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(run.driver)
+        return await self.get(task_id)
+
+    # ---- operations -----------------------------------------------------------
+
+    async def submit(
+        self, template_name: str, creator: str, idempotency_key: str | None = None
+    ) -> tuple[TaskInstance, bool]:
+        """Create a task from a template and start it without waiting for it.
+
+        Answers (task as created, created?); an idempotency key seen before
+        answers the stored task with created=False.
+        """
+        template = self.templates[template_name]
+        task = self._instantiate(template, creator, idempotency_key)
+        try:
+            task, created = await self._store.create(task)
+        except LockHeld as exc:
+            raise self._lock_error(exc) from None
+        if created:
+            snapshot = task.copy()
+            self._announce(task, None, "created")
+            self._drive(task)
+            return snapshot, True
+        return task, False
+
+    async def retry(self, task_id: int) -> TaskInstance:
+        """Re-run a FAILED task from its FAILED subtasks (a failed rollback
+        is retried as a rollback)."""
+        task = await self._failed_task(task_id)
+        rollback = task.operation == Operation.ROLLBACK
+        changed = []
+        for sub in task.subtasks:
+            if sub.status == SubtaskStatus.FAILED and self._in_mode(sub, rollback):
+                sub.status = SubtaskStatus.READY
+                sub.run_time += 1
+                sub.operation = Operation.ROLLBACK if rollback else Operation.RETRY
+                sub.start_time = sub.end_time = None
+                changed.append(sub)
+        if not rollback:
+            task.operation = Operation.RETRY
+        return await self._reopen(task, changed, "retry")
+
+    async def rollback(self, task_id: int) -> TaskInstance:
+        task = await self.get(task_id)
+        if task.prohibit_rollback or any(
+            s.prohibit_rollback and s.status == SubtaskStatus.SUCCESSFUL for s in task.subtasks
+        ):
+            raise TaskError(ROLLBACK_PROHIBITED, f"rollback is prohibited for task {task_id}")
+        if task.operation == Operation.ROLLBACK:
+            return await self.retry(task_id)
+        task = await self._failed_task(task_id)
+        undo = [
+            s for s in task.subtasks
+            if s.status == SubtaskStatus.SUCCESSFUL and s.operation != Operation.SKIP
+        ]
+        undo_ids = {s.id for s in undo}
+        for sub in undo:
+            sub.operation = Operation.ROLLBACK
+            first = not any(d in undo_ids for d in sub.downstreams)
+            sub.status = SubtaskStatus.READY if first else SubtaskStatus.PENDING
+            sub.start_time = sub.end_time = None
+        task.operation = Operation.ROLLBACK
+        return await self._reopen(task, undo, "rollback")
+
+    async def retry_subtask(self, task_id: int, subtask_id: int) -> TaskInstance:
+        task = await self.get(task_id)
+        sub = self._subtask(task, subtask_id)
+        self._require_failed(task)
+        if sub.status != SubtaskStatus.FAILED:
+            raise self._state_error(sub, "retry")
+        rollback = sub.operation == Operation.ROLLBACK
+        sub.status = SubtaskStatus.READY
+        sub.run_time += 1
+        sub.operation = Operation.ROLLBACK if rollback else Operation.RETRY
+        sub.start_time = sub.end_time = None
+        return await self._reopen(task, [sub], f"retry of subtask {sub.id}")
+
+    async def skip_subtask(self, task_id: int, subtask_id: int) -> TaskInstance:
+        task = await self.get(task_id)
+        sub = self._subtask(task, subtask_id)
+        self._require_failed(task)
+        if sub.status != SubtaskStatus.FAILED:
+            raise self._state_error(sub, "skip")
+        rollback = sub.operation == Operation.ROLLBACK
+        sub.status = SubtaskStatus.SUCCESSFUL
+        if not rollback:
+            sub.operation = Operation.SKIP
+        sub.end_time = iso_now()
+        changed = [sub, *self._promote(task, rollback)]
+        self._log_line(task, sub, "skipped by the operator")
+        return await self._reopen(task, changed, f"skip of subtask {sub.id}")
+
+    async def cancel_subtask(self, task_id: int, subtask_id: int) -> TaskInstance:
+        """RUNNING -> CANCELING now; FAILED once the subtask has stopped."""
+        task = await self.get(task_id)
+        sub = self._subtask(task, subtask_id)
+        run = self._runs.get(task_id)
+        worker = run.workers.get(subtask_id) if run else None
+        if run is None or worker is None or sub.status != SubtaskStatus.RUNNING:
+            raise self._state_error(sub, "cancel")
+        live = run.task.subtask(subtask_id)
+        assert live is not None
+        live.status = SubtaskStatus.CANCELING
+        await self._store.save(run.task, [live])
+        self._announce(run.task, live, "canceling")
+        worker.cancel()
+        return run.task.copy()
+
+    # ---- internals: building and reopening ------------------------------------
+
+    def _instantiate(
+        self, template: Template, creator: str, idempotency_key: str | None
+    ) -> TaskInstance:
+        task = TaskInstance(
+            id=0, name=template.name, template=template.name, host_id=self.host_id,
+            creator=creator, executor=self.executor, start_time=iso_now(),
+            context=TaskInstance.new_context(self.host_id, template.prohibit_rollback),
+            lock_key=template.lock_key, idempotency_key=idempotency_key,
+        )
+        downstreams: list[list[int]] = [[] for _ in template.steps]
+        for index, step in enumerate(template.steps):
+            for up in step.upstreams:
+                downstreams[up].append(index)
+        for index, step in enumerate(template.steps):
+            cls = step.subtask
+            timeout = self._timeouts.get(cls.class_name.rsplit(".", 1)[-1], cls.timeout)
+            task.subtasks.append(SubtaskInstance(
+                id=0, task_id=0, class_name=cls.class_name, name=cls.name,
+                description=cls.description or cls.name, timeout=int(timeout),
+                series_id=index, upstreams=list(step.upstreams),
+                downstreams=downstreams[index],
+                status=SubtaskStatus.PENDING if step.upstreams else SubtaskStatus.READY,
+                prohibit_rollback=cls.prohibit_rollback,
+            ))
+        return task
+
+    async def _failed_task(self, task_id: int) -> TaskInstance:
+        task = await self.get(task_id)
+        self._require_failed(task)
+        return task
+
+    def _require_failed(self, task: TaskInstance) -> None:
+        task_id = task.id
+        if task.status != TaskStatus.FAILED or task_id in self._runs:
+            raise TaskError(
+                WRONG_STATE,
+                f"task {task_id} is {task.status}; only a FAILED task allows this operation",
+                "status",
+            )
+
+    async def _reopen(
+        self, task: TaskInstance, changed: list[SubtaskInstance], what: str
+    ) -> TaskInstance:
+        if task.id in self._runs:
+            raise TaskError(WRONG_STATE, f"task {task.id} is already running", "status")
+        task.status = TaskStatus.RUNNING
+        task.end_time = None
+        task.lock_key = self._lock_key(task)
+        try:
+            await self._store.save(task, changed)
+        except LockHeld as exc:
+            raise self._lock_error(exc) from None
+        snapshot = task.copy()
+        self._announce(task, None, what)
+        self._drive(task)
+        return snapshot
+
+    def _lock_key(self, task: TaskInstance) -> str | None:
+        template = self.templates.get(task.template)
+        return template.lock_key if template else None
+
+    def _lock_error(self, exc: LockHeld) -> TaskError:
+        return TaskError(
+            OPERATION_RUNNING,
+            f"another agent operation is running on this host: task {exc.holder}",
+            str(exc.holder),
+        )
+
+    @staticmethod
+    def _subtask(task: TaskInstance, subtask_id: int) -> SubtaskInstance:
+        sub = task.subtask(subtask_id)
+        if sub is None:
+            raise TaskError(
+                TASK_NOT_FOUND, f"subtask {subtask_id} not found in task {task.id}", "subtaskId"
+            )
+        return sub
+
+    @staticmethod
+    def _state_error(sub: SubtaskInstance, what: str) -> TaskError:
+        need = "RUNNING" if what == "cancel" else "FAILED (in a FAILED task)"
+        return TaskError(
+            WRONG_STATE, f"subtask {sub.id} is {sub.status}; {what} needs it {need}", "status"
+        )
+
+    @staticmethod
+    def _in_mode(sub: SubtaskInstance, rollback: bool) -> bool:
+        return (sub.operation == Operation.ROLLBACK) == rollback
+
+    def _promote(self, task: TaskInstance, rollback: bool) -> list[SubtaskInstance]:
+        """PENDING subtasks whose predecessors are all done become READY."""
+        by_id = {s.id: s for s in task.subtasks}
+        promoted = []
+        for sub in task.subtasks:
+            if sub.status != SubtaskStatus.PENDING or not self._in_mode(sub, rollback):
+                continue
+            if rollback:
+                before = [by_id[d] for d in sub.downstreams if self._in_mode(by_id[d], True)]
+            else:
+                before = [by_id[u] for u in sub.upstreams]
+            if all(b.status == SubtaskStatus.SUCCESSFUL for b in before):
+                sub.status = SubtaskStatus.READY
+                promoted.append(sub)
+        return promoted
+
+    async def _resume(self, task: TaskInstance) -> None:
+        missing = [s.class_name for s in task.subtasks if s.class_name not in self._classes]
+        if task.template not in self.templates:
+            missing.insert(0, f"task kind {task.template!r}")
+        changed: list[SubtaskInstance] = []
+        for sub in task.subtasks:
+            if sub.status == SubtaskStatus.RUNNING and not missing:
+                sub.status = SubtaskStatus.READY
+                sub.run_time += 1
+                changed.append(sub)
+                self._log_line(task, sub, "the daemon restarted while this subtask ran; "
+                               "running it again")
+            elif sub.status in (SubtaskStatus.RUNNING, SubtaskStatus.CANCELING):
+                sub.status = SubtaskStatus.FAILED
+                sub.end_time = iso_now()
+                changed.append(sub)
+                reason = (f"this daemon does not know {missing}" if missing
+                          else "the daemon restarted while it was being canceled")
+                self._log_line(task, sub, f"FAILED: {reason}")
+        if missing:
+            task.status = TaskStatus.FAILED
+            task.end_time = iso_now()
+            await self._store.save(task, changed)
+            self.log.error("task %s cannot resume: unknown subtask classes %s", task.id, missing,
+                           extra={"TASK_ID": str(task.id)})
+            self._announce(task, None, "failed on resume")
+            return
+        await self._store.save(task, changed)
+        self._announce(task, None, "resumed")
+        self._drive(task)
+
+    # ---- internals: running ---------------------------------------------------
+
+    def _drive(self, task: TaskInstance) -> None:
+        run = _Run(task=task)
+        self._runs[task.id] = run
+        run.driver = asyncio.create_task(self._driver(run), name=f"task-{task.id}")
+
+    async def _driver(self, run: _Run) -> None:
+        task = run.task
+        try:
+            while True:
+                rollback = task.operation == Operation.ROLLBACK
+                if not run.halted:
+                    ready = [
+                        s for s in task.subtasks
+                        if s.status == SubtaskStatus.READY and self._in_mode(s, rollback)
+                        and s.id not in run.workers
+                    ]
+                    if ready:
+                        now = iso_now()
+                        for sub in ready:
+                            sub.status = SubtaskStatus.RUNNING
+                            sub.start_time, sub.end_time = now, None
+                        await self._store.save(task, ready)
+                        for sub in ready:
+                            self._announce(task, sub, "running")
+                            run.workers[sub.id] = asyncio.create_task(
+                                self._worker(run, sub, rollback), name=f"subtask-{sub.id}"
+                            )
+                if not run.workers:
+                    await self._finish(run, rollback)
+                    return
+                run.wake.clear()
+                await run.wake.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("task %s: the engine failed", task.id,
+                               extra={"TASK_ID": str(task.id)})
+            for job in run.workers.values():
+                job.cancel()
+        finally:
+            self._forget(run)
+
+    def _forget(self, run: _Run) -> None:
+        if not self._closing and self._runs.get(run.task.id) is run:
+            del self._runs[run.task.id]
+
+    async def _finish(self, run: _Run, rollback: bool) -> None:
+        task = run.task
+        relevant = [s for s in task.subtasks if self._in_mode(s, rollback)]
+        if all(s.status == SubtaskStatus.SUCCESSFUL for s in relevant):
+            task.status = TaskStatus.SUCCESSFUL
+        else:
+            task.status = TaskStatus.FAILED
+            if not any(s.status == SubtaskStatus.FAILED for s in task.subtasks):
+                self.log.error("task %s: nothing left to run but not done", task.id,
+                               extra={"TASK_ID": str(task.id)})
+        task.end_time = iso_now()
+        self._forget(run)  # from here on the task may be retried at once
+        await self._store.save(task)
+        self._announce(task, None, str(task.status).lower())
+
+    async def _worker(self, run: _Run, sub: SubtaskInstance, rollback: bool) -> None:
+        task = run.task
+        cls = self._classes[sub.class_name]
+        verb = "rollback" if rollback else "run"
+        self._log_line(task, sub, f"attempt {sub.run_time}: {verb} of {cls.__name__} "
+                                  f"(timeout {sub.timeout} s)")
+        started = time.monotonic()
+        reason: str | None = None
+        try:
+            async with self._client_factory() as client:
+                ctx = _Context(self, run, sub, client, started + sub.timeout)
+                async with asyncio.timeout(sub.timeout):
+                    instance = cls()
+                    await (instance.rollback(ctx) if rollback else instance.run(ctx))
+        except TimeoutError:
+            reason = f"timed out after {sub.timeout} s"
+        except asyncio.CancelledError:
+            if self._closing or sub.status != SubtaskStatus.CANCELING:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            reason = "canceled by the operator"
+        except SubtaskFailed as exc:
+            reason = str(exc) or "failed"
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        took = time.monotonic() - started
+        sub.end_time = iso_now()
+        changed = [sub]
+        if reason is None:
+            sub.status = SubtaskStatus.SUCCESSFUL
+            self._log_line(task, sub, f"SUCCESSFUL in {took:.3f} s")
+            changed += self._promote(task, rollback)
+        else:
+            sub.status = SubtaskStatus.FAILED
+            run.halted = True
+            self._log_line(task, sub, f"FAILED after {took:.3f} s: {reason}")
+        try:
+            await self._store.save(task, changed)
+        finally:
+            run.workers.pop(sub.id, None)
+            run.wake.set()
+        for changed_sub in changed:
+            self._announce(task, changed_sub, str(changed_sub.status).lower())
+
+    # ---- internals: telling ---------------------------------------------------
+
+    def _log_line(self, task: TaskInstance, sub: SubtaskInstance, line: str) -> None:
+        self._store.append_log(sub.id, iso_now(), line)
+        self.log.info("task %s subtask %s %s: %s", task.id, sub.id, sub.name, line,
+                      extra={"TASK_ID": str(task.id)})
+
+    def _announce(self, task: TaskInstance, sub: SubtaskInstance | None, what: str) -> None:
+        if sub is None:
+            self.log.info("task %s %r: %s (%s)", task.id, task.name, what, task.status,
+                          extra={"TASK_ID": str(task.id)})
+        for listener in self._listeners:
+            try:
+                listener(task, sub)
+            except Exception:
+                self.log.exception("task listener failed")

@@ -1,0 +1,341 @@
+"""SQLite persistence of tasks, subtasks and subtask logs.
+
+One connection lives in one worker thread; every call hops there, so the
+event loop never waits on the disk. WAL and synchronous=FULL: a committed
+state change survives a crash of the daemon or of the machine. The engine
+commits each state change here before it tells anyone about it.
+
+The host's operation lock is derived from the rows themselves: a partial
+unique index allows one RUNNING task per `lock_key`, so the lock is exactly
+as durable and as consistent as the task states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ocp_agentd.tasks.model import (
+    Operation,
+    SubtaskInstance,
+    SubtaskStatus,
+    TaskInstance,
+    TaskStatus,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    template TEXT NOT NULL,
+    host_id INTEGER NOT NULL,
+    creator TEXT NOT NULL,
+    executor TEXT NOT NULL,
+    start_time TEXT NOT NULL,
+    end_time TEXT,
+    status TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    context TEXT NOT NULL,
+    lock_key TEXT,
+    idempotency_key TEXT UNIQUE
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_one_running_per_lock
+    ON tasks(lock_key) WHERE status = 'RUNNING' AND lock_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks(status);
+CREATE TABLE IF NOT EXISTS subtasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id INTEGER NOT NULL REFERENCES tasks(id),
+    series_id INTEGER NOT NULL,
+    class_name TEXT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    timeout INTEGER NOT NULL,
+    upstreams TEXT NOT NULL,
+    downstreams TEXT NOT NULL,
+    status TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    run_time INTEGER NOT NULL,
+    prohibit_rollback INTEGER NOT NULL,
+    start_time TEXT,
+    end_time TEXT
+);
+CREATE INDEX IF NOT EXISTS subtasks_by_task ON subtasks(task_id);
+CREATE TABLE IF NOT EXISTS subtask_logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    subtask_id INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    line TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS subtask_logs_by_subtask ON subtask_logs(subtask_id);
+"""
+
+
+class LockHeld(Exception):
+    """Another RUNNING task holds the lock key."""
+
+    def __init__(self, lock_key: str, holder: int | None) -> None:
+        super().__init__(f"lock {lock_key!r} is held by task {holder}")
+        self.lock_key = lock_key
+        self.holder = holder
+
+
+class TaskStore:
+    def __init__(self, path: Path, logger: logging.Logger | None = None) -> None:
+        self.path = Path(path)
+        self.log = logger or logging.getLogger("ocp_agentd.tasks.store")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
+        self._db: sqlite3.Connection | None = None
+
+    # ---- plumbing -------------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, *args)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue a write without waiting; it still runs in order with all others."""
+        self._pool.submit(self._guarded, fn, *args)
+
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            self.log.exception("task store write failed")
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("task store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        await self._call(self._open)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._call(self._close)
+        self._pool.shutdown(wait=True)
+
+    def _close(self) -> None:
+        assert self._db is not None
+        self._db.close()
+        self._db = None
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d%H%M%S')}")
+            self.log.error(
+                "task database %s is unreadable (%s); moved aside to %s, starting a fresh one",
+                self.path, exc, aside,
+            )
+            for suffix in ("", "-wal", "-shm"):
+                part = Path(f"{self.path}{suffix}")
+                if part.exists():
+                    part.rename(Path(f"{aside}{suffix}"))
+            self._db = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=5000")
+            result = db.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {result}")
+            db.executescript(SCHEMA)
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    # ---- writes ---------------------------------------------------------------
+
+    async def create(self, task: TaskInstance) -> tuple[TaskInstance, bool]:
+        """Insert a new task with its subtasks (ids assigned here).
+
+        Returns (task, created). With an idempotency key already stored, the
+        stored task comes back with created=False. A held lock raises LockHeld.
+        """
+        return await self._call(self._create, task)
+
+    def _create(self, task: TaskInstance) -> tuple[TaskInstance, bool]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if task.idempotency_key:
+                row = db.execute(
+                    "SELECT id FROM tasks WHERE idempotency_key = ?", (task.idempotency_key,)
+                ).fetchone()
+                if row:
+                    db.execute("COMMIT")
+                    existing = self._load(row["id"])
+                    assert existing is not None
+                    return existing, False
+            if task.lock_key and task.status == TaskStatus.RUNNING:
+                holder = self._holder(task.lock_key)
+                if holder is not None:
+                    raise LockHeld(task.lock_key, holder)
+            cur = db.execute(
+                "INSERT INTO tasks (name, template, host_id, creator, executor, start_time,"
+                " end_time, status, operation, context, lock_key, idempotency_key)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (task.name, task.template, task.host_id, task.creator, task.executor,
+                 task.start_time, task.end_time, str(task.status), str(task.operation),
+                 json.dumps(task.context), task.lock_key, task.idempotency_key),
+            )
+            task.id = int(cur.lastrowid or 0)
+            # Subtask ids follow the template order; up/downstreams are given
+            # as template indexes until the real ids are known.
+            for sub in task.subtasks:
+                sub.task_id = task.id
+                cur = db.execute(
+                    "INSERT INTO subtasks (task_id, series_id, class_name, name, description,"
+                    " timeout, upstreams, downstreams, status, operation, run_time,"
+                    " prohibit_rollback) VALUES (?,?,?,?,?,?,'[]','[]',?,?,?,?)",
+                    (task.id, sub.series_id, sub.class_name, sub.name, sub.description,
+                     sub.timeout, str(sub.status), str(sub.operation), sub.run_time,
+                     int(sub.prohibit_rollback)),
+                )
+                sub.id = int(cur.lastrowid or 0)
+            ids = [s.id for s in task.subtasks]
+            for sub in task.subtasks:
+                sub.upstreams = [ids[i] for i in sub.upstreams]
+                sub.downstreams = [ids[i] for i in sub.downstreams]
+                db.execute(
+                    "UPDATE subtasks SET upstreams = ?, downstreams = ? WHERE id = ?",
+                    (json.dumps(sub.upstreams), json.dumps(sub.downstreams), sub.id),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return task, True
+
+    async def save(
+        self, task: TaskInstance, subtasks: Iterable[SubtaskInstance] = ()
+    ) -> None:
+        """Write the task's row and the given subtasks in one transaction.
+
+        Raises LockHeld when the task goes RUNNING while another holds its lock.
+        """
+        await self._call(self._save, task, list(subtasks))
+
+    def _save(self, task: TaskInstance, subtasks: list[SubtaskInstance]) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            try:
+                db.execute(
+                    "UPDATE tasks SET status = ?, operation = ?, context = ?, end_time = ?,"
+                    " lock_key = ? WHERE id = ?",
+                    (str(task.status), str(task.operation), json.dumps(task.context),
+                     task.end_time, task.lock_key, task.id),
+                )
+            except sqlite3.IntegrityError:
+                assert task.lock_key is not None
+                raise LockHeld(task.lock_key, self._holder(task.lock_key)) from None
+            for sub in subtasks:
+                db.execute(
+                    "UPDATE subtasks SET status = ?, operation = ?, run_time = ?,"
+                    " start_time = ?, end_time = ? WHERE id = ?",
+                    (str(sub.status), str(sub.operation), sub.run_time, sub.start_time,
+                     sub.end_time, sub.id),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def append_log(self, subtask_id: int, at: str, line: str) -> None:
+        """Queued in order with the state writes; no need to wait for it."""
+        self.submit(self._append_log, subtask_id, at, line)
+
+    def _append_log(self, subtask_id: int, at: str, line: str) -> None:
+        self.db.execute(
+            "INSERT INTO subtask_logs (subtask_id, at, line) VALUES (?,?,?)",
+            (subtask_id, at, line),
+        )
+
+    # ---- reads ----------------------------------------------------------------
+
+    async def load(self, task_id: int) -> TaskInstance | None:
+        return await self._call(self._load, task_id)
+
+    async def page(self, offset: int, limit: int) -> tuple[list[TaskInstance], int]:
+        return await self._call(self._page, offset, limit)
+
+    async def running(self) -> list[TaskInstance]:
+        return await self._call(self._running)
+
+    async def holder(self, lock_key: str) -> int | None:
+        return await self._call(self._holder, lock_key)
+
+    async def read_log(self, subtask_id: int) -> list[tuple[str, str]]:
+        return await self._call(self._read_log, subtask_id)
+
+    def _holder(self, lock_key: str) -> int | None:
+        row = self.db.execute(
+            "SELECT id FROM tasks WHERE lock_key = ? AND status = 'RUNNING'", (lock_key,)
+        ).fetchone()
+        return int(row["id"]) if row else None
+
+    def _read_log(self, subtask_id: int) -> list[tuple[str, str]]:
+        rows = self.db.execute(
+            "SELECT at, line FROM subtask_logs WHERE subtask_id = ? ORDER BY id", (subtask_id,)
+        ).fetchall()
+        return [(r["at"], r["line"]) for r in rows]
+
+    def _running(self) -> list[TaskInstance]:
+        rows = self.db.execute(
+            "SELECT * FROM tasks WHERE status = 'RUNNING' ORDER BY id"
+        ).fetchall()
+        return [self._hydrate(r) for r in rows]
+
+    def _page(self, offset: int, limit: int) -> tuple[list[TaskInstance], int]:
+        total = int(self.db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
+        rows = self.db.execute(
+            "SELECT * FROM tasks ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset)
+        ).fetchall()
+        return [self._hydrate(r) for r in rows], total
+
+    def _load(self, task_id: int) -> TaskInstance | None:
+        row = self.db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return self._hydrate(row) if row else None
+
+    def _hydrate(self, row: sqlite3.Row) -> TaskInstance:
+        task = TaskInstance(
+            id=row["id"], name=row["name"], template=row["template"], host_id=row["host_id"],
+            creator=row["creator"], executor=row["executor"], start_time=row["start_time"],
+            end_time=row["end_time"], status=TaskStatus(row["status"]),
+            operation=Operation(row["operation"]), context=json.loads(row["context"]),
+            lock_key=row["lock_key"], idempotency_key=row["idempotency_key"],
+        )
+        subs = self.db.execute(
+            "SELECT * FROM subtasks WHERE task_id = ? ORDER BY id", (task.id,)
+        ).fetchall()
+        task.subtasks = [
+            SubtaskInstance(
+                id=s["id"], task_id=s["task_id"], class_name=s["class_name"], name=s["name"],
+                description=s["description"], timeout=s["timeout"], series_id=s["series_id"],
+                upstreams=json.loads(s["upstreams"]), downstreams=json.loads(s["downstreams"]),
+                status=SubtaskStatus(s["status"]), operation=Operation(s["operation"]),
+                run_time=s["run_time"], prohibit_rollback=bool(s["prohibit_rollback"]),
+                start_time=s["start_time"], end_time=s["end_time"],
+            )
+            for s in subs
+        ]
+        return task
