@@ -1,0 +1,156 @@
+"""The daemon as a whole process: config errors, SIGTERM, crash and adoption, reload, handover."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+from harness import DaemonRunner, wait_for
+
+from ocp_agentd.demo.config import demo_command
+
+
+def run_daemon(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ocp_agentd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("OCP_AGENTD_")},
+    )
+
+
+def pids_by_name(runner: DaemonRunner) -> dict[str, int]:
+    return {p["name"]: p["pid"] for p in runner.processes()}
+
+
+def instances(runner: DaemonRunner, name: str) -> int:
+    """How many live processes run the program's command line, across the whole table."""
+    command = runner.settings.programs[name].command
+    count = 0
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["cmdline"] == command and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            count += 1
+    return count
+
+
+def test_check_accepts_the_demo_config(daemon_factory) -> None:
+    runner = daemon_factory(start=False)
+    result = run_daemon("--check", "--config", str(runner.config))
+    assert result.returncode == 0, result.stderr
+    assert "pos_proxy" in result.stdout and "is valid" in result.stdout
+
+
+def test_bad_config_is_rejected_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        "[agent]\nhost_id = 'two'\n"
+        "[programs.a]\nrole = 'pos_proxy'\ncommand = ['/bin/sleep', '1']\n"
+        "[programs.b]\nrole = 'pos_proxy'\ncommand = ['sleep', '1']\nstop_signal = 'NOPE'\n"
+        "color = 'red'\n"
+    )
+    result = run_daemon("--config", str(bad))
+    assert result.returncode == 2
+    for expected in (
+        "agent.host_id",
+        "programs.b.command",
+        "must be absolute",
+        "programs.b.stop_signal",
+        "unknown signal",
+        "programs.b.color: unknown key",
+    ):
+        assert expected in result.stderr, (expected, result.stderr)
+    two = tmp_path / "two.toml"
+    two.write_text(
+        "[programs.a]\nrole = 'pos_proxy'\ncommand = ['/bin/sleep', '1']\n"
+        "[programs.b]\nrole = 'pos_proxy'\ncommand = ['/bin/sleep', '1']\n"
+    )
+    result = run_daemon("--config", str(two))
+    assert result.returncode == 2 and "programs" in result.stderr and "pos_proxy" in result.stderr
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_daemon("--config", str(tmp_path / "absent.toml"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+
+
+def test_unwritable_state_dir_stops_the_daemon_at_start(daemon_factory, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    runner = daemon_factory(start=False, overrides={"agent": {"state_dir": str(blocker / "x")}})
+    result = run_daemon("--config", str(runner.config))
+    assert result.returncode == 1
+    assert "not writable" in result.stderr
+    assert runner.leftovers() == []
+
+
+def test_sigterm_stops_every_program(demo_daemon: DaemonRunner) -> None:
+    pids = pids_by_name(demo_daemon)
+    assert demo_daemon.stop() == 0
+    for pid in pids.values():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert demo_daemon.leftovers() == []
+
+
+def test_kill9_of_daemon_then_restart_adopts_and_replaces_the_dead(daemon_factory) -> None:
+    runner = daemon_factory(wait_running=True)
+    before = pids_by_name(runner)
+    runner.kill9()
+    os.kill(before["ocp_exporter"], signal.SIGKILL)  # dies while no daemon watches
+    runner.start()
+    after = runner.wait_all_running()
+    now = {p["name"]: p["pid"] for p in after}
+    assert now["pos_proxy"] == before["pos_proxy"]
+    assert now["ob_logtailer"] == before["ob_logtailer"]
+    assert now["ocp_exporter"] != before["ocp_exporter"]
+    for name in now:
+        assert instances(runner, name) == 1, name
+    # The adopted pos_proxy is watched by the new daemon: a crash is seen and repaired.
+    os.kill(now["pos_proxy"], signal.SIGKILL)
+    wait_for(
+        lambda: (
+            runner.process("pos_proxy")["pid"] not in (None, now["pos_proxy"])
+            and runner.process("pos_proxy")["state"] == "RUNNING"
+        ),
+        timeout=15,
+        message="pos_proxy restarted by the second daemon",
+    )
+
+
+def test_handover_leaves_programs_for_the_next_daemon(daemon_factory) -> None:
+    runner = daemon_factory(wait_running=True)
+    before = pids_by_name(runner)
+    runner.send_signal(signal.SIGUSR2)
+    assert runner.wait_exit(30) == 75
+    for pid in before.values():
+        assert psutil.pid_exists(pid)
+    runner.start()
+    runner.wait_all_running()
+    assert pids_by_name(runner) == before
+
+
+def test_sighup_reload_applies_the_edited_config(daemon_factory) -> None:
+    runner = daemon_factory(wait_running=True)
+    before = pids_by_name(runner)
+    text = runner.config.read_text()
+    extra = " ".join(f'"{part}"' for part in demo_command("misbehave", "tree", "1"))
+    text += f"\n[programs.added]\ncommand = [{extra.replace(' ', ', ')}]\nstart_seconds = 0.1\n"
+    runner.config.write_text(text)
+    runner.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: (runner.get("/api/v1/processes/added").data or {}).get("state") == "RUNNING",
+        timeout=15,
+        message="the added program RUNNING",
+    )
+    assert {k: v for k, v in pids_by_name(runner).items() if k != "added"} == before
+
+    runner.config.write_text(text + "\n[programs.broken]\nthis is not toml\n")
+    runner.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in runner.log(), timeout=10, message="refusal logged")
+    assert pids_by_name(runner)["added"] is not None
+    assert "broken" not in pids_by_name(runner)
