@@ -112,7 +112,7 @@ def create_app(ctx: AppContext, table: RouteTable | None = None) -> web.Applicat
     )
     app[APP_CTX] = ctx
     app[ROUTE_TABLE] = table
-    app[_AUTH] = Authenticator(ctx.settings.api.tokens)
+    app[_AUTH] = Authenticator(ctx.settings.api)
     ctx.metrics.bind_supervisor(lambda: ctx.supervisor)
     for method, path, route in table.mounted():
         app.router.add_route(method, path, _wrap(route))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ocp_agentd.api.envelope import ApiError, ErrorCode
-from ocp_agentd.config import PERMISSIONS, TokenSpec
+from ocp_agentd.config import PERMISSIONS, ApiSection
 
 ALL_PERMISSIONS = frozenset(PERMISSIONS)
 _PEERCRED = struct.Struct("3i")
@@ -47,11 +47,10 @@ def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
 
 
 class Authenticator:
-    def __init__(self, tokens: list[TokenSpec]) -> None:
-        self._tokens = [
-            (spec.name, spec.sha256.lower().encode("ascii"), frozenset(spec.permissions))
-            for spec in tokens
-        ]
+    """Reads ``api.tokens`` on every request, so a reload that replaces them takes effect."""
+
+    def __init__(self, api: ApiSection) -> None:
+        self._api = api
         self.daemon_uid = os.getuid()
         # The socket file's group; set by start_api once the socket exists.
         self.socket_gid: int | None = None
@@ -80,11 +79,12 @@ class Authenticator:
             )
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest().encode()
         found: tuple[str, frozenset[str]] | None = None
-        for name, expected, permissions in self._tokens:
+        for spec in self._api.tokens:
             # Every token is compared, whatever matched before: the time taken does not
             # tell which (or whether a) token matched.
+            expected = spec.sha256.lower().encode("ascii")
             if hmac.compare_digest(digest, expected) and found is None:
-                found = (name, permissions)
+                found = (spec.name, frozenset(spec.permissions))
         if found is None:
             raise ApiError(ErrorCode.UNAUTHENTICATED, "unknown token")
         return Caller(f"token {found[0]}", found[1])
