@@ -381,3 +381,19 @@ def test_child_output_goes_to_log_files(world: World) -> None:
         assert b"out-line" in spec.stdout_log.read_bytes()
 
     run(world, body)
+
+
+def test_stopped_sigstopped_program_gets_its_signal(world: World) -> None:
+    world.add("frozen", sleeper(), stop_timeout=5.0)
+
+    async def body(sup: Supervisor) -> None:
+        pid = sup.info("frozen").pid
+        assert pid
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        await sup.stop("frozen")
+        # SIGCONT follows SIGTERM, so it ends well before the SIGKILL at stop_timeout.
+        assert time.monotonic() - started < 2.0
+        assert marked(world.state) == []
+
+    run(world, body)

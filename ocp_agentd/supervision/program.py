@@ -465,7 +465,13 @@ class Program:
             if err != out:
                 os.close(err)
         entry = read_stat(popen.pid)
-        pidfd = os.pidfd_open(popen.pid)
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except OSError:
+            # Unwatchable (out of file descriptors): better no process than a lost one.
+            popen.kill()
+            popen.wait()
+            raise
         handle = Handle(popen.pid, entry.starttime if entry else 0, pidfd)
         cmdline = read_cmdline(popen.pid) or list(spec.command)
         now = time.time()
@@ -609,12 +615,16 @@ class Program:
         snap = await self._scanner.snapshot()
         members = snap.tree(inst.pid, inst.run_id)
         handles = _pin_all(members, skip=inst.pid)
+        signum = self.spec.signal_number
         if not inst.exited.done():
             with contextlib.suppress(OSError):
-                os.killpg(inst.pid, self.spec.signal_number)
-            inst.handle.send(self.spec.signal_number)
+                os.killpg(inst.pid, signum)
+                os.killpg(inst.pid, signal.SIGCONT)  # a stopped process must see the signal
+            inst.handle.send(signum)
+            inst.handle.send(signal.SIGCONT)
         for handle in handles:
-            handle.send(self.spec.signal_number)
+            handle.send(signum)
+            handle.send(signal.SIGCONT)
         gone = await _wait_gone(inst, handles, self.spec.stop_timeout)
         if not gone:
             snap = await self._scanner.snapshot()
