@@ -30,5 +30,14 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+bench-quick: $(STAMP)
+	$(PY) -m bench.run --quick
+
+faults: $(STAMP)
+	$(VENV)/bin/pytest -m faults tests/faults -p no:cacheprovider -rs --timeout=300
+
 clean:
 	rm -rf $(VENV) .demo dist build *.egg-info

@@ -1,0 +1,199 @@
+"""Damaged state: unwritable state_dir, half-written pid records, a full disk, a corrupted
+task database. The daemon must refuse clearly, or carry on safely."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from faultlib import by_cmdline, marked, python_sleeper, tmpfs
+from harness import DaemonRunner, kill_marked, wait_for, write_demo_config
+
+pytestmark = pytest.mark.faults
+
+
+def _run_once(config: Path, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Runs the daemon in the foreground; it is expected to refuse to start."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCP_AGENTD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "ocp_agentd", "--config", str(config)],
+        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+    )
+
+
+def _refuses(tmp_path: Path, state_dir: Path) -> subprocess.CompletedProcess:
+    from harness import free_port_block
+
+    config = write_demo_config(
+        tmp_path / "cfg", free_port_block(2), overrides={"agent": {"state_dir": str(state_dir)}}
+    )
+    try:
+        done = _run_once(config)
+    finally:
+        kill_marked("OCP_AGENTD_STATE_DIR", str(state_dir))
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert str(state_dir) in done.stderr and "not writable" in done.stderr, done.stderr
+    assert not marked(str(state_dir)), "a program was started although the daemon refused"
+    return done
+
+
+@pytest.mark.faults
+def test_state_dir_is_a_file(tmp_path):
+    blocker = tmp_path / "state"
+    blocker.write_text("not a folder\n")
+    _refuses(tmp_path, blocker)
+
+
+@pytest.mark.faults
+def test_state_dir_under_a_file(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder\n")
+    _refuses(tmp_path, blocker / "state")
+
+
+@pytest.mark.faults
+def test_state_dir_on_read_only_mount(tmp_path):
+    # Root ignores permission bits, not a read-only file system.
+    with tmpfs(tmp_path / "ro", options="ro") as mount:
+        _refuses(tmp_path, mount / "state")
+
+
+@pytest.mark.faults
+def test_state_dir_immutable(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    if subprocess.run(["chattr", "+i", str(state)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported on this file system")
+    try:
+        _refuses(tmp_path, state)
+    finally:
+        subprocess.run(["chattr", "-i", str(state)], capture_output=True)
+
+
+def _record_path(runner: DaemonRunner, name: str) -> Path:
+    assert runner.state_dir is not None
+    return Path(runner.state_dir) / "pids" / f"{name}.json"
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("damage", ["half", "empty", "garbage", "wrong-types", "tmp-leftover"])
+def test_half_written_pid_record(daemon_factory, damage):
+    """A damaged pid record is ignored: the program is adopted by its marker, never doubled."""
+    runner = daemon_factory(wait_running=True)
+    before = runner.process("ocp_exporter")
+    command = before["command"]
+    runner.kill9()
+    record = _record_path(runner, "ocp_exporter")
+    text = record.read_text()
+    if damage == "half":
+        record.write_text(text[: len(text) // 2])
+    elif damage == "empty":
+        record.write_text("")
+    elif damage == "garbage":
+        record.write_bytes(b"\xff\xfe{{{\x00")
+    elif damage == "wrong-types":
+        record.write_text('{"name": 3, "pid": "x"}')
+    else:  # a crash between writing the temporary file and renaming it
+        record.with_suffix(".json.tmp").write_text(text[: len(text) // 3])
+    runner.start()
+    after = runner.wait_state("ocp_exporter", "RUNNING", timeout=20)
+    assert after["pid"] == before["pid"], "the healthy program was restarted, not adopted"
+    runner.wait_all_running()
+    assert len(by_cmdline(command)) == 1
+    if damage != "tmp-leftover":
+        assert "unreadable pid record" in runner.log()
+
+
+@pytest.mark.faults
+def test_pid_record_of_a_stranger_is_never_signalled(daemon_factory, tmp_path):
+    """A record naming a live unrelated process (pid reuse) must not make it a target."""
+    runner = daemon_factory(wait_running=True)
+    runner.kill9()
+    stranger = subprocess.Popen(python_sleeper(f"stranger-{tmp_path.name}"))
+    try:
+        record = _record_path(runner, "ob_logtailer")
+        old = runner.settings
+        assert old is not None
+        import json
+
+        data = json.loads(record.read_text())
+        kill_marked("OCP_AGENTD_PROGRAM", "ob_logtailer")  # the real one is gone meanwhile
+        data["pid"] = stranger.pid  # its start time and command line do not match
+        record.write_text(json.dumps(data))
+        runner.start()
+        runner.wait_all_running()
+        stop = runner.post("/api/v1/processes/ob_logtailer/stop")
+        assert stop.successful, stop.text
+        assert stranger.poll() is None, "an unrelated process was signalled"
+        assert psutil.Process(stranger.pid).status() != psutil.STATUS_ZOMBIE
+    finally:
+        stranger.kill()
+        stranger.wait(10)
+
+
+@pytest.mark.faults
+def test_disk_full_while_logging(tmp_path, figures):
+    """log_dir on a tiny tmpfs, filled up: supervision and the API go on."""
+    from harness import free_port_block
+
+    base = tmp_path / "d"
+    with tmpfs(tmp_path / "logs", size="2m") as logs:
+        quiet = python_sleeper(f"quiet-{tmp_path.name}")
+        config = write_demo_config(
+            base,
+            free_port_block(2),
+            extra_programs={
+                "quiet": {"command": quiet},
+                "spammer": {
+                    "command": [sys.executable, "-m", "ocp_agentd.demo.misbehave", "spam",
+                                "--bytes", str(8 * 1024 * 1024), "--line", "4096"],
+                    "autorestart": "never",
+                },
+            },
+            overrides={"agent": {"log_dir": str(logs)}},
+        )
+        runner = DaemonRunner(config)
+        try:
+            runner.start()
+            runner.wait_state("quiet", "RUNNING", timeout=20)
+
+            def full() -> bool:
+                return psutil.disk_usage(str(logs)).free < 64 * 1024
+
+            wait_for(full, 30, "the spammer to fill the log file system")
+            # Whatever room is left goes too.
+            fd = os.open(logs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                while os.write(fd, b"\0" * 4096):
+                    pass
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            assert psutil.disk_usage(str(logs)).free < 4096 * 2
+            first = runner.process("quiet")
+            os.kill(first["pid"], 9)
+            again = wait_for(
+                lambda: (r := runner.process("quiet"))["state"] == "RUNNING"
+                and r["pid"] != first["pid"] and r,
+                20, "quiet restarted on a full disk",
+            )
+            assert len(by_cmdline(quiet)) == 1
+            status = runner.status()
+            assert status
+            # The daemon's own log file is on the full disk too: it must still answer.
+            answered = sum(runner.get("/api/v1/processes").successful for _ in range(20))
+            assert answered == 20
+            assert runner.running
+            figures["restart on a full disk (pid)"] = f"{first['pid']} -> {again['pid']}"
+            started = time.monotonic()
+            runner.stop()
+            figures["clean stop on a full disk (s)"] = round(time.monotonic() - started, 2)
+            assert runner.returncode == 0
+        finally:
+            runner.cleanup()
