@@ -152,12 +152,14 @@ class TaskEngine:
         self._runs: dict[int, _Run] = {}
         self._listeners: list[Listener] = []
         self._closing = False
+        self._opened = asyncio.Event()
 
     # ---- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the store and resume every task it holds as RUNNING."""
         await self._store.open()
+        self._opened.set()
         for task in await self._store.running():
             await self._resume(task)
 
@@ -182,7 +184,14 @@ class TaskEngine:
 
     # ---- reads ----------------------------------------------------------------
 
+    async def _ready(self) -> None:
+        """Requests that come in while the daemon is still starting wait for the store."""
+        if not self._opened.is_set():
+            async with asyncio.timeout(30):
+                await self._opened.wait()
+
     async def get(self, task_id: int) -> TaskInstance:
+        await self._ready()
         task = await self._store.load(task_id)
         if task is None:
             raise TaskError(TASK_NOT_FOUND, f"task {task_id} not found", "id")
@@ -190,6 +199,7 @@ class TaskEngine:
 
     async def page(self, page: int, size: int) -> tuple[list[TaskInstance], int]:
         """Tasks newest first; page counts from 1."""
+        await self._ready()
         return await self._store.page((page - 1) * size, size)
 
     async def subtask_log(self, task_id: int, subtask_id: int) -> str:
@@ -199,6 +209,7 @@ class TaskEngine:
         return "".join(f"{at} {line}\n" for at, line in lines)
 
     async def lock_holder(self, lock_key: str) -> int | None:
+        await self._ready()
         return await self._store.holder(lock_key)
 
     async def wait(self, task_id: int, timeout: float | None = None) -> TaskInstance:
@@ -219,6 +230,7 @@ class TaskEngine:
         Answers (task as created, created?); an idempotency key seen before
         answers the stored task with created=False.
         """
+        await self._ready()
         template = self.templates[template_name]
         task = self._instantiate(template, creator, idempotency_key)
         try:

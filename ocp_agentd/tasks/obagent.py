@@ -30,6 +30,9 @@ STOPPED_STATES = ("STOPPED", "EXITED", "FATAL")
 def _client_error(exc: Exception) -> SubtaskFailed:
     code = getattr(exc, "code", None)
     message = getattr(exc, "message", None) or str(exc)
+    details = [f"{e.get('target')}: {e.get('message')}" for e in getattr(exc, "sub_errors", [])]
+    if details:
+        message += " (" + "; ".join(details) + ")"
     return SubtaskFailed(f"control API answered {code}: {message}" if code else message)
 
 
@@ -106,9 +109,7 @@ class AgentSubtask(Subtask):
         try:
             if set(names) >= everyone:
                 ctx.log(f"start-all: {', '.join(sorted(everyone))}")
-                await ctx.client.request(
-                    "POST", "/api/v1/agent/start-all", json={"timeout": timeout}
-                )
+                await ctx.client.start_all(timeout=timeout)
             else:
                 for name in names:
                     ctx.log(f"start {name}")
@@ -252,9 +253,7 @@ class StopAllOcpAgentProcessesTask(AgentSubtask):
     async def execute(self, ctx: SubtaskContext) -> None:
         workers = self.workers(ctx, await self.programs(ctx))
         ctx.log(f"stop-all: {', '.join(workers) or 'no workers'}")
-        await ctx.client.request(
-            "POST", "/api/v1/agent/stop-all", json={"timeout": self.api_timeout(ctx)}
-        )
+        await ctx.client.stop_all(timeout=self.api_timeout(ctx))
         records = await asyncio.gather(*(ctx.client.process(n) for n in workers))
         alive = [f"{r['name']} ({r['state']}, pid {r['pid']})" for r in records
                  if r["state"] not in STOPPED_STATES or r.get("pid")]
@@ -285,9 +284,7 @@ class StartAllOcpAgentProcessesTask(AgentSubtask):
     async def undo(self, ctx: SubtaskContext) -> None:
         workers = self.workers(ctx, await self.programs(ctx))
         ctx.log(f"undo start-all: stopping {', '.join(workers) or 'nothing'}")
-        await ctx.client.request(
-            "POST", "/api/v1/agent/stop-all", json={"timeout": self.api_timeout(ctx)}
-        )
+        await ctx.client.stop_all(timeout=self.api_timeout(ctx))
 
 
 # ---- Finish -----------------------------------------------------------------------------
