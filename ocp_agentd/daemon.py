@@ -143,6 +143,10 @@ class Daemon:
             started_at=self.started_at,
             task_engine=self.task_engine,
         )
+        if self.task_engine is not None:
+            from ocp_agentd.api.tasks import count_outcomes
+
+            count_outcomes(self.task_engine, ctx.metrics)
         self.app = create_app(ctx)
         self.server = await start_api(self.app, self.settings)
         if self.task_engine is not None:
