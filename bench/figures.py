@@ -70,19 +70,23 @@ def stop_all(targets: Sequence[Target], reps: int) -> Samples:
     return out
 
 
-def crash_to_new_pid(targets: Sequence[Target], reps: int, program: str = "p00") -> Samples:
+def crash_to_new_pid(targets: Sequence[Target], reps: int, min_age: float = 1.5) -> Samples:
     """kill -9 of one program until a different pid runs its command (seconds).
 
-    Detection polls /proc (about every 0.2 ms) for a pid that did not exist
-    before the kill and whose command line is the program's.
+    The victims take turns, and each has run at least min_age seconds: a crash of a
+    program that has been up a while, not of one that has just started (either
+    supervisor may hold back a program that dies young). Detection polls /proc
+    (about every 0.2 ms) for a pid that did not exist before the kill and whose
+    command line is the program's.
     """
     out: Samples = {t.label: [] for t in targets}
-    for _, target in _rounds(targets, reps):
+    for i, target in _rounds(targets, reps):
         states = target.wait_all_running()
-        victim = states[program][1]
+        victim = states[target.names[i % target.n]][1]
         assert victim is not None
+        age = time.time() - psutil.Process(victim).create_time()
         # A random pause keeps the kill out of step with any periodic loop.
-        time.sleep(random.uniform(0.1, 0.3))
+        time.sleep(max(min_age - age, 0) + random.uniform(0.05, 0.25))
         known = set(pid_list())
         begin = time.perf_counter()
         os.kill(victim, signal.SIGKILL)
@@ -97,7 +101,7 @@ def crash_to_new_pid(targets: Sequence[Target], reps: int, program: str = "p00")
                     break
             else:
                 if time.perf_counter() > deadline:
-                    raise TimeoutError(f"{target.label}: {program} was not restarted in 30 s")
+                    raise TimeoutError(f"{target.label}: no new pid 30 s after kill -9 {victim}")
                 time.sleep(0.0002)
         out[target.label].append(time.perf_counter() - begin)
     for target in targets:
