@@ -78,6 +78,9 @@ class Snapshot:
             entry = self.entries.get(pid)
             if entry is None or entry.zombie:
                 continue
+            if entry.pgid != pid:
+                # A main was spawned in a session of its own; this is a child whose main died.
+                continue
             parent_mark = self.markers.get(entry.ppid)
             if parent_mark is None or parent_mark.run_id != mark.run_id:
                 mains.append(entry)

@@ -664,6 +664,14 @@ class Program:
         for handle in handles:
             handle.close()
 
+    async def end_strays(self, strays: list[ProcEntry]) -> None:
+        """Ends processes of this program that no watched instance owns. What is left of an
+        instance whose main died is killed at once (as after an unexpected exit); a second
+        live instance gets stop_signal first and SIGKILL after stop_timeout."""
+        if any(entry.pgid == entry.pid for entry in strays):
+            await self._end_processes(strays, self.spec.signal_number, self.spec.stop_timeout)
+        await self._end_processes(strays, signal.SIGKILL, KILL_GRACE)
+
     async def wait_state_change(self) -> None:
         await self._state_changed.wait()
 

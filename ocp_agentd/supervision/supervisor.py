@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -14,7 +13,7 @@ import aiohttp
 
 from ocp_agentd.config import ProgramSpec, Settings
 from ocp_agentd.supervision import output
-from ocp_agentd.supervision.identity import PidRecords, pin
+from ocp_agentd.supervision.identity import PidRecords
 from ocp_agentd.supervision.proctable import Scanner
 from ocp_agentd.supervision.program import (
     OperationFailed,
@@ -164,8 +163,16 @@ class Supervisor:
                             name,
                             entry.pid,
                         )
-                if len(mains) > 1:
-                    await self._end_extra(name, program, mains)
+            strays = self._strays(snap, name, program)
+            if strays:
+                log.warning(
+                    "%s: ending %d process(es) of no watched instance (left by an instance "
+                    "that died unwatched, or a second instance): %s",
+                    name,
+                    len(strays),
+                    [e.pid for e in strays],
+                )
+                await program.end_strays(strays)
             if adopted and record is not None and record.fingerprint != program.spec.fingerprint():
                 to_restart.append(name)
             elif not adopted:
@@ -176,17 +183,19 @@ class Supervisor:
             *(self._restart_quietly(n) for n in to_restart),
         )
 
-    async def _end_extra(self, name: str, program: Program, mains: list[Any]) -> None:
-        """More than one marked instance of a program: keep the adopted one, end the rest."""
-        keep = program.instance.pid if program.instance else None
-        for entry in mains:
-            if entry.pid == keep:
-                continue
-            handle = pin(entry.pid, entry.starttime)
-            if handle is not None:
-                log.warning("%s: ending second instance pid %d", name, entry.pid)
-                handle.send(signal.SIGTERM)
-                handle.close()
+    def _strays(self, snap: Any, name: str, program: Program) -> list[Any]:
+        """Marked processes of this program outside the adopted instance's run."""
+        keep = program.instance.run_id if program.alive() and program.instance else None
+        state_dir = str(self.state_dir)
+        return [
+            snap.entries[pid]
+            for pid, mark in snap.markers.items()
+            if mark.state_dir == state_dir
+            and mark.program == name
+            and mark.run_id != keep
+            and pid in snap.entries
+            and not snap.entries[pid].zombie
+        ]
 
     async def _stop_unknown(self, snap: Any) -> None:
         """Programs recorded by an earlier daemon but gone from the config are stopped."""
