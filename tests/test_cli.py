@@ -1,0 +1,163 @@
+"""ocp-agentctl against a real daemon: tables, --json, exit codes, socket discovery."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import DaemonRunner, demo_command, free_port
+
+CTL = Path(sys.executable).parent / "ocp-agentctl"
+PROGRAMS = ["pos_proxy", "ocp_exporter", "ob_logtailer"]
+
+
+def ctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [str(CTL)] if CTL.exists() else [sys.executable, "-m", "ocp_agentd.cli"]
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("OCP_AGENTD_", "OCP_AGENTCTL_"))}
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60,
+                          env={**clean, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def rows(stdout: str) -> dict[str, list[str]]:
+    """The table's rows by program name (first column)."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    header = next(i for i, line in enumerate(lines) if line.startswith("NAME"))
+    return {line.split()[0]: line.split() for line in lines[header + 1:]}
+
+
+def test_status_table_and_json(demo_daemon: DaemonRunner) -> None:
+    result = demo_daemon.ctl("status")
+    assert result.returncode == 0, result.stderr
+    assert f"pid {demo_daemon.pid}" in result.stdout
+    header = next(line for line in result.stdout.splitlines() if line.startswith("NAME"))
+    assert header.split() == ["NAME", "ROLE", "STATE", "PID", "UPTIME", "RESTARTS", "PORTS",
+                              "LAST", "EXIT"]
+    table = rows(result.stdout)
+    assert list(table) == PROGRAMS
+    for record in demo_daemon.processes():
+        row = table[record["name"]]
+        assert row[1] == record["role"] and row[2] == "RUNNING" and row[3] == str(record["pid"])
+    assert table["pos_proxy"][6] == str(demo_daemon.base_port)
+
+    for args in (("status", "--json"), ("--json", "status")):
+        result = demo_daemon.ctl(*args)
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout)
+        assert data["daemon"]["pid"] == demo_daemon.pid
+        assert [p["name"] for p in data["processes"]] == PROGRAMS
+
+
+def test_operations_and_exit_codes(demo_daemon: DaemonRunner) -> None:
+    before = demo_daemon.process("ocp_exporter")["pid"]
+    result = demo_daemon.ctl("restart", "ocp_exporter", "--timeout", "30")
+    assert result.returncode == 0, result.stderr
+    after = demo_daemon.process("ocp_exporter")["pid"]
+    assert after != before and rows(result.stdout)["ocp_exporter"][3] == str(after)
+
+    result = demo_daemon.ctl("stop", "all")
+    assert result.returncode == 0, result.stderr
+    assert {p["name"]: p["state"] for p in demo_daemon.processes()} == {
+        "pos_proxy": "RUNNING", "ocp_exporter": "STOPPED", "ob_logtailer": "STOPPED"}
+    result = demo_daemon.ctl("verify")
+    assert result.returncode == 1 and "ob_logtailer" in result.stderr
+    result = demo_daemon.ctl("start", "all", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ok"] is True
+    assert all(p["state"] == "RUNNING" for p in demo_daemon.processes())
+    pids = {p["name"]: p["pid"] for p in demo_daemon.processes()}
+    result = demo_daemon.ctl("restart", "all")
+    assert result.returncode == 0, result.stderr
+    now = {p["name"]: p["pid"] for p in demo_daemon.processes()}
+    assert now["pos_proxy"] == pids["pos_proxy"]
+    assert now["ocp_exporter"] != pids["ocp_exporter"]
+    assert now["ob_logtailer"] != pids["ob_logtailer"]
+    result = demo_daemon.ctl("verify", "ocp_exporter")
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+    # Refused operations: exit 1, one line with the reason and code, no traceback.
+    result = demo_daemon.ctl("restart", "pos_proxy")
+    assert result.returncode == 1
+    assert "code 2002" in result.stderr and "Traceback" not in result.stderr
+    assert demo_daemon.process("pos_proxy")["pid"] == pids["pos_proxy"]
+    result = demo_daemon.ctl("start", "no_such_program", "--json")
+    assert result.returncode == 1 and "code 2001" in result.stderr
+    assert json.loads(result.stdout)["error"]["code"] == 2001
+    result = demo_daemon.ctl("restart", "pos_proxy", "--force")
+    assert result.returncode == 0, result.stderr
+    assert demo_daemon.process("pos_proxy")["pid"] != pids["pos_proxy"]
+
+
+def test_usage_errors_exit_2(demo_daemon: DaemonRunner) -> None:
+    for args in ([], ["start"], ["bogus"], ["start", "x", "--timeout", "-1"],
+                 ["stop", "all", "--force"], ["status", "--url", "http://x", "--socket", "/y"]):
+        result = demo_daemon.ctl(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "usage:" in result.stderr
+    result = ctl("--help")
+    assert result.returncode == 0
+    for word in ("status", "start", "stop", "restart", "verify", "--json", "exit status"):
+        assert word in result.stdout
+    assert all(p["state"] == "RUNNING" for p in demo_daemon.processes())
+
+
+def test_daemon_not_running_exits_3(daemon_factory, tmp_path: Path) -> None:
+    missing = tmp_path / "nothing" / "agentd.sock"
+    result = ctl("--socket", str(missing), "status")
+    assert result.returncode == 3
+    assert result.stderr.strip() == (
+        f"ocp-agentctl: ocp-agentd is not running (no answer on {missing})"
+    )
+    assert result.stdout == ""
+    # A daemon that stopped: its socket is gone, the same answer.
+    runner = daemon_factory()
+    assert runner.ctl("status").returncode == 0
+    assert runner.stop() == 0
+    result = runner.ctl("stop", "all")
+    assert result.returncode == 3 and "not running" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = ctl("--url", f"http://127.0.0.1:{free_port()}", "status")
+    assert result.returncode == 3 and "not running" in result.stderr
+
+
+def test_socket_from_config_and_tcp_token(daemon_factory) -> None:
+    port = free_port()
+    token = "ctl-test-token"
+    runner = daemon_factory(overrides={"api": {"tcp": f"127.0.0.1:{port}", "tokens": [
+        {"name": "ops", "sha256": hashlib.sha256(token.encode()).hexdigest()}]}})
+    result = ctl("--config", str(runner.config), "status", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["daemon"]["pid"] == runner.pid
+    result = ctl("status", "--json", env={"OCP_AGENTD_CONFIG": str(runner.config)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["daemon"]["pid"] == runner.pid
+    url = f"http://127.0.0.1:{port}"
+    result = ctl("--url", url, "status")
+    assert result.returncode == 1 and "code 1004" in result.stderr
+    result = ctl("--url", url, "--token", token, "status")
+    assert result.returncode == 0, result.stderr
+    result = ctl("--url", url, "verify", "--json", env={"OCP_AGENTCTL_TOKEN": token})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ok"] is True
+
+
+@pytest.fixture
+def failing_daemon(daemon_factory) -> DaemonRunner:
+    return daemon_factory(extra_programs={"failer": {
+        "command": demo_command("misbehave", "exit-now", 3), "autorestart": "never",
+        "start_seconds": 0.5}})
+
+
+def test_start_all_failure_names_the_program(failing_daemon: DaemonRunner) -> None:
+    result = failing_daemon.ctl("start", "all", "--timeout", "20")
+    assert result.returncode == 1
+    assert "code 2004" in result.stderr
+    assert any(line.strip().startswith("failer:") for line in result.stderr.splitlines())
+    result = failing_daemon.ctl("start", "failer")
+    assert result.returncode == 1 and "failer" in result.stderr
+    assert failing_daemon.process("ocp_exporter")["state"] == "RUNNING"
