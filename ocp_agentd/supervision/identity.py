@@ -76,10 +76,11 @@ class PidRecords:
         tmp = path.with_suffix(".json.tmp")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            # No fsync: a record only matters while its process lives, and a power loss
+            # ends every process anyway; the page cache outlives a crash of the daemon.
+            # The flush cost ~3 ms per spawn, on the event loop, for 50 programs 150 ms.
             with open(tmp, "w") as handle:
                 json.dump(asdict(record), handle)
-                handle.flush()
-                os.fsync(handle.fileno())
             os.replace(tmp, path)
         except OSError as exc:
             # Supervision goes on without the record; adoption falls back to the markers.

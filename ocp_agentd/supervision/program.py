@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import pwd
@@ -741,7 +742,10 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+@functools.cache
 def _current_user() -> str:
+    # Cached: every status answer asks once per program, and each getpwuid reads
+    # /etc/passwd (a quarter of the daemon's time for GET /api/v1/processes at N=50).
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
