@@ -211,7 +211,10 @@ def test_rollback_of_a_failed_restart_starts_what_it_stopped(
              "backoff_max": 60.0}
     daemon = daemon_factory({"flaky": flaky}, wait_running=True)
     _flaky_script(tmp_path, broken=True)  # flaky runs now, but will not start again
-    task = wait_task(daemon, daemon.post(RESTART).check()["id"])
+    run = daemon.ctl("agent", "restart", "--wait")  # follows it; exit 1 as it fails
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "Start all OCP agent processes" in run.stdout and "FAILED" in run.stdout
+    task = daemon.get(f"{TASKS}/{run.stdout.split()[1]}").check()
     assert task["status"] == "FAILED"
     assert daemon.process("flaky")["state"] != "RUNNING"
     _flaky_script(tmp_path, broken=False)
