@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import figures, report
+from bench import figures, report, seed
 from bench.procs import Reaper
 from bench.report import Row
 from bench.targets import Agentd, Supervisord, Target
@@ -140,6 +140,23 @@ def run_phase(
             target.stop()
 
 
+def run_seed(plan: Plan, workdir: Path, reaper: Reaper, rows: list[Row]) -> None:
+    log(f"the seed's restart task x{plan.seed_reps} (ocp-agentd only, demo programs)")
+    got = seed.seed_task(workdir / "seed", reaper, plan.seed_reps)
+    n = got.programs
+    post = figures.median(got.post_seconds) * 1000
+    task = figures.median(got.task_seconds) * 1000
+    direct = figures.median(got.direct_seconds) * 1000
+    rows.append(Row("seed task: POST answer, median", n, post, None, "ms", "< 20 ms", post < 20))
+    rows.append(Row("seed task: whole task, median", n, task, None, "ms"))
+    rows.append(Row("seed task: same steps called directly, median", n, direct, None, "ms"))
+    overhead = task - direct
+    rows.append(
+        Row("seed task: beyond the programs' readiness", n, overhead, None, "ms", "< 1 s",
+            overhead < 1000)
+    )
+
+
 def _target(
     big: bool, a: float | None, s: float | None, text: str, limit: float
 ) -> tuple[str, bool | None]:
@@ -182,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in plan.sizes:
             run_phase(plan, n, workdir, reaper, rows, args.only)
+        if args.only in (None, AGENTD):
+            run_seed(plan, workdir, reaper, rows)
     finally:
         reaper.stop_all()
         signal.signal(signal.SIGTERM, previous)
