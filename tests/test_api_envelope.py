@@ -7,6 +7,7 @@ module; tests here do not change program states.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -139,6 +140,34 @@ def test_1000_malformed_requests(daemon: DaemonRunner) -> None:
     # The body is checked before the program is looked up; a valid one gets to the lookup.
     assert_error(daemon.post(start, json={"timeout": 5}), 2001, 404)
     assert daemon.post(path).status == 200
+
+
+def _raw_exchange(daemon: DaemonRunner, request: bytes) -> tuple[str, dict]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(daemon.socket))
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.decode("latin-1").split("\r\n", 1)[0], json.loads(body)
+
+
+def test_1000_requests_http_cannot_parse(daemon: DaemonRunner) -> None:
+    for request in (
+        b"GARBAGE\r\n\r\n",
+        b"GET /api/v1/processes/\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /api/v1/agent/verify HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+    ):
+        status_line, envelope = _raw_exchange(daemon, request)
+        assert " 400 " in status_line, (request[:40], status_line)
+        assert envelope["successful"] is False and envelope["status"] == 400
+        assert envelope["error"]["code"] == 1000
+        assert envelope["error"]["message"].startswith("malformed HTTP request")
+        assert re.fullmatch(r"[0-9a-f]{16}", envelope["traceId"])
+    assert daemon.get("/api/v1/status").status == 200
 
 
 def test_1001_1002_unknown_route_and_method(daemon: DaemonRunner) -> None:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from ocp_agentd.api import envelope
 from ocp_agentd.api.auth import Authenticator
@@ -306,6 +307,58 @@ async def _auth_middleware(
     return await handler(request)
 
 
+# --- protocol errors ----------------------------------------------------------------------
+
+
+class _EnvelopeRequestHandler(RequestHandler):  # type: ignore[type-arg]
+    """Answers what aiohttp rejects before any route or middleware runs (a request line or
+    header that does not parse, a bad Content-Length) with the envelope too."""
+
+    server_address = "127.0.0.1"
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer was already partly sent")
+        trace_id = envelope.new_trace_id()
+        if status >= 500:
+            log.error("internal error in the HTTP layer (trace %s)", trace_id, exc_info=exc,
+                      extra={"TRACE_ID": trace_id})
+            error = ApiError(ErrorCode.INTERNAL,
+                             f"internal error; the daemon log has the details (trace {trace_id})")
+        else:
+            first_line = (message or "").strip().splitlines()[0:1]
+            reason = first_line[0][:200] if first_line else "unreadable"
+            log.debug("rejected a malformed request: %s (trace %s)", reason, trace_id)
+            code = ErrorCode.BODY_TOO_LARGE if status == 413 else ErrorCode.BAD_REQUEST
+            error = ApiError(code, f"malformed HTTP request: {reason}", http_status=status)
+        body = envelope.error(error, trace_id=trace_id, server=self.server_address, duration_ms=0)
+        response = web.Response(text=envelope.dumps(body), status=status,
+                                content_type="application/json", charset="utf-8")
+        response.headers[TRACE_HEADER] = trace_id
+        response.force_close()
+        return response
+
+
+class _EnvelopeServer(web.Server):
+    def __call__(self) -> RequestHandler:  # type: ignore[type-arg]
+        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+def _envelope_protocol_errors(runner: web.AppRunner, server_address: str) -> None:
+    # aiohttp has no setting for the class of its per-connection handler; the server object
+    # it built is switched to the subclass above, which only changes that class.
+    server = runner.server
+    if type(server) is web.Server:
+        server.__class__ = _EnvelopeServer
+        _EnvelopeRequestHandler.server_address = server_address
+
+
 # --- listeners ----------------------------------------------------------------------------
 
 
@@ -387,6 +440,7 @@ async def start_api(app: web.Application, settings: Settings) -> ApiServer:
     path = Path(api.socket)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
+    _envelope_protocol_errors(runner, app[APP_CTX].server_address)
     server: ApiServer | None = None
     try:
         await _remove_stale_socket(path)
