@@ -56,6 +56,8 @@ ROUTE_MODULES = ("processes", "compute", "tasks", "metrics", "openapi")
 FAULTS_ENV = "OCP_AGENTD_TEST_FAULTS"
 FAULT_PATH = "/api/v1/test/fault"
 
+# Metric labels stay bounded whatever a client sends.
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _AUTH: web.AppKey[Authenticator] = web.AppKey("ocp_agentd_auth")
 _HTTP_CODES = {
     400: ErrorCode.BAD_REQUEST,
@@ -247,7 +249,8 @@ async def _envelope_middleware(
             response.headers["Allow"] = request["allow"]
     response.headers[TRACE_HEADER] = trace_id
     seconds = time.monotonic() - request["started"]
-    ctx.metrics.observe_request(_route_label(request), request.method, response.status, seconds)
+    method = request.method if request.method in _KNOWN_METHODS else "other"
+    ctx.metrics.observe_request(_route_label(request), method, response.status, seconds)
     log.debug(
         "%s %s -> %s in %.1f ms by %s (trace %s)", request.method, request.path, response.status,
         seconds * 1000, request.get("caller", "-"), trace_id, extra={"TRACE_ID": trace_id},

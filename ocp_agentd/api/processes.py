@@ -152,7 +152,8 @@ def _operable_target(request: web.Request) -> str:
     if not info.operable and not request["body"].get("force", False):
         raise ApiError(
             ErrorCode.PROCESS_NOT_OPERABLE,
-            f"program {name!r} is not operable one by one (send \"force\": true to override)",
+            f"program {name!r} is not operable one by one "
+            "(override with \"force\": true, or ocp-agentctl --force)",
             target="name",
         )
     return name
