@@ -39,5 +39,11 @@ bench-quick: $(STAMP)
 faults: $(STAMP)
 	$(VENV)/bin/pytest -m faults tests/faults -p no:cacheprovider -rs --timeout=300
 
+package: $(STAMP)
+	bash packaging/build.sh
+
+e2e: $(STAMP)
+	$(VENV)/bin/pytest -m e2e tests/e2e -p no:cacheprovider -rs -v --timeout=1200
+
 clean:
 	rm -rf $(VENV) .demo dist build *.egg-info
