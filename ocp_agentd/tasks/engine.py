@@ -374,6 +374,10 @@ class TaskEngine:
     ) -> TaskInstance:
         if task.id in self._runs:
             raise TaskError(WRONG_STATE, f"task {task.id} is already running", "status")
+        unknown = sorted({s.class_name for s in task.subtasks} - set(self._classes))
+        if task.template not in self.templates or unknown:
+            raise TaskError(WRONG_STATE, f"this daemon cannot run task {task.id} "
+                            f"({task.template!r}) any more", "status")
         task.status = TaskStatus.RUNNING
         task.end_time = None
         task.lock_key = self._lock_key(task)
@@ -529,7 +533,7 @@ class TaskEngine:
 
     async def _worker(self, run: _Run, sub: SubtaskInstance, rollback: bool) -> None:
         task = run.task
-        cls = self._classes[sub.class_name]
+        cls = self._classes[sub.class_name]  # checked before the task was (re)opened
         verb = "rollback" if rollback else "run"
         self._log_line(task, sub, f"attempt {sub.run_time}: {verb} of {cls.__name__} "
                                   f"(timeout {sub.timeout} s)")
@@ -567,6 +571,12 @@ class TaskEngine:
             self._log_line(task, sub, f"FAILED after {took:.3f} s: {reason}")
         try:
             await self._store.save(task, changed)
+        except Exception:
+            # The driver stops; the store still says RUNNING, so the next start resumes.
+            self.log.exception("task %s: cannot record subtask %s", task.id, sub.id,
+                               extra={"TASK_ID": str(task.id)})
+            run.halted = True
+            return
         finally:
             run.workers.pop(sub.id, None)
             run.wake.set()

@@ -90,9 +90,9 @@ class AgentSubtask(Subtask):
         return list(await ctx.client.processes())
 
     @staticmethod
-    def workers(ctx: SubtaskContext, programs: list[dict[str, Any]]) -> list[str]:
-        current = [p["name"] for p in programs if p.get("role") != "pos_proxy" and p["operable"]]
-        return current
+    def workers(programs: list[dict[str, Any]]) -> list[str]:
+        """The worker programs: operable and not pos_proxy, in config order."""
+        return [p["name"] for p in programs if p.get("role") != "pos_proxy" and p["operable"]]
 
     @staticmethod
     def api_timeout(ctx: SubtaskContext) -> float:
@@ -104,7 +104,7 @@ class AgentSubtask(Subtask):
         if not names:
             ctx.log("no worker programs to start")
             return
-        everyone = set(self.workers(ctx, await self.programs(ctx)))
+        everyone = set(self.workers(await self.programs(ctx)))
         timeout = self.api_timeout(ctx)
         try:
             if set(names) >= everyone:
@@ -167,7 +167,7 @@ class _Prepare(AgentSubtask):
         proxies = [p["name"] for p in programs if p.get("role") == "pos_proxy"]
         if self.operation == "restart" and not proxies:
             raise SubtaskFailed("the configuration has no program with role pos_proxy")
-        workers = self.workers(ctx, programs)
+        workers = self.workers(programs)
         running = [p["name"] for p in programs
                    if p["name"] in workers and p["state"] == "RUNNING"]
         ctx.string_map[OPERATION] = self.operation
@@ -251,7 +251,7 @@ class StopAllOcpAgentProcessesTask(AgentSubtask):
     timeout = 600
 
     async def execute(self, ctx: SubtaskContext) -> None:
-        workers = self.workers(ctx, await self.programs(ctx))
+        workers = self.workers(await self.programs(ctx))
         ctx.log(f"stop-all: {', '.join(workers) or 'no workers'}")
         await ctx.client.stop_all(timeout=self.api_timeout(ctx))
         records = await asyncio.gather(*(ctx.client.process(n) for n in workers))
@@ -265,7 +265,7 @@ class StopAllOcpAgentProcessesTask(AgentSubtask):
     async def undo(self, ctx: SubtaskContext) -> None:
         wanted = ctx.list_map.get(RUNNING_BEFORE)
         if wanted is None:
-            wanted = self.workers(ctx, await self.programs(ctx))
+            wanted = self.workers(await self.programs(ctx))
         ctx.log(f"undo stop-all: starting {', '.join(wanted) or 'nothing'}")
         await self.start_workers(ctx, list(wanted))
 
@@ -279,10 +279,10 @@ class StartAllOcpAgentProcessesTask(AgentSubtask):
     timeout = 600
 
     async def execute(self, ctx: SubtaskContext) -> None:
-        await self.start_workers(ctx, self.workers(ctx, await self.programs(ctx)))
+        await self.start_workers(ctx, self.workers(await self.programs(ctx)))
 
     async def undo(self, ctx: SubtaskContext) -> None:
-        workers = self.workers(ctx, await self.programs(ctx))
+        workers = self.workers(await self.programs(ctx))
         ctx.log(f"undo start-all: stopping {', '.join(workers) or 'nothing'}")
         await ctx.client.stop_all(timeout=self.api_timeout(ctx))
 
@@ -301,7 +301,7 @@ class FinishOcpAgentOperationTask(AgentSubtask):
         operation = ctx.string_map.get(OPERATION, "restart")
         result = await ctx.client.verify_all()
         verdicts = {item["name"]: item for item in result["programs"]}
-        workers = set(self.workers(ctx, programs))
+        workers = set(self.workers(programs))
         bad = []
         for name, record in by_name.items():
             verdict = verdicts.get(name, {"ok": False, "checks": []})

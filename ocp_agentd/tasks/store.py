@@ -103,7 +103,10 @@ class TaskStore:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue a write without waiting; it still runs in order with all others."""
-        self._pool.submit(self._guarded, fn, *args)
+        try:
+            self._pool.submit(self._guarded, fn, *args)
+        except RuntimeError:  # closed: the daemon is going away
+            self.log.warning("task store closed; a write was dropped")
 
     def _guarded(self, fn: Callable[..., Any], *args: Any) -> None:
         try:
