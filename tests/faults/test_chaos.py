@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -34,10 +35,17 @@ CHAOS_SECONDS = float(os.environ.get("FAULTS_CHAOS_SECONDS", "90"))
 STOP_TIMEOUT = 1.5
 
 
+def tagged(command: list[str], tag: str) -> list[str]:
+    """The command with `-X faults=<tag>` after the interpreter (Python ignores unknown -X
+    options): a command line no other test's program has, to count by over the table."""
+    return [command[0], "-X", f"faults={tag}", *command[1:]]
+
+
 def chaos_programs(tag: str) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """Five programs besides the demo's three, and the process count of each tree."""
+    """Eight programs (the demo's three with their commands tagged, and five misbehaving
+    ones), and the process count of each tree."""
     port = free_port()
-    programs = {
+    programs: dict[str, dict[str, Any]] = {
         "tree3": {"command": demo_command("misbehave", "tree", 3)},
         "grandkid": {"command": demo_command("misbehave", "setsid-grandchild")},
         "stubborn": {"command": demo_command("misbehave", "ignore-term", "--tree", 2)},
@@ -46,14 +54,27 @@ def chaos_programs(tag: str) -> tuple[dict[str, dict[str, Any]], dict[str, int]]
     }
     for spec in programs.values():
         spec["stop_timeout"] = STOP_TIMEOUT
+        spec["command"] = tagged(spec["command"], tag)
     sizes = {"pos_proxy": 1, "ocp_exporter": 1, "ob_logtailer": 1, "tree3": 4, "grandkid": 3,
              "stubborn": 3, "listener": 1, "quiet": 1}
     return programs, sizes
 
 
-def _fast_stops() -> dict[str, Any]:
-    return {"programs": {name: {"stop_timeout": STOP_TIMEOUT}
-                         for name in ("pos_proxy", "ocp_exporter", "ob_logtailer")}}
+def chaos_daemon(daemon_factory: Any, programs: dict[str, Any], tag: str) -> DaemonRunner:
+    """A started daemon on `programs` plus the demo's three, whose commands (written by
+    write_demo_config) get the same tag and short stops; every program RUNNING."""
+    demo = {name: {"stop_timeout": STOP_TIMEOUT}
+            for name in ("pos_proxy", "ocp_exporter", "ob_logtailer")}
+    runner = daemon_factory(programs, {"programs": demo}, start=False)
+    text = runner.config.read_text()
+    for module in ("pos_proxy", "exporter", "logtailer"):
+        plain = f'"-m", "ocp_agentd.demo.{module}"'
+        assert plain in text
+        text = text.replace(plain, f'"-X", "faults={tag}", {plain}')
+    runner.config.write_text(text)
+    runner.start(timeout=60)
+    runner.wait_all_running(timeout=60)
+    return runner
 
 
 def _tree_problems(runner: DaemonRunner, sizes: dict[str, int]) -> list[str]:
@@ -310,8 +331,9 @@ def test_chaos_soak(daemon_factory, figures, tmp_path):
     seed = int(os.environ.get("FAULTS_SEED") or random.randrange(2**32))
     print(f"chaos seed {seed} (replay: FAULTS_SEED={seed})", file=sys.stderr)
     figures["seed"] = seed
-    programs, sizes = chaos_programs(tmp_path.name)
-    runner = daemon_factory(programs, _fast_stops(), wait_running=True, timeout=60)
+    tag = uuid.uuid4().hex[:12]
+    programs, sizes = chaos_programs(tag)
+    runner = chaos_daemon(daemon_factory, programs, tag)
     assert not _tree_problems(runner, sizes), "the trees are not as expected before any harm"
     chaos = Chaos(runner, sizes, random.Random(seed))
     started = time.monotonic()
@@ -377,9 +399,15 @@ def _task_problems(runner: DaemonRunner, created: list[str]) -> list[str]:
             problems.append(str(exc))
             continue
         if task["status"] == "FAILED":
-            reasons = [s for s in task.get("subtasks", []) if s.get("status") == "FAILED"]
-            if not reasons:
+            # Why a subtask failed is in its log (tasks/model.py).
+            failed = [s for s in task.get("subtasks", []) if s.get("status") == "FAILED"]
+            if not failed:
                 problems.append(f"task {task_id} FAILED without a failed subtask")
+            for sub in failed:
+                log = runner.get(
+                    f"/api/v2/tasks/instances/{task_id}/subtasks/{sub['id']}/log").data or {}
+                if not str(log.get("log", "")).strip():
+                    problems.append(f"task {task_id}: subtask {sub['name']} FAILED, no reason")
     listed = runner.get(f"/api/v2/tasks/instances?page=1&size=1000&hostId={host}").data or {}
     ids = {str(t.get("id")) for t in listed.get("contents", [])}
     lost = [t for t in created if t not in ids]
@@ -393,8 +421,9 @@ def _task_problems(runner: DaemonRunner, created: list[str]) -> list[str]:
 def test_tree_killed_while_no_daemon_runs(daemon_factory, tmp_path, name):
     """The main process of a tree dies while no daemon watches: the next daemon must end
     the orphaned rest of that tree and start one fresh instance, not adopt a child."""
-    programs, sizes = chaos_programs(tmp_path.name)
-    runner = daemon_factory({name: programs[name]}, _fast_stops(), wait_running=True)
+    tag = uuid.uuid4().hex[:12]
+    programs, sizes = chaos_programs(tag)
+    runner = chaos_daemon(daemon_factory, {name: programs[name]}, tag)
     wanted = {name: sizes[name]}
     assert not _tree_problems(runner, wanted)
     before = runner.process(name)

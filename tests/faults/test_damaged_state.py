@@ -197,3 +197,48 @@ def test_disk_full_while_logging(tmp_path, figures):
             assert runner.returncode == 0
         finally:
             runner.cleanup()
+
+
+def _restart_task(runner: DaemonRunner) -> dict:
+    host = runner.settings.agent.host_id if runner.settings else 2
+    task = runner.post(f"/compute/hosts/{host}/agent/restart").check()
+
+    def final() -> dict | None:
+        got = runner.get(f"/api/v2/tasks/instances/{task['id']}").check()
+        return got if got["status"] in ("SUCCESSFUL", "FAILED") else None
+
+    return wait_for(final, 120, f"task {task['id']} final")
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("damage", ["garbage", "pages"])
+def test_corrupted_task_database_moved_aside(daemon_factory, damage):
+    runner = daemon_factory(wait_running=True)
+    assert _restart_task(runner)["status"] == "SUCCESSFUL"
+    assert runner.stop() == 0
+    assert runner.state_dir is not None
+    database = Path(runner.state_dir) / "tasks.sqlite3"
+    assert database.exists()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    if damage == "garbage":
+        database.write_bytes(b"this is not a database\n" * 300)
+    else:  # the header survives, the pages after it do not
+        raw = bytearray(database.read_bytes())
+        raw[100:] = b"\xa5" * (len(raw) - 100)
+        database.write_bytes(bytes(raw))
+    damaged = database.read_bytes()
+    runner.start()
+    aside = wait_for(lambda: sorted(database.parent.glob("tasks.sqlite3.corrupt-*")), 10,
+                     "the damaged database moved aside")
+    assert any(p.read_bytes() == damaged for p in aside), "the damaged file was not kept"
+    log = runner.log()
+    assert "ERROR" in log and "unreadable" in log and "moved aside" in log, log[-2000:]
+    # A fresh database serves: new tasks run and are listed, old ids are unknown (20000).
+    listed = runner.get("/api/v2/tasks/instances?page=1&size=10").check()
+    assert listed["contents"] == []
+    task = _restart_task(runner)
+    assert task["status"] == "SUCCESSFUL"
+    listed = runner.get("/api/v2/tasks/instances?page=1&size=10").check()
+    assert [t["id"] for t in listed["contents"]] == [task["id"]]
+    runner.wait_all_running()
