@@ -312,3 +312,30 @@ def test_daemon_killed_during_stop_all_resumes_the_task(daemon_factory: Any) -> 
     assert instances(daemon) == dict.fromkeys(before, 1)
     listed = daemon.get(TASKS).check()
     assert [t["id"] for t in listed["contents"]] == [task_id]
+
+
+def test_cancel_a_running_subtask_then_retry(daemon_factory: Any) -> None:
+    slow = {"command": [sys.executable, "-m", "ocp_agentd.demo.misbehave", "ignore-term"],
+            "stop_timeout": 1.5}
+    daemon = daemon_factory({"stubborn": slow}, wait_running=True)
+    task_id = daemon.post(RESTART).check()["id"]
+
+    def stop_all_running() -> dict[str, Any] | None:
+        task = daemon.get(f"{TASKS}/{task_id}").check()
+        stop_all = sub(task, "Stop all OCP agent processes")
+        return stop_all if stop_all["status"] == "RUNNING" else None
+
+    sid = wait_for(stop_all_running, 15, "Stop all RUNNING", interval=0.01)["id"]
+    answer = daemon.post(f"{TASKS}/{task_id}/subtasks/{sid}/cancel").check()
+    assert sub(answer, "Stop all OCP agent processes")["status"] in ("CANCELING", "FAILED")
+    task = wait_task(daemon, task_id)
+    assert task["status"] == "FAILED"
+    assert sub(task, "Stop all OCP agent processes")["status"] == "FAILED"
+    assert "canceled by the operator" in log_of(daemon, task, "Stop all OCP agent processes")
+    again = daemon.post(f"{TASKS}/{task_id}/subtasks/{sid}/cancel")
+    assert again.status == 400 and again.code == 20003
+    daemon.post(f"{TASKS}/{task_id}/subtasks/{sid}/retry").check()
+    done = wait_task(daemon, task_id)
+    assert done["status"] == "SUCCESSFUL"
+    assert sub(done, "Stop all OCP agent processes")["runTime"] == 2
+    assert all(p["state"] == "RUNNING" for p in daemon.processes())
