@@ -472,3 +472,26 @@ def test_a_corrupted_database_is_moved_aside(tmp_path: Path) -> None:
     run(body)
     aside = list(tmp_path.glob("tasks.db.corrupt-*"))
     assert aside and aside[0].read_bytes().startswith(b"this is not a database")
+
+
+def test_two_operations_at_once_on_one_task_start_one_run(tmp_path: Path) -> None:
+    async def body() -> None:
+        engine = make_engine(tmp_path)
+        await engine.start()
+        FAILS["B"] = 1
+        try:
+            task, _ = await engine.submit("solo", "admin")
+            await engine.wait(task.id, 10)
+            task, _ = await engine.submit("chain", "admin")
+            await engine.wait(task.id, 10)
+            results = await asyncio.gather(engine.retry(task.id), engine.retry(task.id),
+                                           return_exceptions=True)
+            refused = [r for r in results if isinstance(r, TaskError)]
+            assert len(refused) == 1 and refused[0].code == 20003
+            done = await engine.wait(task.id, 10)
+            assert done.status == TaskStatus.SUCCESSFUL
+            assert EVENTS.count(("run", "B")) == 2 and EVENTS.count(("run", "C")) == 1
+        finally:
+            await engine.close()
+
+    run(body)

@@ -150,6 +150,7 @@ class TaskEngine:
         self._client_factory = client_factory or _NoClient
         self._store = TaskStore(Path(store_path), self.log)
         self._runs: dict[int, _Run] = {}
+        self._reopening: set[int] = set()
         self._listeners: list[Listener] = []
         self._closing = False
         self._opened = asyncio.Event()
@@ -308,8 +309,9 @@ class TaskEngine:
             sub.operation = Operation.SKIP
         sub.end_time = iso_now()
         changed = [sub, *self._promote(task, rollback)]
+        answer = await self._reopen(task, changed, f"skip of subtask {sub.id}")
         self._log_line(task, sub, "skipped by the operator")
-        return await self._reopen(task, changed, f"skip of subtask {sub.id}")
+        return answer
 
     async def cancel_subtask(self, task_id: int, subtask_id: int) -> TaskInstance:
         """RUNNING -> CANCELING now; FAILED once the subtask has stopped."""
@@ -317,10 +319,9 @@ class TaskEngine:
         sub = self._subtask(task, subtask_id)
         run = self._runs.get(task_id)
         worker = run.workers.get(subtask_id) if run else None
-        if run is None or worker is None or sub.status != SubtaskStatus.RUNNING:
+        live = run.task.subtask(subtask_id) if run else None
+        if run is None or worker is None or live is None or live.status != SubtaskStatus.RUNNING:
             raise self._state_error(sub, "cancel")
-        live = run.task.subtask(subtask_id)
-        assert live is not None
         live.status = SubtaskStatus.CANCELING
         await self._store.save(run.task, [live])
         self._announce(run.task, live, "canceling")
@@ -372,7 +373,7 @@ class TaskEngine:
     async def _reopen(
         self, task: TaskInstance, changed: list[SubtaskInstance], what: str
     ) -> TaskInstance:
-        if task.id in self._runs:
+        if task.id in self._runs or task.id in self._reopening:
             raise TaskError(WRONG_STATE, f"task {task.id} is already running", "status")
         unknown = sorted({s.class_name for s in task.subtasks} - set(self._classes))
         if task.template not in self.templates or unknown:
@@ -381,10 +382,13 @@ class TaskEngine:
         task.status = TaskStatus.RUNNING
         task.end_time = None
         task.lock_key = self._lock_key(task)
+        self._reopening.add(task.id)  # two operations at once: the second one is refused
         try:
             await self._store.save(task, changed)
         except LockHeld as exc:
             raise self._lock_error(exc) from None
+        finally:
+            self._reopening.discard(task.id)
         snapshot = task.copy()
         self._announce(task, None, what)
         self._drive(task)
