@@ -480,8 +480,6 @@ def test_two_operations_at_once_on_one_task_start_one_run(tmp_path: Path) -> Non
         await engine.start()
         FAILS["B"] = 1
         try:
-            task, _ = await engine.submit("solo", "admin")
-            await engine.wait(task.id, 10)
             task, _ = await engine.submit("chain", "admin")
             await engine.wait(task.id, 10)
             results = await asyncio.gather(engine.retry(task.id), engine.retry(task.id),
