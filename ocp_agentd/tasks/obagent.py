@@ -111,9 +111,13 @@ class AgentSubtask(Subtask):
                 ctx.log(f"start-all: {', '.join(sorted(everyone))}")
                 await ctx.client.start_all(timeout=timeout)
             else:
-                for name in names:
-                    ctx.log(f"start {name}")
-                    await ctx.client.start(name, timeout=timeout)
+                ctx.log(f"start, in parallel: {', '.join(names)}")
+                for outcome in await asyncio.gather(
+                    *(ctx.client.start(n, timeout=timeout) for n in names),
+                    return_exceptions=True,
+                ):
+                    if isinstance(outcome, Exception):
+                        raise outcome
         except Exception as exc:
             if not _is_agent_error(exc):
                 raise
