@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import logging
 import logging.handlers
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ocp_agentd import __version__
+from ocp_agentd.api.app import ApiStartError
 from ocp_agentd.config import ConfigError, Settings, config_path, load_settings
 
 log = logging.getLogger("ocp_agentd")
@@ -25,7 +27,9 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_HANDOVER = 75  # the unit's RestartForceExitStatus: start the new version at once
 HOUSEKEEPING_SECONDS = 10.0
-LAG_PROBE_SECONDS = 0.5  # how often the loop's lateness is measured (the lag metric)
+# The one periodic wake-up: it measures the loop's lateness (a stall that could make the
+# watchdog miss its ping shows in ocp_agentd_event_loop_lag_seconds) and pings when due.
+TICK_SECONDS = 1.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -114,6 +118,7 @@ class Daemon:
         self.task_engine: Any = None
         self.loop_lag_max = 0.0
         self.metrics: Any = None
+        self.ctx: Any = None
 
     async def run(self) -> int:
         from ocp_agentd.api.app import AppContext, create_app, start_api
@@ -135,14 +140,18 @@ class Daemon:
             self.config_file,
         )
         self.supervisor.add_listener(lambda *_: self._status_changed())
+        if self.notifier.watchdog_interval():
+            # Booting many programs can take longer than the watchdog allows: ping meanwhile.
+            self._background(self._ping_while_starting())
         await self.supervisor.boot()
 
         self.task_engine = self._make_task_engine()
-        ctx = AppContext(
+        ctx = self.ctx = AppContext(
             settings=self.settings,
             supervisor=self.supervisor,
             started_at=self.started_at,
             task_engine=self.task_engine,
+            state="starting",
         )
         if self.task_engine is not None:
             from ocp_agentd.api.tasks import count_outcomes
@@ -156,10 +165,16 @@ class Daemon:
         self.notifier.ready(self._status_text())
         log.info("ready: %s", self._status_text())
 
+        self.ctx.state = "running"
         self._background(self._tick())
-        self._background(self._probe_lag())
         await self._stop.wait()
         return await self._shutdown()
+
+    async def _ping_while_starting(self) -> None:
+        interval = self.notifier.watchdog_interval() or TICK_SECONDS
+        while self.ctx is None or self.ctx.state == "starting":
+            self.notifier.ping()
+            await asyncio.sleep(interval)
 
     def _make_task_engine(self) -> Any:
         try:
@@ -180,6 +195,8 @@ class Daemon:
 
     async def _shutdown(self) -> int:
         self.notifier.stopping()
+        if self.ctx is not None:
+            self.ctx.state = "stopping"
         if self.task_engine is not None:
             with contextlib.suppress(Exception):
                 await self.task_engine.close()
@@ -211,10 +228,14 @@ class Daemon:
     async def reload(self) -> dict[str, list[str]] | None:
         async with self._reloading:
             self.notifier.reloading()
+            if self.ctx is not None:
+                self.ctx.state = "reloading"
             try:
                 settings = await asyncio.to_thread(load_settings, self.config_file)
             except ConfigError as exc:
                 log.error("reload refused, the running configuration stays:\n%s", exc)
+                if self.ctx is not None:
+                    self.ctx.state = "running"
                 self.notifier.ready(self._status_text())
                 return None
             unchangeable = [
@@ -232,42 +253,35 @@ class Daemon:
             self.settings.programs = settings.programs
             self.settings.api.tokens = settings.api.tokens
             log.info("reloaded: %s", {k: v for k, v in report.items() if v})
+            if self.ctx is not None:
+                self.ctx.state = "running"
             self.notifier.ready(self._status_text())
             return report
 
     # ---- periodic work ---------------------------------------------------------------------------
 
     async def _tick(self) -> None:
-        """Watchdog pings, log rotation and the loop-lag measurement, all from the event loop.
-
-        The loop wakes no more often than the watchdog needs (or every 10 s without one).
-        """
-        interval = self.notifier.watchdog_interval() or HOUSEKEEPING_SECONDS
-        interval = min(interval, HOUSEKEEPING_SECONDS)
-        last_housekeeping = 0.0
+        """Loop-lag measurement, watchdog pings and log rotation, all from the event loop."""
+        watchdog = self.notifier.watchdog_interval()
+        now = time.monotonic()
+        next_ping = now
+        next_housekeeping = now + HOUSEKEEPING_SECONDS
         while True:
-            expected = time.monotonic() + interval
-            await asyncio.sleep(interval)
-            lag = max(0.0, time.monotonic() - expected)
+            expected = time.monotonic() + TICK_SECONDS
+            await asyncio.sleep(TICK_SECONDS)
+            now = time.monotonic()
+            lag = max(0.0, now - expected)
             self.loop_lag_max = max(self.loop_lag_max, lag)
             self._record_lag(lag)
-            self.notifier.ping()
-            if time.monotonic() - last_housekeeping >= HOUSEKEEPING_SECONDS:
-                last_housekeeping = time.monotonic()
+            if watchdog and now >= next_ping:
+                self.notifier.ping()
+                next_ping = now + watchdog
+            if now >= next_housekeeping:
+                next_housekeeping = now + HOUSEKEEPING_SECONDS
                 try:
                     await self.supervisor.housekeep()
                 except Exception:
                     log.exception("housekeeping failed")
-
-    async def _probe_lag(self) -> None:
-        """Measures how late the loop wakes up, often enough that a stall which could make
-        the watchdog miss its ping is seen (ocp_agentd_event_loop_lag_seconds)."""
-        while True:
-            expected = time.monotonic() + LAG_PROBE_SECONDS
-            await asyncio.sleep(LAG_PROBE_SECONDS)
-            lag = max(0.0, time.monotonic() - expected)
-            self.loop_lag_max = max(self.loop_lag_max, lag)
-            self._record_lag(lag)
 
     def _record_lag(self, lag: float) -> None:
         if self.metrics is not None:
@@ -292,12 +306,30 @@ class Daemon:
 
 
 def _host_address() -> str:
-    import socket
+    from ocp_agentd.api.envelope import host_address
 
+    return host_address()
+
+
+def take_instance_lock(state_dir: Path) -> int:
+    """One daemon per state_dir: a second one would adopt and start the same programs.
+
+    Returns the locked descriptor (kept open for the daemon's life; not inherited by
+    programs). Raises RuntimeError naming the holder if another daemon has it.
+    """
+    path = state_dir / "ocp_agentd.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RuntimeError(
+            f"another ocp-agentd (pid {holder}) already runs with state_dir {state_dir}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,10 +360,18 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"ocp-agentd: cannot start: {problem}", file=sys.stderr)
             return EXIT_FAILURE
+    try:
+        lock_fd = take_instance_lock(settings.agent.state_dir)
+    except (OSError, RuntimeError) as exc:
+        print(f"ocp-agentd: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     setup_logging(settings, args.log_level)
     daemon = Daemon(settings, path)
     try:
         return asyncio.run(daemon.run())
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
+    except Exception as exc:
+        # Programs keep running (as after a crash); the next daemon adopts them.
+        log.error("cannot run: %s", exc, exc_info=not isinstance(exc, OSError | ApiStartError))
         return EXIT_FAILURE
+    finally:
+        os.close(lock_fd)

@@ -29,12 +29,15 @@ def pids_by_name(runner: DaemonRunner) -> dict[str, int]:
 
 
 def instances(runner: DaemonRunner, name: str) -> int:
-    """How many live processes run the program's command line, across the whole table."""
+    """How many live processes of this daemon's tree run the program's command line."""
     command = runner.settings.programs[name].command
     count = 0
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        if proc.info["cmdline"] == command and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            count += 1
+    for proc in runner.leftovers():
+        try:
+            if proc.cmdline() == command and proc.status() != psutil.STATUS_ZOMBIE:
+                count += 1
+        except psutil.Error:
+            continue
     return count
 
 
@@ -154,3 +157,20 @@ def test_sighup_reload_applies_the_edited_config(daemon_factory) -> None:
     wait_for(lambda: "reload refused" in runner.log(), timeout=10, message="refusal logged")
     assert pids_by_name(runner)["added"] is not None
     assert "broken" not in pids_by_name(runner)
+
+
+def test_second_daemon_on_the_same_state_dir_refuses_to_start(demo_daemon: DaemonRunner) -> None:
+    before = pids_by_name(demo_daemon)
+    result = run_daemon("--config", str(demo_daemon.config))
+    assert result.returncode == 1
+    assert "already runs" in result.stderr and str(demo_daemon.pid) in result.stderr
+    assert pids_by_name(demo_daemon) == before
+    for name in before:
+        assert instances(demo_daemon, name) == 1
+
+
+def test_status_reports_the_daemon_state(demo_daemon: DaemonRunner) -> None:
+    status = demo_daemon.status()
+    assert status["state"] == "running"
+    assert status["pid"] == demo_daemon.pid
+    assert status["counts"]["RUNNING"] == 3
