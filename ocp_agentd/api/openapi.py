@@ -106,12 +106,28 @@ def _operation(route: Route, path: str) -> dict[str, Any]:
     return operation
 
 
+def _as_openapi30(schema: Any) -> Any:
+    """The registry's schemas use JSON Schema's numeric exclusiveMinimum/exclusiveMaximum
+    (what routes.validate reads); OpenAPI 3.0 wants minimum/maximum plus a boolean."""
+    if isinstance(schema, list):
+        return [_as_openapi30(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _as_openapi30(value) for key, value in schema.items()}
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        value = out.get(bound)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[limit] = value
+            out[bound] = True
+    return out
+
+
 def build_document(table: RouteTable) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for method, path, route in table.mounted():
         if route.hidden:
             continue
-        paths.setdefault(path, {})[method.lower()] = _operation(route, path)
+        paths.setdefault(path, {})[method.lower()] = _as_openapi30(_operation(route, path))
     return {
         "openapi": "3.0.3",
         "info": {
