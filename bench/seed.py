@@ -58,6 +58,7 @@ class DemoDaemon(Agentd):
             [sys.executable, "-m", "ocp_agentd.demo.config", str(self.workdir),
              "--base-port", str(_free_port_pair()), "--host-id", str(HOST_ID)],
             check=True,
+            stdout=subprocess.DEVNULL,
         )
         self.socket = self.workdir / "run" / "agentd.sock"
         self.api = JsonUnixClient(str(self.socket))
