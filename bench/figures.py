@@ -130,6 +130,20 @@ def status_throughput(targets: Sequence[Target], seconds: float) -> dict[str, fl
     return {label: counts[label] / spent[label] for label in counts}
 
 
+def cpu_seconds(proc: psutil.Process) -> float:
+    """CPU time of every thread of proc: from schedstat (nanoseconds) where the kernel has
+    it, since cpu_times counts 10 ms ticks, too coarse for an idle process."""
+    total = 0.0
+    try:
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{task}/schedstat") as handle:
+                total += int(handle.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        times = proc.cpu_times()
+        return times.user + times.system
+    return total
+
+
 def idle_cost(targets: Sequence[Target], seconds: float) -> dict[str, dict[str, float]]:
     """CPU % of the supervisor process over an idle window (both watched at once), RSS, USS."""
     for target in targets:
@@ -137,14 +151,13 @@ def idle_cost(targets: Sequence[Target], seconds: float) -> dict[str, dict[str, 
         target.close_client()
     procs = {t.label: psutil.Process(t.pid) for t in targets}
     time.sleep(min(2.0, seconds / 5))  # let the last request's work finish
-    before = {label: p.cpu_times() for label, p in procs.items()}
+    before = {label: cpu_seconds(p) for label, p in procs.items()}
     begin = time.perf_counter()
     time.sleep(seconds)
     window = time.perf_counter() - begin
     out = {}
     for label, proc in procs.items():
-        after = proc.cpu_times()
-        used = (after.user - before[label].user) + (after.system - before[label].system)
+        used = cpu_seconds(proc) - before[label]
         memory = proc.memory_full_info()
         out[label] = {
             "cpu_percent": 100.0 * used / window,
