@@ -397,3 +397,21 @@ def test_stopped_sigstopped_program_gets_its_signal(world: World) -> None:
         assert marked(world.state) == []
 
     run(world, body)
+
+
+def test_stop_interrupts_a_start_that_never_becomes_ready(world: World) -> None:
+    world.add("slow", sleeper(), ports=[free_port()], start_timeout=60.0, stop_timeout=2.0)
+
+    async def body(sup: Supervisor) -> None:
+        starting = asyncio.ensure_future(sup.start("slow"))
+        await until(lambda: sup.info("slow").state == State.STARTING, what="STARTING")
+        started = time.monotonic()
+        info = await sup.stop("slow")
+        assert time.monotonic() - started < 3.0
+        assert info.state == State.STOPPED
+        with pytest.raises(OperationFailed, match="interrupted"):
+            await starting
+        assert sup.info("slow").state == State.STOPPED  # no backoff after an interrupted start
+        assert marked(world.state) == []
+
+    run(world, body, boot=False)

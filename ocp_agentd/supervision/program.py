@@ -61,6 +61,7 @@ _PRIVATE_ENV = (
     "OCP_AGENTD_CONFIG",
 )
 KILL_GRACE = 5.0  # how long SIGKILLed processes get to vanish before a stop is reported failed
+START_ABORTED = "start interrupted by a stop"
 QUICK_EXIT_FLOOR = 1.0  # an exit sooner than this after spawn counts as a quick exit
 
 
@@ -203,6 +204,7 @@ class Program:
         self._background: set[asyncio.Task[Any]] = set()
         self._state_changed = asyncio.Event()
         self._not_ready_reason = "waiting"
+        self._abort_start: asyncio.Event | None = None
 
     # ---- the one place where state changes ------------------------------------------------
 
@@ -260,12 +262,19 @@ class Program:
         async with self.lock:
             return await self._start_locked()
 
+    def _interrupt_start(self) -> None:
+        """A stop must not wait out a start that may never become ready."""
+        if self._abort_start is not None:
+            self._abort_start.set()
+
     async def stop(self) -> ProcessInfo:
+        self._interrupt_start()
         async with self.lock:
             await self._stop_locked()
             return self.info()
 
     async def restart(self) -> ProcessInfo:
+        self._interrupt_start()
         async with self.lock:
             await self._stop_locked()
             return await self._start_locked()
@@ -363,7 +372,8 @@ class Program:
         reason = await self._attempt()
         if reason is None:
             return self.info()
-        self._after_failed_start(reason)
+        if reason != START_ABORTED:
+            self._after_failed_start(reason)
         raise OperationFailed(self.name, reason)
 
     async def _attempt(self) -> str | None:
@@ -378,17 +388,24 @@ class Program:
         self.instance = inst
         self._set_state(State.STARTING, f"spawned pid {inst.pid}")
         waiter = asyncio.ensure_future(self._wait_ready(inst))
+        abort = self._abort_start = asyncio.Event()
+        aborted = asyncio.ensure_future(abort.wait())
         try:
             done, _ = await asyncio.wait(
-                {waiter, inst.exited},
+                {waiter, inst.exited, aborted},
                 timeout=self.spec.start_timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
-            if not waiter.done():
-                waiter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await waiter
+            self._abort_start = None
+            for pending in (waiter, aborted):
+                if not pending.done():
+                    pending.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await pending
+        if abort.is_set() and not inst.exited.done() and waiter not in done:
+            await self._terminate(inst)
+            return START_ABORTED
         if inst.exited.done():
             info = inst.exited.result()
             self.last_exit = info
@@ -564,7 +581,7 @@ class Program:
             self._restart_pending = False
             self.restarts += 1
             reason = await self._attempt()
-            if reason is not None:
+            if reason is not None and reason != START_ABORTED:
                 self._after_failed_start(reason)
 
     def _spawn_background(self, coro: Any) -> None:
