@@ -45,6 +45,20 @@ class AgentSection(_Strict):
     log_dir: Path = Path("/var/log/ocp_agentd")
 
 
+class TasksSection(_Strict):
+    # Per-subtask timeout overrides in seconds, by class name (short form), e.g.
+    # {StartAllOcpAgentProcessesTask = 900}; the seed's timeouts apply to the others.
+    timeouts: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("timeouts")
+    @classmethod
+    def _positive(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, seconds in value.items():
+            if not 0 < seconds <= 86400:
+                raise ValueError(f"timeout of {name} must be 1 to 86400 seconds")
+        return value
+
+
 class TokenSpec(_Strict):
     name: str = Field(min_length=1)
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
@@ -192,6 +206,7 @@ class Settings(BaseSettings):
 
     agent: AgentSection = Field(default_factory=AgentSection)
     api: ApiSection = Field(default_factory=ApiSection)
+    tasks: TasksSection = Field(default_factory=TasksSection)
     programs: dict[str, ProgramSpec] = Field(default_factory=dict)
 
     @classmethod

@@ -191,6 +191,7 @@ class Daemon:
             host_id=settings.agent.host_id,
             executor=_host_address(),
             logger=logging.getLogger("ocp_agentd.tasks"),
+            timeouts=settings.tasks.timeouts,
         )
 
     async def _shutdown(self) -> int:
