@@ -113,7 +113,10 @@ class Param:
         value: Any
         if self.type == "integer":
             text = raw.strip()
-            if not text or not (text.isdigit() or (text[0] in "+-" and text[1:].isdigit())):
+            digits = text[1:] if text[:1] in ("+", "-") else text
+            # ASCII only: str.isdigit() also takes fullwidth digits (int() reads them) and
+            # superscripts (int() raises: an internal error).
+            if not (digits.isascii() and digits.isdigit()):
                 raise bad("expected an integer")
             if len(text) > 40:
                 raise bad("integer too long")
