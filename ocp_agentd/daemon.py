@@ -143,7 +143,8 @@ class Daemon:
         if self.notifier.watchdog_interval():
             # Booting many programs can take longer than the watchdog allows: ping meanwhile.
             self._background(self._ping_while_starting())
-        await self.supervisor.boot()
+        # Adoption is quick; the API answers (state "starting") while the rest start.
+        plan = await self.supervisor.adopt()
 
         self.task_engine = self._make_task_engine()
         ctx = self.ctx = AppContext(
@@ -160,6 +161,7 @@ class Daemon:
         self.metrics = ctx.metrics
         self.app = create_app(ctx)
         self.server = await start_api(self.app, self.settings)
+        await self.supervisor.start_pending(plan)
         if self.task_engine is not None:
             await self.task_engine.start()
         self.notifier.ready(self._status_text())

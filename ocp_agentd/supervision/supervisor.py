@@ -7,6 +7,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
@@ -26,6 +27,12 @@ from ocp_agentd.supervision.program import (
 log = logging.getLogger("ocp_agentd.supervisor")
 T = TypeVar("T")
 Listener = Callable[[str, State, State], None]
+
+
+@dataclass
+class BootPlan:
+    start: list[str]
+    restart: list[str]
 
 
 class ProgramNotFound(KeyError):
@@ -144,6 +151,10 @@ class Supervisor:
 
     async def boot(self) -> None:
         """Adopts every program that still runs as recorded, starts the others."""
+        await self.start_pending(await self.adopt())
+
+    async def adopt(self) -> BootPlan:
+        """Takes over what still runs (quick: nothing is started here)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         snap = await self.scanner.snapshot()
         to_start: list[str] = []
@@ -178,9 +189,13 @@ class Supervisor:
             elif not adopted:
                 to_start.append(name)
         await self._stop_unknown(snap)
+        return BootPlan(to_start, to_restart)
+
+    async def start_pending(self, plan: BootPlan) -> None:
+        """Starts what was not adopted; restarts what was adopted with an older config."""
         await asyncio.gather(
-            *(self._start_quietly(n) for n in to_start),
-            *(self._restart_quietly(n) for n in to_restart),
+            *(self._start_quietly(n) for n in plan.start),
+            *(self._restart_quietly(n) for n in plan.restart),
         )
 
     def _strays(self, snap: Any, name: str, program: Program) -> list[Any]:
