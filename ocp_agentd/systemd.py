@@ -145,14 +145,15 @@ class JournalHandler(logging.Handler):
             return 6
         return 7
 
-    def fields(self, record: logging.LogRecord) -> dict[str, str]:
-        fields = {
+    def fields(self, record: logging.LogRecord) -> dict[str, str | int]:
+        # systemd.journal.send wants CODE_LINE as an int; every other value a str.
+        fields: dict[str, str | int] = {
             "PRIORITY": str(self.priority(record.levelno)),
             "SYSLOG_IDENTIFIER": self.identifier,
             "LOGGER": record.name,
             "CODE_FILE": record.pathname,
-            "CODE_LINE": str(record.lineno),
-            "CODE_FUNC": record.funcName,
+            "CODE_LINE": int(record.lineno),
+            "CODE_FUNC": record.funcName or "",
         }
         for name in STRUCTURED_FIELDS:
             value = getattr(record, name, None)

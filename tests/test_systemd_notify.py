@@ -335,4 +335,7 @@ def test_journal_handler_sends_structured_fields():
     assert fields["PRIORITY"] == "4"
     assert fields["SYSLOG_IDENTIFIER"] == "ocp-agentd"
     assert all(re.fullmatch(r"[A-Z0-9_]+", key) for key in fields), fields
+    # What systemd.journal.send accepts: CODE_LINE an int, the rest strings.
+    assert isinstance(fields.pop("CODE_LINE"), int)
+    assert all(isinstance(value, str) for value in fields.values()), fields
     assert plain == "plain" and "PROGRAM" not in plain_fields and plain_fields["PRIORITY"] == "6"
