@@ -23,7 +23,9 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Intern
 
 def log(name: str, message: str, stream=None) -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    print(f"{stamp} {name}[{os.getpid()}] {message}", file=stream or sys.stdout, flush=True)
+    out = stream or sys.stdout
+    out.write(f"{stamp} {name}[{os.getpid()}] {message}\n")  # one write, not print's two
+    out.flush()
 
 
 def json_reply(payload: object, status: int = 200) -> Reply:

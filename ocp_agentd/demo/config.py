@@ -20,11 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import ocp_agentd
-
 # Where the ocp_agentd package lives: programs get it on PYTHONPATH, so the demo runs
 # from a checkout even with a Python that does not have the package installed.
-PACKAGE_ROOT = Path(ocp_agentd.__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 
 # Short timings keep the demo and the tests quick; every extra program starts from these.
 PROGRAM_DEFAULTS: dict[str, Any] = {

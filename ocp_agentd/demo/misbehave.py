@@ -29,10 +29,10 @@ import time
 
 def announce(mode: str, role: str) -> None:
     pid = os.getpid()
-    print(
-        f"misbehave {mode} {role} pid={pid} pgid={os.getpgid(0)} sid={os.getsid(0)}",
-        flush=True,
-    )
+    line = f"misbehave {mode} {role} pid={pid} pgid={os.getpgid(0)} sid={os.getsid(0)}\n"
+    # one write: processes of a tree share the file, and print() may write twice
+    sys.stdout.write(line)
+    sys.stdout.flush()
 
 
 def sleep_forever() -> None:

@@ -1,0 +1,40 @@
+"""Shared fixtures; the machinery lives in tests/harness.py (read its docstring)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from harness import DaemonPool, DaemonRunner
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def daemon_factory(request, tmp_path) -> Iterator[Callable[..., DaemonRunner]]:
+    """make(extra_programs=None, overrides=None, *, start=True, host_id=2, env=None,
+    wait_running=False, timeout=20.0) -> DaemonRunner; every daemon it made, and every
+    process of their trees, is killed after the test."""
+    pool = DaemonPool(tmp_path)
+    yield pool.make
+    failed = any(
+        getattr(request.node, f"rep_{when}", None) is not None
+        and getattr(request.node, f"rep_{when}").failed
+        for when in ("setup", "call")
+    )
+    if failed:
+        for runner in pool.runners:
+            print(f"--- daemon log {runner.log_path} (last 4000 characters)")
+            print(runner.log()[-4000:])
+    pool.cleanup()
+
+
+@pytest.fixture
+def demo_daemon(daemon_factory) -> DaemonRunner:
+    """The demo config (pos_proxy, ocp_exporter, ob_logtailer), every program RUNNING."""
+    return daemon_factory(wait_running=True)
