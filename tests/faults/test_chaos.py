@@ -233,12 +233,13 @@ class Chaos:
 
     def kill9_daemon(self) -> None:
         self.remember_pids()
+        mains = [r["pid"] for r in self.records().values() if r["pid"]]
         self.runner.kill9()
         self.faults["kill -9 daemon"] += 1
         if self.rng.random() < 0.5:
-            # Harm while nobody watches: the next daemon must notice on its own.
-            victims = [pid for pid, env in marked(str(self.runner.state_dir))
-                       if env.get("OCP_AGENTD_PROGRAM") and self.rng.random() < 0.3]
+            # Harm while nobody watches: the next daemon must notice on its own. Main
+            # processes only: a child killed under a live main is the program's own business.
+            victims = [pid for pid in mains if self.rng.random() < 0.3]
             for pid in victims[:2]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
