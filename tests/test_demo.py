@@ -17,7 +17,7 @@ import psutil
 import pytest
 from harness import check_config, free_port, kill_marked, wait_for
 
-from ocp_agentd.config import load_settings
+from ocp_agentd.config import AgentSection, ApiSection, ProgramSpec, load_settings
 from ocp_agentd.demo.config import PACKAGE_ROOT, demo_command, to_toml, write_demo_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -329,6 +329,27 @@ def test_check_accepts_the_example_config():
     result = check_config(REPO / "examples" / "demo.toml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "pos_proxy" in result.stdout
+
+
+def test_example_config_keys_and_defaults():
+    """Every key of SPEC section 2 is in the example, and "" log paths mean the defaults."""
+    path = REPO / "examples" / "demo.toml"
+    document = tomllib.loads(path.read_text())
+    proxy = document["programs"]["pos_proxy"]
+    spec_keys = set(ProgramSpec.model_fields) - {"name"}
+    assert spec_keys <= set(proxy), spec_keys - set(proxy)
+    assert set(AgentSection.model_fields) <= set(document["agent"])
+    assert set(ApiSection.model_fields) <= set(document["api"])
+    settings = load_settings(path)
+    logs = Path("/var/log/ocp_agentd")
+    pos_proxy = settings.programs["pos_proxy"]
+    # SPEC section 2: stdout_log = "" means <log_dir>/<name>.stdout.log (not the config's folder)
+    assert pos_proxy.stdout_log == logs / "pos_proxy.stdout.log"
+    assert pos_proxy.stderr_log == logs / "pos_proxy.stderr.log"
+    assert all(
+        spec.command[0].startswith("/home/admin/ocp_agent/bin/")
+        for spec in settings.programs.values()
+    )
 
 
 @pytest.mark.parametrize(
