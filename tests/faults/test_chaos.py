@@ -313,9 +313,12 @@ class Chaos:
             harm.append((self.restart_task, 1.0))
         actions, weights = zip(*harm, strict=True)
         deadline = time.monotonic() + seconds
+        halfway = deadline - seconds / 2
         while time.monotonic() < deadline:
             self.resume_due()
             action = self.rng.choices(actions, weights)[0]
+            if self.task_routes and not self.tasks_created and time.monotonic() > halfway:
+                action = self.restart_task  # at least one task in the middle of it all
             action()
             self.remember_pids()
             pause = time.monotonic() + self.rng.uniform(0.1, 0.8)
@@ -359,10 +362,11 @@ def test_chaos_soak(daemon_factory, figures, tmp_path):
     except AssertionError:
         problems += [f"zombie {z}" for z in _our_zombies(chaos.ours)]
 
-    tasks_listed = None
+    tasks_listed: int | None = None
+    task_outcomes: Counter[str] = Counter()
     if chaos.task_routes:
-        problems += _task_problems(runner, chaos.tasks_created)
-        tasks_listed = len(chaos.tasks_created)
+        found, tasks_listed, task_outcomes = _task_problems(runner, chaos.tasks_created)
+        problems += found
     log = runner.log()
     for bad in ("Traceback", "internal error", "Task exception was never retrieved"):
         if bad in log:
@@ -376,6 +380,7 @@ def test_chaos_soak(daemon_factory, figures, tmp_path):
         "daemon restarts survived": chaos.daemon_restarts,
         "tasks run": len(chaos.tasks_created) if chaos.task_routes else "task routes absent",
         "tasks listed": tasks_listed,
+        "task outcomes": dict(task_outcomes),
         "operation outcomes": dict(chaos.outcomes),
         "requests served": requests.counts["served"],
         "requests unanswered while no daemon ran": sum(
@@ -385,8 +390,12 @@ def test_chaos_soak(daemon_factory, figures, tmp_path):
     assert not problems, f"seed {seed}: " + "\n".join(problems[:40])
 
 
-def _task_problems(runner: DaemonRunner, created: list[str]) -> list[str]:
+def _task_problems(
+    runner: DaemonRunner, created: list[str]
+) -> tuple[list[str], int, Counter[str]]:
+    """What is wrong with the tasks, how many of the created ones are listed, outcomes."""
     problems: list[str] = []
+    outcomes: Counter[str] = Counter()
     host = runner.settings.agent.host_id if runner.settings else 2
 
     def final(task_id: str) -> dict[str, Any] | None:
@@ -399,6 +408,7 @@ def _task_problems(runner: DaemonRunner, created: list[str]) -> list[str]:
         except AssertionError as exc:
             problems.append(str(exc))
             continue
+        outcomes[task["status"]] += 1
         if task["status"] == "FAILED":
             # Why a subtask failed is in its log (tasks/model.py).
             failed = [s for s in task.get("subtasks", []) if s.get("status") == "FAILED"]
@@ -414,7 +424,7 @@ def _task_problems(runner: DaemonRunner, created: list[str]) -> list[str]:
     lost = [t for t in created if t not in ids]
     if lost:
         problems.append(f"task records lost: {lost}")
-    return problems
+    return problems, len(created) - len(lost), outcomes
 
 
 @pytest.mark.faults
