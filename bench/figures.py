@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import psutil
 
-from bench.procs import cmdline, is_running, pid_list, wait_for
+from bench.procs import cmdline, has_mark, is_running, pid_list, wait_for
 from bench.targets import PROGRAM_ARGV, Target
 
 Samples = dict[str, list[float]]
@@ -76,8 +76,8 @@ def crash_to_new_pid(targets: Sequence[Target], reps: int, min_age: float = 1.5)
     The victims take turns, and each has run at least min_age seconds: a crash of a
     program that has been up a while, not of one that has just started (either
     supervisor may hold back a program that dies young). Detection polls /proc
-    (about every 0.2 ms) for a pid that did not exist before the kill and whose
-    command line is the program's.
+    (about every 0.2 ms) for a pid that did not exist before the kill, whose command
+    line is the program's and which carries this run's environment mark.
     """
     out: Samples = {t.label: [] for t in targets}
     for i, target in _rounds(targets, reps):
@@ -96,7 +96,11 @@ def crash_to_new_pid(targets: Sequence[Target], reps: int, min_age: float = 1.5)
             # A forked child shows its parent's command line until it execs,
             # so a new pid is looked at again on every pass until it matches.
             for pid in pid_list():
-                if pid not in known and cmdline(pid) == PROGRAM_ARGV:
+                if (
+                    pid not in known
+                    and cmdline(pid) == PROGRAM_ARGV
+                    and has_mark(pid, target.reaper.token)
+                ):
                     found = pid
                     break
             else:
