@@ -124,6 +124,12 @@ class ProgramSpec(_Strict):
     log_max_bytes: int = Field(default=52428800, ge=0)
     log_backups: int = Field(default=5, ge=0, le=100)
 
+    @field_validator("cwd", "stdout_log", "stderr_log", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        # SPEC: "" means the default (install_home; <log_dir>/<name>.stdout.log ...).
+        return None if value == "" else value
+
     @field_validator("command")
     @classmethod
     def _absolute_command(cls, value: list[str]) -> list[str]:

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# Sets up everything the daemon and its tests need on a fresh Debian 12 machine:
-# libsystemd-dev and pkg-config (systemd-python builds from source), then the venv.
+# Sets up everything the daemon and its tests need on a fresh Debian 12 machine: the
+# Debian packages that systemd-python needs to build from source (libsystemd-dev,
+# pkg-config, a C compiler, the Python headers) and venv support, then the venv itself.
 set -euo pipefail
 venv=${1:-.venv}
 python=${PYTHON:-python3}
 
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
 need=()
 for pkg in libsystemd-dev pkg-config; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+    installed "$pkg" || need+=("$pkg")
 done
+command -v cc >/dev/null 2>&1 || need+=(gcc)
+# Debian's own python3 keeps venv support and its headers in separate packages.
+if [ "$(command -v "$python")" = /usr/bin/python3 ] || [ "$python" = /usr/bin/python3 ]; then
+    installed python3-venv || need+=(python3-venv)
+    installed python3-dev || need+=(python3-dev)
+fi
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ]; then
         echo "bootstrap: installing ${need[*]}"
@@ -22,6 +31,10 @@ fi
 
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
     echo "bootstrap: Python 3.11 or newer is needed ($python is $("$python" --version))" >&2
+    exit 1
+}
+"$python" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || {
+    echo "bootstrap: the Python headers (Python.h) of $python are missing" >&2
     exit 1
 }
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
