@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, on_term)
+    # Also when started in the background, where SIGINT comes in ignored.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     try:
         for n in plan.sizes:
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         reaper.stop_all()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         if args.keep:
             log(f"work directory kept: {workdir}")
         else:
@@ -221,4 +224,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.chdir(REPO)
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; every process the benchmark started is stopped")
+        sys.exit(130)
