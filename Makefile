@@ -43,7 +43,7 @@ package: $(STAMP)
 	bash packaging/build.sh
 
 e2e: $(STAMP)
-	$(VENV)/bin/pytest -m e2e tests/e2e -p no:cacheprovider -rs -v --timeout=1200
+	$(VENV)/bin/pytest -m e2e tests/e2e -p no:cacheprovider -rs -v -s --timeout=1200
 
 clean:
 	rm -rf $(VENV) .demo dist build *.egg-info

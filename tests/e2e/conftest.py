@@ -44,6 +44,7 @@ class Packages:
     deb: Path
     next_deb: Path
     rpm: Path
+    next_rpm: Path
     stage: Path  # the staged root the packages were made from
 
 
@@ -57,7 +58,7 @@ def e2e_host() -> None:
 
 @pytest.fixture(scope="session")
 def packages(e2e_host, tmp_path_factory) -> Packages:
-    """Version N (.deb and .rpm) and N+1 (.deb), built by packaging/build.sh."""
+    """Version N and N+1, each as .deb and .rpm, built by packaging/build.sh."""
     base = tmp_path_factory.mktemp("packages")
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     next_version = f"{version}+e2e.1"
@@ -65,7 +66,7 @@ def packages(e2e_host, tmp_path_factory) -> Packages:
     started = time.monotonic()
     for extra, args in (
         ({}, ["--version", version, "--formats", "deb rpm"]),
-        ({"REUSE_STAGE": "1"}, ["--version", next_version, "--formats", "deb"]),
+        ({"REUSE_STAGE": "1"}, ["--version", next_version, "--formats", "deb rpm"]),
     ):
         subprocess.run(
             ["bash", str(ROOT / "packaging/build.sh"), "--out", str(base / "dist"), *args],
@@ -79,6 +80,7 @@ def packages(e2e_host, tmp_path_factory) -> Packages:
         deb=dist / f"ocp-agentd_{version}_amd64.deb",
         next_deb=dist / f"ocp-agentd_{next_version}_amd64.deb",
         rpm=dist / f"ocp-agentd-{version}.x86_64.rpm",
+        next_rpm=dist / f"ocp-agentd-{next_version}.x86_64.rpm",
         stage=base / "work" / "root",
     )
 

@@ -33,7 +33,8 @@ CACHE = Path(os.environ.get("OCP_E2E_CACHE", "/var/cache/ocp-agentd-e2e"))
 WORK = Path(os.environ.get("OCP_E2E_WORK", "/var/tmp"))
 SUITE = "bookworm"
 # The target: systemd as init, the distribution's Python 3.11, ps/pgrep.
-INCLUDE = ("systemd", "systemd-sysv", "dbus", "python3.11", "procps")
+# rpm: the .rpm's scriptlets run for real too (rpm --nodeps: its rpmdb knows no Debian package).
+INCLUDE = ("systemd", "systemd-sysv", "dbus", "python3.11", "procps", "rpm")
 HOST_PACKAGES = ("systemd-container", "debootstrap", "rpm", "rpm2cpio", "cpio", "binutils")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 PREFIX = "ocp-e2e-"
@@ -357,3 +358,46 @@ class Container:
         else:
             target.write_text(content)
         target.chmod(mode)
+
+
+class Chroot:
+    """A copy of the tree entered with chroot, no systemd running: what a package sees
+    when it is installed while building an image (the scripts must not start anything)."""
+
+    def __init__(self, base: Path) -> None:
+        self.name = f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.dir = WORK / self.name
+        self.root = self.dir / "root"
+        self.dir.mkdir(parents=True)
+        subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(self.root)], check=True)
+
+    def __enter__(self) -> Chroot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def destroy(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def run(self, *command: str, check: bool = True, timeout: float = 120.0
+            ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["chroot", str(self.root), "env", "-i",
+             *(f"{k}={v}" for k, v in CONTAINER_ENV.items()), *command],
+            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"in the chroot: {shlex.join(command)} exited {result.returncode}\n"
+                f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+            )
+        return result
+
+    def sh(self, script: str, **kwargs) -> subprocess.CompletedProcess[str]:
+        return self.run("sh", "-ec", script, **kwargs)
+
+    def path(self, inside: str) -> Path:
+        return self.root / inside.lstrip("/")
+
+    put = Container.put

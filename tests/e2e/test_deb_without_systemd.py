@@ -1,0 +1,49 @@
+"""The .deb where systemd does not run (a chroot, as when an image is being built):
+install, upgrade, remove and purge with dpkg succeed, start nothing, and leave the tree
+exactly as it was."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from agentbox import SNAPSHOT, UNIT
+from nspawn import Chroot
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def chroot(debian_tree) -> Iterator[Chroot]:
+    with Chroot(debian_tree) as tree:
+        yield tree
+    assert not tree.dir.exists()
+
+
+def test_dpkg_lifecycle_without_systemd(chroot, packages):
+    chroot.put("/root/e2e/current.deb", packages.deb)
+    chroot.put("/root/e2e/next.deb", packages.next_deb)
+    before = chroot.sh(SNAPSHOT).stdout.splitlines()
+
+    chroot.run("dpkg", "-i", "/root/e2e/current.deb", timeout=300)
+    # Enabled for the next boot, nothing started.
+    wants = chroot.path(f"/etc/systemd/system/multi-user.target.wants/{UNIT}")
+    assert wants.is_symlink()
+    assert chroot.run("ocp-agentd", "--check").returncode == 0
+    assert chroot.run("ocp-agentctl", "status", check=False).returncode == 3  # no daemon
+
+    chroot.path("/etc/ocp_agentd/config.toml").write_text(
+        chroot.path("/etc/ocp_agentd/config.toml").read_text().replace("host_id = 1", "host_id = 9")
+    )
+    chroot.run("dpkg", "-i", "/root/e2e/next.deb", timeout=300)
+    assert "host_id = 9" in chroot.path("/etc/ocp_agentd/config.toml").read_text()
+    version = chroot.run("dpkg-query", "-W", "-f=${Version}", "ocp-agentd").stdout
+    assert version == packages.next_version
+
+    chroot.run("dpkg", "-r", "ocp-agentd", timeout=300)
+    assert not wants.is_symlink()
+    assert not chroot.path("/opt/ocp_agentd").exists()
+    chroot.run("dpkg", "-P", "ocp-agentd", timeout=300)
+    after = chroot.sh(SNAPSHOT).stdout.splitlines()
+    added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+    assert (added, removed) == ([], []), f"added: {added}\nremoved: {removed}"
