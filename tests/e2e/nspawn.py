@@ -116,6 +116,9 @@ def debian_tree() -> Path:
             (partial / ".complete").write_text(f"{SUITE} {mirror} {' '.join(INCLUDE)}\n")
             shutil.rmtree(tree, ignore_errors=True)
             partial.rename(tree)
+            for old in CACHE.glob(f"{SUITE}-*"):  # trees made for another package list
+                if old != tree:
+                    shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         log(f"debootstrap took {time.monotonic() - started:.0f} s")
