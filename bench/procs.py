@@ -8,6 +8,7 @@ re-parented) is found by a scan of /proc and killed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 ENV_MARK = "BENCH_RUN"
+PR_SET_PDEATHSIG = 1
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.005):
@@ -96,6 +98,15 @@ def children_running(parent: int, argv: list[str]) -> list[int]:
     return found
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the benchmark dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def _kill(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
@@ -114,6 +125,7 @@ class Launched:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self.pid = self.proc.pid
 
