@@ -53,20 +53,30 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _supervisord_version(supervisord: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            [str(supervisord), "--version"], capture_output=True, text=True, timeout=60
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def ensure_supervisor() -> str:
-    """supervisord 4.3 in its own venv; answers its version."""
+    """supervisord 4.3 in its own venv, (re)built when missing or broken; its version."""
     supervisord = SUPERVISOR_VENV / "bin" / "supervisord"
-    if not supervisord.exists():
+    version = _supervisord_version(supervisord) if supervisord.exists() else None
+    if version is None or not version.startswith("4.3"):
         log(f"installing {SUPERVISOR_REQ} into {SUPERVISOR_VENV}")
+        shutil.rmtree(SUPERVISOR_VENV, ignore_errors=True)
         python = getattr(sys, "_base_executable", sys.executable)
         subprocess.run([python, "-m", "venv", str(SUPERVISOR_VENV)], check=True)
         pip = [str(SUPERVISOR_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
         subprocess.run([*pip, SUPERVISOR_REQ], check=True)
-    version = subprocess.run(
-        [str(supervisord), "--version"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    if not version.startswith("4.3"):
-        raise SystemExit(f"{supervisord} is version {version}, expected 4.3")
+        version = _supervisord_version(supervisord)
+    if version is None or not version.startswith("4.3"):
+        raise SystemExit(f"{supervisord} does not run as supervisor 4.3 (got {version!r})")
     return version
 
 
@@ -211,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"work directory kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    env_lines.append(f"- run took {time.monotonic() - started:.0f} s; load average at end {load}")
     log(f"done in {time.monotonic() - started:.0f}s")
 
     print("\n".join(env_lines))
