@@ -98,6 +98,7 @@ def test_start_returns_only_after_ready(scenario):
     # No waiting here: READY=1 comes only after the API listens and the programs run.
     states = scenario.all_running(set(FIRST))
     assert states, scenario.status(check=False)
+    assert scenario.show("StatusText")["StatusText"] == "3 of 3 programs running"
     log(f"systemctl start returned after {scenario.timings['start']:.1f} s, all RUNNING")
 
 
@@ -127,6 +128,14 @@ def test_reload_adds_removes_and_leaves_the_rest(scenario):
     assert after["pos_proxy"] == before["pos_proxy"]
     assert after["ocp_exporter"] == before["ocp_exporter"]
     assert set(after) == set(SECOND)
+    # STATUS= follows the programs: one killed, then restarted by the daemon.
+    box.run("kill", "-KILL", str(after["ocp_exporter"]))
+    scenario.wait("STATUS= counting one program less",
+                  lambda: re.fullmatch(r"2 of 3 programs running.*",
+                                       scenario.show("StatusText")["StatusText"]))
+    scenario.wait("ocp_exporter restarted", lambda: scenario.all_running(set(SECOND)))
+    scenario.wait("STATUS= back to all running",
+                  lambda: scenario.show("StatusText")["StatusText"] == "3 of 3 programs running")
 
 
 def test_watchdog_kills_a_stalled_daemon_and_programs_are_adopted(scenario):
