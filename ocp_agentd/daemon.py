@@ -140,9 +140,6 @@ class Daemon:
             self.config_file,
         )
         self.supervisor.add_listener(lambda *_: self._status_changed())
-        if self.notifier.watchdog_interval():
-            # Booting many programs can take longer than the watchdog allows: ping meanwhile.
-            self._background(self._ping_while_starting())
         # Adoption is quick; the API answers (state "starting") while the rest start.
         plan = await self.supervisor.adopt()
 
@@ -171,12 +168,6 @@ class Daemon:
         self._background(self._tick())
         await self._stop.wait()
         return await self._shutdown()
-
-    async def _ping_while_starting(self) -> None:
-        interval = self.notifier.watchdog_interval() or TICK_SECONDS
-        while self.ctx is None or self.ctx.state == "starting":
-            self.notifier.ping()
-            await asyncio.sleep(interval)
 
     def _make_task_engine(self) -> Any:
         try:
