@@ -138,6 +138,23 @@ def test_reload_adds_removes_and_leaves_the_rest(scenario):
                   lambda: scenario.show("StatusText")["StatusText"] == "3 of 3 programs running")
 
 
+def test_reload_refuses_an_invalid_config(scenario):
+    box = scenario.box
+    main = scenario.main_pid()
+    programs = scenario.program_pids()
+    box.put(CONFIG, scenario.edited_config.replace("host_id = 7", "host_id = -5"))
+    try:
+        box.run("systemctl", "reload", UNIT)
+        scenario.wait("the refusal in the journal", lambda: any(
+            "reload refused" in str(e.get("MESSAGE", "")) for e in scenario.journal()))
+        assert scenario.show("ActiveState")["ActiveState"] == "active"
+        assert scenario.main_pid() == main
+        assert scenario.program_pids() == programs
+        assert scenario.all_running(set(SECOND))
+    finally:
+        box.put(CONFIG, scenario.edited_config)
+
+
 def test_watchdog_kills_a_stalled_daemon_and_programs_are_adopted(scenario):
     box = scenario.box
     main = scenario.main_pid()
