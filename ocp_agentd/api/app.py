@@ -437,6 +437,83 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+# TCP connections held at once. Past it new ones are closed on arrival: clients that
+# connect and send nothing cannot use up the daemon's file descriptors (programs could no
+# longer be spawned or watched, and the unix socket would stop answering).
+MAX_TCP_CONNECTIONS = 256
+
+
+def _tcp_connection_limit() -> int:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_TCP_CONNECTIONS
+    return max(8, min(MAX_TCP_CONNECTIONS, soft // 4))
+
+
+class _Counted(asyncio.Protocol):
+    """Passes everything to aiohttp's handler; tells the site when the connection ends."""
+
+    def __init__(self, inner: asyncio.Protocol, site: _CappedSite) -> None:
+        self._inner = inner
+        self._site = site
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._site.live -= 1
+        self._inner.connection_lost(exc)
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]
+
+
+class _CappedSite(web.SockSite):
+    """A listening socket site that holds at most ``limit`` connections at once."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, limit: int) -> None:
+        super().__init__(runner, sock)
+        self.limit = limit
+        self.live = 0
+        self._warned = False
+
+    def _protocol(self) -> asyncio.Protocol:
+        if self.live >= self.limit:
+            if not self._warned:
+                log.warning("API: %d TCP connections open, refusing more", self.live)
+            self._warned = True
+            return _Refused()
+        self._warned = False
+        server = self._runner.server
+        assert server is not None
+        self.live += 1
+        return _Counted(server(), self)
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        # The loop accepts up to `backlog` connections per wake-up before any is refused:
+        # a small one keeps that burst of descriptors small too.
+        self._server = await asyncio.get_running_loop().create_server(
+            self._protocol, sock=self._sock, backlog=32
+        )
+
+
 async def start_api(app: web.Application, settings: Settings) -> ApiServer:
     """Serves ``app`` on the unix socket (always) and on api.tcp (when set)."""
     api = settings.api
@@ -463,8 +540,10 @@ async def start_api(app: web.Application, settings: Settings) -> ApiServer:
             except OSError as exc:
                 raise ApiStartError(f"cannot listen on {api.tcp}: {exc}") from exc
             server.tcp_address = tcp_sock.getsockname()[:2]
-            await web.SockSite(runner, tcp_sock).start()
-            log.info("API listening on %s:%s", *server.tcp_address)
+            limit = _tcp_connection_limit()
+            await _CappedSite(runner, tcp_sock, limit).start()
+            log.info("API listening on %s:%s (at most %d connections)", *server.tcp_address,
+                     limit)
     except BaseException:
         if server is not None:
             await server.close()
