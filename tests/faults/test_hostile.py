@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from faultlib import envelope_problem
-from harness import ApiClient, DaemonPool, DaemonRunner, free_port
+from harness import ApiClient, DaemonPool, DaemonRunner, free_port, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -403,3 +403,57 @@ def test_stranger_on_a_loose_socket_needs_a_token(daemon_factory, stranger, reac
     assert json.loads(body)["error"]["code"] == 1004
     runner.wait_all_running()
     assert all(r["state"] == "RUNNING" for r in runner.processes())
+
+
+@pytest.mark.faults
+def test_idle_tcp_connections_cannot_starve_the_daemon(tmp_path, figures):
+    """Clients that connect over TCP and never send a byte must not use up the daemon's
+    file descriptors: supervision and the unix socket go on, TCP serves again after."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) is missing")
+    limited = tmp_path / "python-limited"
+    limited.write_text(f'#!/bin/sh\nexec {prlimit} --nofile=1024:1024 -- {sys.executable} "$@"\n')
+    limited.chmod(0o755)
+    pool = DaemonPool(tmp_path / "d")
+    port = free_port()
+    idle: list[socket.socket] = []
+    try:
+        runner = pool.make(
+            overrides={"api": {"tcp": f"127.0.0.1:{port}",
+                               "tokens": [_token("full", FULL, ["HOST_VIEWER"])]}},
+            start=False,
+        )
+        runner.python = str(limited)
+        runner.start()
+        runner.wait_all_running()
+        assert runner.pid is not None
+        for _ in range(1500):
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError:
+                break
+        fds = wait_for(
+            lambda: (n := len(os.listdir(f"/proc/{runner.pid}/fd"))) < 600 and n, 20,
+            "the daemon to shed the connections past its limit",
+        )
+        before = runner.process("ocp_exporter")
+        os.kill(before["pid"], 9)
+        after = wait_for(
+            lambda: (r := runner.process("ocp_exporter"))["state"] == "RUNNING"
+            and r["pid"] != before["pid"] and r,
+            20, "the killed program restarted while TCP is flooded",
+        )
+        assert runner.status()
+        figures["idle TCP connections opened"] = len(idle)
+        figures["daemon descriptors meanwhile (limit 1024)"] = fds
+        figures["restart meanwhile (pid)"] = f"{before['pid']} -> {after['pid']}"
+        for sock in idle:
+            sock.close()
+        idle.clear()
+        client = ApiClient(host="127.0.0.1", port=port, token=FULL, timeout=5)
+        wait_for(lambda: client.get("/api/v1/status").successful, 20, "TCP serving again")
+    finally:
+        for sock in idle:
+            sock.close()
+        pool.cleanup()
