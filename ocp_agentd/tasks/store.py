@@ -224,7 +224,8 @@ class TaskStore:
                 )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT (disk full) has rolled back already
+                db.execute("ROLLBACK")
             raise
         return task, True
 
@@ -260,7 +261,8 @@ class TaskStore:
                 )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT (disk full) has rolled back already
+                db.execute("ROLLBACK")
             raise
 
     def append_log(self, subtask_id: int, at: str, line: str) -> None:
