@@ -242,3 +242,38 @@ def test_corrupted_task_database_moved_aside(daemon_factory, damage):
     listed = runner.get("/api/v2/tasks/instances?page=1&size=10").check()
     assert [t["id"] for t in listed["contents"]] == [task["id"]]
     runner.wait_all_running()
+
+
+@pytest.mark.faults
+def test_state_disk_full(daemon_factory, tmp_path):
+    """state_dir's disk fills up: a new task is refused with the envelope and the real cause
+    in the log, supervision goes on, and once there is room tasks run again, none lost."""
+    with tmpfs(tmp_path / "state", size="4m") as mount:
+        runner = daemon_factory(overrides={"agent": {"state_dir": str(mount / "state")}},
+                                wait_running=True)
+        first = _restart_task(runner)
+        assert first["status"] == "SUCCESSFUL"
+        filler = mount / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.write(fd, b"\0" * 65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        host = runner.settings.agent.host_id if runner.settings else 2
+        refused = runner.post(f"/compute/hosts/{host}/agent/restart")
+        assert not refused.successful and refused.code == 5000, refused.text
+        assert "Traceback" not in refused.text
+        assert "disk is full" in runner.log(), "the real cause is not in the log"
+        before = runner.process("ocp_exporter")
+        os.kill(before["pid"], 9)
+        wait_for(lambda: (r := runner.process("ocp_exporter"))["state"] == "RUNNING"
+                 and r["pid"] != before["pid"], 20, "a restart on a full state disk")
+        filler.unlink()
+        second = _restart_task(runner)
+        assert second["status"] == "SUCCESSFUL"
+        listed = runner.get("/api/v2/tasks/instances?page=1&size=100").check()
+        assert {t["id"] for t in listed["contents"]} >= {first["id"], second["id"]}
+        runner.stop()
