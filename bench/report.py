@@ -122,5 +122,5 @@ def results_markdown(env_lines: list[str], rows: list[Row], notes: list[str]) ->
         METHOD,
     ]
     if notes:
-        parts += ["", "Notes:", "", *(f"- {note}" for note in notes)]
+        parts += ["", "Every sample:", "", *(f"- {note}" for note in notes)]
     return "\n".join(parts) + "\n"

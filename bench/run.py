@@ -92,8 +92,22 @@ def _met(a: float | None, s: float | None, check) -> bool | None:
     return None if a is None or s is None else bool(check(a, s))
 
 
+def _note_samples(notes: list[str], figure: str, n: int, got: dict[str, list[float]]) -> None:
+    """Every sample of a timed figure, in ms, so the spread shows beside the median."""
+    parts = [
+        f"{label} " + " ".join(f"{x * 1000:.1f}" for x in values) for label, values in got.items()
+    ]
+    notes.append(f"{figure}, N={n}, ms: " + "; ".join(parts))
+
+
 def run_phase(
-    plan: Plan, n: int, workdir: Path, reaper: Reaper, rows: list[Row], only: str | None
+    plan: Plan,
+    n: int,
+    workdir: Path,
+    reaper: Reaper,
+    rows: list[Row],
+    notes: list[str],
+    only: str | None,
 ) -> None:
     targets: list[Target] = [
         Agentd(workdir / f"agentd-{n}", n, reaper),
@@ -108,17 +122,20 @@ def run_phase(
 
         log(f"N={n}: restart all x{plan.reps}")
         got = figures.restart_all(targets, plan.reps)
+        _note_samples(notes, "restart all", n, got)
         a, s = _ms(got, AGENTD), _ms(got, SUPERVISORD)
         rows.append(Row("restart all, median", n, a, s, "ms", *_target(big, a, s, "≤ 1/5", 0.2)))
 
         log(f"N={n}: stop all x{plan.reps}")
         got = figures.stop_all(targets, plan.reps)
+        _note_samples(notes, "stop all", n, got)
         a, s = _ms(got, AGENTD), _ms(got, SUPERVISORD)
         rows.append(Row("stop all, median", n, a, s, "ms", *_target(big, a, s, "≤ 1/10", 0.1)))
 
         if n == plan.crash_n:
             log(f"N={n}: crash to new pid x{plan.crash_reps}")
             got = figures.crash_to_new_pid(targets, plan.crash_reps)
+            _note_samples(notes, "crash to new pid", n, got)
             a, s = _ms(got, AGENTD), _ms(got, SUPERVISORD)
             met = _met(a, s, lambda a, s: a <= s and a < 10)
             rows.append(
@@ -150,10 +167,18 @@ def run_phase(
             target.stop()
 
 
-def run_seed(plan: Plan, workdir: Path, reaper: Reaper, rows: list[Row]) -> None:
+def run_seed(
+    plan: Plan, workdir: Path, reaper: Reaper, rows: list[Row], notes: list[str]
+) -> None:
     log(f"the seed's restart task x{plan.seed_reps} (ocp-agentd only, demo programs)")
     got = seed.seed_task(workdir / "seed", reaper, plan.seed_reps)
     n = got.programs
+    _note_samples(
+        notes,
+        "seed task",
+        n,
+        {"POST": got.post_seconds, "task": got.task_seconds, "direct": got.direct_seconds},
+    )
     post = figures.median(got.post_seconds) * 1000
     task = figures.median(got.task_seconds) * 1000
     direct = figures.median(got.direct_seconds) * 1000
@@ -210,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         for n in plan.sizes:
-            run_phase(plan, n, workdir, reaper, rows, args.only)
+            run_phase(plan, n, workdir, reaper, rows, notes, args.only)
         if args.only in (None, AGENTD):
-            run_seed(plan, workdir, reaper, rows)
+            run_seed(plan, workdir, reaper, rows, notes)
     finally:
         reaper.stop_all()
         signal.signal(signal.SIGTERM, previous)
