@@ -8,10 +8,12 @@ that module is reported as not run (xfail) instead of failing for the same reaso
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +59,7 @@ def e2e_host() -> None:
 
 
 @pytest.fixture(scope="session")
-def packages(e2e_host, tmp_path_factory) -> Packages:
+def packages(e2e_host, tmp_path_factory) -> Iterator[Packages]:
     """Version N and N+1, each as .deb and .rpm, built by packaging/build.sh."""
     base = tmp_path_factory.mktemp("packages")
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -74,7 +76,7 @@ def packages(e2e_host, tmp_path_factory) -> Packages:
         )
     nspawn.log(f"packages built in {time.monotonic() - started:.0f} s")
     dist = base / "dist"
-    return Packages(
+    yield Packages(
         version=version,
         next_version=next_version,
         deb=dist / f"ocp-agentd_{version}_amd64.deb",
@@ -83,6 +85,7 @@ def packages(e2e_host, tmp_path_factory) -> Packages:
         next_rpm=dist / f"ocp-agentd-{next_version}.x86_64.rpm",
         stage=base / "work" / "root",
     )
+    shutil.rmtree(base, ignore_errors=True)  # the staged venv and packages: ~200 MB
 
 
 @pytest.fixture(scope="session")
