@@ -251,7 +251,10 @@ async def _envelope_middleware(
     seconds = time.monotonic() - request["started"]
     method = request.method if request.method in _KNOWN_METHODS else "other"
     ctx.metrics.observe_request(_route_label(request), method, response.status, seconds)
-    log.debug(
+    # Actions are an operator's audit trail (journald: TRACE_ID); reads stay at debug.
+    level = logging.DEBUG if request.method in ("GET", "HEAD") else logging.INFO
+    log.log(
+        level,
         "%s %s -> %s in %.1f ms by %s (trace %s)", request.method, request.path, response.status,
         seconds * 1000, request.get("caller", "-"), trace_id, extra={"TRACE_ID": trace_id},
     )
