@@ -119,6 +119,8 @@ class Daemon:
         self.loop_lag_max = 0.0
         self.metrics: Any = None
         self.ctx: Any = None
+        self._status_pending = False
+        self._status_sent = ""
 
     async def run(self) -> int:
         from ocp_agentd.api.app import AppContext, create_app, start_api
@@ -282,7 +284,25 @@ class Daemon:
             self.metrics.observe_loop_lag(lag)
 
     def _status_changed(self) -> None:
-        self.notifier.status(self._status_text())
+        # Transitions come in bursts (a restart of 50 programs makes 200): counting every
+        # program for each of them cost O(N^2) and one datagram each. Now one STATUS per
+        # loop iteration at most, and only when its text changed.
+        if self._status_pending or not self.notifier.enabled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._send_status()
+            return
+        self._status_pending = True
+        loop.call_soon(self._send_status)
+
+    def _send_status(self) -> None:
+        self._status_pending = False
+        text = self._status_text()
+        if text != self._status_sent:
+            self._status_sent = text
+            self.notifier.status(text)
 
     def _status_text(self) -> str:
         counts = self.supervisor.counts()
