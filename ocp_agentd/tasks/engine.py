@@ -42,6 +42,7 @@ from ocp_agentd.tasks.model import (
 from ocp_agentd.tasks.store import LockHeld, TaskStore
 
 Listener = Callable[[TaskInstance, SubtaskInstance | None], None]
+STORE_RETRY_SECONDS = 2.0  # after a failed state write, how often the store is tried again
 
 
 @dataclass
@@ -154,6 +155,7 @@ class TaskEngine:
         self._listeners: list[Listener] = []
         self._closing = False
         self._opened = asyncio.Event()
+        self._retries: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -168,7 +170,7 @@ class TaskEngine:
         """Stop the workers without recording anything: RUNNING tasks stay
         RUNNING in the store and are resumed by the next start()."""
         self._closing = True
-        pending: list[asyncio.Task[None]] = []
+        pending: list[asyncio.Task[None]] = list(self._retries)
         for run in self._runs.values():
             pending.extend(run.workers.values())
             if run.driver:
@@ -513,8 +515,34 @@ class TaskEngine:
                                extra={"TASK_ID": str(task.id)})
             for job in run.workers.values():
                 job.cancel()
+            self._resume_later(task.id)
         finally:
             self._forget(run)
+
+    def _resume_later(self, task_id: int) -> None:
+        """A state write failed (disk full, I/O error) and the run stopped; the store still
+        holds the task as RUNNING. Pick it up from there once the store takes writes again,
+        as a restarted daemon would, rather than leave it RUNNING (and the host's operation
+        lock held) until the next daemon start."""
+
+        async def later() -> None:
+            while not self._closing:
+                await asyncio.sleep(STORE_RETRY_SECONDS)
+                if task_id in self._runs:
+                    return
+                try:
+                    task = await self._store.load(task_id)
+                    if task is not None and task.status == TaskStatus.RUNNING:
+                        await self._resume(task)
+                    return
+                except Exception as exc:
+                    self.log.warning("task %s: the task store still fails (%s); trying "
+                                     "again in %g s", task_id, exc, STORE_RETRY_SECONDS,
+                                     extra={"TASK_ID": str(task_id)})
+
+        job = asyncio.get_running_loop().create_task(later(), name=f"task-{task_id}-retry")
+        self._retries.add(job)
+        job.add_done_callback(self._retries.discard)
 
     def _forget(self, run: _Run) -> None:
         if not self._closing and self._runs.get(run.task.id) is run:
