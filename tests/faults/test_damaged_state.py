@@ -277,3 +277,39 @@ def test_state_disk_full(daemon_factory, tmp_path):
         listed = runner.get("/api/v2/tasks/instances?page=1&size=100").check()
         assert {t["id"] for t in listed["contents"]} >= {first["id"], second["id"]}
         runner.stop()
+
+
+@pytest.mark.faults
+def test_state_disk_full_during_a_task(daemon_factory, tmp_path):
+    """The disk fills while a restart task runs: its state cannot be recorded, so it waits;
+    once there is room it finishes without a daemon restart and frees the host's lock."""
+    slow = {"slow": {"command": [sys.executable, "-m", "ocp_agentd.demo.misbehave",
+                                 "ignore-term"], "stop_timeout": 3.0}}
+    with tmpfs(tmp_path / "state", size="4m") as mount:
+        runner = daemon_factory(slow, {"agent": {"state_dir": str(mount / "state")}},
+                                wait_running=True)
+        host = runner.settings.agent.host_id if runner.settings else 2
+        task = runner.post(f"/compute/hosts/{host}/agent/restart").check()  # >= 3 s long
+        filler = mount / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.write(fd, b"\0" * 65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        wait_for(lambda: "disk is full" in runner.log(), 30, "the task store to hit the full disk")
+        filler.unlink()
+        daemon_pid = runner.pid
+
+        def final() -> dict | None:
+            got = runner.get(f"/api/v2/tasks/instances/{task['id']}").check()
+            return got if got["status"] in ("SUCCESSFUL", "FAILED") else None
+
+        done = wait_for(final, 60, "the task to finish once there is room")
+        assert runner.pid == daemon_pid and runner.running
+        assert done["status"] == "SUCCESSFUL", done
+        assert _restart_task(runner)["status"] == "SUCCESSFUL"  # the lock was released
+        runner.wait_all_running()
+        runner.stop()
