@@ -5,10 +5,13 @@
 
 Harm: kill -9 of programs, SIGSTOP then SIGCONT, kill -9 of the daemon (sometimes with a
 program killed while no daemon watches) and start of a new one, a handover (SIGUSR2), a
-full daemon restart (SIGTERM), restarts through the API, restart tasks when the task routes
-exist, and concurrent status requests all along. At the end every program is RUNNING with
-exactly its own tree (counted by command line over the whole process table), nothing of an
-earlier instance is left, there is no zombie, every task is final, none was lost.
+full daemon restart (SIGTERM), a reload (SIGHUP), restarts through the API, restart tasks
+when the task routes exist, and concurrent status requests all along. The seed fixes the
+sequence of choices; what each choice hits also depends on the timing of the run.
+
+At the end every program is RUNNING with exactly its own tree (counted by command line over
+the whole process table), nothing of an earlier instance is left, there is no zombie, every
+task is final, none was lost.
 """
 
 from __future__ import annotations
@@ -263,6 +266,10 @@ class Chaos:
         self.faults["daemon stop + start (SIGTERM)"] += 1
         self._start_daemon()
 
+    def reload(self) -> None:
+        self.runner.send_signal(signal.SIGHUP)  # the same config: nothing may change
+        self.faults["reload (SIGHUP)"] += 1
+
     def _start_daemon(self) -> None:
         self.runner.start(timeout=60)
         self.daemon_restarts += 1
@@ -308,6 +315,7 @@ class Chaos:
             (self.handover, 0.4),
             (self.term_daemon, 0.3),
             (self.api_restart, 1.5),
+            (self.reload, 0.5),
         ]
         if self.task_routes:
             harm.append((self.restart_task, 1.0))
@@ -417,8 +425,12 @@ def _task_problems(
             for sub in failed:
                 log = runner.get(
                     f"/api/v2/tasks/instances/{task_id}/subtasks/{sub['id']}/log").data or {}
-                if not str(log.get("log", "")).strip():
+                text = str(log.get("log", "")).strip()
+                if not text:
                     problems.append(f"task {task_id}: subtask {sub['name']} FAILED, no reason")
+                else:
+                    last = text.splitlines()[-1][:160]
+                    outcomes[f"FAILED in {sub['name']!r}: {last}"] += 1
     listed = runner.get(f"/api/v2/tasks/instances?page=1&size=1000&hostId={host}").data or {}
     ids = {str(t.get("id")) for t in listed.get("contents", [])}
     lost = [t for t in created if t not in ids]

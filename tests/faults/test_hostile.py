@@ -457,3 +457,29 @@ def test_idle_tcp_connections_cannot_starve_the_daemon(tmp_path, figures):
         for sock in idle:
             sock.close()
         pool.cleanup()
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("trace", ["A" * 6000, "../../etc/passwd", "<script>", "%0d%0aSet: x",
+                                   "é" * 10, "", " ", "0" * 16])
+def test_hostile_trace_ids(target, trace):
+    response = target.client().get("/api/v1/status",
+                                   headers={"X-OCP-Trace-ID": trace.encode().decode("latin-1")})
+    expect(response, None, 200)
+    echoed = response.headers.get("X-OCP-Trace-ID", "")
+    assert echoed == response.envelope["traceId"]
+    assert len(echoed) <= 128 and "<" not in echoed and "\r" not in echoed and "/" not in echoed
+
+
+@pytest.mark.faults
+def test_no_token_in_the_logs(target):
+    """Tokens sent, right or wrong, never reach the daemon's log."""
+    wrong = secrets.token_hex(16)
+    target.client(token=wrong).get("/api/v1/status")
+    target.client(token=FULL).get("/api/v1/status")
+    target.client(token=VIEWER).post("/api/v1/agent/stop-all")
+    assert target.runner.settings is not None
+    logs = target.runner.log() + (target.runner.settings.agent.log_dir
+                                  / "ocp_agentd.log").read_text(errors="replace")
+    for token in (wrong, FULL, VIEWER, TASKS_ONLY):
+        assert token not in logs
