@@ -200,6 +200,7 @@ class Program:
         self._http = http
         self._on_transition = on_transition
         self._timer: asyncio.TimerHandle | None = None
+        self._static_info: tuple[Any, ...] | None = None
         self._restart_pending = False
         self._background: set[asyncio.Task[Any]] = set()
         self._state_changed = asyncio.Event()
@@ -231,26 +232,53 @@ class Program:
 
     # ---- what others read -----------------------------------------------------------------
 
+    def _static(self) -> tuple[Any, ...]:
+        """What info() takes from the spec, computed once per spec (reload replaces it).
+
+        info() runs once per program for every status answer: with 50 programs it was
+        half of the daemon's time per GET /api/v1/processes.
+        """
+        spec = self.spec
+        cached = self._static_info
+        if cached is None or cached[0] is not spec:
+            cached = self._static_info = (
+                spec,
+                spec.role,
+                bool(spec.operable),
+                tuple(spec.ports),
+                tuple(spec.command),
+                spec.user or _current_user(),
+                (str(spec.stdout_log), str(spec.stderr_log)),
+            )
+        return cached
+
     def info(self) -> ProcessInfo:
         inst = self.instance
-        alive = inst is not None and not inst.exited.done()
+        _, role, operable, ports, command, user, log_files = self._static()
+        if inst is not None and not inst.exited.done():
+            pid: int | None = inst.pid
+            create_time: float | None = boot_time() + inst.handle.starttime / CLOCK_TICKS
+            # Milliseconds, truncated (round(x, 3) costs more than the rest of this line).
+            uptime: float | None = int((time.monotonic() - inst.started_mono) * 1000) / 1000
+            started_at: float | None = inst.started_at
+        else:
+            pid = create_time = uptime = started_at = None
+        last_exit = self.last_exit
         return ProcessInfo(
             name=self.name,
-            role=self.spec.role,
-            operable=bool(self.spec.operable),
+            role=role,
+            operable=operable,
             state=self.state,
-            pid=inst.pid if alive and inst else None,
-            create_time=(boot_time() + inst.handle.starttime / CLOCK_TICKS)
-            if alive and inst
-            else None,
-            uptime=round(time.monotonic() - inst.started_mono, 3) if alive and inst else None,
+            pid=pid,
+            create_time=create_time,
+            uptime=uptime,
             restarts=self.restarts,
-            last_exit=self.last_exit.as_dict() if self.last_exit else None,
-            ports=list(self.spec.ports),
-            command=list(self.spec.command),
-            started_at=inst.started_at if alive and inst else None,
-            user=self.spec.user or _current_user(),
-            log_files=[str(self.spec.stdout_log), str(self.spec.stderr_log)],
+            last_exit=last_exit.as_dict() if last_exit else None,
+            ports=list(ports),
+            command=list(command),
+            started_at=started_at,
+            user=user,
+            log_files=list(log_files),
         )
 
     def alive(self) -> bool:
