@@ -444,6 +444,9 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
 # connect and send nothing cannot use up the daemon's file descriptors (programs could no
 # longer be spawned or watched, and the unix socket would stop answering).
 MAX_TCP_CONNECTIONS = 256
+# A TCP client has this long to send its first request's headers, so slow clients (a byte
+# a second) cannot keep those connections, and so every other TCP caller, out for long.
+HEADER_SECONDS = 10.0
 
 
 def _tcp_connection_limit() -> int:
@@ -456,16 +459,28 @@ def _tcp_connection_limit() -> int:
 
 
 class _Counted(asyncio.Protocol):
-    """Passes everything to aiohttp's handler; tells the site when the connection ends."""
+    """Passes everything to aiohttp's handler; tells the site when the connection ends and
+    drops it when its first request's headers are not complete within HEADER_SECONDS."""
 
     def __init__(self, inner: asyncio.Protocol, site: _CappedSite) -> None:
         self._inner = inner
         self._site = site
+        self._timer: asyncio.TimerHandle | None = None
+        self._tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._timer = asyncio.get_running_loop().call_later(
+            HEADER_SECONDS, transport.abort  # type: ignore[attr-defined]
+        )
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen:
+                self._timer.cancel()
+                self._timer = None
+            self._tail = seen[-3:]
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -478,6 +493,8 @@ class _Counted(asyncio.Protocol):
         self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self._site.live -= 1
         self._inner.connection_lost(exc)
 
