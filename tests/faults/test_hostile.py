@@ -483,3 +483,48 @@ def test_no_token_in_the_logs(target):
                                   / "ocp_agentd.log").read_text(errors="replace")
     for token in (wrong, FULL, VIEWER, TASKS_ONLY):
         assert token not in logs
+
+
+@pytest.mark.faults
+def test_slow_clients_filling_every_tcp_slot_are_dropped(daemon_factory, figures):
+    """More slow clients than TCP connections allowed (256): other TCP callers are turned
+    away only until the slow ones miss the 10 s header deadline and are dropped."""
+    port = free_port()
+    runner = daemon_factory(
+        overrides={"api": {"tcp": f"127.0.0.1:{port}",
+                           "tokens": [_token("full", FULL, ["HOST_VIEWER"])]}},
+        wait_running=True,
+    )
+    stop = threading.Event()
+    dropped: list[float] = []
+    started = time.monotonic()
+
+    def slow(sock: socket.socket) -> None:
+        with sock:
+            for byte in b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n\r\n":
+                if stop.wait(1.0):
+                    return
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    dropped.append(time.monotonic() - started)
+                    return
+
+    sockets = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(300)]
+    threads = [threading.Thread(target=slow, args=(s,), daemon=True) for s in sockets]
+    for thread in threads:
+        thread.start()
+    try:
+        client = ApiClient(host="127.0.0.1", port=port, token=FULL, timeout=3)
+        served = wait_for(lambda: client.get("/api/v1/status").successful
+                          and time.monotonic() - started, 30, "TCP serving despite slow clients")
+        assert runner.client.get("/api/v1/status").successful  # the socket all along
+        wait_for(lambda: len(dropped) >= 250, 30, "the slow clients dropped")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    figures["slow TCP clients"] = len(sockets)
+    figures["TCP served again after (s)"] = round(served, 1)
+    figures["slow clients dropped"] = len(dropped)
+    assert served < 20
