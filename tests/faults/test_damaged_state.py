@@ -313,3 +313,63 @@ def test_state_disk_full_during_a_task(daemon_factory, tmp_path):
         assert _restart_task(runner)["status"] == "SUCCESSFUL"  # the lock was released
         runner.wait_all_running()
         runner.stop()
+
+
+@pytest.mark.faults
+def test_log_dir_on_read_only_mount(tmp_path):
+    from harness import free_port_block
+
+    with tmpfs(tmp_path / "ro", options="ro") as mount:
+        state = tmp_path / "state"
+        config = write_demo_config(tmp_path / "cfg", free_port_block(2), overrides={
+            "agent": {"state_dir": str(state), "log_dir": str(mount / "log")}})
+        try:
+            done = _run_once(config)
+        finally:
+            kill_marked("OCP_AGENTD_STATE_DIR", str(state))
+        assert done.returncode == 1, (done.returncode, done.stderr)
+        assert str(mount / "log") in done.stderr and "not writable" in done.stderr
+        assert not marked(str(state))
+
+
+@pytest.mark.faults
+def test_second_daemon_on_the_same_state_dir(daemon_factory):
+    """A second daemon on the same state refuses, naming the first; nothing is doubled."""
+    first = daemon_factory(wait_running=True)
+    records = {r["name"]: r["pid"] for r in first.processes()}
+    done = _run_once(first.config)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert f"pid {first.pid}" in done.stderr, done.stderr
+    assert first.running
+    assert {r["name"]: r["pid"] for r in first.processes()} == records
+    for record in first.processes():
+        assert len(by_cmdline(record["command"])) == 1
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage", b"99999999\n"])
+def test_stale_or_damaged_instance_lock(daemon_factory, content):
+    """A lock file left by a dead daemon, empty or damaged, does not stop the next one."""
+    runner = daemon_factory(wait_running=True)
+    runner.kill9()
+    assert runner.state_dir is not None
+    (Path(runner.state_dir) / "ocp_agentd.lock").write_bytes(content)
+    runner.start()
+    runner.wait_all_running()
+
+
+@pytest.mark.faults
+def test_socket_path_taken_by_a_file(daemon_factory):
+    """Something else sits where the socket goes: a clear refusal, no program left behind."""
+    runner = daemon_factory(start=False)
+    runner.socket.parent.mkdir(parents=True, exist_ok=True)
+    runner.socket.write_text("not a socket\n")
+    try:
+        done = _run_once(runner.config)
+    finally:
+        leftovers = runner.leftovers()
+        runner.cleanup()
+    assert done.returncode != 0, done.stderr
+    assert str(runner.socket) in done.stderr and "not a socket" in done.stderr, done.stderr
+    assert runner.socket.read_text() == "not a socket\n"
+    assert not leftovers, f"programs left running by a daemon that could not start: {leftovers}"
