@@ -10,7 +10,7 @@ import random
 import signal
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import psutil
 
@@ -31,7 +31,7 @@ def p95(values: Sequence[float]) -> float:
     return ordered[rank - 1]
 
 
-def _rounds(targets: Sequence[Target], reps: int):
+def _rounds(targets: Sequence[Target], reps: int) -> Iterator[tuple[int, Target]]:
     for i in range(reps):
         for target in targets if i % 2 == 0 else reversed(targets):
             yield i, target

@@ -13,13 +13,16 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 ENV_MARK = "BENCH_RUN"
 PR_SET_PDEATHSIG = 1
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.005):
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.005) -> T:
     """Polls predicate() until it returns a truthy value; raises TimeoutError naming what."""
     deadline = time.monotonic() + timeout
     while True:
