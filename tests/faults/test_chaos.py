@@ -5,7 +5,8 @@
 
 Harm: kill -9 of programs, SIGSTOP then SIGCONT, kill -9 of the daemon (sometimes with a
 program killed while no daemon watches) and start of a new one, a handover (SIGUSR2), a
-full daemon restart (SIGTERM), a reload (SIGHUP), restarts through the API, restart tasks
+full daemon restart (SIGTERM), a reload (SIGHUP), the daemon frozen (SIGSTOP) while a
+program is killed, restarts through the API, restart tasks
 when the task routes exist, and concurrent status requests all along. The seed fixes the
 sequence of choices; what each choice hits also depends on the timing of the run.
 
@@ -266,6 +267,24 @@ class Chaos:
         self.faults["daemon stop + start (SIGTERM)"] += 1
         self._start_daemon()
 
+    def freeze_daemon(self) -> None:
+        """SIGSTOP the daemon itself for up to 2 s: what it missed meanwhile (exits, requests)
+        it must catch up on when it runs again."""
+        assert self.runner.pid is not None
+        steady = [r for r in self.records().values() if self.steady(r)]
+        os.kill(self.runner.pid, signal.SIGSTOP)
+        try:
+            if steady:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.rng.choice(steady)["pid"], signal.SIGKILL)
+                    self.faults["kill -9 program while the daemon is frozen"] += 1
+            until = time.monotonic() + self.rng.uniform(0.3, 2.0)
+            while time.monotonic() < until:
+                time.sleep(0.05)  # the length of the freeze being made
+        finally:
+            os.kill(self.runner.pid, signal.SIGCONT)
+        self.faults["SIGSTOP+SIGCONT daemon"] += 1
+
     def reload(self) -> None:
         self.runner.send_signal(signal.SIGHUP)  # the same config: nothing may change
         self.faults["reload (SIGHUP)"] += 1
@@ -316,6 +335,7 @@ class Chaos:
             (self.term_daemon, 0.3),
             (self.api_restart, 1.5),
             (self.reload, 0.5),
+            (self.freeze_daemon, 0.6),
         ]
         if self.task_routes:
             harm.append((self.restart_task, 1.0))

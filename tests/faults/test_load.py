@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 from faultlib import envelope_problem
 from harness import DaemonRunner, wait_for
@@ -143,6 +144,8 @@ def _percentile(values: list[float], q: float) -> float:
 def test_load_200_clients_during_restart_tasks(daemon_factory, figures):
     runner = daemon_factory(wait_running=True)
     loop_lag(runner)  # reset: only the load phase counts
+    daemon = psutil.Process(runner.pid)
+    rss_before = daemon.memory_info().rss
 
     async def drive() -> Load:
         connector = aiohttp.UnixConnector(path=str(runner.socket), limit=CLIENTS + 5)
@@ -156,6 +159,7 @@ def test_load_200_clients_during_restart_tasks(daemon_factory, figures):
     load = asyncio.run(drive())
     elapsed = time.monotonic() - started
     worst_lag = loop_lag(runner)
+    rss_after = daemon.memory_info().rss
     runner.wait_all_running(timeout=60)
 
     served = len(load.latencies)
@@ -175,6 +179,8 @@ def test_load_200_clients_during_restart_tasks(daemon_factory, figures):
         "restart task p50 (s)": round(statistics.median(load.task_seconds), 2)
         if load.task_seconds else None,
         "worst event loop lag in the daemon (s)": round(worst_lag, 3),
+        "daemon RSS before -> after (MiB)":
+            f"{rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f}",
     })
     assert served > 0
     assert not load.problems, load.problems[:20]
