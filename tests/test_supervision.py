@@ -415,3 +415,32 @@ def test_stop_interrupts_a_start_that_never_becomes_ready(world: World) -> None:
         assert marked(world.state) == []
 
     run(world, body, boot=False)
+
+
+def test_cached_records_follow_every_change(world: World) -> None:
+    world.add("w1", sleeper(), start_seconds=0.0)
+
+    def same(sup: Supervisor) -> None:
+        for record, info in zip(sup.process_records(), sup.infos(), strict=True):
+            expected = info.as_dict()
+            got, want = record.pop("uptime"), expected.pop("uptime")
+            assert (got is None and want is None) or abs(got - want) < 0.05
+            assert record == expected
+
+    async def body(sup: Supervisor) -> None:
+        same(sup)
+        first = sup.process_records()[0]["pid"]
+        await until(lambda: (sup.info("w1").uptime or 0) > 1.05, what="uptime over a second")
+        assert sup.process_records()[0]["uptime"] > 1.0  # the uptime moves while the rest is cached
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: sup.process_records()[0]["pid"] not in (None, first), what="new pid")
+        same(sup)
+        assert sup.process_records()[0]["restarts"] == 1
+        await sup.stop("w1")
+        assert (
+            sup.process_records()[0]["pid"] is None
+            and sup.process_records()[0]["state"] == "STOPPED"
+        )
+        same(sup)
+
+    run(world, body)

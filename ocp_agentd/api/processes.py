@@ -191,7 +191,7 @@ def _iso(epoch: float) -> str:
 
 
 async def list_processes(request: web.Request) -> list[dict[str, Any]]:
-    return [_record(info) for info in app_context(request).supervisor.infos()]
+    return app_context(request).supervisor.process_records()
 
 
 async def get_process(request: web.Request) -> dict[str, Any]:

@@ -201,6 +201,8 @@ class Program:
         self._on_transition = on_transition
         self._timer: asyncio.TimerHandle | None = None
         self._static_info: tuple[Any, ...] | None = None
+        # record()'s dict between state changes: (spec, started_mono or None, dict).
+        self._record_cache: tuple[Any, float | None, dict[str, Any]] | None = None
         self._restart_pending = False
         self._background: set[asyncio.Task[Any]] = set()
         self._state_changed = asyncio.Event()
@@ -214,6 +216,7 @@ class Program:
         if old == new:
             return
         self.state = new
+        self._record_cache = None
         pid = self.instance.pid if self.instance else None
         level = logging.WARNING if new in (State.FATAL, State.BACKOFF) else logging.INFO
         log.log(
@@ -280,6 +283,22 @@ class Program:
             user=user,
             log_files=list(log_files),
         )
+
+    def record(self) -> dict[str, Any]:
+        """info().as_dict(), kept between state changes: only the uptime moves.
+
+        Every field but the uptime changes together with the state (a restart count or
+        last exit is always followed by a transition), or with the spec on reload.
+        """
+        cached = self._record_cache
+        if cached is None or cached[0] is not self.spec:
+            inst = self.instance
+            started = inst.started_mono if inst is not None and not inst.exited.done() else None
+            cached = self._record_cache = (self.spec, started, self.info().as_dict())
+        record = dict(cached[2])
+        if cached[1] is not None:
+            record["uptime"] = int((time.monotonic() - cached[1]) * 1000) / 1000
+        return record
 
     def alive(self) -> bool:
         return self.instance is not None and not self.instance.exited.done()

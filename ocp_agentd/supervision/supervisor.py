@@ -98,6 +98,10 @@ class Supervisor:
     def infos(self) -> list[ProcessInfo]:
         return [p.info() for p in self.programs.values()]
 
+    def process_records(self) -> list[dict[str, Any]]:
+        """Every program's info as the JSON of SPEC section 6 (the status answers' hot path)."""
+        return [p.record() for p in self.programs.values()]
+
     def counts(self) -> dict[str, int]:
         counted = Counter(str(p.state) for p in self.programs.values())
         return {str(state): counted.get(str(state), 0) for state in State}
