@@ -116,7 +116,6 @@ class Daemon:
         self.server: Any = None
         self.app: Any = None
         self.task_engine: Any = None
-        self.loop_lag_max = 0.0
         self.metrics: Any = None
         self.ctx: Any = None
         self._status_pending = False
@@ -267,7 +266,6 @@ class Daemon:
             await asyncio.sleep(TICK_SECONDS)
             now = time.monotonic()
             lag = max(0.0, now - expected)
-            self.loop_lag_max = max(self.loop_lag_max, lag)
             self._record_lag(lag)
             if watchdog and now >= next_ping:
                 self.notifier.ping()

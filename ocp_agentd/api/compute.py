@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from ocp_agentd import __version__
-from ocp_agentd.api.envelope import ApiError, ErrorCode, timestamp
+from ocp_agentd.api.envelope import ApiError, ErrorCode, epoch_timestamp
 from ocp_agentd.api.routes import Param, Route, app_context
 from ocp_agentd.api.tasks import (
     PAGE_PARAMS,
@@ -48,10 +48,6 @@ def process_id(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:6], "big") + 1
 
 
-def _iso(epoch: float | None) -> str | None:
-    return timestamp(datetime.fromtimestamp(epoch)) if epoch else None
-
-
 def _host_id(request: web.Request) -> int:
     host_id: int = request["params"]["hostId"]
     ours = app_context(request).settings.agent.host_id
@@ -72,9 +68,10 @@ def _daemon_process(request: web.Request, host_id: int) -> dict[str, Any]:
         "pid": os.getpid(), "user": getpass.getuser(),
         "startCommand": shlex.join([sys.executable, *sys.argv]),
         "ports": str(tcp[1]) if tcp else "", "elapsedTime": int(now - ctx.started_at),
-        "lastActiveTime": _iso(now), "status": "STARTED", "operable": False,
+        "lastActiveTime": epoch_timestamp(now), "status": "STARTED", "operable": False,
         "logFilePattern": str(settings.agent.log_dir / "ocp_agentd.log*"),
-        "createTime": _iso(ctx.started_at), "updateTime": _iso(ctx.started_at),
+        "createTime": epoch_timestamp(ctx.started_at),
+        "updateTime": epoch_timestamp(ctx.started_at),
     }
 
 
@@ -90,10 +87,11 @@ def _process(info: ProcessInfo, host_id: int, started_at: float) -> dict[str, An
         "startCommand": shlex.join(info.command),
         "ports": ",".join(str(p) for p in info.ports),
         "elapsedTime": int(info.uptime or 0) if running else 0,
-        "lastActiveTime": _iso(time.time() if running else last_exit_at),
+        "lastActiveTime": epoch_timestamp(time.time() if running else last_exit_at),
         "status": "STARTED" if running else "STOPPED", "operable": bool(info.operable),
         "logFilePattern": ",".join(info.log_files),
-        "createTime": _iso(info.create_time or started_at), "updateTime": _iso(changed),
+        "createTime": epoch_timestamp(info.create_time or started_at),
+        "updateTime": epoch_timestamp(changed),
     }
 
 
@@ -146,11 +144,11 @@ async def get_agent(request: web.Request) -> dict[str, Any]:
         "id": host_id, "version": __version__,
         "installHome": str(ctx.settings.agent.install_home),
         "logHome": str(ctx.settings.agent.log_dir),
-        "lastAvailableTime": _iso(time.time()), "hostId": host_id,
+        "lastAvailableTime": epoch_timestamp(time.time()), "hostId": host_id,
         "hostInnerIpAddress": ctx.server_address,
         "status": "STARTED" if workers_up else "STOPPED",
         "processes": processes,
-        "createTime": _iso(ctx.started_at), "updateTime": _iso(time.time()),
+        "createTime": epoch_timestamp(ctx.started_at), "updateTime": epoch_timestamp(time.time()),
     }
 
 

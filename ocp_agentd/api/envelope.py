@@ -164,6 +164,11 @@ def timestamp(moment: datetime | None = None) -> str:
     return moment.astimezone().isoformat(timespec="milliseconds")
 
 
+def epoch_timestamp(epoch: float | None) -> str | None:
+    """timestamp() of a moment given in epoch seconds; None stays None."""
+    return timestamp(datetime.fromtimestamp(epoch)) if epoch else None
+
+
 def host_address() -> str:
     """The host's first non-loopback IPv4 address of an interface that is up.
 

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from ocp_agentd import __version__
-from ocp_agentd.api.envelope import ApiError, ErrorCode, sub_error
+from ocp_agentd.api.envelope import ApiError, ErrorCode, epoch_timestamp, sub_error
 from ocp_agentd.api.routes import Param, Route, app_context
 from ocp_agentd.supervision import OperationFailed, ProcessInfo, ProgramNotFound
 
@@ -174,20 +174,12 @@ async def get_status(request: web.Request) -> dict[str, Any]:
         "version": __version__,
         "pid": os.getpid(),
         "uptime": round(max(0.0, time.time() - ctx.started_at), 3),
-        "started_at": _iso(ctx.started_at),
+        "started_at": epoch_timestamp(ctx.started_at),
         "host_id": ctx.settings.agent.host_id,
         "state": ctx.state,
         "programs": sum(counts.values()),
         "counts": {str(state): number for state, number in counts.items()},
     }
-
-
-def _iso(epoch: float) -> str:
-    from datetime import datetime
-
-    from ocp_agentd.api.envelope import timestamp
-
-    return timestamp(datetime.fromtimestamp(epoch))
 
 
 async def list_processes(request: web.Request) -> list[dict[str, Any]]:

@@ -205,7 +205,6 @@ class Program:
         self._record_cache: tuple[Any, float | None, dict[str, Any]] | None = None
         self._restart_pending = False
         self._background: set[asyncio.Task[Any]] = set()
-        self._state_changed = asyncio.Event()
         self._not_ready_reason = "waiting"
         self._abort_start: asyncio.Event | None = None
 
@@ -229,8 +228,6 @@ class Program:
             f": {reason}" if reason else "",
             extra={"PROGRAM": self.name},
         )
-        self._state_changed.set()
-        self._state_changed = asyncio.Event()
         self._on_transition(self.name, old, new)
 
     # ---- what others read -----------------------------------------------------------------
@@ -737,8 +734,6 @@ class Program:
             await self._end_processes(strays, self.spec.signal_number, self.spec.stop_timeout)
         await self._end_processes(strays, signal.SIGKILL, KILL_GRACE)
 
-    async def wait_state_change(self) -> None:
-        await self._state_changed.wait()
 
 
 def _pin_all(
