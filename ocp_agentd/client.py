@@ -25,6 +25,7 @@ from ocp_agentd.config import DEFAULT_CONFIG_PATH, ENV_CONFIG_PATH
 DEFAULT_SOCKET = Path("/run/ocp_agentd/agentd.sock")
 TOKEN_ENV = "OCP_AGENTCTL_TOKEN"
 TRACE_HEADER = "X-OCP-Trace-ID"
+TASK_HEADER = "X-OCP-Task-ID"
 
 
 class AgentError(Exception):
@@ -108,6 +109,7 @@ class AgentClient:
         timeout: float | None = 660.0,
         connect_timeout: float = 5.0,
         trace_id: str | None = None,
+        task_id: int | None = None,
     ) -> None:
         self.url = url.rstrip("/") if url else None
         self.socket_path = None if url else Path(socket_path or socket_from_config())
@@ -115,6 +117,7 @@ class AgentClient:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.trace_id = trace_id
+        self.task_id = task_id
         self.last_trace_id: str | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -183,6 +186,8 @@ class AgentClient:
             headers["Authorization"] = f"Bearer {self.token}"
         if self.trace_id:
             headers[TRACE_HEADER] = self.trace_id
+        if self.task_id is not None:
+            headers[TASK_HEADER] = str(self.task_id)
         extra: dict[str, Any] = {}
         if timeout is not None and self.timeout is not None:
             # An operation that waits up to `timeout` gets that long plus a margin.

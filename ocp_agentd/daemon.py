@@ -181,7 +181,8 @@ class Daemon:
         settings = self.settings
         return TaskEngine(
             store_path=settings.agent.state_dir / "tasks.sqlite3",
-            client_factory=lambda: AgentClient(socket_path=settings.api.socket),
+            client_factory=lambda task_id: AgentClient(socket_path=settings.api.socket,
+                                                       task_id=task_id),
             host_id=settings.agent.host_id,
             executor=_host_address(),
             logger=logging.getLogger("ocp_agentd.tasks"),

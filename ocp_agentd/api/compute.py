@@ -25,6 +25,7 @@ from aiohttp import web
 
 from ocp_agentd import __version__
 from ocp_agentd.api.envelope import ApiError, ErrorCode, epoch_timestamp
+from ocp_agentd.api.processes import DAEMON_NAME, refuse_during_agent_operation
 from ocp_agentd.api.routes import Param, Route, app_context
 from ocp_agentd.api.tasks import (
     PAGE_PARAMS,
@@ -36,9 +37,8 @@ from ocp_agentd.api.tasks import (
     paged,
 )
 from ocp_agentd.supervision import OperationFailed, ProcessInfo, ProgramNotFound
-from ocp_agentd.tasks.templates import AGENT_LOCK, RESTART_AGENT, STOP_AGENT
+from ocp_agentd.tasks.templates import RESTART_AGENT, STOP_AGENT
 
-DAEMON_NAME = "ocp_agentd"
 IDEMPOTENCY_HEADER = "X-OCP-Idempotency-Key"
 MAX_KEY_LENGTH = 128
 
@@ -176,12 +176,7 @@ async def restart_agent_process(request: web.Request) -> dict[str, Any]:
         raise ApiError(ErrorCode.PROCESS_NOT_OPERABLE,
                        f"{info.name} is not operable one by one; restart the whole agent",
                        target="agentProcessId")
-    engine = ctx.task_engine
-    holder = await engine.lock_holder(AGENT_LOCK) if engine is not None else None
-    if holder is not None:
-        raise ApiError(ErrorCode.OPERATION_LOCKED,
-                       f"another agent operation is running on this host: task {holder}",
-                       target=str(holder))
+    await refuse_during_agent_operation(request)
     try:
         info = await ctx.supervisor.restart(info.name)
     except ProgramNotFound:

@@ -144,6 +144,8 @@ def sub_error(code: ErrorCode | int, message: str, target: str | None = None) ->
 # --- trace ids, timestamps, server address ------------------------------------------
 
 TRACE_HEADER = "X-OCP-Trace-ID"
+# A task's own calls name it, so they pass the host lock that task holds (api/processes.py).
+TASK_HEADER = "X-OCP-Task-ID"
 _TRACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 

@@ -5,6 +5,11 @@ GETs need HOST_VIEWER, POSTs HOST_MANAGER. Operations take an optional body
 program to be RUNNING (or gone); ``force`` lets a caller act on a program that is not
 operable (the restart task's pos_proxy subtask). The daemon itself (``ocp_agentd``) is never
 operable here. A failed operation answers 2004 (see api/envelope.py).
+
+While a restart or stop task holds the host's operation lock, only that task's own calls
+(``X-OCP-Task-ID: <its id>``) may start or stop programs; any other answers 2003 with the
+task's id, so a local command cannot undo a step of a running task. The header is a claim
+of cooperation, not a credential: the caller already needs HOST_MANAGER.
 """
 
 from __future__ import annotations
@@ -16,9 +21,16 @@ from typing import Any
 from aiohttp import web
 
 from ocp_agentd import __version__
-from ocp_agentd.api.envelope import ApiError, ErrorCode, epoch_timestamp, sub_error
+from ocp_agentd.api.envelope import (
+    TASK_HEADER,
+    ApiError,
+    ErrorCode,
+    epoch_timestamp,
+    sub_error,
+)
 from ocp_agentd.api.routes import Param, Route, app_context
 from ocp_agentd.supervision import OperationFailed, ProcessInfo, ProgramNotFound
+from ocp_agentd.tasks.templates import AGENT_LOCK
 
 DAEMON_NAME = "ocp_agentd"
 
@@ -159,6 +171,16 @@ def _operable_target(request: web.Request) -> str:
     return name
 
 
+async def refuse_during_agent_operation(request: web.Request) -> None:
+    """2003 when a task other than the caller's holds the host's operation lock."""
+    engine = app_context(request).task_engine
+    holder = await engine.lock_holder(AGENT_LOCK) if engine is not None else None
+    if holder is not None and request.headers.get(TASK_HEADER) != str(holder):
+        raise ApiError(ErrorCode.OPERATION_LOCKED,
+                       f"another agent operation is running on this host: task {holder}",
+                       target=str(holder))
+
+
 def _failed(exc: OperationFailed, action: str) -> ApiError:
     return ApiError(
         ErrorCode.PROCESS_OPERATION_FAILED,
@@ -192,6 +214,7 @@ async def get_process(request: web.Request) -> dict[str, Any]:
 
 async def _operate(request: web.Request, action: str) -> dict[str, Any]:
     name = _operable_target(request)
+    await refuse_during_agent_operation(request)
     supervisor = app_context(request).supervisor
     operation = {"start": supervisor.start, "stop": supervisor.stop,
                  "restart": supervisor.restart}[action]
@@ -229,6 +252,7 @@ async def verify_process(request: web.Request) -> dict[str, Any]:
 
 
 async def _all(request: web.Request, action: str) -> dict[str, Any]:
+    await refuse_during_agent_operation(request)
     supervisor = app_context(request).supervisor
     operation = supervisor.start_all if action == "start" else supervisor.stop_all
     results = await operation(timeout=request["body"].get("timeout"))
@@ -268,7 +292,9 @@ _OPERATION_ERRORS = (
     ErrorCode.PROCESS_NOT_FOUND,
     ErrorCode.PROCESS_NOT_OPERABLE,
     ErrorCode.PROCESS_OPERATION_FAILED,
+    ErrorCode.OPERATION_LOCKED,
 )
+_ALL_ERRORS = (ErrorCode.PROCESS_OPERATION_FAILED, ErrorCode.OPERATION_LOCKED)
 
 
 def routes() -> list[Route]:
@@ -298,13 +324,15 @@ def routes() -> list[Route]:
               params=(_NAME,), data=VERIFY_SCHEMA, errors=_NOT_FOUND, tags=_HOST),
         Route("POST", "/api/v1/agent/stop-all", stop_all, manager,
               "Stop every worker program, in parallel",
-              description="On failure: 2004 with one subError per failed program.",
-              body=ALL_BODY, data=ALL_SCHEMA, errors=(ErrorCode.PROCESS_OPERATION_FAILED,),
+              description="On failure: 2004 with one subError per failed program; 2003 while "
+              "a restart or stop task runs.",
+              body=ALL_BODY, data=ALL_SCHEMA, errors=_ALL_ERRORS,
               tags=_HOST),
         Route("POST", "/api/v1/agent/start-all", start_all, manager,
               "Start every worker program, in parallel",
-              description="On failure: 2004 with one subError per failed program.",
-              body=ALL_BODY, data=ALL_SCHEMA, errors=(ErrorCode.PROCESS_OPERATION_FAILED,),
+              description="On failure: 2004 with one subError per failed program; 2003 while "
+              "a restart or stop task runs.",
+              body=ALL_BODY, data=ALL_SCHEMA, errors=_ALL_ERRORS,
               tags=_HOST),
         Route("POST", "/api/v1/agent/verify", verify_all, manager, "Check every program",
               description="Answers 200 with ok=false when a check fails.",

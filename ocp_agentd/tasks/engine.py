@@ -115,6 +115,9 @@ class _Context:
 
 
 class _NoClient:
+    def __init__(self, task_id: int | None = None) -> None:
+        self.task_id = task_id
+
     async def __aenter__(self) -> None:
         return None
 
@@ -126,7 +129,7 @@ class TaskEngine:
     def __init__(
         self,
         store_path: Path,
-        client_factory: Callable[[], Any] | None,
+        client_factory: Callable[[int], Any] | None,
         host_id: int,
         executor: str,
         logger: logging.Logger | None = None,
@@ -572,7 +575,7 @@ class TaskEngine:
         started = time.monotonic()
         reason: str | None = None
         try:
-            async with self._client_factory() as client:
+            async with self._client_factory(task.id) as client:
                 ctx = _Context(self, run, sub, client, started + sub.timeout)
                 async with asyncio.timeout(sub.timeout):
                     instance = cls()
