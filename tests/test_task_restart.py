@@ -8,6 +8,7 @@ answer key by key and type by type.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -339,3 +340,60 @@ def test_cancel_a_running_subtask_then_retry(daemon_factory: Any) -> None:
     assert done["status"] == "SUCCESSFUL"
     assert sub(done, "Stop all OCP agent processes")["runTime"] == 2
     assert all(p["state"] == "RUNNING" for p in daemon.processes())
+
+
+def test_local_operations_wait_out_a_running_task(daemon_factory: Any) -> None:
+    """While a restart task holds the host lock, a local start or stop would undo one of its
+    steps: it answers 2003 naming the task. The task's own calls (X-OCP-Task-ID) pass."""
+    slow = {"command": [sys.executable, "-m", "ocp_agentd.demo.misbehave", "ignore-term"],
+            "stop_timeout": 3.0}
+    daemon = daemon_factory({"stubborn": slow}, wait_running=True)
+    task_id = daemon.post(RESTART).check()["id"]
+
+    def stop_all_running() -> bool:
+        task = daemon.get(f"{TASKS}/{task_id}").check()
+        return sub(task, "Stop all OCP agent processes")["status"] == "RUNNING"
+
+    wait_for(stop_all_running, 15, "Stop all RUNNING", interval=0.01)
+    for path in ("/api/v1/processes/ocp_exporter/restart", "/api/v1/processes/ob_logtailer/start",
+                 "/api/v1/agent/start-all", "/api/v1/agent/stop-all"):
+        refused = daemon.post(path)
+        assert (refused.status, refused.code) == (409, 2003), (path, refused.text)
+        assert refused.error["target"] == str(task_id)
+        assert f"task {task_id}" in refused.error["message"]
+    other_task = daemon.post("/api/v1/processes/ocp_exporter/stop",
+                             headers={"X-OCP-Task-ID": str(task_id + 1)})
+    assert other_task.code == 2003
+    own = daemon.post("/api/v1/processes/ocp_exporter/stop",
+                      headers={"X-OCP-Task-ID": str(task_id)})
+    assert own.status == 200 and own.data["state"] == "STOPPED", own.text
+
+    assert wait_task(daemon, task_id)["status"] == "SUCCESSFUL"
+    assert daemon.post("/api/v1/processes/ocp_exporter/restart").status == 200
+    assert all(p["state"] == "RUNNING" for p in daemon.processes())
+
+
+def test_finish_waits_for_a_program_the_daemon_is_bringing_back(daemon_factory: Any) -> None:
+    """pos_proxy crashes while the workers start: the daemon restarts it, and Finish waits for
+    that to settle instead of failing on a program that is still STARTING."""
+    daemon = daemon_factory(
+        {"slow_worker": {"command": ["/bin/sleep", "100000"], "start_seconds": 1.0}},
+        {"programs": {"pos_proxy": {"start_seconds": 3.0}}},
+        wait_running=True,
+    )
+    task_id = daemon.post(RESTART).check()["id"]
+
+    def start_all_running() -> bool:
+        task = daemon.get(f"{TASKS}/{task_id}").check()
+        return sub(task, "Start all OCP agent processes")["status"] == "RUNNING"
+
+    wait_for(start_all_running, 30, "Start all RUNNING", interval=0.01)
+    crashed = pids(daemon)["pos_proxy"]
+    os.kill(crashed, signal.SIGKILL)
+    task = wait_task(daemon, task_id)
+    assert task["status"] == "SUCCESSFUL", log_of(daemon, task, "Finish OCP agent operation")
+    finish_log = log_of(daemon, task, "Finish OCP agent operation")
+    assert "waiting for pos_proxy (" in finish_log and "to settle" in finish_log, finish_log
+    after = dict(item.split("=") for item in task["context"]["listMap"]["pids_after"])
+    assert int(after["pos_proxy"]) not in (crashed, 0)
+    assert int(after["pos_proxy"]) == pids(daemon)["pos_proxy"]

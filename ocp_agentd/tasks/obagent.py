@@ -25,6 +25,10 @@ PIDS_BEFORE = "pids_before"  # listMap: "name=pid" of every program at Prepare
 PIDS_AFTER = "pids_after"  # listMap: "name=pid" at Finish
 
 STOPPED_STATES = ("STOPPED", "EXITED", "FATAL")
+# On the way between states, e.g. the daemon bringing back a program that crashed meanwhile.
+MOVING_STATES = ("STARTING", "BACKOFF", "STOPPING")
+SETTLE_SECONDS = 30.0
+SETTLE_POLL_SECONDS = 0.1
 
 
 def _client_error(exc: Exception) -> SubtaskFailed:
@@ -88,6 +92,23 @@ class AgentSubtask(Subtask):
     @staticmethod
     async def programs(ctx: SubtaskContext) -> list[dict[str, Any]]:
         return list(await ctx.client.processes())
+
+    async def settled_programs(self, ctx: SubtaskContext) -> list[dict[str, Any]]:
+        """Every program's record once none is moving between states, or as they are when
+        the wait (at most SETTLE_SECONDS, and never the subtask's last 5 s) is over."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(SETTLE_SECONDS, max(0.0, ctx.remaining() - 5.0))
+        told: set[str] = set()
+        while True:
+            programs = await self.programs(ctx)
+            moving = {p["name"]: p["state"] for p in programs if p["state"] in MOVING_STATES}
+            if not moving or loop.time() >= deadline:
+                return programs
+            if not moving.keys() <= told:
+                told |= moving.keys()
+                ctx.log("waiting for " + ", ".join(f"{n} ({s})" for n, s in moving.items())
+                        + " to settle")
+            await asyncio.sleep(SETTLE_POLL_SECONDS)
 
     @staticmethod
     def workers(programs: list[dict[str, Any]]) -> list[str]:
@@ -300,7 +321,7 @@ class FinishOcpAgentOperationTask(AgentSubtask):
     timeout = 60
 
     async def execute(self, ctx: SubtaskContext) -> None:
-        programs = await self.programs(ctx)
+        programs = await self.settled_programs(ctx)
         by_name = {p["name"]: p for p in programs}
         operation = ctx.string_map.get(OPERATION, "restart")
         result = await ctx.client.verify_all()
