@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from harness import DaemonRunner, wait_for, write_demo_config
+from harness import DaemonRunner, free_port_block, wait_for, write_demo_config
 
 SEED = Path(__file__).parent / "data" / "seed_restart_response.json"
 RESTART = "/compute/hosts/2/agent/restart"
@@ -397,3 +397,35 @@ def test_finish_waits_for_a_program_the_daemon_is_bringing_back(daemon_factory: 
     after = dict(item.split("=") for item in task["context"]["listMap"]["pids_after"])
     assert int(after["pos_proxy"]) not in (crashed, 0)
     assert int(after["pos_proxy"]) == pids(daemon)["pos_proxy"]
+
+
+def test_finish_judges_again_before_it_fails(daemon_factory: Any, tmp_path: Path) -> None:
+    """A check that fails at Finish is looked at again for a while (a program killed a moment
+    ago still looks RUNNING); the task fails only if it stays wrong."""
+    sick = tmp_path / "sick"
+    port = free_port_block(1)
+    steady = {"command": [sys.executable, "-m", "ocp_agentd.demo.misbehave", "listen", str(port),
+                          "--sick-file", str(sick)],
+              "operable": False, "ports": [port],
+              "health_url": f"http://127.0.0.1:{port}/health"}
+    daemon = daemon_factory({"steady": steady}, wait_running=True)
+    sick.touch()  # only Finish looks at steady's health from here on: the task leaves it alone
+    task_id = daemon.post(RESTART).check()["id"]
+
+    def judged_twice() -> bool:
+        task = daemon.get(f"{TASKS}/{task_id}").check()
+        return "checking again" in log_of(daemon, task, "Finish OCP agent operation")
+
+    wait_for(judged_twice, 30, "Finish to judge again")
+    sick.unlink()
+    task = wait_task(daemon, task_id)
+    assert task["status"] == "SUCCESSFUL", log_of(daemon, task, "Finish OCP agent operation")
+
+    sick.touch()
+    started = time.monotonic()
+    task = wait_task(daemon, daemon.post(RESTART).check()["id"], timeout=60)
+    assert task["status"] == "FAILED"
+    finish = sub(task, "Finish OCP agent operation")
+    assert finish["status"] == "FAILED"
+    assert "steady" in log_of(daemon, task, "Finish OCP agent operation")
+    assert time.monotonic() - started < 40

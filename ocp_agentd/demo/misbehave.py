@@ -9,7 +9,9 @@
                                a child forks a grandchild that calls setsid (leaves the
                                process group) and sleeps; all three sleep
     never-ready [PORT]         runs but never listens on its port
-    listen PORT [--delay S]    listens on PORT after S seconds, answers GET /health
+    listen PORT [--delay S] [--sick-file PATH]
+                               listens on PORT after S seconds, answers GET /health
+                               (503 while PATH exists)
     spam [--bytes N] [--line N] [--stderr]
                                writes lines as fast as it can (N bytes, default: forever),
                                then sleeps
@@ -96,7 +98,13 @@ def listen(args: argparse.Namespace) -> int:
     from ocp_agentd.demo._serve import json_reply, run_http
 
     announce("listen", f"parent port={args.port} delay={args.delay}")
-    routes = {"/health": lambda: json_reply({"status": "ok", "pid": os.getpid()})}
+
+    def health() -> tuple[int, str, bytes]:
+        if args.sick_file and os.path.exists(args.sick_file):
+            return json_reply({"status": "sick", "pid": os.getpid()}, 503)
+        return json_reply({"status": "ok", "pid": os.getpid()})
+
+    routes = {"/health": health}
     return run_http("misbehave-listen", args.host, args.port, routes, delay=args.delay)
 
 
@@ -135,6 +143,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("port", type=int)
     mode.add_argument("--delay", type=float, default=0.0)
     mode.add_argument("--host", default="127.0.0.1")
+    mode.add_argument("--sick-file", default=None, help="/health answers 503 while it exists")
     mode.set_defaults(run=listen)
     mode = modes.add_parser("spam")
     mode.add_argument("--bytes", type=int, default=None)

@@ -29,6 +29,8 @@ STOPPED_STATES = ("STOPPED", "EXITED", "FATAL")
 MOVING_STATES = ("STARTING", "BACKOFF", "STOPPING")
 SETTLE_SECONDS = 30.0
 SETTLE_POLL_SECONDS = 0.1
+VERIFY_PATIENCE_SECONDS = 10.0  # Finish judges again for this long before it fails
+VERIFY_AGAIN_SECONDS = 0.5
 
 
 def _client_error(exc: Exception) -> SubtaskFailed:
@@ -321,14 +323,33 @@ class FinishOcpAgentOperationTask(AgentSubtask):
     timeout = 60
 
     async def execute(self, ctx: SubtaskContext) -> None:
-        programs = await self.settled_programs(ctx)
-        by_name = {p["name"]: p for p in programs}
+        loop = asyncio.get_running_loop()
+        patience_until = loop.time() + min(VERIFY_PATIENCE_SECONDS,
+                                           max(0.0, ctx.remaining() - 5.0))
+        while True:
+            programs = await self.settled_programs(ctx)
+            bad = await self._judge(ctx, programs)
+            if not bad:
+                break
+            if loop.time() >= patience_until:
+                raise SubtaskFailed("verify failed: " + ", ".join(bad))
+            # A program killed a moment ago still looks RUNNING until the daemon sees the
+            # exit; give the daemon a moment to bring it back before judging again.
+            ctx.log(f"verify failed ({', '.join(bad)}); checking again")
+            await asyncio.sleep(VERIFY_AGAIN_SECONDS)
+        ctx.list_map[PIDS_AFTER] = _pids(programs)
+        await ctx.save_context()
+        await ctx.release_lock()
+
+    async def _judge(self, ctx: SubtaskContext, programs: list[dict[str, Any]]) -> list[str]:
+        """What is wrong with the programs, one entry per program; empty when all is well."""
         operation = ctx.string_map.get(OPERATION, "restart")
         result = await ctx.client.verify_all()
         verdicts = {item["name"]: item for item in result["programs"]}
         workers = set(self.workers(programs))
         bad = []
-        for name, record in by_name.items():
+        for record in programs:
+            name = record["name"]
             verdict = verdicts.get(name, {"ok": False, "checks": []})
             if operation == "stop" and name in workers:
                 fine = record["state"] in STOPPED_STATES and not record.get("pid")
@@ -340,11 +361,7 @@ class FinishOcpAgentOperationTask(AgentSubtask):
             if not fine:
                 details = "; ".join(c["detail"] for c in verdict["checks"] if not c["ok"])
                 bad.append(f"{name} {record['state']} {details}".strip())
-        if bad:
-            raise SubtaskFailed("verify failed: " + ", ".join(bad))
-        ctx.list_map[PIDS_AFTER] = _pids(programs)
-        await ctx.save_context()
-        await ctx.release_lock()
+        return bad
 
 
 def subtasks() -> list[type[Subtask]]:
