@@ -7,8 +7,10 @@ prohibited, 2003 another agent operation running) and become the envelope's erro
 
 from __future__ import annotations
 
+import logging
 import math
 import pwd
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +20,8 @@ from ocp_agentd.api.envelope import ApiError, ErrorCode
 from ocp_agentd.api.routes import Param, Route, app_context
 from ocp_agentd.tasks.base import TaskError
 from ocp_agentd.tasks.model import TaskInstance, TaskStatus
+
+log = logging.getLogger("ocp_agentd.api")
 
 MAX_PAGE_SIZE = 1000
 
@@ -102,6 +106,11 @@ async def call(work: Awaitable[Any]) -> Any:
         return await work
     except TaskError as exc:
         raise api_error(exc) from None
+    except (sqlite3.Error, OSError) as exc:
+        # Disk full, I/O error, read-only state_dir: the cause is the operator's to fix.
+        log.error("the task store under state_dir failed: %s", exc)
+        raise ApiError(ErrorCode.INTERNAL,
+                       f"the task store under state_dir cannot be written: {exc}") from None
 
 
 def creator_of(request: web.Request) -> str:

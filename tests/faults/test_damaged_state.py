@@ -265,6 +265,7 @@ def test_state_disk_full(daemon_factory, tmp_path):
         host = runner.settings.agent.host_id if runner.settings else 2
         refused = runner.post(f"/compute/hosts/{host}/agent/restart")
         assert not refused.successful and refused.code == 5000, refused.text
+        assert "disk is full" in refused.error["message"], refused.text
         assert "Traceback" not in refused.text
         assert "disk is full" in runner.log(), "the real cause is not in the log"
         before = runner.process("ocp_exporter")
