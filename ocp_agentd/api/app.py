@@ -447,6 +447,9 @@ MAX_TCP_CONNECTIONS = 256
 # A TCP client has this long to send its first request's headers, so slow clients (a byte
 # a second) cannot keep those connections, and so every other TCP caller, out for long.
 HEADER_SECONDS = 10.0
+# An idle keep-alive connection is closed after this long (aiohttp's default is 75 s), so
+# clients that make one request and then sit on the connection hold a slot briefly.
+KEEPALIVE_SECONDS = 15.0
 
 
 def _tcp_connection_limit() -> int:
@@ -538,7 +541,8 @@ async def start_api(app: web.Application, settings: Settings) -> ApiServer:
     """Serves ``app`` on the unix socket (always) and on api.tcp (when set)."""
     api = settings.api
     path = Path(api.socket)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0,
+                           keepalive_timeout=KEEPALIVE_SECONDS)
     await runner.setup()
     _envelope_protocol_errors(runner, app[APP_CTX].server_address)
     server: ApiServer | None = None

@@ -528,3 +528,27 @@ def test_slow_clients_filling_every_tcp_slot_are_dropped(daemon_factory, figures
     figures["TCP served again after (s)"] = round(served, 1)
     figures["slow clients dropped"] = len(dropped)
     assert served < 20
+
+
+@pytest.mark.faults
+def test_idle_keep_alive_connection_is_closed(target, figures):
+    """A client that makes one request and then sits on the connection gives its TCP slot
+    back within the keep-alive limit (15 s), not aiohttp's default 75 s."""
+    with socket.create_connection(("127.0.0.1", target.port), timeout=5) as sock:
+        sock.sendall(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + FULL.encode() + b"\r\n\r\n")
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        answered = time.monotonic()
+        sock.settimeout(1.0)
+
+        def closed() -> bool:
+            try:
+                return sock.recv(65536) == b""
+            except TimeoutError:
+                return False
+            except ConnectionResetError:
+                return True
+
+        wait_for(closed, 30, "the daemon to close the idle keep-alive connection")
+    figures["idle keep-alive connection closed after (s)"] = round(time.monotonic() - answered, 1)
