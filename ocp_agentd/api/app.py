@@ -194,7 +194,7 @@ def _elapsed_ms(request: web.Request) -> int:
 
 def _answer(request: web.Request, body: dict[str, Any]) -> web.Response:
     return web.Response(
-        text=envelope.dumps(body),
+        body=envelope.dumps(body),
         status=body["status"],
         content_type="application/json",
         charset="utf-8",
@@ -344,7 +344,7 @@ class _EnvelopeRequestHandler(RequestHandler):  # type: ignore[type-arg]
             code = ErrorCode.BODY_TOO_LARGE if status == 413 else ErrorCode.BAD_REQUEST
             error = ApiError(code, f"malformed HTTP request: {reason}", http_status=status)
         body = envelope.error(error, trace_id=trace_id, server=self.server_address, duration_ms=0)
-        response = web.Response(text=envelope.dumps(body), status=status,
+        response = web.Response(body=envelope.dumps(body), status=status,
                                 content_type="application/json", charset="utf-8")
         response.headers[TRACE_HEADER] = trace_id
         response.force_close()

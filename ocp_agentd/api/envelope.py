@@ -243,7 +243,8 @@ _ORJSON_OPTIONS = (
 )
 
 
-def dumps(envelope: dict[str, Any]) -> str:
+def dumps(envelope: dict[str, Any]) -> bytes:
+    """The envelope as UTF-8 JSON, ready to send (no str round trip)."""
     if orjson is not None:
-        return orjson.dumps(envelope, default=_default, option=_ORJSON_OPTIONS).decode()
-    return json.dumps(envelope, ensure_ascii=False, default=_default, allow_nan=False)
+        return orjson.dumps(envelope, default=_default, option=_ORJSON_OPTIONS)
+    return json.dumps(envelope, ensure_ascii=False, default=_default, allow_nan=False).encode()
