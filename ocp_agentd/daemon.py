@@ -26,10 +26,13 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_HANDOVER = 75  # the unit's RestartForceExitStatus: start the new version at once
-HOUSEKEEPING_SECONDS = 10.0
-# The one periodic wake-up: it measures the loop's lateness (a stall that could make the
-# watchdog miss its ping shows in ocp_agentd_event_loop_lag_seconds) and pings when due.
-TICK_SECONDS = 1.0
+HOUSEKEEPING_SECONDS = 15.0
+# Idle, the daemon wakes only for what is due: the watchdog ping (half of WatchdogSec) and
+# housekeeping. For BUSY_SECONDS after a request or a state change it also wakes every
+# PROBE_SECONDS: how late each wake-up comes is the event loop's lag, so a stall that could
+# make the watchdog miss its ping shows in ocp_agentd_event_loop_lag_seconds.
+PROBE_SECONDS = 1.0
+BUSY_SECONDS = 5.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,6 +123,9 @@ class Daemon:
         self.ctx: Any = None
         self._status_pending = False
         self._status_sent = ""
+        self._last_activity = time.monotonic()
+        self._wake = asyncio.Event()  # set by activity while the ticker sleeps long
+        self._sleeping_long = False
 
     async def run(self) -> int:
         from ocp_agentd.api.app import AppContext, create_app, start_api
@@ -141,6 +147,7 @@ class Daemon:
             self.config_file,
         )
         self.supervisor.add_listener(lambda *_: self._status_changed())
+        self.supervisor.add_listener(lambda *_: self._note_activity())
         # Adoption is quick; the API answers (state "starting") while the rest start.
         plan = await self.supervisor.adopt()
 
@@ -151,6 +158,7 @@ class Daemon:
             started_at=self.started_at,
             task_engine=self.task_engine,
             state="starting",
+            on_request=self._note_activity,
         )
         if self.task_engine is not None:
             from ocp_agentd.api.tasks import count_outcomes
@@ -256,19 +264,41 @@ class Daemon:
 
     # ---- periodic work ---------------------------------------------------------------------------
 
+    def _note_activity(self) -> None:
+        self._last_activity = time.monotonic()
+        if self._sleeping_long:
+            self._wake.set()
+
     async def _tick(self) -> None:
         """Loop-lag measurement, watchdog pings and log rotation, all from the event loop."""
+        loop = asyncio.get_running_loop()
         watchdog = self.notifier.watchdog_interval()
-        now = time.monotonic()
-        next_ping = now
+        now = loop.time()
+        next_ping = now if watchdog else float("inf")
         next_housekeeping = now + HOUSEKEEPING_SECONDS
         while True:
-            expected = time.monotonic() + TICK_SECONDS
-            await asyncio.sleep(TICK_SECONDS)
-            now = time.monotonic()
-            lag = max(0.0, now - expected)
-            self._record_lag(lag)
-            if watchdog and now >= next_ping:
+            now = loop.time()
+            due = min(next_ping, next_housekeeping)
+            busy = time.monotonic() - self._last_activity < BUSY_SECONDS
+            if busy:
+                due = min(due, now + PROBE_SECONDS)
+                await asyncio.sleep(due - now)
+                woken = False
+            else:
+                self._wake.clear()
+                self._sleeping_long = True
+                try:
+                    async with asyncio.timeout_at(due):
+                        await self._wake.wait()
+                    woken = True
+                except TimeoutError:
+                    woken = False
+                finally:
+                    self._sleeping_long = False
+            now = loop.time()
+            if not woken:  # a timer wake-up: its lateness is the loop's lag
+                self._record_lag(max(0.0, now - due))
+            if now >= next_ping:
                 self.notifier.ping()
                 next_ping = now + watchdog
             if now >= next_housekeeping:

@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 from harness import DaemonRunner, wait_for
 
+from ocp_agentd.daemon import BUSY_SECONDS, HOUSEKEEPING_SECONDS
 from ocp_agentd.demo.config import demo_command
 
 
@@ -174,3 +176,35 @@ def test_status_reports_the_daemon_state(demo_daemon: DaemonRunner) -> None:
     assert status["state"] == "running"
     assert status["pid"] == demo_daemon.pid
     assert status["counts"]["RUNNING"] == 3
+
+
+def _main_thread_wakeups(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/task/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no voluntary_ctxt_switches for {pid}")
+
+
+def test_idle_daemon_wakes_only_for_housekeeping(daemon_factory) -> None:
+    """Left alone, the event loop sleeps until housekeeping is due (no per-second tick), and
+    housekeeping still rotates a log file that outgrew log_max_bytes."""
+    spammer = {"command": [sys.executable, "-m", "ocp_agentd.demo.misbehave", "spam",
+                           "--bytes", "20000"],
+               "log_max_bytes": 5000, "log_backups": 1}
+    daemon = daemon_factory({"spammer": spammer}, wait_running=True)
+    assert daemon.pid is not None and daemon.settings is not None
+    stdout_log = daemon.settings.programs["spammer"].stdout_log
+    assert stdout_log is not None
+    # Nothing asks the daemon anything from here on: its busy window runs out first.
+    time.sleep(BUSY_SECONDS + 1)
+    before = _main_thread_wakeups(daemon.pid)
+    window = HOUSEKEEPING_SECONDS - BUSY_SECONDS
+    time.sleep(window)  # the idle stretch being measured
+    wakeups = _main_thread_wakeups(daemon.pid) - before
+    # A one-second tick would wake it about `window` times; housekeeping wakes it once or
+    # twice (its rotation runs on a worker thread).
+    assert wakeups <= window / 2, f"{wakeups} wake-ups in {window:.0f} s of idleness"
+    backup = stdout_log.with_name(stdout_log.name + ".1")
+    wait_for(backup.exists, HOUSEKEEPING_SECONDS, "the grown log file rotated")
+    assert stdout_log.stat().st_size <= 5000
+    assert backup.stat().st_size >= 20000

@@ -444,3 +444,41 @@ def test_cached_records_follow_every_change(world: World) -> None:
         same(sup)
 
     run(world, body)
+
+
+def test_housekeeping_rotates_grown_logs_and_the_program_keeps_writing(world: World) -> None:
+    script = ('trap "echo after-rotation" USR1; i=0; while [ $i -lt 2000 ]; do '
+              'echo "line $i"; i=$((i+1)); done; echo written; '
+              'while :; do sleep 0.05; done')
+    world.add("writer", [SH, "-c", script], log_max_bytes=4000, log_backups=2)
+
+    async def body(sup: Supervisor) -> None:
+        spec = sup.program("writer").spec
+        log = spec.stdout_log
+        assert log is not None
+        first, second, third = (log.with_name(f"{log.name}.{i}") for i in (1, 2, 3))
+        await until(lambda: log.exists() and b"written" in log.read_bytes(), what="output")
+        written = log.read_bytes()
+        await sup.housekeep()
+        assert first.read_bytes() == written and log.stat().st_size == 0
+        await sup.housekeep()  # under the limit now: nothing moves
+        assert not second.exists()
+
+        # The program's descriptor appends: after the truncation its next line starts the file.
+        pid = sup.info("writer").pid
+        assert pid is not None
+        os.kill(pid, signal.SIGUSR1)
+        await until(lambda: log.stat().st_size > 0, what="the line after rotation")
+        assert log.read_bytes().startswith(b"after-rotation\n")
+
+        with log.open("ab") as extra:  # grow it again: the backups shift, at most two kept
+            extra.write(b"x" * 5000)
+        await sup.housekeep()
+        assert second.read_bytes() == written and first.read_bytes().startswith(b"after-")
+        with log.open("ab") as extra:
+            extra.write(b"y" * 5000)
+        await sup.housekeep()
+        assert not third.exists() and second.read_bytes().startswith(b"after-")
+        assert first.read_bytes() == b"y" * 5000
+
+    run(world, body)

@@ -81,6 +81,8 @@ class AppContext:
     metrics: AgentMetrics = field(default_factory=AgentMetrics)
     server_address: str = field(default_factory=envelope.host_address)
     state: str = "running"
+    # Called as each request arrives (the daemon watches its loop closely while busy).
+    on_request: Callable[[], None] | None = None
 
 
 def collect_routes() -> RouteTable:
@@ -223,6 +225,8 @@ async def _envelope_middleware(
     trace_id = envelope.trace_id_from(request.headers.get(TRACE_HEADER))
     request["trace_id"] = trace_id
     ctx = _ctx(request)
+    if ctx.on_request is not None:
+        ctx.on_request()
     error: ApiError | None = None
     try:
         response = await handler(request)
