@@ -42,7 +42,7 @@ def loop_lag(runner: DaemonRunner) -> float:
 @pytest.mark.faults
 def test_loop_lag_metric_sees_a_stall(daemon_factory):
     """The lag gauge is wired and real: a daemon frozen for 2.5 s reports more than 1 s
-    (the daemon measures once a second, so a stall shows minus at most that second)."""
+    (busy, the daemon measures once a second, so a stall shows minus at most that second)."""
     runner = daemon_factory(wait_running=True)
     loop_lag(runner)  # reset
     wait_for(lambda: loop_lag(runner) < 0.2, 10, "a quiet loop")
