@@ -21,11 +21,10 @@ from urllib.parse import quote
 import aiohttp
 
 from ocp_agentd.config import DEFAULT_CONFIG_PATH, ENV_CONFIG_PATH
+from ocp_agentd.headers import TASK_HEADER, TRACE_HEADER
 
 DEFAULT_SOCKET = Path("/run/ocp_agentd/agentd.sock")
 TOKEN_ENV = "OCP_AGENTCTL_TOKEN"
-TRACE_HEADER = "X-OCP-Trace-ID"
-TASK_HEADER = "X-OCP-Task-ID"
 
 
 class AgentError(Exception):

@@ -33,6 +33,7 @@ HOUSEKEEPING_SECONDS = 15.0
 # make the watchdog miss its ping shows in ocp_agentd_event_loop_lag_seconds.
 PROBE_SECONDS = 1.0
 BUSY_SECONDS = 5.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,7 +87,7 @@ def setup_logging(settings: Settings | None, level: str) -> None:
         root.addHandler(journal)
     else:
         stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        stream.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(stream)
     if settings is not None:
         path = settings.agent.log_dir / "ocp_agentd.log"
@@ -94,9 +95,7 @@ def setup_logging(settings: Settings | None, level: str) -> None:
             handler = logging.handlers.RotatingFileHandler(
                 path, maxBytes=50 * 1024 * 1024, backupCount=5
             )
-            handler.setFormatter(
-                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-            )
+            handler.setFormatter(logging.Formatter(LOG_FORMAT))
             root.addHandler(handler)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
@@ -124,11 +123,11 @@ class Daemon:
         self._status_pending = False
         self._status_sent = ""
         self._last_activity = time.monotonic()
-        self._wake = asyncio.Event()  # set by activity while the ticker sleeps long
-        self._sleeping_long = False
+        self._wake = asyncio.Event()  # set by activity; ends the ticker's long idle sleep
 
     async def run(self) -> int:
         from ocp_agentd.api.app import AppContext, create_app, start_api
+        from ocp_agentd.api.envelope import host_address
 
         loop = asyncio.get_running_loop()
         for signum, handler in (
@@ -151,12 +150,14 @@ class Daemon:
         # Adoption is quick; the API answers (state "starting") while the rest start.
         plan = await self.supervisor.adopt()
 
-        self.task_engine = self._make_task_engine()
+        address = host_address()
+        self.task_engine = self._make_task_engine(address)
         ctx = self.ctx = AppContext(
             settings=self.settings,
             supervisor=self.supervisor,
             started_at=self.started_at,
             task_engine=self.task_engine,
+            server_address=address,
             state="starting",
             on_request=self._note_activity,
         )
@@ -178,7 +179,7 @@ class Daemon:
         await self._stop.wait()
         return await self._shutdown()
 
-    def _make_task_engine(self) -> Any:
+    def _make_task_engine(self, executor: str) -> Any:
         try:
             from ocp_agentd.client import AgentClient
             from ocp_agentd.tasks.engine import TaskEngine
@@ -192,7 +193,7 @@ class Daemon:
             client_factory=lambda task_id: AgentClient(socket_path=settings.api.socket,
                                                        task_id=task_id),
             host_id=settings.agent.host_id,
-            executor=_host_address(),
+            executor=executor,
             logger=logging.getLogger("ocp_agentd.tasks"),
             timeouts=settings.tasks.timeouts,
         )
@@ -266,8 +267,7 @@ class Daemon:
 
     def _note_activity(self) -> None:
         self._last_activity = time.monotonic()
-        if self._sleeping_long:
-            self._wake.set()
+        self._wake.set()
 
     async def _tick(self) -> None:
         """Loop-lag measurement, watchdog pings and log rotation, all from the event loop."""
@@ -286,15 +286,12 @@ class Daemon:
                 woken = False
             else:
                 self._wake.clear()
-                self._sleeping_long = True
                 try:
                     async with asyncio.timeout_at(due):
                         await self._wake.wait()
                     woken = True
                 except TimeoutError:
                     woken = False
-                finally:
-                    self._sleeping_long = False
             now = loop.time()
             if not woken:  # a timer wake-up: its lateness is the loop's lag
                 self._record_lag(max(0.0, now - due))
@@ -346,12 +343,6 @@ class Daemon:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _host_address() -> str:
-    from ocp_agentd.api.envelope import host_address
-
-    return host_address()
 
 
 def take_instance_lock(state_dir: Path) -> int:

@@ -7,7 +7,6 @@ unconditionally.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -101,19 +100,6 @@ class Notifier:
         if usec <= 0:
             return None
         return usec / 2 / 1_000_000
-
-    async def watchdog_loop(self) -> None:
-        """Ping every watchdog_interval() from the event loop until cancelled.
-
-        Because the ping comes from the loop itself, a stalled loop stops pinging and
-        systemd kills the daemon.
-        """
-        interval = self.watchdog_interval()
-        if interval is None:
-            return
-        while True:
-            self.ping()
-            await asyncio.sleep(interval)
 
 
 class JournalHandler(logging.Handler):

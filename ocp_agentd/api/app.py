@@ -43,10 +43,18 @@ from aiohttp.web_protocol import RequestHandler
 
 from ocp_agentd.api import envelope
 from ocp_agentd.api.auth import Authenticator
-from ocp_agentd.api.envelope import TRACE_HEADER, ApiError, ErrorCode
+from ocp_agentd.api.envelope import ApiError, ErrorCode
 from ocp_agentd.api.metrics import AgentMetrics
-from ocp_agentd.api.routes import APP_CTX, ROUTE_TABLE, Route, RouteTable, validate
+from ocp_agentd.api.routes import (
+    APP_CTX,
+    ROUTE_TABLE,
+    Route,
+    RouteTable,
+    app_context,
+    validate,
+)
 from ocp_agentd.config import Settings
+from ocp_agentd.headers import TRACE_HEADER
 
 log = logging.getLogger("ocp_agentd.api")
 
@@ -148,10 +156,10 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
         result = await route.handler(request)
         if isinstance(result, web.StreamResponse):
             return result
-        return _answer(request, envelope.ok(
+        return _answer(envelope.ok(
             result,
             trace_id=request["trace_id"],
-            server=_ctx(request).server_address,
+            server=app_context(request).server_address,
             duration_ms=_elapsed_ms(request),
         ))
 
@@ -185,19 +193,15 @@ async def _read_body(request: web.Request, route: Route) -> Any:
     return value
 
 
-def _ctx(request: web.Request) -> AppContext:
-    ctx: AppContext = request.app[APP_CTX]
-    return ctx
-
-
 def _elapsed_ms(request: web.Request) -> int:
     return int((time.monotonic() - request["started"]) * 1000)
 
 
-def _answer(request: web.Request, body: dict[str, Any]) -> web.Response:
+def _answer(body: dict[str, Any], status: int | None = None) -> web.Response:
+    """The envelope as the response; its HTTP status is the envelope's unless given."""
     return web.Response(
         body=envelope.dumps(body),
-        status=body["status"],
+        status=body["status"] if status is None else status,
         content_type="application/json",
         charset="utf-8",
     )
@@ -224,7 +228,7 @@ async def _envelope_middleware(
     request["started"] = time.monotonic()
     trace_id = envelope.trace_id_from(request.headers.get(TRACE_HEADER))
     request["trace_id"] = trace_id
-    ctx = _ctx(request)
+    ctx = app_context(request)
     if ctx.on_request is not None:
         ctx.on_request()
     error: ApiError | None = None
@@ -245,7 +249,7 @@ async def _envelope_middleware(
             ErrorCode.INTERNAL, f"internal error; the daemon log has the details (trace {trace_id})"
         )
     if error is not None:
-        response = _answer(request, envelope.error(
+        response = _answer(envelope.error(
             error, trace_id=trace_id, server=ctx.server_address,
             duration_ms=_elapsed_ms(request),
         ))
@@ -288,7 +292,7 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> ApiError:
 
 
 def _too_large(request: web.Request) -> ApiError:
-    limit = _ctx(request).settings.api.max_body_bytes
+    limit = app_context(request).settings.api.max_body_bytes
     return ApiError(ErrorCode.BODY_TOO_LARGE, f"body larger than {limit} bytes")
 
 
@@ -297,7 +301,7 @@ async def _body_limit_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     length = request.content_length
-    if length is not None and length > _ctx(request).settings.api.max_body_bytes:
+    if length is not None and length > app_context(request).settings.api.max_body_bytes:
         raise _too_large(request)
     return await handler(request)
 
@@ -348,8 +352,7 @@ class _EnvelopeRequestHandler(RequestHandler):  # type: ignore[type-arg]
             code = ErrorCode.BODY_TOO_LARGE if status == 413 else ErrorCode.BAD_REQUEST
             error = ApiError(code, f"malformed HTTP request: {reason}", http_status=status)
         body = envelope.error(error, trace_id=trace_id, server=self.server_address, duration_ms=0)
-        response = web.Response(body=envelope.dumps(body), status=status,
-                                content_type="application/json", charset="utf-8")
+        response = _answer(body, status)
         response.headers[TRACE_HEADER] = trace_id
         response.force_close()
         return response

@@ -127,9 +127,7 @@ class ApiError(Exception):
         self.sub_errors = list(sub_errors or [])
 
     def error_object(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": int(self.code), "message": self.message}
-        if self.target is not None:
-            error["target"] = self.target
+        error = sub_error(self.code, self.message, self.target)
         error["subErrors"] = self.sub_errors
         return error
 
@@ -143,9 +141,6 @@ def sub_error(code: ErrorCode | int, message: str, target: str | None = None) ->
 
 # --- trace ids, timestamps, server address ------------------------------------------
 
-TRACE_HEADER = "X-OCP-Trace-ID"
-# A task's own calls name it, so they pass the host lock that task holds (api/processes.py).
-TASK_HEADER = "X-OCP-Task-ID"
 _TRACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
