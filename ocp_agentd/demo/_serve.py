@@ -32,6 +32,13 @@ def json_reply(payload: object, status: int = 200) -> Reply:
     return status, "application/json", json.dumps(payload).encode() + b"\n"
 
 
+def health_route() -> Callable[[], Reply]:
+    """GET /health of a demo program: ok, its pid and how long it has run."""
+    started = time.time()
+    return lambda: json_reply({"status": "ok", "pid": os.getpid(),
+                               "uptime": time.time() - started})
+
+
 def text_reply(text: str, status: int = 200) -> Reply:
     return status, "text/plain; version=0.0.4; charset=utf-8", text.encode()
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-from ocp_agentd.demo._serve import json_reply, log, run_http, text_reply
+from ocp_agentd.demo._serve import health_route, log, run_http, text_reply
 
 NAME = "ocp_exporter"
 
@@ -22,7 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=62889)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
-    started = time.time()
     scrapes = [0]
 
     def metrics():
@@ -43,11 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             'ob_server_active_sessions{tenant="sys"} 3\n'
         )
 
-    def health():
-        return json_reply({"status": "ok", "pid": os.getpid(), "uptime": time.time() - started})
-
     log(NAME, f"starting (port {args.port})")
-    return run_http(NAME, args.host, args.port, {"/metrics": metrics, "/health": health})
+    return run_http(NAME, args.host, args.port, {"/metrics": metrics, "/health": health_route()})
 
 
 if __name__ == "__main__":

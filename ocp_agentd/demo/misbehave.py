@@ -53,21 +53,22 @@ def fork(body) -> int:
     return pid
 
 
-def ignore_term(args: argparse.Namespace) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    for _ in range(args.tree):
-        fork(lambda: (announce("ignore-term", "child"), sleep_forever()))
-    announce("ignore-term", "parent")
+def _sleeping_tree(mode: str, children: int, ignore_term: bool) -> None:
+    """Sleeps with `children` sleeping children; all ignore SIGTERM when asked."""
+    if ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for _ in range(children):
+        fork(lambda: (announce(mode, "child"), sleep_forever()))
+    announce(mode, "parent")
     sleep_forever()
+
+
+def ignore_term(args: argparse.Namespace) -> None:
+    _sleeping_tree("ignore-term", args.tree, ignore_term=True)
 
 
 def tree(args: argparse.Namespace) -> None:
-    if args.ignore_term:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    for _ in range(args.n):
-        fork(lambda: (announce("tree", "child"), sleep_forever()))
-    announce("tree", "parent")
-    sleep_forever()
+    _sleeping_tree("tree", args.n, args.ignore_term)
 
 
 def setsid_grandchild(args: argparse.Namespace) -> None:

@@ -8,10 +8,8 @@ Logs every request to stdout; exits with status 0 on SIGTERM.
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
-from ocp_agentd.demo._serve import json_reply, log, run_http
+from ocp_agentd.demo._serve import health_route, log, run_http
 
 NAME = "pos_proxy"
 
@@ -21,11 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=62888)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
-    started = time.time()
-
-    def health():
-        return json_reply({"status": "ok", "pid": os.getpid(), "uptime": time.time() - started})
-
+    health = health_route()
     log(NAME, f"starting (port {args.port})")
     return run_http(NAME, args.host, args.port, {"/health": health, "/": health})
 

@@ -31,10 +31,6 @@ class PidRecord:
     started_at: float  # epoch seconds
     restarts: int = 0
 
-    @property
-    def create_time(self) -> float:
-        return boot_time() + self.starttime / CLOCK_TICKS
-
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _boot_time: float | None = None
@@ -51,6 +47,11 @@ def boot_time() -> float:
             else:  # pragma: no cover - every Linux has btime
                 _boot_time = 0.0
     return _boot_time
+
+
+def create_time(starttime: int) -> float:
+    """Epoch seconds of a process start given in clock ticks since boot."""
+    return boot_time() + starttime / CLOCK_TICKS
 
 
 def read_cmdline(pid: int) -> list[str] | None:

@@ -92,17 +92,23 @@ class Snapshot:
             if pid in self.entries and not self.entries[pid].zombie
         ]
 
-    def marked_mains(self, state_dir: str, program: str) -> list[ProcEntry]:
-        """Processes marked as `program` of this daemon whose parent is not of the same run:
-        the main processes of instances the daemon has no record of."""
-        mains = []
+    def marked(self, state_dir: str, program: str) -> list[tuple[ProcEntry, Marker]]:
+        """The live processes marked as `program` of the daemon of `state_dir`."""
+        found = []
         for pid, mark in self.markers.items():
             if mark.state_dir != state_dir or mark.program != program:
                 continue
             entry = self.entries.get(pid)
-            if entry is None or entry.zombie:
-                continue
-            if entry.pgid != pid:
+            if entry is not None and not entry.zombie:
+                found.append((entry, mark))
+        return found
+
+    def marked_mains(self, state_dir: str, program: str) -> list[ProcEntry]:
+        """Processes marked as `program` of this daemon whose parent is not of the same run:
+        the main processes of instances the daemon has no record of."""
+        mains = []
+        for entry, mark in self.marked(state_dir, program):
+            if entry.pgid != entry.pid:
                 # A main was spawned in a session of its own; this is a child whose main died.
                 continue
             parent_mark = self.markers.get(entry.ppid)

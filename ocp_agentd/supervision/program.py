@@ -30,11 +30,10 @@ import aiohttp
 from ocp_agentd.config import ProgramSpec
 from ocp_agentd.supervision import checks, output
 from ocp_agentd.supervision.identity import (
-    CLOCK_TICKS,
     Handle,
     PidRecord,
     PidRecords,
-    boot_time,
+    create_time,
     pin,
     read_cmdline,
 )
@@ -200,7 +199,6 @@ class Program:
         self._http = http
         self._on_transition = on_transition
         self._timer: asyncio.TimerHandle | None = None
-        self._static_info: tuple[Any, ...] | None = None
         # record()'s dict between state changes: (spec, started_mono or None, dict).
         self._record_cache: tuple[Any, float | None, dict[str, Any]] | None = None
         self._restart_pending = False
@@ -232,53 +230,33 @@ class Program:
 
     # ---- what others read -----------------------------------------------------------------
 
-    def _static(self) -> tuple[Any, ...]:
-        """What info() takes from the spec, computed once per spec (reload replaces it).
-
-        info() runs once per program for every status answer: with 50 programs it was
-        half of the daemon's time per GET /api/v1/processes.
-        """
-        spec = self.spec
-        cached = self._static_info
-        if cached is None or cached[0] is not spec:
-            cached = self._static_info = (
-                spec,
-                spec.role,
-                bool(spec.operable),
-                tuple(spec.ports),
-                tuple(spec.command),
-                spec.user or _current_user(),
-                (str(spec.stdout_log), str(spec.stderr_log)),
-            )
-        return cached
-
     def info(self) -> ProcessInfo:
+        spec = self.spec
         inst = self.instance
-        _, role, operable, ports, command, user, log_files = self._static()
         if inst is not None and not inst.exited.done():
             pid: int | None = inst.pid
-            create_time: float | None = boot_time() + inst.handle.starttime / CLOCK_TICKS
+            created: float | None = create_time(inst.handle.starttime)
             # Milliseconds, truncated (round(x, 3) costs more than the rest of this line).
             uptime: float | None = int((time.monotonic() - inst.started_mono) * 1000) / 1000
             started_at: float | None = inst.started_at
         else:
-            pid = create_time = uptime = started_at = None
+            pid = created = uptime = started_at = None
         last_exit = self.last_exit
         return ProcessInfo(
             name=self.name,
-            role=role,
-            operable=operable,
+            role=spec.role,
+            operable=bool(spec.operable),
             state=self.state,
             pid=pid,
-            create_time=create_time,
+            create_time=created,
             uptime=uptime,
             restarts=self.restarts,
             last_exit=last_exit.as_dict() if last_exit else None,
-            ports=list(ports),
-            command=list(command),
+            ports=list(spec.ports),
+            command=list(spec.command),
             started_at=started_at,
-            user=user,
-            log_files=list(log_files),
+            user=spec.user or _current_user(),
+            log_files=[str(spec.stdout_log), str(spec.stderr_log)],
         )
 
     def record(self) -> dict[str, Any]:
@@ -380,7 +358,7 @@ class Program:
             cmdline,
             run_id,
             self.spec.fingerprint(),
-            boot_time() + entry.starttime / CLOCK_TICKS,
+            create_time(entry.starttime),
             self.restarts,
         )
         if not self.adopt(record):
@@ -733,7 +711,6 @@ class Program:
         if any(entry.pgid == entry.pid for entry in strays):
             await self._end_processes(strays, self.spec.signal_number, self.spec.stop_timeout)
         await self._end_processes(strays, signal.SIGKILL, KILL_GRACE)
-
 
 
 def _pin_all(

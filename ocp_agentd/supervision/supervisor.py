@@ -15,7 +15,7 @@ import aiohttp
 from ocp_agentd.config import ProgramSpec, Settings
 from ocp_agentd.supervision import output
 from ocp_agentd.supervision.identity import PidRecords
-from ocp_agentd.supervision.proctable import Scanner
+from ocp_agentd.supervision.proctable import ProcEntry, Scanner, Snapshot
 from ocp_agentd.supervision.program import (
     OperationFailed,
     ProcessInfo,
@@ -105,9 +105,6 @@ class Supervisor:
     def counts(self) -> dict[str, int]:
         counted = Counter(str(p.state) for p in self.programs.values())
         return {str(state): counted.get(str(state), 0) for state in State}
-
-    def is_operable(self, name: str) -> bool:
-        return bool(self.program(name).spec.operable)
 
     # ---- commands ---------------------------------------------------------------------------
 
@@ -202,21 +199,13 @@ class Supervisor:
             *(self._restart_quietly(n) for n in plan.restart),
         )
 
-    def _strays(self, snap: Any, name: str, program: Program) -> list[Any]:
+    def _strays(self, snap: Snapshot, name: str, program: Program) -> list[ProcEntry]:
         """Marked processes of this program outside the adopted instance's run."""
         keep = program.instance.run_id if program.alive() and program.instance else None
-        state_dir = str(self.state_dir)
-        return [
-            snap.entries[pid]
-            for pid, mark in snap.markers.items()
-            if mark.state_dir == state_dir
-            and mark.program == name
-            and mark.run_id != keep
-            and pid in snap.entries
-            and not snap.entries[pid].zombie
-        ]
+        return [entry for entry, mark in snap.marked(str(self.state_dir), name)
+                if mark.run_id != keep]
 
-    async def _stop_unknown(self, snap: Any) -> None:
+    async def _stop_unknown(self, snap: Snapshot) -> None:
         """Programs recorded by an earlier daemon but gone from the config are stopped."""
         for name in self.records.names():
             if name in self.programs:
@@ -224,14 +213,7 @@ class Supervisor:
             record = self.records.load(name)
             if record is None:
                 continue
-            ghost = Program(
-                ProgramSpec(name=name, command=record.cmdline or ["/"]),
-                self.state_dir,
-                self.records,
-                self.scanner,
-                self._session,
-                self._notify,
-            )
+            ghost = self._make(ProgramSpec(name=name, command=record.cmdline or ["/"]))
             if ghost.adopt(record):
                 log.warning("%s: no longer configured, stopping pid %d", name, record.pid)
                 await ghost.stop()

@@ -13,13 +13,10 @@ if TYPE_CHECKING:
     from ocp_agentd.client import AgentClient
 
 # Error codes of SPEC section 4 that task operations answer with.
-HOST_NOT_FOUND = 2000
-PROCESS_NOT_FOUND = 2001
 OPERATION_RUNNING = 2003
 TASK_NOT_FOUND = 20000
 WRONG_STATE = 20003
 ROLLBACK_PROHIBITED = 20004
-BAD_REQUEST = 1000
 
 
 class TaskError(Exception):

@@ -258,10 +258,7 @@ class TaskEngine:
         changed = []
         for sub in task.subtasks:
             if sub.status == SubtaskStatus.FAILED and self._in_mode(sub, rollback):
-                sub.status = SubtaskStatus.READY
-                sub.run_time += 1
-                sub.operation = Operation.ROLLBACK if rollback else Operation.RETRY
-                sub.start_time = sub.end_time = None
+                self._run_again(sub, rollback)
                 changed.append(sub)
         if not rollback:
             task.operation = Operation.RETRY
@@ -295,11 +292,7 @@ class TaskEngine:
         self._require_failed(task)
         if sub.status != SubtaskStatus.FAILED:
             raise self._state_error(sub, "retry")
-        rollback = sub.operation == Operation.ROLLBACK
-        sub.status = SubtaskStatus.READY
-        sub.run_time += 1
-        sub.operation = Operation.ROLLBACK if rollback else Operation.RETRY
-        sub.start_time = sub.end_time = None
+        self._run_again(sub, sub.operation == Operation.ROLLBACK)
         return await self._reopen(task, [sub], f"retry of subtask {sub.id}")
 
     async def skip_subtask(self, task_id: int, subtask_id: int) -> TaskInstance:
@@ -425,6 +418,14 @@ class TaskEngine:
         return TaskError(
             WRONG_STATE, f"subtask {sub.id} is {sub.status}; {what} needs it {need}", "status"
         )
+
+    @staticmethod
+    def _run_again(sub: SubtaskInstance, rollback: bool) -> None:
+        """A FAILED subtask made READY for one more run (a retry, or a retried undo)."""
+        sub.status = SubtaskStatus.READY
+        sub.run_time += 1
+        sub.operation = Operation.ROLLBACK if rollback else Operation.RETRY
+        sub.start_time = sub.end_time = None
 
     @staticmethod
     def _in_mode(sub: SubtaskInstance, rollback: bool) -> bool:

@@ -67,10 +67,6 @@ class SubtaskInstance:
     start_time: str | None = None
     end_time: str | None = None
 
-    @property
-    def done(self) -> bool:
-        return self.status == SubtaskStatus.SUCCESSFUL
-
     def to_json(self) -> dict[str, Any]:
         return {
             "className": self.class_name,

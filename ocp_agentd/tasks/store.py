@@ -13,11 +13,12 @@ as durable and as consistent as the task states.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -175,16 +176,26 @@ class TaskStore:
         """
         return await self._call(self._create, task)
 
-    def _create(self, task: TaskInstance) -> tuple[TaskInstance, bool]:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back when anything in between fails."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # a failed COMMIT (disk full) has rolled back already
+                db.execute("ROLLBACK")
+            raise
+
+    def _create(self, task: TaskInstance) -> tuple[TaskInstance, bool]:
+        with self._transaction() as db:
             if task.idempotency_key:
                 row = db.execute(
                     "SELECT id FROM tasks WHERE idempotency_key = ?", (task.idempotency_key,)
                 ).fetchone()
                 if row:
-                    db.execute("COMMIT")
                     existing = self._load(row["id"])
                     assert existing is not None
                     return existing, False
@@ -222,11 +233,6 @@ class TaskStore:
                     "UPDATE subtasks SET upstreams = ?, downstreams = ? WHERE id = ?",
                     (json.dumps(sub.upstreams), json.dumps(sub.downstreams), sub.id),
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # a failed COMMIT (disk full) has rolled back already
-                db.execute("ROLLBACK")
-            raise
         return task, True
 
     async def save(
@@ -239,9 +245,7 @@ class TaskStore:
         await self._call(self._save, task, list(subtasks))
 
     def _save(self, task: TaskInstance, subtasks: list[SubtaskInstance]) -> None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             try:
                 db.execute(
                     "UPDATE tasks SET status = ?, operation = ?, context = ?, end_time = ?,"
@@ -259,11 +263,6 @@ class TaskStore:
                     (str(sub.status), str(sub.operation), sub.run_time, sub.start_time,
                      sub.end_time, sub.id),
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # a failed COMMIT (disk full) has rolled back already
-                db.execute("ROLLBACK")
-            raise
 
     def append_log(self, subtask_id: int, at: str, line: str) -> None:
         """Queued in order with the state writes; no need to wait for it."""
