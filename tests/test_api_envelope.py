@@ -142,7 +142,8 @@ def test_1000_malformed_requests(daemon: DaemonRunner) -> None:
     assert daemon.post(path).status == 200
 
 
-def _raw_exchange(daemon: DaemonRunner, request: bytes) -> tuple[str, dict]:
+def _raw_answer(daemon: DaemonRunner, request: bytes) -> bytes:
+    """Sends raw bytes over the unix socket; everything the daemon answers until it closes."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(str(daemon.socket))
@@ -150,7 +151,11 @@ def _raw_exchange(daemon: DaemonRunner, request: bytes) -> tuple[str, dict]:
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
+    return answer
+
+
+def _raw_exchange(daemon: DaemonRunner, request: bytes) -> tuple[str, dict]:
+    head, _, body = _raw_answer(daemon, request).partition(b"\r\n\r\n")
     return head.decode("latin-1").split("\r\n", 1)[0], json.loads(body)
 
 
@@ -186,17 +191,11 @@ def test_1003_body_limit(daemon: DaemonRunner) -> None:
     error = assert_error(daemon.request("POST", route, body=big), 1003, 413)
     assert str(MAX_BODY) in error["message"]
     # Without Content-Length (chunked), the limit holds while reading.
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(daemon.socket))
-        head = (b"POST /api/v1/processes/no_such/start HTTP/1.1\r\nHost: x\r\n"
-                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-        chunk = b"x" * 1024
-        body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(4)) + b"0\r\n\r\n"
-        sock.sendall(head + body)
-        answer = b""
-        while chunk_in := sock.recv(65536):
-            answer += chunk_in
+    head = (b"POST /api/v1/processes/no_such/start HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    chunk = b"x" * 1024
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(4)) + b"0\r\n\r\n"
+    answer = _raw_answer(daemon, head + body)
     assert b" 413 " in answer.split(b"\r\n", 1)[0], answer[:200]
     assert b'"code":1003' in answer.replace(b" ", b"")
     # A body just under the limit is read normally.

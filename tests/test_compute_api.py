@@ -19,6 +19,10 @@ def by_alias(daemon: DaemonRunner) -> dict[str, dict[str, Any]]:
     return {p["alias"]: p for p in daemon.get(f"{BASE}/processes?size=100").check()["contents"]}
 
 
+def pids(daemon: DaemonRunner) -> dict[str, int]:
+    return {r["name"]: r["pid"] for r in daemon.processes()}
+
+
 def wait_task(daemon: DaemonRunner, task_id: int) -> dict[str, Any]:
     def ended() -> dict[str, Any] | None:
         task = daemon.get(f"{TASKS}/{task_id}").check()
@@ -94,7 +98,7 @@ def test_stop_task_stops_the_workers_and_keeps_pos_proxy(demo_daemon: DaemonRunn
 
 
 def test_bad_input_answers_its_code_and_changes_nothing(demo_daemon: DaemonRunner) -> None:
-    before = {r["name"]: r["pid"] for r in demo_daemon.processes()}
+    before = pids(demo_daemon)
     for host in ("abc", "0", "-1", "9223372036854775808", "1.5"):
         for method, path in (("POST", f"/compute/hosts/{host}/agent/restart"),
                              ("GET", f"/compute/hosts/{host}/agent"),
@@ -123,7 +127,7 @@ def test_bad_input_answers_its_code_and_changes_nothing(demo_daemon: DaemonRunne
     assert demo_daemon.get(f"{TASKS}/abc").code == 1000
     # Nothing was created, nothing was touched.
     assert demo_daemon.get(TASKS).check()["page"]["totalElements"] == 0
-    assert {r["name"]: r["pid"] for r in demo_daemon.processes()} == before
+    assert pids(demo_daemon) == before
 
     task = wait_task(demo_daemon, demo_daemon.post(f"{BASE}/restart").check()["id"])
     first = task["subtasks"][0]["id"]
@@ -168,10 +172,7 @@ def test_permissions_on_tcp_tokens(daemon_factory: Any) -> None:
 
 
 def test_openapi_documents_the_task_routes(demo_daemon: DaemonRunner) -> None:
-    document = demo_daemon.get("/api/v1/openapi.json")
-    body = document.envelope if document.envelope and "paths" in document.envelope \
-        else document.data
-    paths = body["paths"]
+    paths = demo_daemon.get("/api/v1/openapi.json").envelope["paths"]
     for path in ("/compute/hosts/{hostId}/agent/restart", "/api/v2/compute/hosts/{hostId}/agent",
                  "/compute/hosts/{hostId}/agent/processes/{agentProcessId}/restart",
                  "/api/v2/tasks/instances/{id}/rollback",
@@ -180,13 +181,13 @@ def test_openapi_documents_the_task_routes(demo_daemon: DaemonRunner) -> None:
 
 
 def test_agentctl_agent_restart_wait_and_task_commands(demo_daemon: DaemonRunner) -> None:
-    before = {r["name"]: r["pid"] for r in demo_daemon.processes()}
+    before = pids(demo_daemon)
     run = demo_daemon.ctl("agent", "restart", "--wait")
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert "Restart pos proxy" in run.stdout and lines[-1].endswith("SUCCESSFUL")
     assert any("Finish OCP agent operation" in line and "SUCCESSFUL" in line for line in lines)
-    after = {r["name"]: r["pid"] for r in demo_daemon.processes()}
+    after = pids(demo_daemon)
     assert all(after[n] != before[n] for n in before)
     task_id = lines[0].split()[1]
     show = demo_daemon.ctl("task", "show", task_id, "--log")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -69,12 +70,27 @@ def _reset() -> None:
     STARTED.clear()
 
 
-def make_engine(path: Path, templates: list[Template] = TEMPLATES) -> TaskEngine:
-    return TaskEngine(path / "tasks.db", None, 7, "10.0.0.7", templates=templates)
+@asynccontextmanager
+async def started_engine(
+    path: Path, templates: list[Template] = TEMPLATES,
+) -> AsyncIterator[TaskEngine]:
+    engine = TaskEngine(path / "tasks.db", None, 7, "10.0.0.7", templates=templates)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.close()
 
 
 def run(body: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(asyncio.wait_for(body(), 30))
+
+
+async def refusal(call: Awaitable[Any]) -> TaskError:
+    """The TaskError that awaiting `call` raises."""
+    with pytest.raises(TaskError) as caught:
+        await call
+    return caught.value
 
 
 async def wait_status(engine: TaskEngine, task_id: int, sub_name: str, status: str) -> None:
@@ -95,9 +111,7 @@ def statuses(task: Any) -> dict[str, str]:
 
 def test_chain_runs_in_order_and_answers_the_created_shape(tmp_path: Path) -> None:
     async def body() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        try:
+        async with started_engine(tmp_path) as engine:
             task, created = await engine.submit("chain", "admin")
             assert created
             assert task.status == TaskStatus.RUNNING
@@ -121,18 +135,14 @@ def test_chain_runs_in_order_and_answers_the_created_shape(tmp_path: Path) -> No
             assert log.splitlines()[0][:4].isdigit()  # each line starts with its timestamp
             second, _ = await engine.submit("chain", "admin")
             assert second.id > task.id
-        finally:
-            await engine.close()
 
     run(body)
 
 
 def test_diamond_runs_branches_in_parallel_and_joins(tmp_path: Path) -> None:
     async def body() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        BLOCK["B"] = asyncio.Event()  # B finishes only once C has started
-        try:
+        async with started_engine(tmp_path) as engine:
+            BLOCK["B"] = asyncio.Event()  # B finishes only once C has started
             task, _ = await engine.submit("diamond", "admin")
             await wait_status(engine, task.id, "C", "SUCCESSFUL")
             current = await engine.get(task.id)
@@ -143,18 +153,14 @@ def test_diamond_runs_branches_in_parallel_and_joins(tmp_path: Path) -> None:
             assert done.status == TaskStatus.SUCCESSFUL
             assert EVENTS.index(("run", "D")) > EVENTS.index(("done", "B"))
             assert EVENTS.index(("run", "D")) > EVENTS.index(("done", "C"))
-        finally:
-            await engine.close()
 
     run(body)
 
 
 def test_timeout_fails_the_subtask_with_the_reason(tmp_path: Path) -> None:
     async def body() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        BLOCK["Slow"] = asyncio.Event()  # never set
-        try:
+        async with started_engine(tmp_path) as engine:
+            BLOCK["Slow"] = asyncio.Event()  # never set
             task, _ = await engine.submit("timed", "admin")
             done = await engine.wait(task.id, 10)
             assert done.status == TaskStatus.FAILED
@@ -162,57 +168,45 @@ def test_timeout_fails_the_subtask_with_the_reason(tmp_path: Path) -> None:
             log = await engine.subtask_log(task.id, done.subtasks[1].id)
             assert "timed out after 1 s" in log
             assert ("run", "C") not in EVENTS
-        finally:
-            await engine.close()
 
     run(body)
 
 
 def test_task_retry_reruns_failed_subtasks_and_counts_run_time(tmp_path: Path) -> None:
     async def body() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        FAILS["B"] = 1
-        try:
+        async with started_engine(tmp_path) as engine:
+            FAILS["B"] = 1
             task, _ = await engine.submit("chain", "admin")
             failed = await engine.wait(task.id, 10)
             assert failed.status == TaskStatus.FAILED
             assert statuses(failed) == {"A": "SUCCESSFUL", "B": "FAILED", "C": "PENDING"}
             assert "B was told to fail" in await engine.subtask_log(task.id,
                                                                      failed.subtasks[1].id)
-            with pytest.raises(TaskError) as wrong:
-                await engine.retry_subtask(task.id, failed.subtasks[0].id)
-            assert wrong.value.code == 20003
+            wrong = await refusal(engine.retry_subtask(task.id, failed.subtasks[0].id))
+            assert wrong.code == 20003
             retried = await engine.retry(task.id)
             assert retried.status == TaskStatus.RUNNING and retried.operation == Operation.RETRY
             done = await engine.wait(task.id, 10)
             assert done.status == TaskStatus.SUCCESSFUL
             assert [s.run_time for s in done.subtasks] == [1, 2, 1]
             assert EVENTS.count(("run", "A")) == 1  # done subtasks are not run again
-            with pytest.raises(TaskError) as again:
-                await engine.retry(task.id)
-            assert again.value.code == 20003
-        finally:
-            await engine.close()
+            assert (await refusal(engine.retry(task.id))).code == 20003
 
     run(body)
 
 
 def test_subtask_retry_and_skip(tmp_path: Path) -> None:
     async def body() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        FAILS["B"] = 2
-        try:
+        async with started_engine(tmp_path) as engine:
+            FAILS["B"] = 2
             task, _ = await engine.submit("chain", "admin")
             failed = await engine.wait(task.id, 10)
             sid = failed.subtasks[1].id
             await engine.retry_subtask(task.id, sid)
             failed = await engine.wait(task.id, 10)
             assert failed.status == TaskStatus.FAILED and failed.subtasks[1].run_time == 2
-            with pytest.raises(TaskError) as wrong:
-                await engine.skip_subtask(task.id, failed.subtasks[2].id)  # PENDING
-            assert wrong.value.code == 20003
+            pending = failed.subtasks[2].id
+            assert (await refusal(engine.skip_subtask(task.id, pending))).code == 20003
             await engine.skip_subtask(task.id, sid)
             done = await engine.wait(task.id, 10)
             assert done.status == TaskStatus.SUCCESSFUL
@@ -220,27 +214,22 @@ def test_subtask_retry_and_skip(tmp_path: Path) -> None:
             assert done.subtasks[1].status == SubtaskStatus.SUCCESSFUL
             assert ("run", "C") in EVENTS
             assert "skipped by the operator" in await engine.subtask_log(task.id, sid)
-        finally:
-            await engine.close()
 
     run(body)
 
 
 def test_cancel_goes_through_canceling_to_failed(tmp_path: Path) -> None:
     async def body() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        BLOCK["B"] = asyncio.Event()
-        seen: list[str] = []
-        engine.add_listener(lambda t, s: seen.append(str(s.status)) if s and s.name == "B"
-                            else None)
-        try:
+        async with started_engine(tmp_path) as engine:
+            BLOCK["B"] = asyncio.Event()
+            seen: list[str] = []
+            engine.add_listener(lambda t, s: seen.append(str(s.status)) if s and s.name == "B"
+                                else None)
             task, _ = await engine.submit("chain", "admin")
             await wait_status(engine, task.id, "B", "RUNNING")
             sid = task.subtasks[1].id
-            with pytest.raises(TaskError) as wrong:
-                await engine.cancel_subtask(task.id, task.subtasks[2].id)
-            assert wrong.value.code == 20003
+            wrong = await refusal(engine.cancel_subtask(task.id, task.subtasks[2].id))
+            assert wrong.code == 20003
             answer = await engine.cancel_subtask(task.id, sid)
             assert answer.subtasks[1].status == SubtaskStatus.CANCELING
             done = await engine.wait(task.id, 10)
@@ -248,22 +237,16 @@ def test_cancel_goes_through_canceling_to_failed(tmp_path: Path) -> None:
             assert done.subtasks[1].status == SubtaskStatus.FAILED
             assert seen[-3:] == ["RUNNING", "CANCELING", "FAILED"]
             assert "canceled by the operator" in await engine.subtask_log(task.id, sid)
-        finally:
-            await engine.close()
 
     run(body)
 
 
 def test_rollback_undoes_done_subtasks_in_reverse(tmp_path: Path) -> None:
     async def body() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        FAILS["C"] = 1
-        try:
+        async with started_engine(tmp_path) as engine:
+            FAILS["C"] = 1
             task, _ = await engine.submit("chain", "admin")
-            with pytest.raises(TaskError) as running:
-                await engine.rollback(task.id)
-            assert running.value.code == 20003
+            assert (await refusal(engine.rollback(task.id))).code == 20003  # still running
             await engine.wait(task.id, 10)
             answer = await engine.rollback(task.id)
             assert answer.operation == Operation.ROLLBACK
@@ -272,30 +255,23 @@ def test_rollback_undoes_done_subtasks_in_reverse(tmp_path: Path) -> None:
             assert done.status == TaskStatus.SUCCESSFUL
             assert [e for e in EVENTS if e[0] == "undo"] == [("undo", "B"), ("undo", "A")]
             assert [s.operation for s in done.subtasks[:2]] == [Operation.ROLLBACK] * 2
-            with pytest.raises(TaskError) as twice:
-                await engine.rollback(task.id)
-            assert twice.value.code == 20003
+            assert (await refusal(engine.rollback(task.id))).code == 20003  # twice
 
             FAILS["B"] = 1
             prohibited, _ = await engine.submit("no-rollback", "admin")
             await engine.wait(prohibited.id, 10)
-            with pytest.raises(TaskError) as refused:
-                await engine.rollback(prohibited.id)
-            assert refused.value.code == 20004
-        finally:
-            await engine.close()
+            assert (await refusal(engine.rollback(prohibited.id))).code == 20004
 
     run(body)
 
 
 def test_resume_after_reopening_the_store(tmp_path: Path) -> None:
     async def first() -> tuple[int, int]:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        BLOCK["B"] = asyncio.Event()
-        task, _ = await engine.submit("chain", "admin")
-        await wait_status(engine, task.id, "B", "RUNNING")
-        await engine.close()  # like a daemon that goes away mid-subtask
+        async with started_engine(tmp_path) as engine:
+            BLOCK["B"] = asyncio.Event()
+            task, _ = await engine.submit("chain", "admin")
+            await wait_status(engine, task.id, "B", "RUNNING")
+        # The engine is closed mid-subtask, like a daemon that goes away.
         return task.id, task.subtasks[1].id
 
     task_id, sid = run(first)
@@ -303,9 +279,7 @@ def test_resume_after_reopening_the_store(tmp_path: Path) -> None:
     BLOCK.clear()
 
     async def second() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        try:
+        async with started_engine(tmp_path) as engine:
             done = await engine.wait(task_id, 10)
             assert done.status == TaskStatus.SUCCESSFUL
             assert EVENTS == [("run", "B"), ("done", "B"), ("run", "C"), ("done", "C")]
@@ -313,146 +287,116 @@ def test_resume_after_reopening_the_store(tmp_path: Path) -> None:
             assert "running it again" in await engine.subtask_log(task_id, sid)
             listed, total = await engine.page(1, 10)
             assert total == 1 and listed[0].id == task_id
-        finally:
-            await engine.close()
 
     run(second)
 
 
 def test_resume_of_an_unknown_task_kind_fails_it_with_the_reason(tmp_path: Path) -> None:
     async def first() -> int:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        BLOCK["B"] = asyncio.Event()
-        task, _ = await engine.submit("chain", "admin")
-        await wait_status(engine, task.id, "B", "RUNNING")
-        await engine.close()
+        async with started_engine(tmp_path) as engine:
+            BLOCK["B"] = asyncio.Event()
+            task, _ = await engine.submit("chain", "admin")
+            await wait_status(engine, task.id, "B", "RUNNING")
         return task.id
 
     task_id = run(first)
 
     async def second() -> None:
-        engine = make_engine(tmp_path, [DIAMOND])  # this daemon no longer knows "chain"
-        await engine.start()
-        try:
+        # this daemon no longer knows "chain"
+        async with started_engine(tmp_path, [DIAMOND]) as engine:
             task = await engine.get(task_id)
             assert task.status == TaskStatus.FAILED
             assert task.subtasks[1].status == SubtaskStatus.FAILED
             assert "does not know" in await engine.subtask_log(task_id, task.subtasks[1].id)
-        finally:
-            await engine.close()
 
     run(second)
 
 
 def test_lock_allows_one_running_task_and_survives_reopen(tmp_path: Path) -> None:
     async def first() -> int:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        BLOCK["A"] = asyncio.Event()
-        task, _ = await engine.submit("chain", "admin")
-        with pytest.raises(TaskError) as held:
-            await engine.submit("chain", "admin")
-        assert held.value.code == 2003 and held.value.target == str(task.id)
-        assert await engine.lock_holder("toy-lock") == task.id
-        unlocked, _ = await engine.submit("solo", "admin")  # no lock key: runs alongside
-        await engine.wait(unlocked.id, 10)
-        await engine.close()
+        async with started_engine(tmp_path) as engine:
+            BLOCK["A"] = asyncio.Event()
+            task, _ = await engine.submit("chain", "admin")
+            held = await refusal(engine.submit("chain", "admin"))
+            assert held.code == 2003 and held.target == str(task.id)
+            assert await engine.lock_holder("toy-lock") == task.id
+            unlocked, _ = await engine.submit("solo", "admin")  # no lock key: runs alongside
+            await engine.wait(unlocked.id, 10)
         return task.id
 
     task_id = run(first)
 
     async def second() -> None:
-        engine = make_engine(tmp_path)
         BLOCK["A"] = asyncio.Event()
-        await engine.start()  # resumes the task: it holds the lock again
-        try:
-            with pytest.raises(TaskError) as held:
-                await engine.submit("chain", "admin")
-            assert held.value.target == str(task_id)
+        async with started_engine(tmp_path) as engine:  # resumes the task: it holds the lock again
+            assert (await refusal(engine.submit("chain", "admin"))).target == str(task_id)
             BLOCK["A"].set()
             await engine.wait(task_id, 10)
             assert await engine.lock_holder("toy-lock") is None
             after, created = await engine.submit("chain", "admin")
             assert created and after.id > task_id
             await engine.wait(after.id, 10)
-        finally:
-            await engine.close()
 
     run(second)
 
 
 def test_idempotency_key_returns_the_same_task(tmp_path: Path) -> None:
     async def first() -> int:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        task, created = await engine.submit("chain", "admin", idempotency_key="k-1")
-        again, again_created = await engine.submit("chain", "admin", idempotency_key="k-1")
-        assert created and not again_created and again.id == task.id
-        await engine.wait(task.id, 10)
-        await engine.close()
+        async with started_engine(tmp_path) as engine:
+            task, created = await engine.submit("chain", "admin", idempotency_key="k-1")
+            again, again_created = await engine.submit("chain", "admin", idempotency_key="k-1")
+            assert created and not again_created and again.id == task.id
+            await engine.wait(task.id, 10)
         return task.id
 
     task_id = run(first)
 
     async def second() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        try:
+        async with started_engine(tmp_path) as engine:
             same, created = await engine.submit("chain", "admin", idempotency_key="k-1")
             assert not created and same.id == task_id
             assert same.status == TaskStatus.SUCCESSFUL
-        finally:
-            await engine.close()
 
     run(second)
 
 
 def test_unknown_ids_answer_20000(tmp_path: Path) -> None:
     async def body() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        try:
+        async with started_engine(tmp_path) as engine:
             task, _ = await engine.submit("chain", "admin")
             await engine.wait(task.id, 10)
             calls = [engine.get(999), engine.retry(999), engine.rollback(999),
                      engine.retry_subtask(task.id, 999), engine.skip_subtask(999, 1),
                      engine.cancel_subtask(task.id, 999), engine.subtask_log(task.id, 999)]
             for call in calls:
-                with pytest.raises(TaskError) as missing:
-                    await call
-                assert missing.value.code == 20000
-        finally:
-            await engine.close()
+                assert (await refusal(call)).code == 20000
 
     run(body)
 
 
 def test_each_change_is_committed_before_it_is_announced(tmp_path: Path) -> None:
     async def body() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        reader = sqlite3.connect(tmp_path / "tasks.db")
-        mismatches: list[str] = []
+        async with started_engine(tmp_path) as engine:
+            reader = sqlite3.connect(tmp_path / "tasks.db")
+            mismatches: list[str] = []
 
-        def check(task: Any, sub: Any) -> None:
-            if sub is None:
-                row = reader.execute("SELECT status FROM tasks WHERE id=?", (task.id,))
-                stored, announced = row.fetchone()[0], str(task.status)
-            else:
-                row = reader.execute("SELECT status FROM subtasks WHERE id=?", (sub.id,))
-                stored, announced = row.fetchone()[0], str(sub.status)
-            if stored != announced:
-                mismatches.append(f"{announced} announced, {stored} stored")
+            def check(task: Any, sub: Any) -> None:
+                if sub is None:
+                    row = reader.execute("SELECT status FROM tasks WHERE id=?", (task.id,))
+                    stored, announced = row.fetchone()[0], str(task.status)
+                else:
+                    row = reader.execute("SELECT status FROM subtasks WHERE id=?", (sub.id,))
+                    stored, announced = row.fetchone()[0], str(sub.status)
+                if stored != announced:
+                    mismatches.append(f"{announced} announced, {stored} stored")
 
-        engine.add_listener(check)
-        try:
-            task, _ = await engine.submit("diamond", "admin")
-            await engine.wait(task.id, 10)
-            assert mismatches == []
-        finally:
-            reader.close()
-            await engine.close()
+            engine.add_listener(check)
+            try:
+                task, _ = await engine.submit("diamond", "admin")
+                await engine.wait(task.id, 10)
+                assert mismatches == []
+            finally:
+                reader.close()
 
     run(body)
 
@@ -461,13 +405,9 @@ def test_a_corrupted_database_is_moved_aside(tmp_path: Path) -> None:
     (tmp_path / "tasks.db").write_bytes(b"this is not a database" * 100)
 
     async def body() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        try:
+        async with started_engine(tmp_path) as engine:
             task, _ = await engine.submit("chain", "admin")
             assert (await engine.wait(task.id, 10)).status == TaskStatus.SUCCESSFUL
-        finally:
-            await engine.close()
 
     run(body)
     aside = list(tmp_path.glob("tasks.db.corrupt-*"))
@@ -476,10 +416,8 @@ def test_a_corrupted_database_is_moved_aside(tmp_path: Path) -> None:
 
 def test_two_operations_at_once_on_one_task_start_one_run(tmp_path: Path) -> None:
     async def body() -> None:
-        engine = make_engine(tmp_path)
-        await engine.start()
-        FAILS["B"] = 1
-        try:
+        async with started_engine(tmp_path) as engine:
+            FAILS["B"] = 1
             task, _ = await engine.submit("chain", "admin")
             await engine.wait(task.id, 10)
             results = await asyncio.gather(engine.retry(task.id), engine.retry(task.id),
@@ -489,7 +427,5 @@ def test_two_operations_at_once_on_one_task_start_one_run(tmp_path: Path) -> Non
             done = await engine.wait(task.id, 10)
             assert done.status == TaskStatus.SUCCESSFUL
             assert EVENTS.count(("run", "B")) == 2 and EVENTS.count(("run", "C")) == 1
-        finally:
-            await engine.close()
 
     run(body)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from harness import DaemonRunner, free_port_block, wait_for, write_demo_config
+from harness import DaemonRunner, demo_command, free_port_block, wait_for, write_demo_config
 
 SEED = Path(__file__).parent / "data" / "seed_restart_response.json"
 RESTART = "/compute/hosts/2/agent/restart"
@@ -45,6 +45,18 @@ def wait_task(daemon: DaemonRunner, task_id: int, timeout: float = 30.0) -> dict
 
 def sub(task: dict[str, Any], name: str) -> dict[str, Any]:
     return next(s for s in task["subtasks"] if s["name"] == name)
+
+
+def wait_subtask_running(
+    daemon: DaemonRunner, task_id: int, name: str, timeout: float = 15.0,
+) -> dict[str, Any]:
+    """The subtask `name` of the task, once it is RUNNING."""
+
+    def running() -> dict[str, Any] | None:
+        subtask = sub(daemon.get(f"{TASKS}/{task_id}").check(), name)
+        return subtask if subtask["status"] == "RUNNING" else None
+
+    return wait_for(running, timeout, f"{name} RUNNING", interval=0.01)
 
 
 def log_of(daemon: DaemonRunner, task: dict[str, Any], name: str) -> str:
@@ -81,6 +93,11 @@ def same_shape(seed: Any, ours: Any, where: str = "$") -> None:
     if isinstance(seed, list) and seed:  # upstreams may be empty where the seed's is not
         for index, item in enumerate(ours):
             same_shape(seed[0], item, f"{where}[{index}]")
+
+
+def stubborn(stop_timeout: float) -> dict[str, Any]:
+    """A program that ignores SIGTERM: stopping it takes its whole stop_timeout."""
+    return {"command": demo_command("misbehave", "ignore-term"), "stop_timeout": stop_timeout}
 
 
 def pids(daemon: DaemonRunner) -> dict[str, int]:
@@ -174,12 +191,17 @@ def _flaky_script(directory: Path, broken: bool) -> Path:
     return path
 
 
+def _flaky_program(directory: Path, backoff: float) -> dict[str, Any]:
+    """`flaky`: runs the script (written working), restarted after `backoff` s once it exits."""
+    script = _flaky_script(directory, broken=False)
+    return {"command": [sys.executable, str(script)], "backoff_initial": backoff,
+            "backoff_max": backoff}
+
+
 def test_a_worker_that_cannot_start_fails_start_all_then_retry_after_config_fix(
     daemon_factory: Any, tmp_path: Path,
 ) -> None:
-    good = _flaky_script(tmp_path, broken=False)
-    flaky = {"command": [sys.executable, str(good)], "backoff_initial": 30.0,
-             "backoff_max": 30.0}
+    flaky = _flaky_program(tmp_path, backoff=30.0)
     daemon = daemon_factory({"flaky": flaky}, wait_running=True)
     directory, port = daemon.config.parent, daemon.base_port
     # A bad command in the config, reloaded: the daemon cannot start flaky any more.
@@ -207,10 +229,8 @@ def test_a_worker_that_cannot_start_fails_start_all_then_retry_after_config_fix(
 def test_rollback_of_a_failed_restart_starts_what_it_stopped(
     daemon_factory: Any, tmp_path: Path,
 ) -> None:
-    script = _flaky_script(tmp_path, broken=False)
-    flaky = {"command": [sys.executable, str(script)], "backoff_initial": 60.0,
-             "backoff_max": 60.0}
-    daemon = daemon_factory({"flaky": flaky}, wait_running=True)
+    daemon = daemon_factory({"flaky": _flaky_program(tmp_path, backoff=60.0)},
+                            wait_running=True)
     _flaky_script(tmp_path, broken=True)  # flaky runs now, but will not start again
     run = daemon.ctl("agent", "restart", "--wait")  # follows it; exit 1 as it fails
     assert run.returncode == 1, run.stdout + run.stderr
@@ -236,8 +256,7 @@ def test_a_worker_never_ready_fails_start_all_with_the_reason(daemon_factory: An
     daemon = daemon_factory(wait_running=True)
     port = daemon.base_port + 1  # ocp_exporter's port; never listened on from now on
     write_demo_config(daemon.config.parent, daemon.base_port, 2, overrides={"programs": {
-        "ocp_exporter": {"command": [sys.executable, "-m", "ocp_agentd.demo.misbehave",
-                                     "never-ready", str(port)],
+        "ocp_exporter": {"command": demo_command("misbehave", "never-ready", port),
                          "start_timeout": 1.0, "backoff_initial": 30.0}}})
     daemon.send_signal(signal.SIGHUP)
     daemon.wait_state("ocp_exporter", "BACKOFF", "FATAL")
@@ -286,17 +305,10 @@ def test_concurrent_restarts_one_task_one_409_and_idempotency(
 
 
 def test_daemon_killed_during_stop_all_resumes_the_task(daemon_factory: Any) -> None:
-    slow = {"command": [sys.executable, "-m", "ocp_agentd.demo.misbehave", "ignore-term"],
-            "stop_timeout": 1.5}
-    daemon = daemon_factory({"stubborn": slow}, wait_running=True)
+    daemon = daemon_factory({"stubborn": stubborn(1.5)}, wait_running=True)
     before = pids(daemon)
     task_id = daemon.post(RESTART).check()["id"]
-
-    def stopping() -> bool:
-        task = daemon.get(f"{TASKS}/{task_id}").check()
-        return sub(task, "Stop all OCP agent processes")["status"] == "RUNNING"
-
-    wait_for(stopping, 15, "Stop all RUNNING", interval=0.01)
+    wait_subtask_running(daemon, task_id, "Stop all OCP agent processes")
     daemon.kill9()
     daemon.start()
     task = wait_task(daemon, task_id)
@@ -316,17 +328,9 @@ def test_daemon_killed_during_stop_all_resumes_the_task(daemon_factory: Any) -> 
 
 
 def test_cancel_a_running_subtask_then_retry(daemon_factory: Any) -> None:
-    slow = {"command": [sys.executable, "-m", "ocp_agentd.demo.misbehave", "ignore-term"],
-            "stop_timeout": 1.5}
-    daemon = daemon_factory({"stubborn": slow}, wait_running=True)
+    daemon = daemon_factory({"stubborn": stubborn(1.5)}, wait_running=True)
     task_id = daemon.post(RESTART).check()["id"]
-
-    def stop_all_running() -> dict[str, Any] | None:
-        task = daemon.get(f"{TASKS}/{task_id}").check()
-        stop_all = sub(task, "Stop all OCP agent processes")
-        return stop_all if stop_all["status"] == "RUNNING" else None
-
-    sid = wait_for(stop_all_running, 15, "Stop all RUNNING", interval=0.01)["id"]
+    sid = wait_subtask_running(daemon, task_id, "Stop all OCP agent processes")["id"]
     answer = daemon.post(f"{TASKS}/{task_id}/subtasks/{sid}/cancel").check()
     assert sub(answer, "Stop all OCP agent processes")["status"] in ("CANCELING", "FAILED")
     task = wait_task(daemon, task_id)
@@ -345,16 +349,9 @@ def test_cancel_a_running_subtask_then_retry(daemon_factory: Any) -> None:
 def test_local_operations_wait_out_a_running_task(daemon_factory: Any) -> None:
     """While a restart task holds the host lock, a local start or stop would undo one of its
     steps: it answers 2003 naming the task. The task's own calls (X-OCP-Task-ID) pass."""
-    slow = {"command": [sys.executable, "-m", "ocp_agentd.demo.misbehave", "ignore-term"],
-            "stop_timeout": 3.0}
-    daemon = daemon_factory({"stubborn": slow}, wait_running=True)
+    daemon = daemon_factory({"stubborn": stubborn(3.0)}, wait_running=True)
     task_id = daemon.post(RESTART).check()["id"]
-
-    def stop_all_running() -> bool:
-        task = daemon.get(f"{TASKS}/{task_id}").check()
-        return sub(task, "Stop all OCP agent processes")["status"] == "RUNNING"
-
-    wait_for(stop_all_running, 15, "Stop all RUNNING", interval=0.01)
+    wait_subtask_running(daemon, task_id, "Stop all OCP agent processes")
     for path in ("/api/v1/processes/ocp_exporter/restart", "/api/v1/processes/ob_logtailer/start",
                  "/api/v1/agent/start-all", "/api/v1/agent/stop-all"):
         refused = daemon.post(path)
@@ -382,12 +379,7 @@ def test_finish_waits_for_a_program_the_daemon_is_bringing_back(daemon_factory: 
         wait_running=True,
     )
     task_id = daemon.post(RESTART).check()["id"]
-
-    def start_all_running() -> bool:
-        task = daemon.get(f"{TASKS}/{task_id}").check()
-        return sub(task, "Start all OCP agent processes")["status"] == "RUNNING"
-
-    wait_for(start_all_running, 30, "Start all RUNNING", interval=0.01)
+    wait_subtask_running(daemon, task_id, "Start all OCP agent processes", timeout=30)
     crashed = pids(daemon)["pos_proxy"]
     os.kill(crashed, signal.SIGKILL)
     task = wait_task(daemon, task_id)
@@ -404,8 +396,7 @@ def test_finish_judges_again_before_it_fails(daemon_factory: Any, tmp_path: Path
     ago still looks RUNNING); the task fails only if it stays wrong."""
     sick = tmp_path / "sick"
     port = free_port_block(1)
-    steady = {"command": [sys.executable, "-m", "ocp_agentd.demo.misbehave", "listen", str(port),
-                          "--sick-file", str(sick)],
+    steady = {"command": demo_command("misbehave", "listen", port, "--sick-file", sick),
               "operable": False, "ports": [port],
               "health_url": f"http://127.0.0.1:{port}/health"}
     daemon = daemon_factory({"steady": steady}, wait_running=True)

@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from typing import Any
 
-from harness import wait_for, write_demo_config
+from harness import demo_command, wait_for, write_demo_config
 
 TASKS = "/api/v2/tasks/instances"
 
 
 def test_start_all_past_its_configured_timeout_fails_with_the_reason(daemon_factory: Any) -> None:
-    daemon = daemon_factory(
-        wait_running=True,
-        overrides={"tasks": {"timeouts": {"StartAllOcpAgentProcessesTask": 2}}},
-    )
+    timeouts = {"tasks": {"timeouts": {"StartAllOcpAgentProcessesTask": 2}}}
+    daemon = daemon_factory(wait_running=True, overrides=timeouts)
     port = daemon.base_port + 1
     # ocp_exporter now never listens, and its own start_timeout is far past the subtask's.
-    never_ready = [sys.executable, "-m", "ocp_agentd.demo.misbehave", "never-ready", str(port)]
+    never_ready = demo_command("misbehave", "never-ready", port)
     write_demo_config(
         daemon.config.parent,
         daemon.base_port,
         2,
         overrides={
-            "tasks": {"timeouts": {"StartAllOcpAgentProcessesTask": 2}},
+            **timeouts,
             "programs": {"ocp_exporter": {"command": never_ready, "start_timeout": 120.0}},
         },
     )
