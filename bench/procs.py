@@ -91,16 +91,6 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def children_running(parent: int, argv: list[str]) -> list[int]:
-    """Live direct children of parent whose command line is argv."""
-    found = []
-    for pid in pid_list():
-        fields = stat_fields(pid)
-        if fields and fields[1] == parent and fields[0] not in ("Z", "X") and cmdline(pid) == argv:
-            found.append(pid)
-    return found
-
-
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the benchmark dies, even by SIGKILL."""
     try:

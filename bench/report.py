@@ -84,12 +84,15 @@ def _git_commit(repo: Path) -> str:
     return out.stdout.strip() or "unknown"
 
 
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def environment(repo: Path, versions: dict[str, str], mode: str) -> list[str]:
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return [
         f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {os.cpu_count()} cores ({_cpu_model()}), {platform.system()} "
-        f"{platform.release()}; load average at start {load}",
+        f"{platform.release()}; load average at start {load_average()}",
         f"- python: {platform.python_version()}",
         *(f"- {name}: {version}" for name, version in versions.items()),
         f"- commit: {_git_commit(repo)}; mode: {mode}",

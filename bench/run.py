@@ -80,12 +80,8 @@ def ensure_supervisor() -> str:
     return version
 
 
-def _ms(samples: dict[str, list[float]], label: str) -> float | None:
-    return figures.median(samples[label]) * 1000 if label in samples else None
-
-
-def _ms95(samples: dict[str, list[float]], label: str) -> float | None:
-    return figures.p95(samples[label]) * 1000 if label in samples else None
+def _ms(samples: dict[str, list[float]], label: str, stat=figures.median) -> float | None:
+    return stat(samples[label]) * 1000 if label in samples else None
 
 
 def _met(a: float | None, s: float | None, check) -> bool | None:
@@ -120,17 +116,15 @@ def run_phase(
             target.start()
         big = n == max(plan.sizes)
 
-        log(f"N={n}: restart all x{plan.reps}")
-        got = figures.restart_all(targets, plan.reps)
-        _note_samples(notes, "restart all", n, got)
-        a, s = _ms(got, AGENTD), _ms(got, SUPERVISORD)
-        rows.append(Row("restart all, median", n, a, s, "ms", *_target(big, a, s, "≤ 1/5", 0.2)))
-
-        log(f"N={n}: stop all x{plan.reps}")
-        got = figures.stop_all(targets, plan.reps)
-        _note_samples(notes, "stop all", n, got)
-        a, s = _ms(got, AGENTD), _ms(got, SUPERVISORD)
-        rows.append(Row("stop all, median", n, a, s, "ms", *_target(big, a, s, "≤ 1/10", 0.1)))
+        for figure, measure, text, limit in (
+            ("restart all", figures.restart_all, "≤ 1/5", 0.2),
+            ("stop all", figures.stop_all, "≤ 1/10", 0.1),
+        ):
+            log(f"N={n}: {figure} x{plan.reps}")
+            got = measure(targets, plan.reps)
+            _note_samples(notes, figure, n, got)
+            a, s = _ms(got, AGENTD), _ms(got, SUPERVISORD)
+            rows.append(Row(f"{figure}, median", n, a, s, "ms", *_target(big, a, s, text, limit)))
 
         if n == plan.crash_n:
             log(f"N={n}: crash to new pid x{plan.crash_reps}")
@@ -141,9 +135,8 @@ def run_phase(
             rows.append(
                 Row("crash to new pid, median", n, a, s, "ms", "≤ supervisord and < 10 ms", met)
             )
-            rows.append(
-                Row("crash to new pid, p95", n, _ms95(got, AGENTD), _ms95(got, SUPERVISORD), "ms")
-            )
+            a, s = _ms(got, AGENTD, figures.p95), _ms(got, SUPERVISORD, figures.p95)
+            rows.append(Row("crash to new pid, p95", n, a, s, "ms"))
 
         log(f"N={n}: status throughput {plan.status_seconds:g}s each")
         rate = figures.status_throughput(targets, plan.status_seconds)
@@ -173,15 +166,9 @@ def run_seed(
     log(f"the seed's restart task x{plan.seed_reps} (ocp-agentd only, demo programs)")
     got = seed.seed_task(workdir / "seed", reaper, plan.seed_reps)
     n = got.programs
-    _note_samples(
-        notes,
-        "seed task",
-        n,
-        {"POST": got.post_seconds, "task": got.task_seconds, "direct": got.direct_seconds},
-    )
-    post = figures.median(got.post_seconds) * 1000
-    task = figures.median(got.task_seconds) * 1000
-    direct = figures.median(got.direct_seconds) * 1000
+    samples = {"POST": got.post_seconds, "task": got.task_seconds, "direct": got.direct_seconds}
+    _note_samples(notes, "seed task", n, samples)
+    post, task, direct = (figures.median(values) * 1000 for values in samples.values())
     rows.append(Row("seed task: POST answer, median", n, post, None, "ms", "< 20 ms", post < 20))
     rows.append(Row("seed task: whole task, median", n, task, None, "ms"))
     rows.append(Row("seed task: same steps called directly, median", n, direct, None, "ms"))
@@ -246,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"work directory kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    load = report.load_average()
     env_lines.append(f"- run took {time.monotonic() - started:.0f} s; load average at end {load}")
     log(f"done in {time.monotonic() - started:.0f}s")
 

@@ -63,8 +63,8 @@ class DemoDaemon(Agentd):
         self.socket = self.workdir / "run" / "agentd.sock"
         self.api = JsonUnixClient(str(self.socket))
         self.launch(self.workdir / "demo.toml")
-        self.n = len(self.states())
         self.names = sorted(self.states())
+        self.n = len(self.names)
         self.wait_all_running()
 
     def all_running(self, exclude_pids: set[int] = frozenset()) -> dict | None:
@@ -95,8 +95,8 @@ class DemoDaemon(Agentd):
         """The task's process steps, called one after the other over the local API."""
         begin = time.perf_counter()
         self.api.request("POST", "/api/v1/processes/pos_proxy/restart", {"force": True})
-        self.api.request("POST", "/api/v1/agent/stop-all", {})
-        self.api.request("POST", "/api/v1/agent/start-all", {})
+        self.stop_all()
+        self.start_all()
         self.api.request("POST", "/api/v1/agent/verify", {})
         return time.perf_counter() - begin
 

@@ -59,9 +59,6 @@ class Target(ABC):
         """One status request for every program."""
 
     @abstractmethod
-    def restart_all(self) -> None: ...
-
-    @abstractmethod
     def stop_all(self) -> None: ...
 
     @abstractmethod
@@ -69,6 +66,11 @@ class Target(ABC):
 
     @abstractmethod
     def close_client(self) -> None: ...
+
+    def restart_all(self) -> None:
+        # Neither has a restart-all call; supervisorctl's restart all does exactly this.
+        self.stop_all()
+        self.start_all()
 
     def check_alive(self) -> None:
         if self.process is None or not self.process.alive():
@@ -158,11 +160,6 @@ class Supervisord(Target):
         infos = self.rpc.supervisor.getAllProcessInfo()
         return {i["name"]: (i["statename"], i["pid"] or None) for i in infos}
 
-    def restart_all(self) -> None:
-        # supervisord has no restart-all call; supervisorctl does exactly this.
-        self.rpc.supervisor.stopAllProcesses(True)
-        self.rpc.supervisor.startAllProcesses(True)
-
     def stop_all(self) -> None:
         self.rpc.supervisor.stopAllProcesses(True)
 
@@ -171,9 +168,6 @@ class Supervisord(Target):
 
     def close_client(self) -> None:
         self.rpc("close")()
-
-    def version(self) -> str:
-        return str(self.rpc.supervisor.getSupervisorVersion())
 
 
 def _toml(value: object) -> str:
@@ -243,18 +237,11 @@ class Agentd(Target):
         return True
 
     def states(self) -> States:
-        data = self.api.request("GET", "/api/v1/processes")
-        if isinstance(data, dict):
-            data = data.get("processes", data.get("contents", []))
         return {
             item["name"]: (item["state"], item.get("pid"))
-            for item in data
+            for item in self.api.request("GET", "/api/v1/processes")
             if item["name"] != "ocp_agentd"
         }
-
-    def restart_all(self) -> None:
-        self.api.request("POST", "/api/v1/agent/stop-all", {})
-        self.api.request("POST", "/api/v1/agent/start-all", {})
 
     def stop_all(self) -> None:
         self.api.request("POST", "/api/v1/agent/stop-all", {})
@@ -264,7 +251,3 @@ class Agentd(Target):
 
     def close_client(self) -> None:
         self.api.close()
-
-    def version(self) -> str:
-        data = self.api.request("GET", "/api/v1/status")
-        return str(data.get("version", "?"))

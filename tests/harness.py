@@ -484,10 +484,7 @@ class DaemonRunner:
         return self._data("GET", "/api/v1/status")
 
     def processes(self) -> list[dict[str, Any]]:
-        data = self._data("GET", "/api/v1/processes")
-        if isinstance(data, dict):  # tolerate {"processes": [...]} or {"contents": [...]}
-            data = data.get("processes", data.get("contents", data))
-        return list(data)
+        return self._data("GET", "/api/v1/processes")
 
     def process(self, name: str) -> dict[str, Any]:
         return self._data("GET", f"/api/v1/processes/{name}")

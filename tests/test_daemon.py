@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
-from harness import DaemonRunner, wait_for
+from harness import DaemonRunner, check_config, wait_for
 
 from ocp_agentd.daemon import BUSY_SECONDS, HOUSEKEEPING_SECONDS
 from ocp_agentd.demo.config import demo_command
@@ -45,7 +45,7 @@ def instances(runner: DaemonRunner, name: str) -> int:
 
 def test_check_accepts_the_demo_config(daemon_factory) -> None:
     runner = daemon_factory(start=False)
-    result = run_daemon("--check", "--config", str(runner.config))
+    result = check_config(runner.config)
     assert result.returncode == 0, result.stderr
     assert "pos_proxy" in result.stdout and "is valid" in result.stdout
 

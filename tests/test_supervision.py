@@ -15,6 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
+from harness import free_port, marked_processes
 
 from ocp_agentd.config import ProgramSpec, Settings
 from ocp_agentd.supervision import OperationFailed, State, Supervisor
@@ -24,26 +25,9 @@ from ocp_agentd.supervision.proctable import MARK_STATE_DIR
 SH = "/bin/sh"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def marked(state_dir: Path) -> list[psutil.Process]:
     """Every live process carrying this test's state-dir marker."""
-    found = []
-    needle = f"{MARK_STATE_DIR}={state_dir}"
-    for proc in psutil.process_iter():
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            env = proc.environ()
-        except (psutil.Error, OSError):
-            continue
-        if f"{MARK_STATE_DIR}={env.get(MARK_STATE_DIR)}" == needle:
-            found.append(proc)
-    return found
+    return marked_processes([(MARK_STATE_DIR, str(state_dir))])
 
 
 def kill_marked(state_dir: Path) -> None:

@@ -119,10 +119,8 @@ def _answers(client: ApiClient) -> bool:
 
 
 def _process_states(client: ApiClient) -> dict[str, str]:
-    data = client.get("/api/v1/processes", timeout=5.0).check()
-    if isinstance(data, dict):
-        data = data.get("processes", data.get("contents", data))
-    return {record["name"]: record["state"] for record in data}
+    records = client.get("/api/v1/processes", timeout=5.0).check()
+    return {record["name"]: record["state"] for record in records}
 
 
 def test_daemon_notifies_ready_status_watchdog_reload_and_stopping(daemon_factory, notify_dir):
