@@ -94,13 +94,14 @@ fi
 scripts=$work/scripts
 rm -rf "$scripts" && mkdir -p "$scripts"
 for part in "$here"/scripts/deb-* "$here"/scripts/rpm-*; do
+    name=$(basename "$part")
     {
         echo "#!/bin/sh"
-        echo "# ocp-agentd $version: $(basename "$part")"
+        echo "# ocp-agentd $version: $name"
         echo "set -e"
         cat "$here/scripts/common.sh" "$part"
-    } >"$scripts/$(basename "$part")"
-    sh -n "$scripts/$(basename "$part")"
+    } >"$scripts/$name"
+    sh -n "$scripts/$name"
 done
 
 log "nfpm: $formats, version $version"

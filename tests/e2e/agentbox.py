@@ -1,15 +1,19 @@
 """What the container scenarios share: the demo config for the container, the unit's
-drop-in, and `Scenario` with the queries the steps make (systemctl show, ocp-agentctl,
-the programs' processes read from /proc, the journal, a file system snapshot)."""
+drop-in, file system snapshots and their changes, `booted()` for a scenario's container,
+and `Scenario` with the queries the steps make (systemctl show, ocp-agentctl, the
+programs' processes read from /proc, the journal, a file system snapshot)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from nspawn import Container
+from nspawn import Chroot, Container
 
 from ocp_agentd.demo.config import to_toml
 
@@ -55,6 +59,16 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
                       "cmd": [c.decode() for c in cmd if c]})
 print(json.dumps(found))
 """
+
+
+def snapshot(tree: Container | Chroot) -> list[str]:
+    """Every path of the tree's file system that SNAPSHOT compares, sorted."""
+    return tree.sh(SNAPSHOT).stdout.splitlines()
+
+
+def changes(before: list[str], after: list[str]) -> tuple[list[str], list[str]]:
+    """(added, removed): the paths only in `after`, and those only in `before`."""
+    return sorted(set(after) - set(before)), sorted(set(before) - set(after))
 
 
 def program(module: str, *args: object, **keys: Any) -> dict[str, Any]:
@@ -152,4 +166,19 @@ class Scenario:
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
     def snapshot(self) -> list[str]:
-        return self.box.sh(SNAPSHOT).stdout.splitlines()
+        return snapshot(self.box)
+
+
+@contextlib.contextmanager
+def booted(tree: Path, packages: Any, files: dict[str, Path]) -> Iterator[Scenario]:
+    """A container booted from tree with `files` (inside path: host file) put in it, as
+    the Scenario its steps share; afterwards nothing of the container is left."""
+    box = Container(tree)
+    try:
+        box.boot()
+        for inside, source in files.items():
+            box.put(inside, source)
+        yield Scenario(box, packages)
+    finally:
+        box.destroy()
+        assert not box.leftovers(), box.leftovers()

@@ -178,30 +178,99 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _is_systemd(pid: int | str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "systemd"
+    except OSError:
+        return False
+
+
+def _stale(path: Path) -> bool:
+    """Made by an e2e run whose pid is gone."""
+    match = re.match(rf"{PREFIX}(\d+)-", path.name)
+    return match is not None and not _alive(int(match.group(1)))
+
+
 def clean_stale() -> None:
     """Removes what an e2e run that was killed left behind (its pid is gone)."""
     for root in _cgroup_roots():
-        for group in root.glob(PREFIX + "*"):
-            match = re.match(rf"{PREFIX}(\d+)-", group.name)
-            if match and not _alive(int(match.group(1))):
-                log(f"removing stale cgroup {group}")
-                _remove_cgroup(group)
-    for tree in WORK.glob(PREFIX + "*"):
-        match = re.match(rf"{PREFIX}(\d+)-", tree.name)
-        if match and not _alive(int(match.group(1))):
-            log(f"removing stale container tree {tree}")
-            shutil.rmtree(tree, ignore_errors=True)
+        for group in filter(_stale, root.glob(PREFIX + "*")):
+            log(f"removing stale cgroup {group}")
+            _remove_cgroup(group)
+    for tree in filter(_stale, WORK.glob(PREFIX + "*")):
+        log(f"removing stale container tree {tree}")
+        shutil.rmtree(tree, ignore_errors=True)
 
 
-# ---- the container -----------------------------------------------------------------------------
+# ---- the trees ---------------------------------------------------------------------------------
 
-class Container:
-    def __init__(self, base: Path, boot_timeout: float = 90.0) -> None:
+class _Tree:
+    """A copy of the base tree under WORK, and running things in it: `_enter()` is the
+    command that puts its arguments inside, `where` names the place in errors."""
+
+    where = ""
+
+    def __init__(self, base: Path) -> None:
         self.base = base
         self.name = f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.machine = "ocpe2e" + self.name.rsplit("-", 1)[-1]
         self.dir = WORK / self.name
         self.root = self.dir / "root"
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def destroy(self) -> None:
+        raise NotImplementedError
+
+    def _copy_base(self) -> None:
+        self.dir.mkdir(parents=True)
+        subprocess.run(["cp", "-a", "--reflink=auto", str(self.base), str(self.root)],
+                       check=True)
+
+    def _enter(self) -> list[str]:
+        raise NotImplementedError
+
+    def run(self, *command: str, check: bool = True, timeout: float = 120.0,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [*self._enter(), "env", "-i",
+             *(f"{k}={v}" for k, v in CONTAINER_ENV.items()), *command],
+            capture_output=True, text=True, timeout=timeout,
+            input=input, stdin=None if input is not None else subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"in the {self.where}: {shlex.join(command)} exited {result.returncode}\n"
+                f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+            )
+        return result
+
+    def sh(self, script: str, **kwargs) -> subprocess.CompletedProcess[str]:
+        return self.run("sh", "-ec", script, **kwargs)
+
+    def path(self, inside: str) -> Path:
+        """The host path of a path inside the tree (for files, not /run or /tmp)."""
+        return self.root / inside.lstrip("/")
+
+    def put(self, inside: str, content: str | bytes | Path, mode: int = 0o644) -> None:
+        target = self.path(inside)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Path):
+            shutil.copyfile(content, target)
+        elif isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content)
+        target.chmod(mode)
+
+
+class Container(_Tree):
+    where = "container"
+
+    def __init__(self, base: Path, boot_timeout: float = 90.0) -> None:
+        super().__init__(base)
+        self.machine = "ocpe2e" + self.name.rsplit("-", 1)[-1]
+        self.propagate = Path("/run/systemd/nspawn/propagate") / self.machine
         self.console_log = self.dir / "console.log"
         self.cgroups = [root / self.name for root in _cgroup_roots()]
         self.boot_timeout = boot_timeout
@@ -218,14 +287,9 @@ class Container:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.destroy()
-
     def boot(self) -> None:
         started = time.monotonic()
-        self.dir.mkdir(parents=True)
-        subprocess.run(["cp", "-a", "--reflink=auto", str(self.base), str(self.root)],
-                       check=True)
+        self._copy_base()
         for group in self.cgroups:
             group.mkdir()
         enter = " ".join(f"echo $$ > {shlex.quote(str(g / 'cgroup.procs'))};" for g in self.cgroups)
@@ -270,9 +334,8 @@ class Container:
         children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children")
         with contextlib.suppress(OSError):
             for pid in children.read_text().split():
-                with contextlib.suppress(OSError):
-                    if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
-                        return int(pid)
+                if _is_systemd(pid):
+                    return int(pid)
         return None
 
     def console(self) -> str:
@@ -303,7 +366,7 @@ class Container:
         if self.nspawn is not None and self.nspawn.poll() is None:
             self.nspawn.kill()
             self.nspawn.wait(10)
-        shutil.rmtree(Path("/run/systemd/nspawn/propagate") / self.machine, ignore_errors=True)
+        shutil.rmtree(self.propagate, ignore_errors=True)
         lock = Path("/run/systemd/nspawn/locks")
         for path in lock.glob(f"*{self.machine}*") if lock.exists() else []:
             with contextlib.suppress(OSError):
@@ -315,92 +378,34 @@ class Container:
         found = [str(g) for g in self.cgroups if g.exists()]
         if self.dir.exists():
             found.append(str(self.dir))
-        propagate = Path("/run/systemd/nspawn/propagate") / self.machine
-        if propagate.exists():
-            found.append(str(propagate))
+        if self.propagate.exists():
+            found.append(str(self.propagate))
         if self.nspawn is not None and self.nspawn.poll() is None:
             found.append(f"systemd-nspawn pid {self.nspawn.pid}")
-        if self.pid1 is not None and _alive(self.pid1):
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{self.pid1}/comm").read_text().strip() == "systemd":
-                    found.append(f"container init pid {self.pid1}")
+        if self.pid1 is not None and _is_systemd(self.pid1):
+            found.append(f"container init pid {self.pid1}")
         return found
 
-    # running things inside
-
-    def run(self, *command: str, check: bool = True, timeout: float = 120.0,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def _enter(self) -> list[str]:
         assert self.pid1 is not None, "container not booted"
-        result = subprocess.run(
-            ["nsenter", "-t", str(self.pid1), "-a", "env", "-i",
-             *(f"{k}={v}" for k, v in CONTAINER_ENV.items()), *command],
-            capture_output=True, text=True, timeout=timeout,
-            input=input, stdin=None if input is not None else subprocess.DEVNULL,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"in the container: {shlex.join(command)} exited {result.returncode}\n"
-                f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-            )
-        return result
-
-    def sh(self, script: str, **kwargs) -> subprocess.CompletedProcess[str]:
-        return self.run("sh", "-ec", script, **kwargs)
-
-    def path(self, inside: str) -> Path:
-        """The host path of a path inside the container (for files, not /run or /tmp)."""
-        return self.root / inside.lstrip("/")
-
-    def put(self, inside: str, content: str | bytes | Path, mode: int = 0o644) -> None:
-        target = self.path(inside)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, Path):
-            shutil.copyfile(content, target)
-        elif isinstance(content, bytes):
-            target.write_bytes(content)
-        else:
-            target.write_text(content)
-        target.chmod(mode)
+        return ["nsenter", "-t", str(self.pid1), "-a"]
 
 
-class Chroot:
+class Chroot(_Tree):
     """A copy of the tree entered with chroot, no systemd running: what a package sees
     when it is installed while building an image (the scripts must not start anything)."""
 
+    where = "chroot"
+
     def __init__(self, base: Path) -> None:
-        self.name = f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.dir = WORK / self.name
-        self.root = self.dir / "root"
-        self.dir.mkdir(parents=True)
-        subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(self.root)], check=True)
+        super().__init__(base)
+        self._copy_base()
 
     def __enter__(self) -> Chroot:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.destroy()
-
     def destroy(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def run(self, *command: str, check: bool = True, timeout: float = 120.0
-            ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            ["chroot", str(self.root), "env", "-i",
-             *(f"{k}={v}" for k, v in CONTAINER_ENV.items()), *command],
-            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"in the chroot: {shlex.join(command)} exited {result.returncode}\n"
-                f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-            )
-        return result
-
-    def sh(self, script: str, **kwargs) -> subprocess.CompletedProcess[str]:
-        return self.run("sh", "-ec", script, **kwargs)
-
-    def path(self, inside: str) -> Path:
-        return self.root / inside.lstrip("/")
-
-    put = Container.put
+    def _enter(self) -> list[str]:
+        return ["chroot", str(self.root)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from agentbox import SNAPSHOT, UNIT
+from agentbox import UNIT, changes, snapshot
 from nspawn import Chroot
 
 pytestmark = pytest.mark.e2e
@@ -23,7 +23,7 @@ def chroot(debian_tree) -> Iterator[Chroot]:
 def test_dpkg_lifecycle_without_systemd(chroot, packages):
     chroot.put("/root/e2e/current.deb", packages.deb)
     chroot.put("/root/e2e/next.deb", packages.next_deb)
-    before = chroot.sh(SNAPSHOT).stdout.splitlines()
+    before = snapshot(chroot)
 
     chroot.run("dpkg", "-i", "/root/e2e/current.deb", timeout=300)
     # Enabled for the next boot, nothing started.
@@ -32,11 +32,10 @@ def test_dpkg_lifecycle_without_systemd(chroot, packages):
     assert chroot.run("ocp-agentd", "--check").returncode == 0
     assert chroot.run("ocp-agentctl", "status", check=False).returncode == 3  # no daemon
 
-    chroot.path("/etc/ocp_agentd/config.toml").write_text(
-        chroot.path("/etc/ocp_agentd/config.toml").read_text().replace("host_id = 1", "host_id = 9")
-    )
+    config = chroot.path("/etc/ocp_agentd/config.toml")
+    config.write_text(config.read_text().replace("host_id = 1", "host_id = 9"))
     chroot.run("dpkg", "-i", "/root/e2e/next.deb", timeout=300)
-    assert "host_id = 9" in chroot.path("/etc/ocp_agentd/config.toml").read_text()
+    assert "host_id = 9" in config.read_text()
     version = chroot.run("dpkg-query", "-W", "-f=${Version}", "ocp-agentd").stdout
     assert version == packages.next_version
 
@@ -44,6 +43,5 @@ def test_dpkg_lifecycle_without_systemd(chroot, packages):
     assert not wants.is_symlink()
     assert not chroot.path("/opt/ocp_agentd").exists()
     chroot.run("dpkg", "-P", "ocp-agentd", timeout=300)
-    after = chroot.sh(SNAPSHOT).stdout.splitlines()
-    added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+    added, removed = changes(before, snapshot(chroot))
     assert (added, removed) == ([], []), f"added: {added}\nremoved: {removed}"

@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from agentbox import CONFIG, DROPIN, DROPIN_DIR, FIRST, UNIT, Scenario, config
-from nspawn import Container, log
+from agentbox import CONFIG, DROPIN, DROPIN_DIR, FIRST, UNIT, Scenario, booted, changes, config
+from nspawn import log
 
 pytestmark = [pytest.mark.e2e, pytest.mark.steps]
 
@@ -24,15 +24,9 @@ RPM = ("rpm", "--nodeps", "--force-debian")
 
 @pytest.fixture(scope="module")
 def scenario(debian_tree, packages) -> Iterator[Scenario]:
-    box = Container(debian_tree)
-    try:
-        box.boot()
-        box.put("/root/e2e/current.rpm", packages.rpm)
-        box.put("/root/e2e/next.rpm", packages.next_rpm)
-        yield Scenario(box, packages)
-    finally:
-        box.destroy()
-        assert not box.leftovers(), box.leftovers()
+    with booted(debian_tree, packages, {"/root/e2e/current.rpm": packages.rpm,
+                                        "/root/e2e/next.rpm": packages.next_rpm}) as scenario:
+        yield scenario
 
 
 def test_rpm_install_enables_and_starts(scenario):
@@ -90,9 +84,7 @@ def test_rpm_erase_stops_everything(scenario):
     box.run("rm", "-rf", "/etc/ocp_agentd", "/var/lib/ocp_agentd", "/var/log/ocp_agentd",
             DROPIN_DIR)
     box.run("systemctl", "daemon-reload")
-    after = scenario.snapshot()
-    added = sorted(set(after) - set(scenario.before))
-    removed = sorted(set(scenario.before) - set(after))
+    added, removed = changes(scenario.before, scenario.snapshot())
     assert (added, removed) == ([], []), f"added: {added}\nremoved: {removed}"
 
 

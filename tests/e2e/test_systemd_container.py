@@ -27,24 +27,20 @@ from agentbox import (
     UNIT,
     WATCHDOG_SEC,
     Scenario,
+    booted,
+    changes,
     config,
 )
-from nspawn import Container, log
+from nspawn import log
 
 pytestmark = [pytest.mark.e2e, pytest.mark.steps]
 
 
 @pytest.fixture(scope="module")
 def scenario(debian_tree, packages) -> Iterator[Scenario]:
-    box = Container(debian_tree)
-    try:
-        box.boot()
-        box.put("/root/e2e/current.deb", packages.deb)
-        box.put("/root/e2e/next.deb", packages.next_deb)
-        yield Scenario(box, packages)
-    finally:
-        box.destroy()
-        assert not box.leftovers(), box.leftovers()
+    with booted(debian_tree, packages, {"/root/e2e/current.deb": packages.deb,
+                                        "/root/e2e/next.deb": packages.next_deb}) as scenario:
+        yield scenario
 
 
 def test_install_enables_and_starts(scenario):
@@ -248,9 +244,7 @@ def test_remove_then_purge_leaves_nothing(scenario):
     box.run("rm", "-rf", DROPIN_DIR)
     box.run("systemctl", "daemon-reload")
     assert box.run("systemctl", "cat", UNIT, check=False).returncode != 0
-    after = scenario.snapshot()
-    added, removed = sorted(set(after) - set(scenario.before)), sorted(
-        set(scenario.before) - set(after))
+    added, removed = changes(scenario.before, scenario.snapshot())
     assert (added, removed) == ([], []), f"added: {added}\nremoved: {removed}"
 
 

@@ -1,9 +1,12 @@
-"""Helpers of the fault suite: envelope checks, the process table, mounts."""
+"""Helpers of the fault suite: envelope checks, the daemon's host id and tokens, the process
+table, mounts and a full disk."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
+from harness import DaemonRunner, wait_for
 
 # The codes of SPEC section 4, plus 2004 (process operation failed, see api/envelope.py).
 DOCUMENTED_CODES = {
@@ -40,6 +44,17 @@ def envelope_problem(status: int, envelope: dict[str, Any] | None) -> str | None
     if status >= 500:
         return f"HTTP {status}: server error {error}"
     return None
+
+
+def host_id(runner: DaemonRunner) -> int:
+    """The host id the daemon answers for (the demo config's 2 when its config is invalid)."""
+    return runner.settings.agent.host_id if runner.settings else 2
+
+
+def token_entry(name: str, token: str, permissions: list[str]) -> dict[str, Any]:
+    """An [[api.tokens]] entry for `token`, which the config holds only as its sha256."""
+    return {"name": name, "sha256": hashlib.sha256(token.encode()).hexdigest(),
+            "permissions": permissions}
 
 
 # --- the process table ---------------------------------------------------------------------
@@ -78,6 +93,21 @@ def marked(state_dir: str) -> list[tuple[int, dict[str, str]]]:
     return found
 
 
+def kill_and_wait_restart(
+    runner: DaemonRunner, name: str, message: str, timeout: float = 20.0
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SIGKILLs the program's main process and waits until it is RUNNING under a new pid;
+    the program's record before and after."""
+    before = runner.process(name)
+    os.kill(before["pid"], signal.SIGKILL)
+    after = wait_for(
+        lambda: (r := runner.process(name))["state"] == "RUNNING" and r["pid"] != before["pid"]
+        and r,
+        timeout, message,
+    )
+    return before, after
+
+
 def zombies() -> list[tuple[int, int, str]]:
     """(pid, ppid, name) of every zombie in the table."""
     found = []
@@ -107,6 +137,17 @@ def tmpfs(path: Path, size: str = "1m", options: str = "") -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def fill(path: Path, chunk: int = 65536) -> None:
+    """Writes zeros to the file at path until its file system has no room left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while os.write(fd, b"\0" * chunk):
+                pass
+    finally:
+        os.close(fd)
 
 
 def python_sleeper(tag: str) -> list[str]:

@@ -3,6 +3,7 @@ task database. The daemon must refuse clearly, or carry on safely."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from faultlib import by_cmdline, marked, python_sleeper, tmpfs
-from harness import DaemonRunner, kill_marked, wait_for, write_demo_config
+from faultlib import by_cmdline, fill, host_id, kill_and_wait_restart, marked, python_sleeper, tmpfs
+from harness import DaemonRunner, free_port_block, kill_marked, wait_for, write_demo_config
 
 pytestmark = pytest.mark.faults
 
@@ -26,44 +27,41 @@ def _run_once(config: Path, timeout: float = 30.0) -> subprocess.CompletedProces
     )
 
 
-def _refuses(tmp_path: Path, state_dir: Path) -> subprocess.CompletedProcess:
-    from harness import free_port_block
-
-    config = write_demo_config(
-        tmp_path / "cfg", free_port_block(2), overrides={"agent": {"state_dir": str(state_dir)}}
-    )
+def _refuses(tmp_path: Path, state_dir: Path, log_dir: Path | None = None) -> None:
+    """The daemon refuses to start, naming state_dir (or log_dir, when given) as not
+    writable, and starts no program."""
+    agent = {"state_dir": str(state_dir)}
+    if log_dir is not None:
+        agent["log_dir"] = str(log_dir)
+    config = write_demo_config(tmp_path / "cfg", free_port_block(2), overrides={"agent": agent})
     try:
         done = _run_once(config)
     finally:
         kill_marked("OCP_AGENTD_STATE_DIR", str(state_dir))
     assert done.returncode == 1, (done.returncode, done.stderr)
-    assert str(state_dir) in done.stderr and "not writable" in done.stderr, done.stderr
+    unwritable = str(log_dir or state_dir)
+    assert unwritable in done.stderr and "not writable" in done.stderr, done.stderr
     assert not marked(str(state_dir)), "a program was started although the daemon refused"
-    return done
 
 
-@pytest.mark.faults
 def test_state_dir_is_a_file(tmp_path):
     blocker = tmp_path / "state"
     blocker.write_text("not a folder\n")
     _refuses(tmp_path, blocker)
 
 
-@pytest.mark.faults
 def test_state_dir_under_a_file(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder\n")
     _refuses(tmp_path, blocker / "state")
 
 
-@pytest.mark.faults
 def test_state_dir_on_read_only_mount(tmp_path):
     # Root ignores permission bits, not a read-only file system.
     with tmpfs(tmp_path / "ro", options="ro") as mount:
         _refuses(tmp_path, mount / "state")
 
 
-@pytest.mark.faults
 def test_state_dir_immutable(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
@@ -80,7 +78,6 @@ def _record_path(runner: DaemonRunner, name: str) -> Path:
     return Path(runner.state_dir) / "pids" / f"{name}.json"
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("damage", ["half", "empty", "garbage", "wrong-types", "tmp-leftover"])
 def test_half_written_pid_record(daemon_factory, damage):
     """A damaged pid record is ignored: the program is adopted by its marker, never doubled."""
@@ -109,7 +106,6 @@ def test_half_written_pid_record(daemon_factory, damage):
         assert "unreadable pid record" in runner.log()
 
 
-@pytest.mark.faults
 def test_pid_record_of_a_stranger_is_never_signalled(daemon_factory, tmp_path):
     """A record naming a live unrelated process (pid reuse) must not make it a target."""
     runner = daemon_factory(wait_running=True)
@@ -117,10 +113,7 @@ def test_pid_record_of_a_stranger_is_never_signalled(daemon_factory, tmp_path):
     stranger = subprocess.Popen(python_sleeper(f"stranger-{tmp_path.name}"))
     try:
         record = _record_path(runner, "ob_logtailer")
-        old = runner.settings
-        assert old is not None
-        import json
-
+        assert runner.settings is not None
         data = json.loads(record.read_text())
         kill_marked("OCP_AGENTD_PROGRAM", "ob_logtailer")  # the real one is gone meanwhile
         data["pid"] = stranger.pid  # its start time and command line do not match
@@ -136,11 +129,8 @@ def test_pid_record_of_a_stranger_is_never_signalled(daemon_factory, tmp_path):
         stranger.wait(10)
 
 
-@pytest.mark.faults
 def test_disk_full_while_logging(tmp_path, figures):
     """log_dir on a tiny tmpfs, filled up: supervision and the API go on."""
-    from harness import free_port_block
-
     base = tmp_path / "d"
     with tmpfs(tmp_path / "logs", size="2m") as logs:
         quiet = python_sleeper(f"quiet-{tmp_path.name}")
@@ -166,23 +156,9 @@ def test_disk_full_while_logging(tmp_path, figures):
                 return psutil.disk_usage(str(logs)).free < 64 * 1024
 
             wait_for(full, 30, "the spammer to fill the log file system")
-            # Whatever room is left goes too.
-            fd = os.open(logs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                while os.write(fd, b"\0" * 4096):
-                    pass
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            fill(logs / "filler", 4096)  # whatever room is left goes too
             assert psutil.disk_usage(str(logs)).free < 4096 * 2
-            first = runner.process("quiet")
-            os.kill(first["pid"], 9)
-            again = wait_for(
-                lambda: (r := runner.process("quiet"))["state"] == "RUNNING"
-                and r["pid"] != first["pid"] and r,
-                20, "quiet restarted on a full disk",
-            )
+            first, again = kill_and_wait_restart(runner, "quiet", "quiet restarted on a full disk")
             assert len(by_cmdline(quiet)) == 1
             status = runner.status()
             assert status
@@ -199,18 +175,23 @@ def test_disk_full_while_logging(tmp_path, figures):
             runner.cleanup()
 
 
-def _restart_task(runner: DaemonRunner) -> dict:
-    host = runner.settings.agent.host_id if runner.settings else 2
-    task = runner.post(f"/compute/hosts/{host}/agent/restart").check()
+def _restart_path(runner: DaemonRunner) -> str:
+    return f"/compute/hosts/{host_id(runner)}/agent/restart"
 
+
+def _wait_final(runner: DaemonRunner, task_id: int, timeout: float, message: str) -> dict:
     def final() -> dict | None:
-        got = runner.get(f"/api/v2/tasks/instances/{task['id']}").check()
+        got = runner.get(f"/api/v2/tasks/instances/{task_id}").check()
         return got if got["status"] in ("SUCCESSFUL", "FAILED") else None
 
-    return wait_for(final, 120, f"task {task['id']} final")
+    return wait_for(final, timeout, message)
 
 
-@pytest.mark.faults
+def _restart_task(runner: DaemonRunner) -> dict:
+    task = runner.post(_restart_path(runner)).check()
+    return _wait_final(runner, task["id"], 120, f"task {task['id']} final")
+
+
 @pytest.mark.parametrize("damage", ["garbage", "pages"])
 def test_corrupted_task_database_moved_aside(daemon_factory, damage):
     runner = daemon_factory(wait_running=True)
@@ -244,7 +225,6 @@ def test_corrupted_task_database_moved_aside(daemon_factory, damage):
     runner.wait_all_running()
 
 
-@pytest.mark.faults
 def test_state_disk_full(daemon_factory, tmp_path):
     """state_dir's disk fills up: a new task is refused with the envelope and the real cause
     in the log, supervision goes on, and once there is room tasks run again, none lost."""
@@ -254,24 +234,13 @@ def test_state_disk_full(daemon_factory, tmp_path):
         first = _restart_task(runner)
         assert first["status"] == "SUCCESSFUL"
         filler = mount / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            while os.write(fd, b"\0" * 65536):
-                pass
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-        host = runner.settings.agent.host_id if runner.settings else 2
-        refused = runner.post(f"/compute/hosts/{host}/agent/restart")
+        fill(filler)
+        refused = runner.post(_restart_path(runner))
         assert not refused.successful and refused.code == 5000, refused.text
         assert "disk is full" in refused.error["message"], refused.text
         assert "Traceback" not in refused.text
         assert "disk is full" in runner.log(), "the real cause is not in the log"
-        before = runner.process("ocp_exporter")
-        os.kill(before["pid"], 9)
-        wait_for(lambda: (r := runner.process("ocp_exporter"))["state"] == "RUNNING"
-                 and r["pid"] != before["pid"], 20, "a restart on a full state disk")
+        kill_and_wait_restart(runner, "ocp_exporter", "a restart on a full state disk")
         filler.unlink()
         second = _restart_task(runner)
         assert second["status"] == "SUCCESSFUL"
@@ -280,7 +249,6 @@ def test_state_disk_full(daemon_factory, tmp_path):
         runner.stop()
 
 
-@pytest.mark.faults
 def test_state_disk_full_during_a_task(daemon_factory, tmp_path):
     """The disk fills while a restart task runs: its state cannot be recorded, so it waits;
     once there is room it finishes without a daemon restart and frees the host's lock."""
@@ -289,26 +257,13 @@ def test_state_disk_full_during_a_task(daemon_factory, tmp_path):
     with tmpfs(tmp_path / "state", size="4m") as mount:
         runner = daemon_factory(slow, {"agent": {"state_dir": str(mount / "state")}},
                                 wait_running=True)
-        host = runner.settings.agent.host_id if runner.settings else 2
-        task = runner.post(f"/compute/hosts/{host}/agent/restart").check()  # >= 3 s long
+        task = runner.post(_restart_path(runner)).check()  # >= 3 s long
         filler = mount / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            while os.write(fd, b"\0" * 65536):
-                pass
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fill(filler)
         wait_for(lambda: "disk is full" in runner.log(), 30, "the task store to hit the full disk")
         filler.unlink()
         daemon_pid = runner.pid
-
-        def final() -> dict | None:
-            got = runner.get(f"/api/v2/tasks/instances/{task['id']}").check()
-            return got if got["status"] in ("SUCCESSFUL", "FAILED") else None
-
-        done = wait_for(final, 60, "the task to finish once there is room")
+        done = _wait_final(runner, task["id"], 60, "the task to finish once there is room")
         assert runner.pid == daemon_pid and runner.running
         assert done["status"] == "SUCCESSFUL", done
         assert _restart_task(runner)["status"] == "SUCCESSFUL"  # the lock was released
@@ -316,24 +271,11 @@ def test_state_disk_full_during_a_task(daemon_factory, tmp_path):
         runner.stop()
 
 
-@pytest.mark.faults
 def test_log_dir_on_read_only_mount(tmp_path):
-    from harness import free_port_block
-
     with tmpfs(tmp_path / "ro", options="ro") as mount:
-        state = tmp_path / "state"
-        config = write_demo_config(tmp_path / "cfg", free_port_block(2), overrides={
-            "agent": {"state_dir": str(state), "log_dir": str(mount / "log")}})
-        try:
-            done = _run_once(config)
-        finally:
-            kill_marked("OCP_AGENTD_STATE_DIR", str(state))
-        assert done.returncode == 1, (done.returncode, done.stderr)
-        assert str(mount / "log") in done.stderr and "not writable" in done.stderr
-        assert not marked(str(state))
+        _refuses(tmp_path, tmp_path / "state", log_dir=mount / "log")
 
 
-@pytest.mark.faults
 def test_second_daemon_on_the_same_state_dir(daemon_factory):
     """A second daemon on the same state refuses, naming the first; nothing is doubled."""
     first = daemon_factory(wait_running=True)
@@ -347,7 +289,6 @@ def test_second_daemon_on_the_same_state_dir(daemon_factory):
         assert len(by_cmdline(record["command"])) == 1
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage", b"99999999\n"])
 def test_stale_or_damaged_instance_lock(daemon_factory, content):
     """A lock file left by a dead daemon, empty or damaged, does not stop the next one."""
@@ -359,7 +300,6 @@ def test_stale_or_damaged_instance_lock(daemon_factory, content):
     runner.wait_all_running()
 
 
-@pytest.mark.faults
 def test_socket_path_taken_by_a_file(daemon_factory):
     """Something else sits where the socket goes: a clear refusal, no program left behind."""
     runner = daemon_factory(start=False)

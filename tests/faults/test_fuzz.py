@@ -8,7 +8,6 @@ content types as documented, responses matching their schemas) must pass.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 from collections import Counter
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-from faultlib import envelope_problem
+from faultlib import envelope_problem, token_entry
 from harness import DaemonPool, DaemonRunner, free_port
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
@@ -34,8 +33,7 @@ SEEN: Counter[int] = Counter()
 def fuzz_daemon(tmp_path_factory) -> Iterator[tuple[DaemonRunner, str]]:
     pool = DaemonPool(tmp_path_factory.mktemp("fuzz"))
     port = free_port()
-    tokens = [{"name": "fuzzer", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
-               "permissions": ALL}]
+    tokens = [token_entry("fuzzer", TOKEN, ALL)]
     try:
         runner = pool.make(overrides={"api": {"tcp": f"127.0.0.1:{port}", "tokens": tokens}},
                            wait_running=True)

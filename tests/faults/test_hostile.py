@@ -5,7 +5,6 @@ an envelope with a documented code, never a 5xx, and nobody gets in who should n
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pwd
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from faultlib import envelope_problem
+from faultlib import envelope_problem, host_id, kill_and_wait_restart, token_entry
 from harness import ApiClient, DaemonPool, DaemonRunner, free_port, wait_for
 
 pytestmark = pytest.mark.faults
@@ -32,16 +31,11 @@ TASKS_ONLY = secrets.token_hex(16)
 LIMIT = 4096
 
 
-def _token(name: str, token: str, permissions: list[str]) -> dict[str, Any]:
-    return {"name": name, "sha256": hashlib.sha256(token.encode()).hexdigest(),
-            "permissions": permissions}
-
-
 class Target:
     def __init__(self, runner: DaemonRunner, port: int) -> None:
         self.runner = runner
         self.port = port
-        self.host_id = runner.settings.agent.host_id if runner.settings else 2
+        self.host_id = host_id(runner)
 
     def client(self, token: str | None = FULL) -> ApiClient:
         return ApiClient(host="127.0.0.1", port=self.port, token=token, timeout=30)
@@ -69,9 +63,9 @@ def target(tmp_path_factory) -> Iterator[Target]:
     pool = DaemonPool(tmp_path_factory.mktemp("hostile"))
     port = free_port()
     tokens = [
-        _token("full", FULL, ["HOST_VIEWER", "HOST_MANAGER", "TASK_VIEWER", "TASK_MANAGER"]),
-        _token("viewer", VIEWER, ["HOST_VIEWER"]),
-        _token("tasks", TASKS_ONLY, ["TASK_VIEWER"]),
+        token_entry("full", FULL, ["HOST_VIEWER", "HOST_MANAGER", "TASK_VIEWER", "TASK_MANAGER"]),
+        token_entry("viewer", VIEWER, ["HOST_VIEWER"]),
+        token_entry("tasks", TASKS_ONLY, ["TASK_VIEWER"]),
     ]
     overrides = {"api": {"tcp": f"127.0.0.1:{port}", "tokens": tokens,
                          "max_body_bytes": LIMIT}}
@@ -99,7 +93,6 @@ def expect(response: Any, code: int | None, status: int | None = None) -> None:
 
 # --- bodies ------------------------------------------------------------------------------------
 
-@pytest.mark.faults
 def test_body_over_the_limit(target):
     response = target.client().post("/api/v1/processes/ob_logtailer/start",
                                     body=b"{" + b" " * LIMIT + b"}",
@@ -107,7 +100,6 @@ def test_body_over_the_limit(target):
     expect(response, 1003, 413)
 
 
-@pytest.mark.faults
 def test_chunked_body_over_the_limit(target):
     chunk = b" " * 1024
     body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(LIMIT // 1024 + 2))
@@ -120,7 +112,6 @@ def test_chunked_body_over_the_limit(target):
     expect(target.raw(request), 1003, 413)
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("body", [
     b'{"timeout": "\xff\xfe"}',
     b"\xc3\x28",
@@ -140,7 +131,6 @@ def test_malformed_bodies(target, body):
     expect(response, 1000, 400)
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("opening,closing", [(b"[", b"]"), (b'{"a":', b"}")])
 def test_deep_json(target, opening, closing):
     depth = (LIMIT - 8) // (len(opening) + len(closing))
@@ -151,7 +141,6 @@ def test_deep_json(target, opening, closing):
     expect(response, 1000, 400)
 
 
-@pytest.mark.faults
 def test_deep_json_at_the_default_limit(daemon_factory):
     """64 KiB of nesting (the default max_body_bytes) is far past the parser's recursion."""
     runner = daemon_factory(wait_running=True)
@@ -165,7 +154,6 @@ def test_deep_json_at_the_default_limit(daemon_factory):
 
 # --- paths and ids -------------------------------------------------------------------------------
 
-@pytest.mark.faults
 @pytest.mark.parametrize("path", [
     "/api/v1/processes/..%2F..%2F..%2Fetc%2Fpasswd",
     "/api/v1/processes/%2e%2e/%2e%2e/etc/passwd",
@@ -189,7 +177,6 @@ def test_path_traversal_in_names(target, path):
     assert b"root:" not in response.body
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("host", ["-1", "0", "abc", "1.5", "2e3", "99999999999999999999999",
                                   "9223372036854775808", "0x2", "%EF%BC%92", "%C2%B2",
                                   "%D9%A2", "2%00"])
@@ -197,12 +184,10 @@ def test_bad_host_ids(target, host):
     expect(target.client().get(f"/compute/hosts/{host}/agent"), 1000, 400)
 
 
-@pytest.mark.faults
 def test_other_host_id(target):
     expect(target.client().get(f"/compute/hosts/{target.host_id + 1}/agent"), 2000, 404)
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("task", ["-5", "0", "abc", "1e9", "9223372036854775808",
                                   "99999999999999999999999999999", "NaN",
                                   "1%3BDROP%20TABLE%20x", "%C2%B2", "%EF%BC%92"])
@@ -213,7 +198,6 @@ def test_bad_task_ids(target, task):
     assert response.code in (1000, 20000), response.text
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("query", ["page=-1", "page=0", "size=0", "size=-3", "size=abc",
                                    "size=99999999999999999999", "page=1&size=1000000"])
 def test_bad_pages(target, query):
@@ -224,7 +208,6 @@ def test_bad_pages(target, query):
         assert response.code in (None, 1000), response.text
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("request_bytes", [
     b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n",
     b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
@@ -244,7 +227,6 @@ def test_malformed_http(target, request_bytes):
 
 # --- slow clients -------------------------------------------------------------------------------
 
-@pytest.mark.faults
 def test_slow_clients_do_not_block_others(target, figures):
     """Twenty clients send their headers one byte a second; others are served meanwhile."""
     stop = threading.Event()
@@ -289,7 +271,6 @@ def test_slow_clients_do_not_block_others(target, figures):
 
 # --- credentials ---------------------------------------------------------------------------------
 
-@pytest.mark.faults
 @pytest.mark.parametrize("header", [
     None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "bearer wrong", f"Bearer {FULL}x",
     f"Bearer {FULL[:-1]}", f"Token {FULL}", "Bearer " + "A" * 4000, "Bearer \u00e9\u00e8",
@@ -304,7 +285,6 @@ def test_missing_or_wrong_token(target, header):
     target.runner.wait_all_running()
 
 
-@pytest.mark.faults
 def test_token_with_too_few_permissions(target):
     viewer, tasks = target.client(VIEWER), target.client(TASKS_ONLY)
     assert viewer.get("/api/v1/status").successful
@@ -377,7 +357,6 @@ def reachable_dir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.faults
 def test_stranger_refused_by_the_socket_mode(daemon_factory, stranger, reachable_dir):
     runner = daemon_factory(overrides={"api": {"socket": f"{reachable_dir}/agentd.sock"}},
                             wait_running=True)
@@ -388,7 +367,6 @@ def test_stranger_refused_by_the_socket_mode(daemon_factory, stranger, reachable
     runner.wait_all_running()
 
 
-@pytest.mark.faults
 def test_stranger_on_a_loose_socket_needs_a_token(daemon_factory, stranger, reachable_dir):
     """Even with the file mode opened up (a misconfiguration), a peer that is not root, the
     daemon's user or in the socket's group holds no permission without a token."""
@@ -405,7 +383,6 @@ def test_stranger_on_a_loose_socket_needs_a_token(daemon_factory, stranger, reac
     assert all(r["state"] == "RUNNING" for r in runner.processes())
 
 
-@pytest.mark.faults
 def test_idle_tcp_connections_cannot_starve_the_daemon(tmp_path, figures):
     """Clients that connect over TCP and never send a byte must not use up the daemon's
     file descriptors: supervision and the unix socket go on, TCP serves again after."""
@@ -421,7 +398,7 @@ def test_idle_tcp_connections_cannot_starve_the_daemon(tmp_path, figures):
     try:
         runner = pool.make(
             overrides={"api": {"tcp": f"127.0.0.1:{port}",
-                               "tokens": [_token("full", FULL, ["HOST_VIEWER"])]}},
+                               "tokens": [token_entry("full", FULL, ["HOST_VIEWER"])]}},
             start=False,
         )
         runner.python = str(limited)
@@ -437,13 +414,8 @@ def test_idle_tcp_connections_cannot_starve_the_daemon(tmp_path, figures):
             lambda: (n := len(os.listdir(f"/proc/{runner.pid}/fd"))) < 600 and n, 20,
             "the daemon to shed the connections past its limit",
         )
-        before = runner.process("ocp_exporter")
-        os.kill(before["pid"], 9)
-        after = wait_for(
-            lambda: (r := runner.process("ocp_exporter"))["state"] == "RUNNING"
-            and r["pid"] != before["pid"] and r,
-            20, "the killed program restarted while TCP is flooded",
-        )
+        before, after = kill_and_wait_restart(
+            runner, "ocp_exporter", "the killed program restarted while TCP is flooded")
         assert runner.status()
         figures["idle TCP connections opened"] = len(idle)
         figures["daemon descriptors meanwhile (limit 1024)"] = fds
@@ -459,7 +431,6 @@ def test_idle_tcp_connections_cannot_starve_the_daemon(tmp_path, figures):
         pool.cleanup()
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("trace", ["A" * 6000, "../../etc/passwd", "<script>", "%0d%0aSet: x",
                                    "é" * 10, "", " ", "0" * 16])
 def test_hostile_trace_ids(target, trace):
@@ -471,7 +442,6 @@ def test_hostile_trace_ids(target, trace):
     assert len(echoed) <= 128 and "<" not in echoed and "\r" not in echoed and "/" not in echoed
 
 
-@pytest.mark.faults
 def test_no_token_in_the_logs(target):
     """Tokens sent, right or wrong, never reach the daemon's log."""
     wrong = secrets.token_hex(16)
@@ -485,14 +455,13 @@ def test_no_token_in_the_logs(target):
         assert token not in logs
 
 
-@pytest.mark.faults
 def test_slow_clients_filling_every_tcp_slot_are_dropped(daemon_factory, figures):
     """More slow clients than TCP connections allowed (256): other TCP callers are turned
     away only until the slow ones miss the 10 s header deadline and are dropped."""
     port = free_port()
     runner = daemon_factory(
         overrides={"api": {"tcp": f"127.0.0.1:{port}",
-                           "tokens": [_token("full", FULL, ["HOST_VIEWER"])]}},
+                           "tokens": [token_entry("full", FULL, ["HOST_VIEWER"])]}},
         wait_running=True,
     )
     stop = threading.Event()
@@ -530,7 +499,6 @@ def test_slow_clients_filling_every_tcp_slot_are_dropped(daemon_factory, figures
     assert served < 20
 
 
-@pytest.mark.faults
 def test_idle_keep_alive_connection_is_closed(target, figures):
     """A client that makes one request and then sits on the connection gives its TCP slot
     back within the keep-alive limit (15 s), not aiohttp's default 75 s."""
