@@ -1,13 +1,13 @@
 """Process supervision: knows processes, nothing of HTTP or tasks."""
 
-from ocp_agentd.supervision.program import (
+from ocp_agentd.supervision.supervisor import ProgramNotFound, Supervisor
+from ocp_agentd.supervision.types import (
     Check,
     OperationFailed,
     ProcessInfo,
     State,
     VerifyResult,
 )
-from ocp_agentd.supervision.supervisor import ProgramNotFound, Supervisor
 
 __all__ = [
     "Check",

@@ -1,9 +1,11 @@
 """One program's state machine: spawn, watch, stop, adopt.
 
-Every state change goes through Program._set_state. Commands (start, stop, restart) and
-automatic restarts take the program's lock, so operations on one program never overlap.
-Exits are seen through a pidfd registered with the event loop: the moment the process
-ends, whether the daemon spawned it or adopted it from an earlier daemon.
+Every state change goes through Program._set_state, which accepts only the moves in
+TRANSITIONS (as supervisord's Subprocess._assertInState). Commands (start, stop, restart)
+and automatic restarts take the program's lock, so operations on one program never
+overlap. Exits are seen through a pidfd registered with the event loop: the moment the
+process ends, whether the daemon spawned it or adopted it from an earlier daemon.
+The tree kill lives in tree.py, spawning in spawn.py, the probes in probes.py.
 """
 
 from __future__ import annotations
@@ -15,167 +17,64 @@ import logging
 import os
 import pwd
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from ocp_agentd.background import Tasks
 from ocp_agentd.config import ProgramSpec
-from ocp_agentd.supervision import checks, output
+from ocp_agentd.supervision import probes, spawn, tree
 from ocp_agentd.supervision.identity import (
-    Handle,
     PidRecord,
     PidRecords,
     create_time,
     pin,
     read_cmdline,
 )
-from ocp_agentd.supervision.proctable import (
-    MARK_PROGRAM,
-    MARK_RUN_ID,
-    MARK_STATE_DIR,
-    ProcEntry,
-    Scanner,
-    read_stat,
-    take_snapshot,
+from ocp_agentd.supervision.proctable import ProcEntry, Scanner
+from ocp_agentd.supervision.types import (
+    Check,
+    ExitInfo,
+    IllegalTransition,
+    Instance,
+    OperationFailed,
+    ProcessInfo,
+    StartAborted,
+    State,
+    VerifyResult,
 )
 
 log = logging.getLogger("ocp_agentd.program")
 
-# Variables of the daemon's own service manager that a child must not inherit.
-_PRIVATE_ENV = (
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "OCP_AGENTD_CONFIG",
-)
-KILL_GRACE = 5.0  # how long SIGKILLed processes get to vanish before a stop is reported failed
-START_ABORTED = "start interrupted by a stop"
 QUICK_EXIT_FLOOR = 1.0  # an exit sooner than this after spawn counts as a quick exit
 
-
-class State(StrEnum):
-    STOPPED = "STOPPED"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    BACKOFF = "BACKOFF"
-    STOPPING = "STOPPING"
-    EXITED = "EXITED"
-    FATAL = "FATAL"
-
-
-class OperationFailed(Exception):
-    def __init__(self, program: str, reason: str) -> None:
-        super().__init__(f"{program}: {reason}")
-        self.program = program
-        self.reason = reason
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail}
-
-
-@dataclass
-class VerifyResult:
-    ok: bool
-    checks: list[Check]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checks": [c.as_dict() for c in self.checks]}
-
-
-@dataclass
-class ProcessInfo:
-    name: str
-    role: str
-    operable: bool
-    state: State
-    pid: int | None
-    create_time: float | None
-    uptime: float | None
-    restarts: int
-    last_exit: dict[str, Any] | None
-    ports: list[int]
-    command: list[str]
-    started_at: float | None
-    user: str
-    log_files: list[str]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "role": self.role,
-            "operable": self.operable,
-            "state": str(self.state),
-            "pid": self.pid,
-            "create_time": self.create_time,
-            "uptime": self.uptime,
-            "restarts": self.restarts,
-            "last_exit": self.last_exit,
-            "ports": self.ports,
-            "command": self.command,
-            "started_at": self.started_at,
-            "user": self.user,
-            "log_files": self.log_files,
-        }
-
-
-@dataclass
-class ExitInfo:
-    code: int | None
-    signal: str | None
-    at: float
-    reason: str
-
-    @property
-    def failed(self) -> bool:
-        return self.code != 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "code": self.code,
-            "signal": self.signal,
-            "at": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="milliseconds"),
-            "reason": self.reason,
-        }
-
-
-@dataclass
-class Instance:
-    """A running copy of the program: the main process, pinned by its pidfd."""
-
-    handle: Handle
-    cmdline: list[str]
-    run_id: str
-    started_at: float
-    started_mono: float
-    popen: subprocess.Popen[bytes] | None  # None when adopted from an earlier daemon
-    exited: asyncio.Future[ExitInfo] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-    @property
-    def pid(self) -> int:
-        return self.handle.pid
+# The legal moves of Program._set_state; staying in a state is always allowed.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING, State.RUNNING}),
+    State.STARTING: frozenset(
+        {State.RUNNING, State.BACKOFF, State.FATAL, State.STOPPING, State.STOPPED}
+    ),
+    State.RUNNING: frozenset({State.EXITED, State.STOPPING, State.STOPPED}),
+    State.BACKOFF: frozenset({State.STARTING, State.FATAL, State.STOPPING, State.STOPPED}),
+    State.STOPPING: frozenset({State.STOPPED, State.STARTING}),
+    State.EXITED: frozenset(
+        {State.STARTING, State.BACKOFF, State.FATAL, State.STOPPING, State.STOPPED}
+    ),
+    State.FATAL: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
+}
 
 
 class Program:
+    """One configured program and its running instance (at most one).
+
+    Raises OperationFailed from start/stop/restart when the goal is not reached, and
+    IllegalTransition when the daemon tries a state move outside TRANSITIONS (a bug).
+    """
+
     def __init__(
         self,
         spec: ProgramSpec,
@@ -202,7 +101,7 @@ class Program:
         # record()'s dict between state changes: (spec, started_mono or None, dict).
         self._record_cache: tuple[Any, float | None, dict[str, Any]] | None = None
         self._restart_pending = False
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = Tasks(log)
         self._not_ready_reason = "waiting"
         self._abort_start: asyncio.Event | None = None
 
@@ -212,6 +111,8 @@ class Program:
         old = self.state
         if old == new:
             return
+        if new not in TRANSITIONS[old]:
+            raise IllegalTransition(f"{self.name}: {old} -> {new} ({reason})")
         self.state = new
         self._record_cache = None
         pid = self.instance.pid if self.instance else None
@@ -314,13 +215,17 @@ class Program:
             )
         )
         if self.spec.ports:
-            listening = await self._tree_ports() if alive else set()
+            missing = (
+                await probes.missing_ports(inst.pid, inst.run_id, self.spec.ports)
+                if alive and inst
+                else list(self.spec.ports)
+            )
             for port in self.spec.ports:
-                ok = port in listening
+                ok = port not in missing
                 results.append(Check(f"port {port}", ok, "listening" if ok else "not listening"))
         if self.spec.health_url:
             why = (
-                await checks.health_ok(self._http(), self.spec.health_url)
+                await probes.health_ok(self._http(), self.spec.health_url)
                 if alive
                 else "not running"
             )
@@ -370,8 +275,7 @@ class Program:
         """Stops watching without touching the process (handover to the next daemon)."""
         self._cancel_timer()
         self._restart_pending = False
-        for task in list(self._background):
-            task.cancel()
+        self._background.cancel()
         if self.instance is not None:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self.instance.handle.pidfd)
@@ -391,15 +295,20 @@ class Program:
             # A live process in any other state is not trusted to become ready: replace it.
             await self._stop_locked()
         self.quick_exits = 0
-        reason = await self._attempt()
+        try:
+            reason = await self._attempt()
+        except StartAborted:
+            raise OperationFailed(self.name, StartAborted.REASON) from None
         if reason is None:
             return self.info()
-        if reason != START_ABORTED:
-            self._after_failed_start(reason)
+        self._after_failed_start(reason)
         raise OperationFailed(self.name, reason)
 
     async def _attempt(self) -> str | None:
-        """One try at STARTING -> RUNNING. None on success, else why it failed."""
+        """One try at STARTING -> RUNNING. None on success, else why it failed.
+
+        Raises StartAborted when a stop interrupted the start (the instance is ended).
+        """
         try:
             inst = self._spawn()
         except OSError as exc:
@@ -427,7 +336,7 @@ class Program:
                         await pending
         if abort.is_set() and not inst.exited.done() and waiter not in done:
             await self._terminate(inst)
-            return START_ABORTED
+            raise StartAborted
         if inst.exited.done():
             info = inst.exited.result()
             self.last_exit = info
@@ -440,6 +349,8 @@ class Program:
         return f"not ready within start_timeout {self.spec.start_timeout:g}s ({why})"
 
     async def _wait_ready(self, inst: Instance) -> None:
+        """Returns once the ports listen and the health URL answers 2xx (spec.start_seconds
+        first); self._not_ready_reason says what is still missing."""
         if self.spec.start_seconds > 0:
             await asyncio.sleep(self.spec.start_seconds)
         if not self.spec.ports and not self.spec.health_url:
@@ -448,12 +359,11 @@ class Program:
         while True:
             missing = []
             if self.spec.ports:
-                listening = await self._tree_ports()
-                missing = [p for p in self.spec.ports if p not in listening]
+                missing = await probes.missing_ports(inst.pid, inst.run_id, self.spec.ports)
             if missing:
                 self._not_ready_reason = f"port(s) {missing} not listening"
             elif self.spec.health_url:
-                why = await checks.health_ok(self._http(), self.spec.health_url)
+                why = await probes.health_ok(self._http(), self.spec.health_url)
                 if why is None:
                     return
                 self._not_ready_reason = why
@@ -462,57 +372,10 @@ class Program:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
-    async def _tree_ports(self) -> set[int]:
-        inst = self.instance
-        if inst is None:
-            return set()
-        return await asyncio.to_thread(_ports_of_tree, inst.pid, inst.run_id)
-
     def _spawn(self) -> Instance:
         spec = self.spec
         run_id = uuid.uuid4().hex
-        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
-        env.update(spec.env)
-        env[MARK_PROGRAM] = self.name
-        env[MARK_STATE_DIR] = str(self._state_dir)
-        env[MARK_RUN_ID] = run_id
-        kwargs: dict[str, Any] = {}
-        if spec.user:
-            account = pwd.getpwnam(spec.user)
-            kwargs.update(
-                user=account.pw_uid,
-                group=account.pw_gid,
-                extra_groups=os.getgrouplist(spec.user, account.pw_gid),
-            )
-            env.update(HOME=account.pw_dir, USER=spec.user, LOGNAME=spec.user)
-        assert spec.stdout_log is not None and spec.stderr_log is not None
-        out = output.open_log(spec.stdout_log)
-        err = out if spec.stderr_log == spec.stdout_log else output.open_log(spec.stderr_log)
-        try:
-            popen = subprocess.Popen(
-                spec.command,
-                cwd=spec.cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-                close_fds=True,
-                **kwargs,
-            )
-        finally:
-            os.close(out)
-            if err != out:
-                os.close(err)
-        entry = read_stat(popen.pid)
-        try:
-            pidfd = os.pidfd_open(popen.pid)
-        except OSError:
-            # Unwatchable (out of file descriptors): better no process than a lost one.
-            popen.kill()
-            popen.wait()
-            raise
-        handle = Handle(popen.pid, entry.starttime if entry else 0, pidfd)
+        popen, handle = spawn.spawn(spec, self._state_dir, run_id)
         cmdline = read_cmdline(popen.pid) or list(spec.command)
         now = time.time()
         inst = Instance(handle, cmdline, run_id, now, time.monotonic(), popen)
@@ -602,33 +465,19 @@ class Program:
                 return  # a command acted in the meantime
             self._restart_pending = False
             self.restarts += 1
-            reason = await self._attempt()
-            if reason is not None and reason != START_ABORTED:
+            try:
+                reason = await self._attempt()
+            except StartAborted:
+                return
+            if reason is not None:
                 self._after_failed_start(reason)
 
     def _spawn_background(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(coro, name=f"{self.name}-background")
 
     def _sweep_later(self, inst: Instance) -> None:
         """After an unexpected exit, ends what is left of that instance's tree."""
-
-        async def sweep() -> None:
-            snap = await self._scanner.snapshot()
-            members = snap.tree(inst.pid, inst.run_id)
-            if members:
-                log.warning(
-                    "%s: ending %d leftover process(es) of pid %d: %s",
-                    self.name,
-                    len(members),
-                    inst.pid,
-                    [m.pid for m in members],
-                    extra={"PROGRAM": self.name},
-                )
-                await self._end_processes(members, signal.SIGKILL, KILL_GRACE)
-
-        self._spawn_background(sweep())
+        self._spawn_background(tree.sweep(self.name, inst, self._scanner))
 
     # ---- internals: stopping ----------------------------------------------------------------
 
@@ -651,124 +500,13 @@ class Program:
         self._set_state(State.STOPPED, "stopped")
 
     async def _terminate(self, inst: Instance) -> None:
-        """stop_signal to the group and the tree, stop_timeout, then SIGKILL to what is left."""
-        snap = await self._scanner.snapshot()
-        members = snap.tree(inst.pid, inst.run_id)
-        handles = _pin_all(members, skip=inst.pid)
-        signum = self.spec.signal_number
-        if not inst.exited.done():
-            with contextlib.suppress(OSError):
-                os.killpg(inst.pid, signum)
-                os.killpg(inst.pid, signal.SIGCONT)  # a stopped process must see the signal
-            inst.handle.send(signum)
-            inst.handle.send(signal.SIGCONT)
-        for handle in handles:
-            handle.send(signum)
-            handle.send(signal.SIGCONT)
-        gone = await _wait_gone(inst, handles, self.spec.stop_timeout)
-        if not gone:
-            snap = await self._scanner.snapshot()
-            handles += _pin_all(
-                snap.tree(inst.pid, inst.run_id), skip=inst.pid, known={h.pid for h in handles}
-            )
-            left = [h.pid for h in handles if h.alive()]
-            log.warning(
-                "%s: still running after %gs, sending SIGKILL to %s",
-                self.name,
-                self.spec.stop_timeout,
-                left or [inst.pid],
-                extra={"PROGRAM": self.name},
-            )
-            if not inst.exited.done():
-                with contextlib.suppress(OSError):
-                    os.killpg(inst.pid, signal.SIGKILL)
-                inst.handle.send(signal.SIGKILL)
-            for handle in handles:
-                handle.send(signal.SIGKILL)
-            gone = await _wait_gone(inst, handles, KILL_GRACE)
-        for handle in handles:
-            handle.close()
-        if not gone:
-            raise OperationFailed(self.name, "processes survived SIGKILL")
-        # Late children forked while stopping are found by their run marker.
-        snap = await self._scanner.snapshot()
-        late = snap.tree(inst.pid, inst.run_id)
-        if late:
-            await self._end_processes(late, signal.SIGKILL, KILL_GRACE)
-
-    async def _end_processes(self, members: list[ProcEntry], signum: int, grace: float) -> None:
-        handles = _pin_all(members)
-        for handle in handles:
-            handle.send(signum)
-        await _wait_handles(handles, grace)
-        for handle in handles:
-            handle.close()
+        await tree.terminate(
+            self.name, inst, self._scanner, self.spec.signal_number, self.spec.stop_timeout
+        )
 
     async def end_strays(self, strays: list[ProcEntry]) -> None:
-        """Ends processes of this program that no watched instance owns. What is left of an
-        instance whose main died is killed at once (as after an unexpected exit); a second
-        live instance gets stop_signal first and SIGKILL after stop_timeout."""
-        if any(entry.pgid == entry.pid for entry in strays):
-            await self._end_processes(strays, self.spec.signal_number, self.spec.stop_timeout)
-        await self._end_processes(strays, signal.SIGKILL, KILL_GRACE)
-
-
-def _pin_all(
-    members: list[ProcEntry], skip: int = 0, known: set[int] | None = None
-) -> list[Handle]:
-    handles = []
-    for member in members:
-        if member.pid == skip or (known and member.pid in known):
-            continue
-        handle = pin(member.pid, member.starttime)
-        if handle is not None:
-            handles.append(handle)
-    return handles
-
-
-async def _wait_handles(handles: list[Handle], timeout: float) -> bool:
-    """Waits until every pinned process has exited (its pidfd turns readable)."""
-    loop = asyncio.get_running_loop()
-    pending = [h for h in handles if h.alive()]
-    if not pending:
-        return True
-    futures = []
-    for handle in pending:
-        fut: asyncio.Future[None] = loop.create_future()
-
-        def done(fut: asyncio.Future[None] = fut, fd: int = handle.pidfd) -> None:
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(fd)
-            if not fut.done():
-                fut.set_result(None)
-
-        loop.add_reader(handle.pidfd, done)
-        futures.append((fut, handle.pidfd))
-    try:
-        _, still = await asyncio.wait([f for f, _ in futures], timeout=timeout)
-        return not still
-    finally:
-        for fut, fd in futures:
-            if not fut.done():
-                with contextlib.suppress(ValueError, OSError):
-                    loop.remove_reader(fd)
-                fut.cancel()
-
-
-async def _wait_gone(inst: Instance, handles: list[Handle], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    if not inst.exited.done():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(inst.exited), timeout)
-        if not inst.exited.done():
-            return False
-    return await _wait_handles(handles, max(0.0, deadline - time.monotonic()))
-
-
-def _ports_of_tree(pid: int, run_id: str) -> set[int]:
-    # Readiness polls often: descendants and group suffice, the marker scan is not needed.
-    pids = [e.pid for e in take_snapshot(with_markers=False).tree(pid, run_id)] or [pid]
-    return checks.listening_ports(pids)
+        """Ends processes of this program that no watched instance owns (tree.end_strays)."""
+        await tree.end_strays(strays, self.spec.signal_number, self.spec.stop_timeout)
 
 
 def _signal_name(signum: int) -> str:

@@ -1,11 +1,18 @@
-"""Readiness and verify checks: ports listening by a process tree, a health URL."""
+"""Probes of a program: TCP ports listening in its process tree, an HTTP health URL.
+
+Readiness (Program waiting for STARTING -> RUNNING) and verify (SPEC section 7) call the
+same probe per kind, so a program is never "ready" by one rule and "failing" by another.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterable
 
 import aiohttp
+
+from ocp_agentd.supervision.proctable import take_snapshot
 
 _LISTEN = "0A"
 
@@ -54,8 +61,20 @@ def listening_ports(pids: Iterable[int]) -> set[int]:
     return ports
 
 
+def _ports_of_tree(pid: int, run_id: str) -> set[int]:
+    # Readiness polls often: descendants and group suffice, the marker scan is not needed.
+    pids = [e.pid for e in take_snapshot(with_markers=False).tree(pid, run_id)] or [pid]
+    return listening_ports(pids)
+
+
+async def missing_ports(pid: int, run_id: str, ports: Iterable[int]) -> list[int]:
+    """The port probe: which of ports no process of pid's tree (run run_id) listens on."""
+    listening = await asyncio.to_thread(_ports_of_tree, pid, run_id)
+    return [p for p in ports if p not in listening]
+
+
 async def health_ok(session: aiohttp.ClientSession, url: str, timeout: float = 2.0) -> str | None:
-    """None when url answers 2xx, else why not."""
+    """The HTTP probe: None when url answers 2xx within timeout seconds, else why not."""
     try:
         async with session.get(
             url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False

@@ -1,0 +1,100 @@
+"""Spawning a program's main process: environment, user, log descriptors, Popen, pidfd.
+
+The child gets the daemon's environment minus the service manager's private variables,
+the program's env, and the run markers (proctable.MARK_*) by which its tree is found.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ocp_agentd.config import ProgramSpec
+from ocp_agentd.supervision import output
+from ocp_agentd.supervision.identity import Handle
+from ocp_agentd.supervision.proctable import (
+    MARK_PROGRAM,
+    MARK_RUN_ID,
+    MARK_STATE_DIR,
+    read_stat,
+)
+
+# Variables of the daemon's own service manager that a child must not inherit.
+PRIVATE_ENV = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "OCP_AGENTD_CONFIG",
+)
+
+
+def child_env(spec: ProgramSpec, state_dir: Path, run_id: str) -> dict[str, str]:
+    """The environment of a new main process: inherited, spec.env, then the run markers."""
+    env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+    env.update(spec.env)
+    env[MARK_PROGRAM] = spec.name
+    env[MARK_STATE_DIR] = str(state_dir)
+    env[MARK_RUN_ID] = run_id
+    return env
+
+
+def user_kwargs(spec: ProgramSpec, env: dict[str, str]) -> dict[str, Any]:
+    """Popen's user/group/extra_groups for spec.user (and HOME, USER, LOGNAME into env).
+
+    Raises KeyError when the user does not exist.
+    """
+    if not spec.user:
+        return {}
+    account = pwd.getpwnam(spec.user)
+    env.update(HOME=account.pw_dir, USER=spec.user, LOGNAME=spec.user)
+    return {
+        "user": account.pw_uid,
+        "group": account.pw_gid,
+        "extra_groups": os.getgrouplist(spec.user, account.pw_gid),
+    }
+
+
+def spawn(
+    spec: ProgramSpec, state_dir: Path, run_id: str
+) -> tuple[subprocess.Popen[bytes], Handle]:
+    """Starts spec.command in a new session with its logs as stdout/stderr.
+
+    Returns the Popen and a Handle pinning the child by pidfd. Raises OSError when the
+    command cannot be spawned or the child cannot be pinned (the child is then killed:
+    better no process than a lost one).
+    """
+    env = child_env(spec, state_dir, run_id)
+    kwargs = user_kwargs(spec, env)
+    assert spec.stdout_log is not None and spec.stderr_log is not None
+    out = output.open_log(spec.stdout_log)
+    err = out if spec.stderr_log == spec.stdout_log else output.open_log(spec.stderr_log)
+    try:
+        popen = subprocess.Popen(
+            spec.command,
+            cwd=spec.cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            close_fds=True,
+            **kwargs,
+        )
+    finally:
+        os.close(out)
+        if err != out:
+            os.close(err)
+    entry = read_stat(popen.pid)
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError:
+        popen.kill()
+        popen.wait()
+        raise
+    return popen, Handle(popen.pid, entry.starttime if entry else 0, pidfd)

@@ -1,0 +1,169 @@
+"""Ending a program's process tree: signal, wait on pidfds, escalate to SIGKILL.
+
+The tree of an instance is its main process, its process group and every process that
+carries its run marker (proctable.Snapshot.tree). Each member is pinned by a pidfd before
+it is signalled, so a recycled pid of a stranger is never hit (pidfd_open(2)).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+
+from ocp_agentd.supervision.identity import Handle, pin
+from ocp_agentd.supervision.proctable import ProcEntry, Scanner
+from ocp_agentd.supervision.types import Instance, OperationFailed
+
+log = logging.getLogger("ocp_agentd.program")
+
+KILL_GRACE = 5.0  # how long SIGKILLed processes get to vanish before a stop is reported failed
+
+
+async def terminate(
+    name: str, inst: Instance, scanner: Scanner, signum: int, stop_timeout: float
+) -> None:
+    """signum to the group and the tree, stop_timeout seconds, then SIGKILL to what is left.
+
+    Raises OperationFailed when processes survive SIGKILL for KILL_GRACE seconds.
+    """
+    snap = await scanner.snapshot()
+    members = snap.tree(inst.pid, inst.run_id)
+    handles = pin_all(members, skip=inst.pid)
+    if not inst.exited.done():
+        with contextlib.suppress(OSError):
+            os.killpg(inst.pid, signum)
+            os.killpg(inst.pid, signal.SIGCONT)  # a stopped process must see the signal
+        inst.handle.send(signum)
+        inst.handle.send(signal.SIGCONT)
+    for handle in handles:
+        handle.send(signum)
+        handle.send(signal.SIGCONT)
+    gone = await wait_gone(inst, handles, stop_timeout)
+    if not gone:
+        snap = await scanner.snapshot()
+        handles += pin_all(
+            snap.tree(inst.pid, inst.run_id), skip=inst.pid, known={h.pid for h in handles}
+        )
+        left = [h.pid for h in handles if h.alive()]
+        log.warning(
+            "%s: still running after %gs, sending SIGKILL to %s",
+            name,
+            stop_timeout,
+            left or [inst.pid],
+            extra={"PROGRAM": name},
+        )
+        if not inst.exited.done():
+            with contextlib.suppress(OSError):
+                os.killpg(inst.pid, signal.SIGKILL)
+            inst.handle.send(signal.SIGKILL)
+        for handle in handles:
+            handle.send(signal.SIGKILL)
+        gone = await wait_gone(inst, handles, KILL_GRACE)
+    for handle in handles:
+        handle.close()
+    if not gone:
+        raise OperationFailed(name, "processes survived SIGKILL")
+    # Late children forked while stopping are found by their run marker.
+    snap = await scanner.snapshot()
+    late = snap.tree(inst.pid, inst.run_id)
+    if late:
+        await end_processes(late, signal.SIGKILL, KILL_GRACE)
+
+
+async def sweep(name: str, inst: Instance, scanner: Scanner) -> None:
+    """After an unexpected exit, SIGKILLs what is left of that instance's tree."""
+    snap = await scanner.snapshot()
+    members = snap.tree(inst.pid, inst.run_id)
+    if members:
+        log.warning(
+            "%s: ending %d leftover process(es) of pid %d: %s",
+            name,
+            len(members),
+            inst.pid,
+            [m.pid for m in members],
+            extra={"PROGRAM": name},
+        )
+        await end_processes(members, signal.SIGKILL, KILL_GRACE)
+
+
+async def end_strays(strays: list[ProcEntry], signum: int, stop_timeout: float) -> None:
+    """Ends processes of a program that no watched instance owns.
+
+    What is left of an instance whose main died is killed at once (as after an unexpected
+    exit); a second live instance (a group leader among strays) gets signum first and
+    SIGKILL after stop_timeout seconds.
+    """
+    if any(entry.pgid == entry.pid for entry in strays):
+        await end_processes(strays, signum, stop_timeout)
+    await end_processes(strays, signal.SIGKILL, KILL_GRACE)
+
+
+async def end_processes(members: list[ProcEntry], signum: int, grace: float) -> None:
+    """Sends signum to each member (pinned first) and waits up to grace seconds."""
+    handles = pin_all(members)
+    for handle in handles:
+        handle.send(signum)
+    await wait_handles(handles, grace)
+    for handle in handles:
+        handle.close()
+
+
+def pin_all(
+    members: list[ProcEntry], skip: int = 0, known: set[int] | None = None
+) -> list[Handle]:
+    """Pidfd handles for members still alive as listed, except pid skip and pids in known."""
+    handles = []
+    for member in members:
+        if member.pid == skip or (known and member.pid in known):
+            continue
+        handle = pin(member.pid, member.starttime)
+        if handle is not None:
+            handles.append(handle)
+    return handles
+
+
+async def wait_handles(handles: list[Handle], timeout: float) -> bool:
+    """Waits until every pinned process has exited (its pidfd turns readable).
+
+    True when all are gone within timeout seconds.
+    """
+    loop = asyncio.get_running_loop()
+    pending = [h for h in handles if h.alive()]
+    if not pending:
+        return True
+    futures = []
+    for handle in pending:
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def done(fut: asyncio.Future[None] = fut, fd: int = handle.pidfd) -> None:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(fd)
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(handle.pidfd, done)
+        futures.append((fut, handle.pidfd))
+    try:
+        _, still = await asyncio.wait([f for f, _ in futures], timeout=timeout)
+        return not still
+    finally:
+        for fut, fd in futures:
+            if not fut.done():
+                with contextlib.suppress(ValueError, OSError):
+                    loop.remove_reader(fd)
+                fut.cancel()
+
+
+async def wait_gone(inst: Instance, handles: list[Handle], timeout: float) -> bool:
+    """Waits up to timeout seconds for the instance's main and every handle to end."""
+    deadline = time.monotonic() + timeout
+    if not inst.exited.done():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(inst.exited), timeout)
+        if not inst.exited.done():
+            return False
+    return await wait_handles(handles, max(0.0, deadline - time.monotonic()))
