@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ocp_agentd import __version__
-from ocp_agentd.api.app import ApiStartError
+from ocp_agentd.api.listeners import ApiStartError
 from ocp_agentd.config import ConfigError, Settings, config_path, load_settings
 
 log = logging.getLogger("ocp_agentd")
@@ -126,7 +126,7 @@ class Daemon:
         self._wake = asyncio.Event()  # set by activity; ends the ticker's long idle sleep
 
     async def run(self) -> int:
-        from ocp_agentd.api.app import AppContext, create_app, start_api
+        from ocp_agentd.api import AppContext, create_app, start_api
         from ocp_agentd.api.envelope import host_address
 
         loop = asyncio.get_running_loop()

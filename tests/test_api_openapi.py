@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from harness import ApiClient, DaemonRunner, free_port
 
-from ocp_agentd.api.app import FAULT_PATH, ApiStartError, AppContext, collect_routes, create_app
-from ocp_agentd.api.app import start_api as start_api_server
+from ocp_agentd.api.app import FAULT_PATH, collect_routes, create_app
+from ocp_agentd.api.context import AppContext
 from ocp_agentd.api.envelope import ApiError, ErrorCode
+from ocp_agentd.api.listeners import ApiStartError
+from ocp_agentd.api.listeners import start_api as start_api_server
 from ocp_agentd.api.routes import Param, Route, RouteTable, validate
 from ocp_agentd.config import Settings
 from ocp_agentd.supervision import Supervisor

@@ -107,3 +107,7 @@ class Authenticator:
                 f"{caller.who} lacks the {permission} permission",
                 target=permission,
             )
+
+
+# The app's Authenticator (set by app.create_app; start_api gives it the socket's group).
+AUTH: web.AppKey[Authenticator] = web.AppKey("ocp_agentd_auth")

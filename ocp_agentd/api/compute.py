@@ -24,9 +24,10 @@ from typing import Any
 from aiohttp import web
 
 from ocp_agentd import __version__
+from ocp_agentd.api.context import app_context
 from ocp_agentd.api.envelope import ApiError, ErrorCode, epoch_timestamp
 from ocp_agentd.api.processes import DAEMON_NAME, refuse_during_agent_operation
-from ocp_agentd.api.routes import Param, Route, app_context
+from ocp_agentd.api.routes import Param, Route
 from ocp_agentd.api.tasks import (
     PAGE_PARAMS,
     TASK_SCHEMA,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from aiohttp import web
 
 try:
     import orjson
@@ -243,3 +244,13 @@ def dumps(envelope: dict[str, Any]) -> bytes:
     if orjson is not None:
         return orjson.dumps(envelope, default=_default, option=_ORJSON_OPTIONS)
     return json.dumps(envelope, ensure_ascii=False, default=_default, allow_nan=False).encode()
+
+
+def response(body: dict[str, Any], status: int | None = None) -> web.Response:
+    """The envelope as the response; its HTTP status is the envelope's unless given."""
+    return web.Response(
+        body=dumps(body),
+        status=body["status"] if status is None else status,
+        content_type="application/json",
+        charset="utf-8",
+    )

@@ -37,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 
 from ocp_agentd import __version__
-from ocp_agentd.api.routes import Route, app_context
+from ocp_agentd.api.routes import Route
 from ocp_agentd.supervision import State
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -147,8 +147,12 @@ class AgentMetrics:
         return generate_latest(self.registry)
 
 
+# The app's AgentMetrics (set by app.create_app); keyed here so this module needs no context.
+METRICS: web.AppKey[AgentMetrics] = web.AppKey("ocp_agentd_metrics")
+
+
 async def get_metrics(request: web.Request) -> web.Response:
-    body = app_context(request).metrics.render()
+    body = request.app[METRICS].render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

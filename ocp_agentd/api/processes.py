@@ -21,8 +21,9 @@ from typing import Any
 from aiohttp import web
 
 from ocp_agentd import __version__
+from ocp_agentd.api.context import app_context
 from ocp_agentd.api.envelope import ApiError, ErrorCode, epoch_timestamp, sub_error
-from ocp_agentd.api.routes import Param, Route, app_context
+from ocp_agentd.api.routes import Param, Route
 from ocp_agentd.headers import TASK_HEADER
 from ocp_agentd.supervision import OperationFailed, ProcessInfo, ProgramNotFound
 from ocp_agentd.tasks.templates import AGENT_LOCK

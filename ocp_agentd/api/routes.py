@@ -6,7 +6,8 @@ so a route that works is a route that is documented.
 How to add routes (e.g. ``api/compute.py``, ``api/tasks.py``)::
 
     from ocp_agentd.api.envelope import ApiError, ErrorCode
-    from ocp_agentd.api.routes import Param, Route, app_context
+    from ocp_agentd.api.context import app_context
+    from ocp_agentd.api.routes import Param, Route
 
     async def get_agent(request: web.Request) -> dict:
         ctx = app_context(request)                 # the AppContext: settings, supervisor, ...
@@ -24,7 +25,7 @@ How to add routes (e.g. ``api/compute.py``, ``api/tasks.py``)::
                   also_prefixed=True),             # also served at /api/v2/compute/...
         ]
 
-then add the module's name to ``ROUTE_MODULES`` in ``api/app.py``.
+then add the module's ``routes`` to ``ROUTE_SOURCES`` in ``api/app.py``.
 
 - ``permission``: one of config.PERMISSIONS, or None for "any authenticated caller".
 - ``params``: path and query parameters. A value that does not parse or is out of range is
@@ -48,26 +49,17 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from aiohttp import web
 
 from ocp_agentd.api.envelope import ApiError, ErrorCode
 
-if TYPE_CHECKING:
-    from ocp_agentd.api.app import AppContext
-
 Handler = Callable[[web.Request], Awaitable[Any]]
 ParamType = Literal["integer", "number", "string", "boolean"]
 
 V2_PREFIX = "/api/v2"
-APP_CTX: web.AppKey[Any] = web.AppKey("ocp_agentd_context")
 ROUTE_TABLE: web.AppKey[RouteTable] = web.AppKey("ocp_agentd_routes")
-
-
-def app_context(request: web.Request) -> AppContext:
-    """The AppContext of the app serving this request."""
-    return request.app[APP_CTX]  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
+from ocp_agentd.api.context import TaskEngineView, app_context
 from ocp_agentd.api.envelope import ApiError, ErrorCode
-from ocp_agentd.api.routes import Param, Route, app_context
+from ocp_agentd.api.routes import Param, Route
 from ocp_agentd.tasks.base import TaskError
 from ocp_agentd.tasks.model import TaskInstance, TaskStatus
 
@@ -89,7 +90,7 @@ def paged(contents: list[Any], total: int, page: int, size: int) -> dict[str, An
 # --- shared with compute.py ---------------------------------------------------------------
 
 
-def engine_of(request: web.Request) -> Any:
+def engine_of(request: web.Request) -> TaskEngineView:
     engine = app_context(request).task_engine
     if engine is None:
         raise ApiError(ErrorCode.INTERNAL, "the task engine is not running")

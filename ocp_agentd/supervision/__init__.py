@@ -3,6 +3,8 @@
 from ocp_agentd.supervision.supervisor import ProgramNotFound, Supervisor
 from ocp_agentd.supervision.types import (
     Check,
+    ExitInfo,
+    IllegalTransition,
     OperationFailed,
     ProcessInfo,
     State,
@@ -11,6 +13,8 @@ from ocp_agentd.supervision.types import (
 
 __all__ = [
     "Check",
+    "ExitInfo",
+    "IllegalTransition",
     "OperationFailed",
     "ProcessInfo",
     "ProgramNotFound",

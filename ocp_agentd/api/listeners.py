@@ -1,0 +1,292 @@
+"""The API's listeners: the unix socket (always) and TCP (when api.tcp is set).
+
+Everything that reaches into aiohttp's internals is here: the per-connection handler
+class swapped so protocol errors get the envelope too, and the TCP site's connection cap
+and header deadline (which wraps aiohttp's protocol objects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from ocp_agentd.api import envelope
+from ocp_agentd.api.auth import AUTH
+from ocp_agentd.api.context import APP_CTX
+from ocp_agentd.api.envelope import ApiError, ErrorCode
+from ocp_agentd.config import Settings
+from ocp_agentd.headers import TRACE_HEADER
+
+log = logging.getLogger("ocp_agentd.api")
+
+
+# --- protocol errors ----------------------------------------------------------------------
+
+
+class _EnvelopeRequestHandler(RequestHandler):  # type: ignore[type-arg]
+    """Answers what aiohttp rejects before any route or middleware runs (a request line or
+    header that does not parse, a bad Content-Length) with the envelope too."""
+
+    server_address = "127.0.0.1"
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer was already partly sent")
+        trace_id = envelope.new_trace_id()
+        if status >= 500:
+            log.error("internal error in the HTTP layer (trace %s)", trace_id, exc_info=exc,
+                      extra={"TRACE_ID": trace_id})
+            error = ApiError(ErrorCode.INTERNAL,
+                             f"internal error; the daemon log has the details (trace {trace_id})")
+        else:
+            first_line = (message or "").strip().splitlines()[0:1]
+            reason = first_line[0][:200] if first_line else "unreadable"
+            log.debug("rejected a malformed request: %s (trace %s)", reason, trace_id)
+            code = ErrorCode.BODY_TOO_LARGE if status == 413 else ErrorCode.BAD_REQUEST
+            error = ApiError(code, f"malformed HTTP request: {reason}", http_status=status)
+        body = envelope.error(error, trace_id=trace_id, server=self.server_address, duration_ms=0)
+        response = envelope.response(body, status)
+        response.headers[TRACE_HEADER] = trace_id
+        response.force_close()
+        return response
+
+
+class _EnvelopeServer(web.Server):
+    def __call__(self) -> RequestHandler:  # type: ignore[type-arg]
+        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+def _envelope_protocol_errors(runner: web.AppRunner, server_address: str) -> None:
+    # aiohttp has no setting for the class of its per-connection handler; the server object
+    # it built is switched to the subclass above, which only changes that class.
+    server = runner.server
+    if type(server) is web.Server:
+        server.__class__ = _EnvelopeServer
+        _EnvelopeRequestHandler.server_address = server_address
+
+
+# --- listeners ----------------------------------------------------------------------------
+
+
+class ApiStartError(Exception):
+    """The API cannot listen (socket in use, bad path, port taken)."""
+
+
+@dataclass
+class ApiServer:
+    runner: web.AppRunner
+    socket_path: Path
+    tcp_address: tuple[str, int] | None
+    _socket_identity: tuple[int, int] | None = None
+
+    async def close(self) -> None:
+        """Stops listening and removes the socket file (when it is still ours)."""
+        await self.runner.cleanup()
+        with contextlib.suppress(OSError):
+            st = os.lstat(self.socket_path)
+            if (st.st_dev, st.st_ino) == self._socket_identity:
+                os.unlink(self.socket_path)
+
+
+async def _remove_stale_socket(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ApiStartError(f"{path} exists and is not a socket; refusing to replace it")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        log.info("removed stale API socket %s", path)
+        return
+    except (OSError, TimeoutError) as exc:
+        raise ApiStartError(f"cannot check the existing socket {path}: {exc}") from exc
+    writer.close()
+    raise ApiStartError(f"another process already answers on {path}")
+
+
+def _bind_unix(path: Path, mode: int) -> socket.socket:
+    """A listening unix socket at ``path`` that already has ``mode`` when it appears there.
+
+    It is bound under a temporary name in the same folder, chmod-ed, then renamed into
+    place, so no one can connect through a looser mode in between.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{os.getpid()}.sock"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(temporary))
+        os.chmod(temporary, mode)
+        os.rename(temporary, path)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=128)
+    sock.setblocking(False)
+    return sock
+
+
+# TCP connections held at once. Past it new ones are closed on arrival: clients that
+# connect and send nothing cannot use up the daemon's file descriptors (programs could no
+# longer be spawned or watched, and the unix socket would stop answering).
+MAX_TCP_CONNECTIONS = 256
+# A TCP client has this long to send its first request's headers, so slow clients (a byte
+# a second) cannot keep those connections, and so every other TCP caller, out for long.
+HEADER_SECONDS = 10.0
+# An idle keep-alive connection is closed after this long (aiohttp's default is 75 s), so
+# clients that make one request and then sit on the connection hold a slot briefly.
+KEEPALIVE_SECONDS = 15.0
+
+
+def _tcp_connection_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_TCP_CONNECTIONS
+    return max(8, min(MAX_TCP_CONNECTIONS, soft // 4))
+
+
+class _Counted(asyncio.Protocol):
+    """Passes everything to aiohttp's handler; tells the site when the connection ends and
+    drops it when its first request's headers are not complete within HEADER_SECONDS."""
+
+    def __init__(self, inner: asyncio.Protocol, site: _CappedSite) -> None:
+        self._inner = inner
+        self._site = site
+        self._timer: asyncio.TimerHandle | None = None
+        self._tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._timer = asyncio.get_running_loop().call_later(
+            HEADER_SECONDS, transport.abort  # type: ignore[attr-defined]
+        )
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen:
+                self._timer.cancel()
+                self._timer = None
+            self._tail = seen[-3:]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._site.live -= 1
+        self._inner.connection_lost(exc)
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]
+
+
+class _CappedSite(web.SockSite):
+    """A listening socket site that holds at most ``limit`` connections at once."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, limit: int) -> None:
+        super().__init__(runner, sock)
+        self.limit = limit
+        self.live = 0
+        self._warned = False
+
+    def _protocol(self) -> asyncio.Protocol:
+        if self.live >= self.limit:
+            if not self._warned:
+                log.warning("API: %d TCP connections open, refusing more", self.live)
+            self._warned = True
+            return _Refused()
+        self._warned = False
+        server = self._runner.server
+        assert server is not None
+        self.live += 1
+        return _Counted(server(), self)
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        # The loop accepts up to `backlog` connections per wake-up before any is refused:
+        # a small one keeps that burst of descriptors small too.
+        self._server = await asyncio.get_running_loop().create_server(
+            self._protocol, sock=self._sock, backlog=32
+        )
+
+
+async def start_api(app: web.Application, settings: Settings) -> ApiServer:
+    """Serves ``app`` on the unix socket (always) and on api.tcp (when set)."""
+    api = settings.api
+    path = Path(api.socket)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0,
+                           keepalive_timeout=KEEPALIVE_SECONDS)
+    await runner.setup()
+    _envelope_protocol_errors(runner, app[APP_CTX].server_address)
+    server: ApiServer | None = None
+    try:
+        await _remove_stale_socket(path)
+        try:
+            unix_sock = _bind_unix(path, api.socket_mode_int)
+        except OSError as exc:
+            raise ApiStartError(f"cannot listen on {path}: {exc}") from exc
+        st = os.stat(path)
+        app[AUTH].socket_gid = st.st_gid
+        server = ApiServer(runner, path, None, (st.st_dev, st.st_ino))
+        await web.SockSite(runner, unix_sock).start()
+        log.info("API listening on %s (mode %s)", path, api.socket_mode)
+        if api.tcp_host_port is not None:
+            host, port = api.tcp_host_port
+            try:
+                tcp_sock = _bind_tcp(host, port)
+            except OSError as exc:
+                raise ApiStartError(f"cannot listen on {api.tcp}: {exc}") from exc
+            server.tcp_address = tcp_sock.getsockname()[:2]
+            limit = _tcp_connection_limit()
+            await _CappedSite(runner, tcp_sock, limit).start()
+            log.info("API listening on %s:%s (at most %d connections)", *server.tcp_address,
+                     limit)
+    except BaseException:
+        if server is not None:
+            await server.close()
+        else:
+            await runner.cleanup()
+        raise
+    return server
