@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -294,8 +295,6 @@ def load_settings(path: Path, **overrides: Any) -> Settings:
         raise ConfigError(f"configuration file {path} does not exist or is not a file")
     try:
         with path.open("rb") as handle:
-            import tomllib
-
             tomllib.load(handle)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read configuration {path}: {exc}") from None
@@ -308,3 +307,33 @@ def load_settings(path: Path, **overrides: Any) -> Settings:
         _toml_source.path = None
     settings.resolve_paths(path.resolve().parent)
     return settings
+
+
+def summary(settings: Settings, path: Path) -> str:
+    """What `ocp-agentd --check` prints for a valid configuration: one line per program."""
+    lines = [
+        f"configuration {path} is valid",
+        f"  host_id {settings.agent.host_id}, state_dir {settings.agent.state_dir}",
+        f"  socket {settings.api.socket}"
+        + (f", tcp {settings.api.tcp}" if settings.api.tcp else ""),
+    ]
+    for spec in settings.programs.values():
+        kind = "worker" if spec.is_worker else "fixed"
+        if spec.role == "pos_proxy":
+            kind = "pos_proxy"
+        lines.append(f"  {spec.name:<20} {kind:<9} {' '.join(spec.command)}")
+    return "\n".join(lines)
+
+
+def restart_only_changes(old: Settings, new: Settings) -> list[str]:
+    """The keys that differ between old and new but take effect only after a restart
+    (a reload keeps the old value)."""
+    return [
+        key
+        for key, before, after in (
+            ("agent.state_dir", old.agent.state_dir, new.agent.state_dir),
+            ("api.socket", old.api.socket, new.api.socket),
+            ("api.tcp", old.api.tcp, new.api.tcp),
+        )
+        if before != after
+    ]

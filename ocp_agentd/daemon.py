@@ -1,24 +1,45 @@
-"""ocp-agentd: wiring only. config -> Supervisor -> TaskEngine -> API -> systemd notify; signals."""
+"""ocp-agentd: wiring only. config -> Supervisor -> TaskEngine -> API -> systemd notify; signals.
+
+Preflight checks and the instance lock are in preflight.py, the periodic work in ticker.py,
+the STATUS line in systemd.py, reload's diffing in Supervisor.reload.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import logging
 import logging.handlers
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
+
+from aiohttp import web
 
 from ocp_agentd import __version__
-from ocp_agentd.api.listeners import ApiStartError
-from ocp_agentd.config import ConfigError, Settings, config_path, load_settings
+from ocp_agentd.api import AppContext, create_app, start_api
+from ocp_agentd.api.envelope import host_address
+from ocp_agentd.api.listeners import ApiServer, ApiStartError
+from ocp_agentd.api.metrics import AgentMetrics
+from ocp_agentd.api.tasks import count_outcomes
+from ocp_agentd.background import Tasks
+from ocp_agentd.client import AgentClient
+from ocp_agentd.config import (
+    ConfigError,
+    Settings,
+    config_path,
+    load_settings,
+    restart_only_changes,
+    summary,
+)
+from ocp_agentd.preflight import check_writable, take_instance_lock
+from ocp_agentd.supervision import Supervisor
+from ocp_agentd.systemd import Notifier, StatusReporter, journal_handler, status_text
+from ocp_agentd.tasks.engine import TaskEngine
+from ocp_agentd.ticker import Ticker
 
 log = logging.getLogger("ocp_agentd")
 
@@ -26,13 +47,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_HANDOVER = 75  # the unit's RestartForceExitStatus: start the new version at once
-HOUSEKEEPING_SECONDS = 15.0
-# Idle, the daemon wakes only for what is due: the watchdog ping (half of WatchdogSec) and
-# housekeeping. For BUSY_SECONDS after a request or a state change it also wakes every
-# PROBE_SECONDS: how late each wake-up comes is the event loop's lag, so a stall that could
-# make the watchdog miss its ping shows in ocp_agentd_event_loop_lag_seconds.
-PROBE_SECONDS = 1.0
-BUSY_SECONDS = 5.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -65,20 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_writable(directory: Path) -> str | None:
-    """None if the daemon can create files in directory, else why not."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        return f"{directory} is not writable: {exc.strerror or exc}"
-    return None
-
-
 def setup_logging(settings: Settings | None, level: str) -> None:
-    from ocp_agentd.systemd import journal_handler
-
     root = logging.getLogger()
     root.setLevel(level)
     logging.raiseExceptions = False  # a full disk must not turn logging into crashes
@@ -101,34 +102,28 @@ def setup_logging(settings: Settings | None, level: str) -> None:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, config_file: Path) -> None:
-        from ocp_agentd.supervision import Supervisor
-        from ocp_agentd.systemd import Notifier
+    """The running daemon: owns the supervisor, the task engine, the API and the ticker."""
 
+    def __init__(self, settings: Settings, config_file: Path) -> None:
         self.settings = settings
         self.config_file = config_file
         self.supervisor = Supervisor(settings)
         self.notifier = Notifier()
+        self.status = StatusReporter(self.notifier, self._status_text)
         self.started_at = time.time()
         self.exit_code = EXIT_OK
         self._stop = asyncio.Event()
         self._handover = False
         self._reloading = asyncio.Lock()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.server: Any = None
-        self.app: Any = None
-        self.task_engine: Any = None
-        self.metrics: Any = None
-        self.ctx: Any = None
-        self._status_pending = False
-        self._status_sent = ""
-        self._last_activity = time.monotonic()
-        self._wake = asyncio.Event()  # set by activity; ends the ticker's long idle sleep
+        self._background = Tasks(log)
+        self.server: ApiServer | None = None
+        self.app: web.Application | None = None
+        self.task_engine: TaskEngine | None = None
+        self.metrics: AgentMetrics | None = None
+        self.ctx: AppContext | None = None
+        self.ticker = Ticker(self.notifier, self.supervisor.housekeep, self._record_lag)
 
     async def run(self) -> int:
-        from ocp_agentd.api import AppContext, create_app, start_api
-        from ocp_agentd.api.envelope import host_address
-
         loop = asyncio.get_running_loop()
         for signum, handler in (
             (signal.SIGTERM, self._request_stop),
@@ -145,48 +140,37 @@ class Daemon:
             self.settings.agent.host_id,
             self.config_file,
         )
-        self.supervisor.add_listener(lambda *_: self._status_changed())
-        self.supervisor.add_listener(lambda *_: self._note_activity())
+        self.supervisor.add_listener(lambda *_: self.status.changed())
+        self.supervisor.add_listener(lambda *_: self.ticker.note_activity())
         # Adoption is quick; the API answers (state "starting") while the rest start.
         plan = await self.supervisor.adopt()
 
         address = host_address()
-        self.task_engine = self._make_task_engine(address)
+        engine = self.task_engine = self._make_task_engine(address)
         ctx = self.ctx = AppContext(
             settings=self.settings,
             supervisor=self.supervisor,
             started_at=self.started_at,
-            task_engine=self.task_engine,
+            task_engine=engine,
             server_address=address,
             state="starting",
-            on_request=self._note_activity,
+            on_request=self.ticker.note_activity,
         )
-        if self.task_engine is not None:
-            from ocp_agentd.api.tasks import count_outcomes
-
-            count_outcomes(self.task_engine, ctx.metrics)
+        count_outcomes(engine, ctx.metrics)
         self.metrics = ctx.metrics
         self.app = create_app(ctx)
         self.server = await start_api(self.app, self.settings)
         await self.supervisor.start_pending(plan)
-        if self.task_engine is not None:
-            await self.task_engine.start()
+        await engine.start()
         self.notifier.ready(self._status_text())
         log.info("ready: %s", self._status_text())
 
-        self.ctx.state = "running"
-        self._background(self._tick())
+        ctx.state = "running"
+        self._background.spawn(self.ticker.run(), name="ticker")
         await self._stop.wait()
         return await self._shutdown()
 
-    def _make_task_engine(self, executor: str) -> Any:
-        try:
-            from ocp_agentd.client import AgentClient
-            from ocp_agentd.tasks.engine import TaskEngine
-        except ImportError as exc:
-            log.warning("task engine unavailable: %s", exc)
-            return None
-
+    def _make_task_engine(self, executor: str) -> TaskEngine:
         settings = self.settings
         return TaskEngine(
             store_path=settings.agent.state_dir / "tasks.sqlite3",
@@ -202,9 +186,12 @@ class Daemon:
         self.notifier.stopping()
         if self.ctx is not None:
             self.ctx.state = "stopping"
+        await self._background.close()
         if self.task_engine is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await self.task_engine.close()
+            except Exception:  # the programs must still be stopped or handed over
+                log.exception("closing the task engine failed")
         if self.server is not None:
             await self.server.close()
         if self._handover:
@@ -228,142 +215,44 @@ class Daemon:
         self._stop.set()
 
     def _request_reload(self) -> None:
-        self._background(self.reload())
+        self._background.spawn(self.reload(), name="reload")
 
     async def reload(self) -> dict[str, list[str]] | None:
+        """Reads the configuration again and applies it (Supervisor.reload); None when the
+        new file is invalid (the running configuration stays)."""
         async with self._reloading:
             self.notifier.reloading()
-            if self.ctx is not None:
-                self.ctx.state = "reloading"
+            self._set_api_state("reloading")
             try:
                 settings = await asyncio.to_thread(load_settings, self.config_file)
             except ConfigError as exc:
                 log.error("reload refused, the running configuration stays:\n%s", exc)
-                if self.ctx is not None:
-                    self.ctx.state = "running"
+                self._set_api_state("running")
                 self.notifier.ready(self._status_text())
                 return None
-            unchangeable = [
-                key
-                for key, old, new in (
-                    ("agent.state_dir", self.settings.agent.state_dir, settings.agent.state_dir),
-                    ("api.socket", self.settings.api.socket, settings.api.socket),
-                    ("api.tcp", self.settings.api.tcp, settings.api.tcp),
-                )
-                if old != new
-            ]
+            unchangeable = restart_only_changes(self.settings, settings)
             if unchangeable:
                 log.warning("reload: %s take effect only after a restart", ", ".join(unchangeable))
             report = await self.supervisor.reload(settings)
             self.settings.programs = settings.programs
             self.settings.api.tokens = settings.api.tokens
             log.info("reloaded: %s", {k: v for k, v in report.items() if v})
-            if self.ctx is not None:
-                self.ctx.state = "running"
+            self._set_api_state("running")
             self.notifier.ready(self._status_text())
             return report
 
-    # ---- periodic work ---------------------------------------------------------------------------
+    def _set_api_state(self, state: str) -> None:
+        if self.ctx is not None:
+            self.ctx.state = state
 
-    def _note_activity(self) -> None:
-        self._last_activity = time.monotonic()
-        self._wake.set()
-
-    async def _tick(self) -> None:
-        """Loop-lag measurement, watchdog pings and log rotation, all from the event loop."""
-        loop = asyncio.get_running_loop()
-        watchdog = self.notifier.watchdog_interval()
-        now = loop.time()
-        next_ping = now if watchdog else float("inf")
-        next_housekeeping = now + HOUSEKEEPING_SECONDS
-        while True:
-            now = loop.time()
-            due = min(next_ping, next_housekeeping)
-            busy = time.monotonic() - self._last_activity < BUSY_SECONDS
-            if busy:
-                due = min(due, now + PROBE_SECONDS)
-                await asyncio.sleep(due - now)
-                woken = False
-            else:
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout_at(due):
-                        await self._wake.wait()
-                    woken = True
-                except TimeoutError:
-                    woken = False
-            now = loop.time()
-            if not woken:  # a timer wake-up: its lateness is the loop's lag
-                self._record_lag(max(0.0, now - due))
-            if now >= next_ping:
-                self.notifier.ping()
-                next_ping = now + watchdog
-            if now >= next_housekeeping:
-                next_housekeeping = now + HOUSEKEEPING_SECONDS
-                try:
-                    await self.supervisor.housekeep()
-                except Exception:
-                    log.exception("housekeeping failed")
+    # ---- wiring of the ticker and the status line ---------------------------------------------
 
     def _record_lag(self, lag: float) -> None:
         if self.metrics is not None:
             self.metrics.observe_loop_lag(lag)
 
-    def _status_changed(self) -> None:
-        # Transitions come in bursts (a restart of 50 programs makes 200): counting every
-        # program for each of them cost O(N^2) and one datagram each. Now one STATUS per
-        # loop iteration at most, and only when its text changed.
-        if self._status_pending or not self.notifier.enabled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._send_status()
-            return
-        self._status_pending = True
-        loop.call_soon(self._send_status)
-
-    def _send_status(self) -> None:
-        self._status_pending = False
-        text = self._status_text()
-        if text != self._status_sent:
-            self._status_sent = text
-            self.notifier.status(text)
-
     def _status_text(self) -> str:
-        counts = self.supervisor.counts()
-        total = sum(counts.values())
-        text = f"{counts.get('RUNNING', 0)} of {total} programs running"
-        troubled = [
-            f"{n} {s.lower()}" for s, n in counts.items() if n and s in ("FATAL", "BACKOFF")
-        ]
-        return f"{text} ({', '.join(troubled)})" if troubled else text
-
-    def _background(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-
-def take_instance_lock(state_dir: Path) -> int:
-    """One daemon per state_dir: a second one would adopt and start the same programs.
-
-    Returns the locked descriptor (kept open for the daemon's life; not inherited by
-    programs). Raises RuntimeError naming the holder if another daemon has it.
-    """
-    path = state_dir / "ocp_agentd.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RuntimeError(
-            f"another ocp-agentd (pid {holder}) already runs with state_dir {state_dir}"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+        return status_text(self.supervisor.counts())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,19 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ocp-agentd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
-        print(f"configuration {path} is valid")
-        print(f"  host_id {settings.agent.host_id}, state_dir {settings.agent.state_dir}")
-        print(
-            f"  socket {settings.api.socket}"
-            + (f", tcp {settings.api.tcp}" if settings.api.tcp else "")
-        )
-        for spec in settings.programs.values():
-            kind = (
-                "pos_proxy"
-                if spec.role == "pos_proxy"
-                else ("worker" if spec.is_worker else "fixed")
-            )
-            print(f"  {spec.name:<20} {kind:<9} {' '.join(spec.command)}")
+        print(summary(settings, path))
         return EXIT_OK
     for directory in (settings.agent.state_dir, settings.agent.log_dir):
         problem = check_writable(directory)

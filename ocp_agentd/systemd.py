@@ -7,6 +7,7 @@ unconditionally.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -173,3 +174,45 @@ def journal_handler(
         return handler
     print("ocp-agentd: journald is not reachable, logging to stderr", file=sys.stderr)
     return None
+
+
+def status_text(counts: Mapping[str, int]) -> str:
+    """The STATUS= line from program counts by state: "N of M programs running (...)"."""
+    total = sum(counts.values())
+    text = f"{counts.get('RUNNING', 0)} of {total} programs running"
+    troubled = [f"{n} {s.lower()}" for s, n in counts.items() if n and s in ("FATAL", "BACKOFF")]
+    return f"{text} ({', '.join(troubled)})" if troubled else text
+
+
+class StatusReporter:
+    """Sends STATUS= when the programs' states change: one datagram per event loop
+    iteration at most, and only when the text changed.
+
+    Transitions come in bursts (a restart of 50 programs makes 200): counting every
+    program for each of them cost O(N^2) and one datagram each.
+    """
+
+    def __init__(self, notifier: Notifier, text: Callable[[], str]) -> None:
+        self._notifier = notifier
+        self._text = text
+        self._pending = False
+        self._sent = ""
+
+    def changed(self) -> None:
+        """A state changed: schedule a STATUS update (sent at once outside an event loop)."""
+        if self._pending or not self._notifier.enabled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._send()
+            return
+        self._pending = True
+        loop.call_soon(self._send)
+
+    def _send(self) -> None:
+        self._pending = False
+        text = self._text()
+        if text != self._sent:
+            self._sent = text
+            self._notifier.status(text)

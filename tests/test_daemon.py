@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 from harness import DaemonRunner, check_config, wait_for
 
-from ocp_agentd.daemon import BUSY_SECONDS, HOUSEKEEPING_SECONDS
 from ocp_agentd.demo.config import demo_command
+from ocp_agentd.ticker import BUSY_SECONDS, HOUSEKEEPING_SECONDS
 
 
 def run_daemon(*args: str) -> subprocess.CompletedProcess[str]:
