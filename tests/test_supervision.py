@@ -85,7 +85,7 @@ def run(world: World, body: Callable[[Supervisor], Awaitable[None]], boot: bool 
         sup = Supervisor(world.settings())
         try:
             if boot:
-                await sup.boot()
+                await sup.start_pending(await sup.adopt())
             await body(sup)
         finally:
             await sup.shutdown()
@@ -267,7 +267,7 @@ def test_adoption_after_daemon_loss_and_restart_of_the_dead(world: World) -> Non
 
     async def first() -> None:
         sup = Supervisor(world.settings())
-        await sup.boot()
+        await sup.start_pending(await sup.adopt())
         pids.update({n: sup.info(n).pid for n in sup.names()})  # type: ignore[misc]
         await sup.close()  # what a crashed daemon leaves: programs running, records on disk
 
@@ -293,7 +293,7 @@ def test_unreadable_record_falls_back_to_the_marker(world: World) -> None:
 
     async def first() -> None:
         sup = Supervisor(world.settings())
-        await sup.boot()
+        await sup.start_pending(await sup.adopt())
         pid.append(sup.info("w1").pid)  # type: ignore[arg-type]
         await sup.close()
 

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 
@@ -150,10 +150,6 @@ class Supervisor:
 
     # ---- life cycle ---------------------------------------------------------------------------
 
-    async def boot(self) -> None:
-        """Adopts every program that still runs as recorded, starts the others."""
-        await self.start_pending(await self.adopt())
-
     async def adopt(self) -> BootPlan:
         """Takes over what still runs (quick: nothing is started here)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -189,14 +185,14 @@ class Supervisor:
                 to_restart.append(name)
             elif not adopted:
                 to_start.append(name)
-        await self._stop_unknown(snap)
+        await self._stop_unknown()
         return BootPlan(to_start, to_restart)
 
     async def start_pending(self, plan: BootPlan) -> None:
         """Starts what was not adopted; restarts what was adopted with an older config."""
         await asyncio.gather(
-            *(self._start_quietly(n) for n in plan.start),
-            *(self._restart_quietly(n) for n in plan.restart),
+            *(self._quietly(n, "start") for n in plan.start),
+            *(self._quietly(n, "restart") for n in plan.restart),
         )
 
     def _strays(self, snap: Snapshot, name: str, program: Program) -> list[ProcEntry]:
@@ -205,7 +201,7 @@ class Supervisor:
         return [entry for entry, mark in snap.marked(str(self.state_dir), name)
                 if mark.run_id != keep]
 
-    async def _stop_unknown(self, snap: Snapshot) -> None:
+    async def _stop_unknown(self) -> None:
         """Programs recorded by an earlier daemon but gone from the config are stopped."""
         for name in self.records.names():
             if name in self.programs:
@@ -219,16 +215,13 @@ class Supervisor:
                 await ghost.stop()
             ghost.discard_record()
 
-    async def _start_quietly(self, name: str) -> None:
+    async def _quietly(self, name: str, verb: Literal["start", "restart"]) -> None:
+        """Starts or restarts name, logging a failure instead of raising it."""
+        program = self.program(name)
+        if verb == "restart":
+            log.info("%s: configuration changed since it was started, restarting", name)
         try:
-            await self.program(name).start()
-        except OperationFailed as exc:
-            log.error("%s", exc)
-
-    async def _restart_quietly(self, name: str) -> None:
-        log.info("%s: configuration changed since it was started, restarting", name)
-        try:
-            await self.program(name).restart()
+            await (program.restart() if verb == "restart" else program.start())
         except OperationFailed as exc:
             log.error("%s", exc)
 
@@ -276,8 +269,8 @@ class Supervisor:
         self.programs = {n: self.programs[n] for n in new_specs}
         self.settings = settings
         await asyncio.gather(
-            *(self._start_quietly(n) for n in report["added"]),
-            *(self._restart_quietly(n) for n in restart),
+            *(self._quietly(n, "start") for n in report["added"]),
+            *(self._quietly(n, "restart") for n in restart),
         )
         return report
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ocp_agentd.background import Tasks
 from ocp_agentd.tasks.base import (
     OPERATION_RUNNING,
     ROLLBACK_PROHIBITED,
@@ -158,7 +159,7 @@ class TaskEngine:
         self._listeners: list[Listener] = []
         self._closing = False
         self._opened = asyncio.Event()
-        self._retries: set[asyncio.Task[None]] = set()
+        self._retries = Tasks(self.log)
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -173,7 +174,8 @@ class TaskEngine:
         """Stop the workers without recording anything: RUNNING tasks stay
         RUNNING in the store and are resumed by the next start()."""
         self._closing = True
-        pending: list[asyncio.Task[None]] = list(self._retries)
+        await self._retries.close()
+        pending: list[asyncio.Task[None]] = []
         for run in self._runs.values():
             pending.extend(run.workers.values())
             if run.driver:
@@ -544,9 +546,7 @@ class TaskEngine:
                                      "again in %g s", task_id, exc, STORE_RETRY_SECONDS,
                                      extra={"TASK_ID": str(task_id)})
 
-        job = asyncio.get_running_loop().create_task(later(), name=f"task-{task_id}-retry")
-        self._retries.add(job)
-        job.add_done_callback(self._retries.discard)
+        self._retries.spawn(later(), name=f"task-{task_id}-retry")
 
     def _forget(self, run: _Run) -> None:
         if not self._closing and self._runs.get(run.task.id) is run:

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
+from ocp_agentd.client import AgentError, AgentUnavailable
 from ocp_agentd.tasks.base import Subtask, SubtaskContext, SubtaskFailed
 from ocp_agentd.tasks.model import CLASS_PREFIX
 
@@ -50,12 +51,12 @@ class AgentSubtask(Subtask):
     """Waits for the control API, then runs `execute`; client errors become reasons."""
 
     async def run(self, ctx: SubtaskContext) -> None:
-        await self._call(ctx, self._wait_for_daemon(ctx))
-        await self._call(ctx, self.execute(ctx))
+        await self._call(self._wait_for_daemon(ctx))
+        await self._call(self.execute(ctx))
 
     async def rollback(self, ctx: SubtaskContext) -> None:
-        await self._call(ctx, self._wait_for_daemon(ctx))
-        await self._call(ctx, self.undo(ctx))
+        await self._call(self._wait_for_daemon(ctx))
+        await self._call(self.undo(ctx))
 
     async def execute(self, ctx: SubtaskContext) -> None:
         raise NotImplementedError
@@ -64,9 +65,8 @@ class AgentSubtask(Subtask):
         ctx.log("nothing to undo")
 
     @staticmethod
-    async def _call(ctx: SubtaskContext, work: Any) -> Any:
-        from ocp_agentd.client import AgentError, AgentUnavailable
-
+    async def _call(work: Any) -> Any:
+        """Awaits work; a refusal or silence of the control API becomes SubtaskFailed."""
         try:
             return await work
         except (AgentError, AgentUnavailable) as exc:
@@ -75,8 +75,6 @@ class AgentSubtask(Subtask):
     @staticmethod
     async def _wait_for_daemon(ctx: SubtaskContext) -> None:
         """A resumed task may run before the daemon's API listens: wait for it."""
-        from ocp_agentd.client import AgentUnavailable
-
         delay = 0.05
         while True:
             try:
@@ -141,9 +139,7 @@ class AgentSubtask(Subtask):
                 ):
                     if isinstance(outcome, Exception):
                         raise outcome
-        except Exception as exc:
-            if not _is_agent_error(exc):
-                raise
+        except AgentError as exc:
             ctx.log(f"start failed: {_client_error(exc)}")
         await self.verify_running(ctx, names)
 
@@ -164,12 +160,6 @@ class AgentSubtask(Subtask):
         if bad:
             raise SubtaskFailed("not running: " + "; ".join(bad))
         return list(records)
-
-
-def _is_agent_error(exc: Exception) -> bool:
-    from ocp_agentd.client import AgentError
-
-    return isinstance(exc, AgentError)
 
 
 # ---- Prepare ----------------------------------------------------------------------------
