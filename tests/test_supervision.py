@@ -18,9 +18,10 @@ import pytest
 from harness import free_port, marked_processes
 
 from ocp_agentd.config import ProgramSpec, Settings
-from ocp_agentd.supervision import OperationFailed, State, Supervisor
+from ocp_agentd.supervision import IllegalTransition, OperationFailed, State, Supervisor
 from ocp_agentd.supervision.identity import PidRecord, PidRecords
 from ocp_agentd.supervision.proctable import MARK_STATE_DIR
+from ocp_agentd.supervision.program import TRANSITIONS
 
 SH = "/bin/sh"
 
@@ -466,3 +467,27 @@ def test_housekeeping_rotates_grown_logs_and_the_program_keeps_writing(world: Wo
         assert first.read_bytes() == b"y" * 5000
 
     run(world, body)
+
+
+def test_an_illegal_state_move_raises_and_changes_nothing(world: World) -> None:
+    world.add("idle", sleeper())
+
+    async def body(sup: Supervisor) -> None:
+        program = sup.program("idle")
+        assert program.state == State.STOPPED
+        with pytest.raises(IllegalTransition, match="STOPPED -> EXITED"):
+            program._set_state(State.EXITED, "no process ever ran")
+        assert program.state == State.STOPPED
+        await sup.start("idle")
+        with pytest.raises(IllegalTransition, match="RUNNING -> BACKOFF"):
+            program._set_state(State.BACKOFF, "a running program never backs off directly")
+        assert sup.info("idle").state == State.RUNNING
+
+    run(world, body, boot=False)
+
+
+def test_every_state_has_its_legal_moves() -> None:
+    assert set(TRANSITIONS) == set(State)
+    for old, moves in TRANSITIONS.items():
+        assert old not in moves  # staying is not a move
+        assert moves, f"{old} would be a dead end"

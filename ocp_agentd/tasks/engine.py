@@ -41,6 +41,7 @@ from ocp_agentd.tasks.model import (
     iso_now,
 )
 from ocp_agentd.tasks.store import LockHeld, TaskStore
+from ocp_agentd.tasks.templates import TEMPLATES
 
 Listener = Callable[[TaskInstance, SubtaskInstance | None], None]
 STORE_RETRY_SECONDS = 2.0  # after a failed state write, how often the store is tried again
@@ -139,8 +140,6 @@ class TaskEngine:
         timeouts: dict[str, float] | None = None,
     ) -> None:
         if templates is None:
-            from ocp_agentd.tasks.templates import TEMPLATES
-
             templates = TEMPLATES
         self.host_id = host_id
         self.executor = executor
