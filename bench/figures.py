@@ -1,6 +1,10 @@
-"""The measurements. Every figure alternates the targets (A B, B A, ...) so drift
-on a noisy machine falls on both alike, and every "done" is detected the same way
-for both: by the supervisor's own status answer, or by /proc for the processes.
+"""The measurements. Each figure alternates the targets (A B C, C B A, ...) so that drift
+on a busy machine falls on all alike; each target's turn runs alone (the other targets'
+programs are stopped meanwhile, so the host's process count is the same for all).
+
+Effects are read from /proc by the watcher (bench/watch.py), never from a target's own
+status; the reply of the call, and when the target's status first reports the programs
+RUNNING, are reported beside them. All durations are seconds.
 """
 
 from __future__ import annotations
@@ -9,15 +13,17 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
-import psutil
-
-from bench.procs import cmdline, has_mark, is_running, pid_list, wait_for
+from bench.procs import cmdline, rss_uss_mib
 from bench.targets import PROGRAM_ARGV, Target
+from bench.watch import Effect, Watcher
 
-Samples = dict[str, list[float]]
+# label -> metric -> samples
+Samples = dict[str, dict[str, list[float]]]
 
 
 def median(values: Sequence[float]) -> float:
@@ -31,141 +37,178 @@ def p95(values: Sequence[float]) -> float:
     return ordered[rank - 1]
 
 
-def _rounds(targets: Sequence[Target], reps: int) -> Iterator[tuple[int, Target]]:
+def new_samples() -> Samples:
+    return defaultdict(lambda: defaultdict(list))
+
+
+def rounds(targets: Sequence[Target], reps: int) -> Iterator[tuple[int, Target]]:
     for i in range(reps):
         for target in targets if i % 2 == 0 else reversed(targets):
             yield i, target
 
 
-def restart_all(targets: Sequence[Target], reps: int) -> Samples:
-    """One restart-all call until every program is RUNNING under a new pid (seconds)."""
-    out: Samples = {t.label: [] for t in targets}
-    for _, target in _rounds(targets, reps):
-        old = {pid for _, pid in target.wait_all_running().values()}
-        begin = time.perf_counter()
-        target.restart_all()
-        wait_for(
-            lambda t=target, old=old: t.all_running(old), 60, f"{target.label}: restarted", 0.001
-        )
-        out[target.label].append(time.perf_counter() - begin)
-    return out
+def _checked(effect: Effect, target: Target, what: str) -> Effect:
+    if effect.timed_out:
+        target.check_alive()
+        raise TimeoutError(f"{target.label}: {what} not seen in /proc before the timeout")
+    return effect
 
 
-def stop_all(targets: Sequence[Target], reps: int) -> Samples:
-    """One stop-all call until none of the programs' processes runs (seconds)."""
-    out: Samples = {t.label: [] for t in targets}
-    for _, target in _rounds(targets, reps):
-        old = [pid for _, pid in target.wait_all_running().values() if pid]
-        begin = time.perf_counter()
-        target.stop_all()
-        wait_for(
-            lambda pids=old: not any(is_running(p) for p in pids),
-            60,
-            f"{target.label}: programs gone",
-            0.0005,
-        )
-        out[target.label].append(time.perf_counter() - begin)
-        target.start_all()
-        target.wait_all_running()
-    return out
+def cycle(targets: Sequence[Target], reps: int, watcher: Watcher, out: Samples) -> None:
+    """Per turn, from all programs stopped: start-all, restart-all, stop-all.
 
-
-def crash_to_new_pid(targets: Sequence[Target], reps: int, min_age: float = 1.5) -> Samples:
-    """kill -9 of one program until a different pid runs its command (seconds).
-
-    The victims take turns, and each has run at least min_age seconds: a crash of a
-    program that has been up a while, not of one that has just started (either
-    supervisor may hold back a program that dies young). Detection polls /proc
-    (about every 0.2 ms) for a pid that did not exist before the kill, whose command
-    line is the program's and which carries this run's environment mark.
+    - start: ``start.new`` all N new pids run the program (/proc), ``start.reported`` the
+      target's status first shows all N RUNNING (asked back to back once the effect is
+      seen), ``start.reply`` the call's answer;
+    - restart (stop-all call, then start-all call): ``restart.gone`` all old pids gone,
+      ``restart.new``, ``restart.reported``, ``restart.reply``, and ``restart.cpu``: CPU
+      seconds the supervisor spent from the first call until both the reply and the
+      effect were in;
+    - stop: ``stop.gone``, ``stop.reply``.
     """
-    out: Samples = {t.label: [] for t in targets}
-    for i, target in _rounds(targets, reps):
-        states = target.wait_all_running()
-        victim = states[target.names[i % target.n]][1]
-        assert victim is not None
-        age = time.time() - psutil.Process(victim).create_time()
-        # A random pause keeps the kill out of step with any periodic loop.
-        time.sleep(max(min_age - age, 0) + random.uniform(0.05, 0.25))
-        known = set(pid_list())
-        begin = time.perf_counter()
-        os.kill(victim, signal.SIGKILL)
-        deadline = begin + 30
-        found = None
-        while found is None:
-            # A forked child shows its parent's command line until it execs,
-            # so a new pid is looked at again on every pass until it matches.
-            for pid in pid_list():
-                if (
-                    pid not in known
-                    and cmdline(pid) == PROGRAM_ARGV
-                    and has_mark(pid, target.reaper.token)
-                ):
-                    found = pid
+    for _, target in rounds(targets, reps):
+        got = out[target.label]
+        target.begin_turn()
+        try:
+            watcher.arm(new=target.n, argv=PROGRAM_ARGV, mark=target.mark)
+            begin = time.monotonic()
+            target.start_all()
+            replied = time.monotonic()
+            effect = _checked(watcher.result(), target, "start-all's programs")
+            reported = target.wait_reported()
+            got["start.new"].append(effect.new_at - begin)
+            got["start.reported"].append(reported - begin)
+            got["start.reply"].append(replied - begin)
+            got["resolution.pass_ms"].append(effect.pass_ms)
+
+            old = effect.new_pids
+            watcher.arm(gone=old, new=target.n, argv=PROGRAM_ARGV, mark=target.mark)
+            cpu = target.cpu_seconds()
+            begin = time.monotonic()
+            target.restart_all()
+            replied = time.monotonic()
+            effect = _checked(watcher.result(), target, "restart-all's programs")
+            got["restart.cpu"].append(target.cpu_seconds() - cpu)
+            reported = target.wait_reported(set(old))
+            got["restart.gone"].append(effect.gone_at - begin)
+            got["restart.new"].append(effect.new_at - begin)
+            got["restart.reported"].append(reported - begin)
+            got["restart.reply"].append(replied - begin)
+
+            watcher.arm(gone=effect.new_pids)
+            begin = time.monotonic()
+            target.stop_all()
+            replied = time.monotonic()
+            effect = _checked(watcher.result(), target, "stop-all's end")
+            got["stop.gone"].append(effect.gone_at - begin)
+            got["stop.reply"].append(replied - begin)
+        finally:
+            target.end_turn()
+
+
+def start_programs(target: Target, watcher: Watcher) -> list[int]:
+    """start-all, until all N run (from /proc); their pids."""
+    watcher.arm(new=target.n, argv=PROGRAM_ARGV, mark=target.mark)
+    target.start_all()
+    effect = _checked(watcher.result(), target, "start-all's programs")
+    target.wait_reported()
+    return effect.new_pids
+
+
+def stop_programs(target: Target, watcher: Watcher, pids: list[int]) -> None:
+    watcher.arm(gone=pids)
+    target.stop_all()
+    _checked(watcher.result(), target, "stop-all's end")
+
+
+def crash(
+    targets: Sequence[Target], kills: int, turns: int, watcher: Watcher, out: Samples,
+    min_age: float = 1.5,
+) -> None:
+    """``crash``: kill -9 of one program until a new pid runs its command (/proc).
+
+    Each turn starts the target's programs, lets them run min_age seconds (either
+    supervisor may hold back a program that dies young), then kills ``kills`` of them in
+    turn, each after a random pause (out of step with any periodic loop), waiting after
+    each until the target reports every program RUNNING again.
+    """
+    for i, target in rounds(targets, turns):
+        got = out[target.label]
+        target.begin_turn()
+        try:
+            pids = start_programs(target, watcher)
+            time.sleep(min_age)
+            for k in range(kills):
+                victim = pids[(i * kills + k) % len(pids)]
+                time.sleep(random.uniform(0.05, 0.25))
+                watcher.arm(gone=[victim], new=1, argv=PROGRAM_ARGV, mark=target.mark)
+                begin = time.monotonic()
+                os.kill(victim, signal.SIGKILL)
+                effect = _checked(watcher.result(), target, "the crashed program's new pid")
+                got["crash"].append(effect.new_at - begin)
+                pids[pids.index(victim)] = effect.new_pids[0]
+                target.wait_reported({victim})
+            stop_programs(target, watcher, pids)
+        finally:
+            target.end_turn()
+
+
+def status(
+    targets: Sequence[Target], seconds: float, watcher: Watcher, out: Samples
+) -> None:
+    """``status``: latency of one status request for every program, sequential requests
+    for ``seconds`` per target (two alternated halves), the programs running."""
+    for _, target in rounds(targets, 2):
+        got = out[target.label]
+        pids = start_programs(target, watcher)
+        try:
+            target.states()  # warm the connection
+            end = time.monotonic() + seconds / 2
+            while True:
+                begin = time.monotonic()
+                states = target.states()
+                now = time.monotonic()
+                got["status"].append(now - begin)
+                if now >= end:
                     break
-            else:
-                if time.perf_counter() > deadline:
-                    raise TimeoutError(f"{target.label}: no new pid 30 s after kill -9 {victim}")
-                time.sleep(0.0002)
-        out[target.label].append(time.perf_counter() - begin)
+            if len(states) != target.n:
+                raise AssertionError(f"{target.label}: {len(states)} states for {target.n}")
+        finally:
+            stop_programs(target, watcher, pids)
+
+
+def cli_status(targets: Sequence[Target], reps: int, out: Samples) -> None:
+    """``cli``: the operator's status command, exec to exit (programs as they are)."""
+    for _, target in rounds(targets, reps):
+        argv = target.cli_status()
+        if argv is None:
+            continue
+        begin = time.monotonic()
+        done = subprocess.run(argv, capture_output=True, timeout=120)
+        took = time.monotonic() - begin
+        if done.returncode != 0:
+            raise RuntimeError(f"{argv} exited {done.returncode}: {done.stderr[-500:]!r}")
+        out[target.label]["cli"].append(took)
+
+
+def idle(targets: Sequence[Target], seconds: float, out: Samples) -> None:
+    """``idle.cpu_pct``: CPU % of each supervisor over one window with nothing happening
+    (all watched at once, their programs running), then ``rss_mib`` and ``uss_mib``."""
     for target in targets:
-        target.wait_all_running()
-    return out
-
-
-def status_throughput(targets: Sequence[Target], seconds: float) -> dict[str, float]:
-    """Sequential status requests for every program; requests per second."""
-    counts = {t.label: 0 for t in targets}
-    spent = {t.label: 0.0 for t in targets}
-    for _, target in _rounds(targets, 2):
-        target.states()  # warm the connection
-        begin = time.perf_counter()
-        end = begin + seconds / 2
-        done = 0
-        while True:
-            states = target.states()
-            done += 1
-            now = time.perf_counter()
-            if now >= end:
-                break
-        assert len(states) == target.n
-        counts[target.label] += done
-        spent[target.label] += now - begin
-    return {label: counts[label] / spent[label] for label in counts}
-
-
-def cpu_seconds(proc: psutil.Process) -> float:
-    """CPU time of every thread of proc: from schedstat (nanoseconds) where the kernel has
-    it, since cpu_times counts 10 ms ticks, too coarse for an idle process."""
-    total = 0.0
-    try:
-        for task in os.listdir(f"/proc/{proc.pid}/task"):
-            with open(f"/proc/{proc.pid}/task/{task}/schedstat") as handle:
-                total += int(handle.read().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
-        times = proc.cpu_times()
-        return times.user + times.system
-    return total
-
-
-def idle_cost(targets: Sequence[Target], seconds: float) -> dict[str, dict[str, float]]:
-    """CPU % of the supervisor process over an idle window (both watched at once), RSS, USS."""
-    for target in targets:
-        target.wait_all_running()
         target.close_client()
-    procs = {t.label: psutil.Process(t.pid) for t in targets}
     time.sleep(min(2.0, seconds / 5))  # let the last request's work finish
-    before = {label: cpu_seconds(p) for label, p in procs.items()}
-    begin = time.perf_counter()
+    before = {t.label: t.cpu_seconds() for t in targets}
+    begin = time.monotonic()
     time.sleep(seconds)
-    window = time.perf_counter() - begin
-    out = {}
-    for label, proc in procs.items():
-        used = cpu_seconds(proc) - before[label]
-        memory = proc.memory_full_info()
-        out[label] = {
-            "cpu_percent": 100.0 * used / window,
-            "rss_mib": memory.rss / 2**20,
-            "uss_mib": memory.uss / 2**20,
-        }
-    return out
+    window = time.monotonic() - begin
+    for target in targets:
+        got = out[target.label]
+        got["idle.cpu_pct"].append(100.0 * (target.cpu_seconds() - before[target.label]) / window)
+        rss, uss = (sum(v) for v in zip(*(rss_uss_mib(p) for p in target.supervisor_pids()),
+                                        strict=True))
+        got["rss_mib"].append(rss)
+        got["uss_mib"].append(uss)
+
+
+def programs_match(pids: list[int]) -> bool:
+    return all(cmdline(pid) == PROGRAM_ARGV for pid in pids)

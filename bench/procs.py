@@ -91,6 +91,35 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of every thread of pid, in seconds; 0.0 once it is gone.
+
+    From each thread's schedstat (nanoseconds) where the kernel has it, since
+    /proc/PID/stat counts 10 ms ticks, too coarse for an idle process.
+    """
+    total = 0.0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as handle:
+                total += int(handle.read().split()[0]) / 1e9
+    except FileNotFoundError:
+        return total
+    except (OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def rss_uss_mib(pid: int) -> tuple[float, float]:
+    """(RSS, USS) of pid in MiB, from /proc/PID/smaps_rollup (USS = private clean + dirty)."""
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        values[key] = int(rest.split()[0])
+    uss = values.get("Private_Clean", 0) + values.get("Private_Dirty", 0)
+    return values["Rss"] / 1024, uss / 1024
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the benchmark dies, even by SIGKILL."""
     try:
@@ -106,17 +135,27 @@ def _kill(pid: int, sig: int) -> None:
 
 
 class Launched:
-    """One supervisor process started by the benchmark, in its own session."""
+    """One supervisor process started by the benchmark, in its own session: output to
+    ``log``, or with ``pipes`` its stdin and stdout as pipes to the bench (stderr to log)."""
 
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str], token: str) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        log: Path,
+        env: dict[str, str],
+        token: str,
+        cwd: Path | None = None,
+        pipes: bool = False,
+    ) -> None:
         self.token = token
         self._log = log.open("ab")
         self.proc = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipes else self._log,
+            stderr=self._log if pipes else subprocess.STDOUT,
             env=env,
+            cwd=cwd,
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -138,6 +177,10 @@ class Launched:
                 self.proc.wait(5)
         for pid in set(tree) | set(marked_pids(self.token)):
             _kill(pid, signal.SIGKILL)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
         self._log.close()
 
 
@@ -148,9 +191,16 @@ class Reaper:
         self.token = token
         self.launched: list[Launched] = []
 
-    def launch(self, argv: list[str], log: Path, env: dict[str, str]) -> Launched:
+    def launch(
+        self,
+        argv: list[str],
+        log: Path,
+        env: dict[str, str],
+        cwd: Path | None = None,
+        pipes: bool = False,
+    ) -> Launched:
         env = dict(env, **{ENV_MARK: self.token})
-        launched = Launched(argv, log, env, self.token)
+        launched = Launched(argv, log, env, self.token, cwd, pipes)
         self.launched.append(launched)
         return launched
 

@@ -1,15 +1,20 @@
-"""ocp-agentd against supervisord 4.3, side by side in one run.
+"""ocp-agentd against supervisord, circus and systemd, with the floor, in one run.
 
     python -m bench.run            # the full benchmark; writes bench/RESULTS.md
-    python -m bench.run --quick    # CI-sized: small N, few repetitions, asserts no speed
+    python -m bench.run --quick    # CI-sized (under a minute); fails on a regressed ratio
 
-Installs supervisor 4.3 into bench/.venv-supervisor when missing. Every process it
-starts is stopped at the end, also on error, Ctrl-C or SIGTERM.
+Installs supervisor 4.3 and circus 0.19 into bench/.venv-peers when missing and runs
+itself from there (circus's client needs its venv); ocp-agentd runs from the project's
+venv (the Python that started this). The systemd part boots the e2e suite's Debian 12
+container (tests/e2e/nspawn.py) and measures systemd and ocp-agentd inside it
+(bench/systemd.py). Every process it starts is stopped at the end, also on error,
+Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -23,195 +28,238 @@ from pathlib import Path
 
 from bench import figures, report, seed
 from bench.procs import Reaper
-from bench.report import Row
-from bench.targets import Agentd, Supervisord, Target
+from bench.report import AGENTD
+from bench.targets import Agentd, Floor, Target
+from bench.watch import Watcher
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-SUPERVISOR_VENV = BENCH_DIR / ".venv-supervisor"
-SUPERVISOR_REQ = "supervisor>=4.3,<4.4"
-AGENTD, SUPERVISORD = Agentd.label, Supervisord.label
+PEERS_VENV = BENCH_DIR / ".venv-peers"
+PEERS_REQ = ("supervisor>=4.3,<4.4", "circus>=0.19,<0.20")
+IDLE_ARGV = ["/bin/sleep", "100001"]  # the extra idle processes: not the programs' argv
+PYTHON_ENV, CTL_ENV = "BENCH_AGENTD_PYTHON", "BENCH_AGENTCTL"
 
 
 @dataclass(frozen=True)
 class Plan:
-    sizes: tuple[int, ...]  # N of the phases
-    crash_n: int  # the phase that measures crash to new pid
-    idle_n: int  # the phase that measures idle cost
-    reps: int  # restart all / stop all
-    crash_reps: int
+    """What a run measures. Sizes are N (programs per target)."""
+
+    sizes: tuple[int, ...]
+    crowded: tuple[int, ...]  # sizes measured again with `extra` idle processes on the host
+    extra: int
+    reps: dict[int, int]  # N -> alternated start/restart/stop cycles per target
     status_seconds: float
+    crash_n: int
+    crash_kills: int  # per turn
+    crash_turns: int
+    single_n: int  # N of the one-off figures: start-up, CLI, idle, RSS
+    startup_reps: int
+    cli_reps: int
     idle_seconds: float
-    seed_reps: int
+    peers: tuple[str, ...]  # supervisord, supervisord+poll, circus
+    systemd_sizes: tuple[int, ...] = ()
+    systemd_reps: int = 3
+    seed_reps: int = 0
+    regress: bool = False  # --quick: fail on a regressed ratio
 
 
-FULL = Plan((10, 50), 10, 50, 7, 20, 5.0, 30.0, 20)
-QUICK = Plan((3,), 3, 3, 2, 3, 0.5, 2.0, 2)
+FULL = Plan(
+    sizes=(10, 50, 200, 500, 1000),
+    crowded=(50, 200, 1000),
+    extra=1000,
+    reps={10: 5, 50: 5, 200: 3, 500: 3, 1000: 2},
+    status_seconds=2.0,
+    crash_n=50,
+    crash_kills=5,
+    crash_turns=4,
+    single_n=50,
+    startup_reps=5,
+    cli_reps=7,
+    idle_seconds=30.0,
+    peers=("supervisord", "supervisord+poll", "circus"),
+    systemd_sizes=(10, 50, 200),
+    seed_reps=10,
+)
+QUICK = Plan(
+    sizes=(10,),
+    crowded=(),
+    extra=0,
+    reps={10: 3},
+    status_seconds=1.0,
+    crash_n=10,
+    crash_kills=3,
+    crash_turns=2,
+    single_n=10,
+    startup_reps=1,
+    cli_reps=1,
+    idle_seconds=2.0,
+    peers=("supervisord",),
+    regress=True,
+)
 
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _supervisord_version(supervisord: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            [str(supervisord), "--version"], capture_output=True, text=True, timeout=60
-        )
-    except OSError:
+def _peers_ready(python: Path) -> str | None:
+    """The peers' versions when the venv has them all, else None."""
+    if not python.exists():
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    probe = "import supervisor.options as s, circus; print(s.VERSION, circus.__version__)"
+    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
-def ensure_supervisor() -> str:
-    """supervisord 4.3 in its own venv, (re)built when missing or broken; its version."""
-    supervisord = SUPERVISOR_VENV / "bin" / "supervisord"
-    version = _supervisord_version(supervisord) if supervisord.exists() else None
-    if version is None or not version.startswith("4.3"):
-        log(f"installing {SUPERVISOR_REQ} into {SUPERVISOR_VENV}")
-        shutil.rmtree(SUPERVISOR_VENV, ignore_errors=True)
-        python = getattr(sys, "_base_executable", sys.executable)
-        subprocess.run([python, "-m", "venv", str(SUPERVISOR_VENV)], check=True)
-        pip = [str(SUPERVISOR_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, SUPERVISOR_REQ], check=True)
-        version = _supervisord_version(supervisord)
-    if version is None or not version.startswith("4.3"):
-        raise SystemExit(f"{supervisord} does not run as supervisor 4.3 (got {version!r})")
-    return version
+def ensure_peers() -> Path:
+    """bench/.venv-peers with supervisor 4.3 and circus 0.19, (re)built when missing or
+    broken; its python."""
+    python = PEERS_VENV / "bin" / "python"
+    if _peers_ready(python) is None:
+        log(f"installing {', '.join(PEERS_REQ)} into {PEERS_VENV}")
+        shutil.rmtree(PEERS_VENV, ignore_errors=True)
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", str(PEERS_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEERS_REQ], check=True)
+        if _peers_ready(python) is None:
+            raise SystemExit(f"{PEERS_VENV} does not import supervisor and circus")
+    return python
 
 
-def _ms(samples: dict[str, list[float]], label: str, stat=figures.median) -> float | None:
-    return stat(samples[label]) * 1000 if label in samples else None
+def reexec_in_peers_venv(argv: list[str]) -> None:
+    """Runs this module again with the peers' venv (a no-op when already there)."""
+    python = ensure_peers()
+    if Path(sys.prefix).resolve() == PEERS_VENV.resolve():
+        return
+    env = dict(os.environ)
+    env.setdefault(PYTHON_ENV, sys.executable)
+    env.setdefault(CTL_ENV, str(Path(sys.executable).parent / "ocp-agentctl"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    os.execve(str(python), [str(python), "-m", "bench.run", *argv], env)
 
 
-def _met(a: float | None, s: float | None, check) -> bool | None:
-    return None if a is None or s is None else bool(check(a, s))
+def versions() -> dict[str, str]:
+    agentd = subprocess.run(
+        [os.environ[PYTHON_ENV], "-c", "import ocp_agentd; print(ocp_agentd.__version__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    supervisor, circus = (_peers_ready(PEERS_VENV / "bin" / "python") or "? ?").split()
+    return {"ocp-agentd": agentd, "supervisor": supervisor, "circus": circus}
 
 
-def _note_samples(notes: list[str], figure: str, n: int, got: dict[str, list[float]]) -> None:
-    """Every sample of a timed figure, in ms, so the spread shows beside the median."""
-    parts = [
-        f"{label} " + " ".join(f"{x * 1000:.1f}" for x in values) for label, values in got.items()
-    ]
-    notes.append(f"{figure}, N={n}, ms: " + "; ".join(parts))
+def make_targets(plan: Plan, workdir: Path, n: int, reaper: Reaper) -> list[Target]:
+    # Imported here: the peers' clients (circus's ZeroMQ) exist only in the peers' venv,
+    # and the in-container run imports this module without them.
+    from bench.peers import Circus, PolledSupervisord, Supervisord
+
+    agentd = Agentd(
+        workdir / f"agentd-{n}", n, reaper, os.environ[PYTHON_ENV], [os.environ[CTL_ENV]]
+    )
+    targets: list[Target] = [agentd]
+    quiet = Supervisord(workdir / f"supervisord-{n}", n, reaper, PEERS_VENV)
+    if "supervisord" in plan.peers or "supervisord+poll" in plan.peers:
+        targets.append(quiet)
+    if "supervisord+poll" in plan.peers:
+        targets.append(PolledSupervisord(quiet))
+    if "circus" in plan.peers:
+        targets.append(Circus(workdir / f"circus-{n}", n, reaper, PEERS_VENV))
+    targets.append(Floor(workdir / f"floor-{n}", n, reaper))
+    return targets
+
+
+def launched(targets: list[Target]) -> list[Target]:
+    """The targets that are a process of their own (the poller variant shares one)."""
+    from bench.peers import PolledSupervisord  # see make_targets
+
+    return [t for t in targets if not isinstance(t, PolledSupervisord)]
 
 
 def run_phase(
-    plan: Plan,
-    n: int,
-    workdir: Path,
-    reaper: Reaper,
-    rows: list[Row],
-    notes: list[str],
-    only: str | None,
+    plan: Plan, n: int, crowd: int, workdir: Path, reaper: Reaper, watcher: Watcher,
+    results: report.Results,
 ) -> None:
-    targets: list[Target] = [
-        Agentd(workdir / f"agentd-{n}", n, reaper),
-        Supervisord(workdir / f"supervisord-{n}", n, reaper, SUPERVISOR_VENV),
-    ]
-    targets = [t for t in targets if only in (None, t.label)]
+    """Every figure at one N: launch all targets, stop their programs, then alternate."""
+    phase = report.Phase(n, crowd)
+    samples = results.phase(phase)
+    targets = make_targets(plan, workdir / f"{n}-{crowd}", n, reaper)
     try:
-        for target in targets:
-            log(f"N={n}: starting {target.label}")
+        for target in launched(targets):
+            log(f"{phase}: launching {target.label}")
             target.start()
-        big = n == max(plan.sizes)
-
-        for figure, measure, text, limit in (
-            ("restart all", figures.restart_all, "≤ 1/5", 0.2),
-            ("stop all", figures.stop_all, "≤ 1/10", 0.1),
-        ):
-            log(f"N={n}: {figure} x{plan.reps}")
-            got = measure(targets, plan.reps)
-            _note_samples(notes, figure, n, got)
-            a, s = _ms(got, AGENTD), _ms(got, SUPERVISORD)
-            rows.append(Row(f"{figure}, median", n, a, s, "ms", *_target(big, a, s, text, limit)))
-
-        if n == plan.crash_n:
-            log(f"N={n}: crash to new pid x{plan.crash_reps}")
-            got = figures.crash_to_new_pid(targets, plan.crash_reps)
-            _note_samples(notes, "crash to new pid", n, got)
-            a, s = _ms(got, AGENTD), _ms(got, SUPERVISORD)
-            met = _met(a, s, lambda a, s: a <= s and a < 10)
-            rows.append(
-                Row("crash to new pid, median", n, a, s, "ms", "≤ supervisord and < 10 ms", met)
-            )
-            a, s = _ms(got, AGENTD, figures.p95), _ms(got, SUPERVISORD, figures.p95)
-            rows.append(Row("crash to new pid, p95", n, a, s, "ms"))
-
-        log(f"N={n}: status throughput {plan.status_seconds:g}s each")
-        rate = figures.status_throughput(targets, plan.status_seconds)
-        a, s = rate.get(AGENTD), rate.get(SUPERVISORD)
-        met = _met(a, s, lambda a, s: a >= 10 * s) if big else None
-        rows.append(Row("status throughput", n, a, s, "req/s", "≥ 10x" if big else "—", met))
-
-        if n == plan.idle_n:
-            log(f"N={n}: idle cost over {plan.idle_seconds:g}s")
-            idle = figures.idle_cost(targets, plan.idle_seconds)
-            a_idle, s_idle = idle.get(AGENTD, {}), idle.get(SUPERVISORD, {})
-            a, s = a_idle.get("cpu_percent"), s_idle.get("cpu_percent")
-            met = _met(a, s, lambda a, s: a <= s)
-            rows.append(Row("idle CPU", n, a, s, "%", "≤ supervisord", met))
-            a = a_idle.get("rss_mib")
-            met = None if a is None else a < 45
-            rows.append(Row("RSS", n, a, s_idle.get("rss_mib"), "MiB", "goal < 45 MiB", met))
-            rows.append(Row("USS", n, a_idle.get("uss_mib"), s_idle.get("uss_mib"), "MiB"))
+            target.wait_reported()
+            target.stop_all()
+        reps = plan.reps[n]
+        log(f"{phase}: start/restart/stop x{reps}")
+        figures.cycle(targets, reps, watcher, samples)
+        log(f"{phase}: status {plan.status_seconds:g}s each")
+        figures.status(launched(targets), plan.status_seconds, watcher, samples)
+        if n == plan.crash_n and crowd == 0:
+            log(f"{phase}: crash to new pid, {plan.crash_kills} x {plan.crash_turns} turns")
+            figures.crash(targets, plan.crash_kills, plan.crash_turns, watcher, samples)
+        if n == plan.single_n and crowd == 0:
+            running = {t.label: figures.start_programs(t, watcher) for t in launched(targets)}
+            log(f"{phase}: CLI status x{plan.cli_reps}")
+            figures.cli_status(launched(targets), plan.cli_reps, samples)
+            log(f"{phase}: idle over {plan.idle_seconds:g}s")
+            figures.idle(launched(targets), plan.idle_seconds, samples)
+            for target in launched(targets):
+                figures.stop_programs(target, watcher, running[target.label])
     finally:
         for target in targets:
             target.stop()
 
 
-def run_seed(
-    plan: Plan, workdir: Path, reaper: Reaper, rows: list[Row], notes: list[str]
-) -> None:
+def run_startup(plan: Plan, workdir: Path, reaper: Reaper, results: report.Results) -> None:
+    """``startup``: exec of the supervisor (N programs configured) to its first answer."""
+    samples = results.phase(report.Phase(plan.single_n, 0))
+    log(f"start-up to first answer x{plan.startup_reps}")
+    for i in range(plan.startup_reps):
+        targets = launched(make_targets(plan, workdir / f"startup-{i}", plan.single_n, reaper))
+        for target in targets if i % 2 == 0 else reversed(targets):
+            try:
+                samples[target.label]["startup"].append(target.start())
+            finally:
+                target.stop()
+
+
+def run_seed(plan: Plan, workdir: Path, reaper: Reaper, results: report.Results) -> None:
     log(f"the seed's restart task x{plan.seed_reps} (ocp-agentd only, demo programs)")
-    got = seed.seed_task(workdir / "seed", reaper, plan.seed_reps)
-    n = got.programs
-    samples = {"POST": got.post_seconds, "task": got.task_seconds, "direct": got.direct_seconds}
-    _note_samples(notes, "seed task", n, samples)
-    post, task, direct = (figures.median(values) * 1000 for values in samples.values())
-    rows.append(Row("seed task: POST answer, median", n, post, None, "ms", "< 20 ms", post < 20))
-    rows.append(Row("seed task: whole task, median", n, task, None, "ms"))
-    rows.append(Row("seed task: same steps called directly, median", n, direct, None, "ms"))
-    overhead = task - direct
-    rows.append(
-        Row("seed task: beyond the programs' readiness", n, overhead, None, "ms", "< 1 s",
-            overhead < 1000)
-    )
-
-
-def _target(
-    big: bool, a: float | None, s: float | None, text: str, limit: float
-) -> tuple[str, bool | None]:
-    if not big:
-        return "—", None
-    return text, _met(a, s, lambda a, s: a <= limit * s)
-
-
-def agentd_version() -> str:
-    from ocp_agentd import __version__
-
-    return __version__
+    got = seed.seed_task(workdir / "seed", reaper, plan.seed_reps, os.environ[PYTHON_ENV])
+    samples = results.phase(report.Phase(got.programs, 0, "seed"))[AGENTD]
+    samples["seed.post"] += got.post_seconds
+    samples["seed.task"] += got.task_seconds
+    samples["seed.direct"] += got.direct_seconds
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CI-sized run, no speed asserted")
+    parser.add_argument("--quick", action="store_true", help="CI-sized run; fails on regression")
     parser.add_argument("--out", type=Path, help="markdown results file to write")
+    parser.add_argument("--json", type=Path, help="every sample, as JSON, to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--only", choices=(AGENTD, SUPERVISORD), help="run one side only")
+    parser.add_argument("--sizes", help="comma-separated N, instead of the plan's")
+    parser.add_argument("--crowded", help="comma-separated N to run with extra idle processes")
+    parser.add_argument("--no-systemd", action="store_true", help="skip the container part")
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else FULL
-    out = args.out or (None if args.quick or args.only else BENCH_DIR / "RESULTS.md")
+    reexec_in_peers_venv(argv)
 
-    versions = {
-        "ocp-agentd": agentd_version(),
-        "supervisor": ensure_supervisor(),
-    }
-    env_lines = report.environment(REPO, versions, "quick" if args.quick else "full")
+    plan = QUICK if args.quick else FULL
+    if args.sizes:
+        sizes = tuple(int(x) for x in args.sizes.split(","))
+        plan = Plan(**{**plan.__dict__, "sizes": sizes,
+                       "reps": {n: plan.reps.get(n, 2) for n in sizes},
+                       "crowded": tuple(n for n in plan.crowded if n in sizes)})
+    if args.crowded is not None:
+        crowded = tuple(int(x) for x in args.crowded.split(",") if x)
+        plan = Plan(**{**plan.__dict__, "crowded": crowded, "extra": plan.extra or 1000})
+    out = args.out or (None if args.quick else BENCH_DIR / "RESULTS.md")
+
+    watcher = Watcher()  # forked first: before any client library starts a thread
+    env_lines = report.environment(REPO, versions(), "quick" if args.quick else "full")
     reaper = Reaper(secrets.token_hex(8))
     workdir = Path(tempfile.mkdtemp(prefix="ocp-bench-"))
-    rows: list[Row] = []
-    notes: list[str] = []
+    results = report.Results()
 
     def on_term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -222,27 +270,54 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         for n in plan.sizes:
-            run_phase(plan, n, workdir, reaper, rows, notes, args.only)
-        if args.only in (None, AGENTD):
-            run_seed(plan, workdir, reaper, rows, notes)
+            run_phase(plan, n, 0, workdir, reaper, watcher, results)
+        if plan.crowded:
+            crowd = Floor(workdir / "crowd", plan.extra, reaper, IDLE_ARGV)
+            log(f"{plan.extra} extra idle processes on the host")
+            crowd.start()
+            try:
+                for n in plan.crowded:
+                    run_phase(plan, n, plan.extra, workdir, reaper, watcher, results)
+            finally:
+                crowd.stop()
+        run_startup(plan, workdir, reaper, results)
+        if plan.seed_reps:
+            run_seed(plan, workdir, reaper, results)
+        if plan.systemd_sizes and not args.no_systemd:
+            # Imported here: it loads the e2e suite's container module (the full run only).
+            from bench import container
+
+            container.run(
+                os.environ[PYTHON_ENV], plan.systemd_sizes, plan.systemd_reps,
+                (plan.crash_n, plan.crash_kills, max(2, plan.crash_turns // 2)), results, log,
+            )
     finally:
         reaper.stop_all()
+        watcher.close()
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
         if args.keep:
             log(f"work directory kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    load = report.load_average()
-    env_lines.append(f"- run took {time.monotonic() - started:.0f} s; load average at end {load}")
-    log(f"done in {time.monotonic() - started:.0f}s")
+    took = time.monotonic() - started
+    env_lines.append(f"- run took {took:.0f} s; load average at end {report.load_average()}")
+    log(f"done in {took:.0f}s")
 
+    if args.json:
+        args.json.write_text(json.dumps(results.as_json(), indent=1))
+    goals = report.goals(results)
     print("\n".join(env_lines))
     print()
-    print(report.table(rows))
+    print(report.goals_table(goals))
     if out:
-        out.write_text(report.results_markdown(env_lines, rows, notes))
+        out.write_text(report.results_markdown(env_lines, results, goals))
         log(f"wrote {out}")
+    if plan.regress:
+        failures = report.regressions(results)
+        for failure in failures:
+            log(f"REGRESSION: {failure}")
+        return 1 if failures else 0
     return 0
 
 

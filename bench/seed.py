@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,28 +49,29 @@ def _free_port_pair() -> int:
 class DemoDaemon(Agentd):
     """ocp-agentd on the demo configuration written by ocp_agentd.demo.config."""
 
-    def __init__(self, workdir: Path, reaper: Reaper) -> None:
-        super().__init__(workdir, 0, reaper, HOST_ID)
+    def __init__(self, workdir: Path, reaper: Reaper, python: str) -> None:
+        super().__init__(workdir, 0, reaper, python, host_id=HOST_ID)
 
-    def start(self) -> None:
+    def write_config(self) -> None:
         subprocess.run(
-            [sys.executable, "-m", "ocp_agentd.demo.config", str(self.workdir),
+            [self.python, "-m", "ocp_agentd.demo.config", str(self.workdir),
              "--base-port", str(_free_port_pair()), "--host-id", str(HOST_ID)],
             check=True,
             stdout=subprocess.DEVNULL,
         )
+        self.config = self.workdir / "demo.toml"
         self.socket = self.workdir / "run" / "agentd.sock"
         self.api = JsonUnixClient(str(self.socket))
-        self.launch(self.workdir / "demo.toml")
+
+    def start(self) -> float:
+        took = super().start()
         self.names = sorted(self.states())
         self.n = len(self.names)
         self.wait_all_running()
+        return took
 
-    def all_running(self, exclude_pids: set[int] = frozenset()) -> dict | None:
-        self.check_alive()
-        states = self.states()
-        ok = all(state == "RUNNING" and pid not in exclude_pids for state, pid in states.values())
-        return states if ok and len(states) == self.n else None
+    def wait_all_running(self) -> None:
+        wait_for(self.reported_running, TASK_TIMEOUT, "the demo programs RUNNING", 0.02)
 
     def run_task(self) -> tuple[float, float]:
         """(POST answer time, whole task time) of one restart task, in seconds."""
@@ -101,8 +101,9 @@ class DemoDaemon(Agentd):
         return time.perf_counter() - begin
 
 
-def seed_task(workdir: Path, reaper: Reaper, reps: int) -> SeedResult:
-    daemon = DemoDaemon(workdir, reaper)
+def seed_task(workdir: Path, reaper: Reaper, reps: int, python: str) -> SeedResult:
+    """``reps`` restart tasks and as many direct runs of their steps, alternated."""
+    daemon = DemoDaemon(workdir, reaper, python)
     result = SeedResult([], [], [], 0)
     try:
         daemon.start()

@@ -1,40 +1,53 @@
-"""The two supervisors under test, behind one small interface.
+"""The supervisors under test behind one small interface, with ocp-agentd and the floor.
 
-Both run the same N programs (``/bin/sleep 100000``, output to files, "started"
-as soon as they are spawned: supervisord ``startsecs=0``, ocp-agentd
-``start_seconds=0``, no ports) and are driven over their unix socket.
+Every target runs the same N programs (``/bin/sleep 100000``, output to files or
+/dev/null, "started" as soon as they are spawned: no start delay, no ports) and is
+driven through its own control interface. Whatever a target does, the bench judges the
+effect from /proc (bench/watch.py); the target's own answers are reported beside it.
+The peers (supervisord, circus) are in bench/peers.py, systemd in bench/systemd.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from bench.clients import JsonUnixClient, xmlrpc_proxy
-from bench.procs import Launched, Reaper, cmdline, wait_for
+from bench.clients import JsonUnixClient
+from bench.procs import ENV_MARK, Launched, Reaper, cpu_seconds, wait_for
 
 PROGRAM_ARGV = ["/bin/sleep", "100000"]
-BOOT_TIMEOUT = 60.0
+BOOT_TIMEOUT = 120.0
+CALL_TIMEOUT = 300.0
 
-# program name -> (state, pid)
+# program name -> (state, pid); pid None when the target's status does not carry it
 States = dict[str, tuple[str, int | None]]
 
 
 def program_names(n: int) -> list[str]:
-    return [f"p{i:02d}" for i in range(n)]
+    return [f"p{i:04d}" for i in range(n)]
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
+    """The bench's environment without what would make a child think systemd runs it."""
     env = dict(os.environ)
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
         env.pop(key, None)
     return env
 
 
+def _toml(value: object) -> str:
+    # JSON strings, numbers, booleans and arrays are valid TOML values.
+    return json.dumps(value)
+
+
 class Target(ABC):
+    """One supervisor with N programs. ``label`` names it in the tables."""
+
     label: str
 
     def __init__(self, workdir: Path, n: int, reaper: Reaper) -> None:
@@ -46,31 +59,83 @@ class Target(ABC):
         workdir.mkdir(parents=True, exist_ok=True)
 
     @property
+    def mark(self) -> str:
+        """KEY=VALUE every program of this run carries in its environment."""
+        return f"{ENV_MARK}={self.reaper.token}"
+
+    @property
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
 
+    def supervisor_pids(self) -> list[int]:
+        """The processes whose CPU time is the supervisor's (not the programs')."""
+        return [self.pid]
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.supervisor_pids())
+
+    def start(self) -> float:
+        """Launches the supervisor and waits until it answers; answers the seconds from
+        launch to its first answer. Its programs start as configured (all of them)."""
+        self.write_config()
+        begin = time.monotonic()
+        self.process = self.reaper.launch(
+            self.argv(), self.workdir / "supervisor.out", child_env(), cwd=self.workdir
+        )
+        wait_for(self.answers, BOOT_TIMEOUT, f"{self.label}'s first answer", 0.001)
+        return time.monotonic() - begin
+
+    def answers(self) -> bool:
+        """One cheap request; False while the supervisor cannot answer yet."""
+        self.check_alive()
+        try:
+            self.ping()
+        except (OSError, ConnectionError, EOFError):
+            self.close_client()
+            return False
+        return True
+
     @abstractmethod
-    def start(self) -> None:
-        """Launches the supervisor; returns once every program is RUNNING."""
+    def write_config(self) -> None: ...
+
+    @abstractmethod
+    def argv(self) -> list[str]: ...
+
+    @abstractmethod
+    def ping(self) -> None:
+        """The cheapest request the supervisor answers (its own state)."""
 
     @abstractmethod
     def states(self) -> States:
         """One status request for every program."""
 
     @abstractmethod
-    def stop_all(self) -> None: ...
+    def stop_all(self) -> None:
+        """Stops every program; returns when the supervisor says they are stopped."""
 
     @abstractmethod
-    def start_all(self) -> None: ...
+    def start_all(self) -> None:
+        """Starts every program; returns when the supervisor says they are started."""
 
     @abstractmethod
     def close_client(self) -> None: ...
 
+    def cli_status(self) -> list[str] | None:
+        """The operator's status command for this supervisor, or None."""
+        return None
+
     def restart_all(self) -> None:
-        # Neither has a restart-all call; supervisorctl's restart all does exactly this.
+        # No target has one restart-all call for every program; supervisorctl's
+        # "restart all" is exactly this pair.
         self.stop_all()
         self.start_all()
+
+    def begin_turn(self) -> None:  # noqa: B027 - most targets need nothing here
+        """Before this target's measured turn (the poller variant starts its poller)."""
+
+    def end_turn(self) -> None:  # noqa: B027
+        """After this target's turn."""
 
     def check_alive(self) -> None:
         if self.process is None or not self.process.alive():
@@ -78,23 +143,25 @@ class Target(ABC):
             tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
             raise RuntimeError(f"{self.label} is not running; its output ends with:\n{tail}")
 
-    def all_running(self, exclude_pids: set[int] = frozenset()) -> States | None:
-        """The states if all N programs are RUNNING (with pids not in exclude_pids)."""
+    def reported_running(self, exclude_pids: set[int] | frozenset[int] = frozenset()) -> bool:
+        """True when the target's own status shows all N programs RUNNING, with pids
+        (where its status has them) that are not in exclude_pids."""
         self.check_alive()
         states = self.states()
         if len(states) != self.n:
-            return None
-        for state, pid in states.values():
-            if state != "RUNNING" or pid is None or pid in exclude_pids:
-                return None
-        # Exec'd, not just forked: a signal that reaches a child before its exec is
-        # lost (supervisord then waits stopwaitsecs), so no figure starts before this.
-        if any(cmdline(pid) != PROGRAM_ARGV for _, pid in states.values() if pid):
-            return None
-        return states
+            return False
+        return all(
+            state == "RUNNING" and (pid is None or pid not in exclude_pids)
+            for state, pid in states.values()
+        )
 
-    def wait_all_running(self, timeout: float = BOOT_TIMEOUT) -> States:
-        return wait_for(self.all_running, timeout, f"{self.label}: all programs RUNNING", 0.02)
+    def wait_reported(self, exclude_pids: set[int] | frozenset[int] = frozenset()) -> float:
+        """Polls the status (back to back) until reported_running; answers the
+        time.monotonic() of the answer that first showed it."""
+        while True:
+            if self.reported_running(exclude_pids):
+                return time.monotonic()
+            time.sleep(0.0005)
 
     def stop(self) -> None:
         self.close_client()
@@ -103,88 +170,24 @@ class Target(ABC):
             self.process = None
 
 
-class Supervisord(Target):
-    label = "supervisord"
-
-    def __init__(self, workdir: Path, n: int, reaper: Reaper, venv: Path) -> None:
-        super().__init__(workdir, n, reaper)
-        self.venv = venv
-        self.socket = workdir / "supervisor.sock"
-        self.rpc = xmlrpc_proxy(str(self.socket))
-
-    def write_config(self) -> Path:
-        logs = self.workdir / "logs"
-        logs.mkdir(exist_ok=True)
-        lines = [
-            "[unix_http_server]",
-            f"file={self.socket}",
-            "chmod=0600",
-            "",
-            "[supervisord]",
-            "nodaemon=true",
-            f"logfile={self.workdir / 'supervisord.log'}",
-            f"pidfile={self.workdir / 'supervisord.pid'}",
-            f"childlogdir={logs}",
-            "user=root" if os.geteuid() == 0 else "",
-            "",
-            "[rpcinterface:supervisor]",
-            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
-            "",
-        ]
-        for name in self.names:
-            lines += [
-                f"[program:{name}]",
-                f"command={' '.join(PROGRAM_ARGV)}",
-                f"directory={self.workdir}",
-                "autostart=true",
-                "autorestart=unexpected",
-                "startsecs=0",
-                "stopsignal=TERM",
-                "stopwaitsecs=10",
-                f"stdout_logfile={logs / (name + '.stdout.log')}",
-                f"stderr_logfile={logs / (name + '.stderr.log')}",
-                "",
-            ]
-        path = self.workdir / "supervisord.conf"
-        path.write_text("\n".join(lines))
-        return path
-
-    def start(self) -> None:
-        config = self.write_config()
-        argv = [str(self.venv / "bin" / "supervisord"), "-n", "-c", str(config)]
-        self.process = self.reaper.launch(argv, self.workdir / "supervisor.out", _child_env())
-        wait_for(self.socket.exists, BOOT_TIMEOUT, "supervisord's socket")
-        self.wait_all_running()
-
-    def states(self) -> States:
-        infos = self.rpc.supervisor.getAllProcessInfo()
-        return {i["name"]: (i["statename"], i["pid"] or None) for i in infos}
-
-    def stop_all(self) -> None:
-        self.rpc.supervisor.stopAllProcesses(True)
-
-    def start_all(self) -> None:
-        self.rpc.supervisor.startAllProcesses(True)
-
-    def close_client(self) -> None:
-        self.rpc("close")()
-
-
-def _toml(value: object) -> str:
-    # JSON strings, numbers, booleans and arrays are valid TOML values.
-    return json.dumps(value)
-
-
 class Agentd(Target):
+    """ocp-agentd, run from the project's venv (``python``) on a config written here."""
+
     label = "ocp-agentd"
 
-    def __init__(self, workdir: Path, n: int, reaper: Reaper, host_id: int = 1) -> None:
+    def __init__(
+        self, workdir: Path, n: int, reaper: Reaper, python: str, ctl: list[str] | None = None,
+        host_id: int = 1,
+    ) -> None:
         super().__init__(workdir, n, reaper)
+        self.python = python
+        self.ctl = ctl
         self.host_id = host_id
         self.socket = workdir / "agentd.sock"
-        self.api = JsonUnixClient(str(self.socket))
+        self.config = workdir / "agentd.toml"
+        self.api = JsonUnixClient(str(self.socket), CALL_TIMEOUT)
 
-    def write_config(self) -> Path:
+    def write_config(self) -> None:
         logs = self.workdir / "logs"
         lines = [
             "[agent]",
@@ -211,30 +214,15 @@ class Agentd(Target):
                 f"stderr_log = {_toml(str(logs / (name + '.stderr.log')))}",
                 "",
             ]
-        path = self.workdir / "agentd.toml"
-        path.write_text("\n".join(lines))
-        return path
+        self.config.write_text("\n".join(lines))
 
-    def start(self) -> None:
-        config = self.write_config()
-        self.launch(config)
-        self.wait_all_running()
+    def argv(self) -> list[str]:
+        return [self.python, "-m", "ocp_agentd", "--config", str(self.config)]
 
-    def launch(self, config: Path) -> None:
-        argv = [sys.executable, "-m", "ocp_agentd", "--config", str(config)]
-        self.process = self.reaper.launch(argv, self.workdir / "supervisor.out", _child_env())
-        wait_for(self._answers, BOOT_TIMEOUT, "ocp-agentd's API")
-
-    def _answers(self) -> bool:
-        self.check_alive()
+    def ping(self) -> None:
         if not self.socket.exists():
-            return False
-        try:
-            self.api.request("GET", "/api/v1/status")
-        except OSError:
-            self.api.close()
-            return False
-        return True
+            raise ConnectionError("no socket yet")
+        self.api.request("GET", "/api/v1/status")
 
     def states(self) -> States:
         return {
@@ -251,3 +239,69 @@ class Agentd(Target):
 
     def close_client(self) -> None:
         self.api.close()
+
+    def cli_status(self) -> list[str] | None:
+        return None if self.ctl is None else [*self.ctl, "status", "--socket", str(self.socket)]
+
+
+class Floor(Target):
+    """The minimal spawner of bench/floor.py, driven over its stdin and stdout."""
+
+    label = "floor"
+
+    def __init__(
+        self, workdir: Path, n: int, reaper: Reaper, program: list[str] = PROGRAM_ARGV
+    ) -> None:
+        super().__init__(workdir, n, reaper)
+        self.program = program
+        self.pipe: subprocess.Popen[bytes] | None = None
+
+    def write_config(self) -> None:
+        pass
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "bench.floor", str(self.n), *self.program]
+
+    def start(self) -> float:
+        env = dict(child_env(), **{ENV_MARK: self.reaper.token})
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
+                                                          env.get("PYTHONPATH")]))
+        begin = time.monotonic()
+        self.process = self.reaper.launch(
+            self.argv(), self.workdir / "supervisor.out", env, pipes=True
+        )
+        self.pipe = self.process.proc
+        self.ping()
+        return time.monotonic() - begin
+
+    def _ask(self, command: str) -> str:
+        assert self.pipe is not None and self.pipe.stdin and self.pipe.stdout
+        self.pipe.stdin.write(command.encode() + b"\n")
+        self.pipe.stdin.flush()
+        line = self.pipe.stdout.readline()
+        if not line:
+            self.check_alive()
+            raise EOFError("the floor closed its stdout")
+        return line.decode().strip()
+
+    def ping(self) -> None:
+        self._ask("status")
+
+    def states(self) -> States:
+        pids = json.loads(self._ask("status"))
+        return {
+            name: ("RUNNING" if pid else "STOPPED", pid)
+            for name, pid in zip(self.names, pids.values(), strict=True)
+        }
+
+    def stop_all(self) -> None:
+        self._ask("stop")
+
+    def start_all(self) -> None:
+        self._ask("start")
+
+    def close_client(self) -> None:
+        pass
+
+    def cli_status(self) -> list[str] | None:
+        return ["/bin/true"]  # the floor of any command: one exec of a process that exits
