@@ -6,10 +6,11 @@ imports nothing of the daemon, so any part may publish without importing the API
 
 Each event is a flat dict, one line of JSON on the wire::
 
-    {"time": "2026-11-30T05:10:37.913+00:00", "kind": "state", "program": "ocp_exporter",
-     "from": "RUNNING", "to": "BACKOFF", "reason": "killed by SIGKILL; restarting"}
+    {"id": 42, "time": "2026-11-30T05:10:37.913+00:00", "kind": "state",
+     "program": "ocp_exporter", "from": "RUNNING", "to": "BACKOFF",
+     "reason": "killed by SIGKILL; restarting"}
 
-Kinds and their fields (besides ``time``, ``kind``, ``reason``):
+Kinds and their fields (besides ``id``, ``time``, ``kind``, ``reason``):
 
 - ``state``: ``program``, ``from``, ``to`` (the states of SPEC section 3);
 - ``probe``: ``program``, ``probe`` (which check failed, e.g. ``tcp_connect 62889``),
@@ -18,6 +19,10 @@ Kinds and their fields (besides ``time``, ``kind``, ``reason``):
   ``error`` with the reason when the file was refused;
 - ``task``: ``task`` (id), ``name``, ``from``, ``to`` (task statuses, SPEC section 5);
 - ``subtask``: ``task``, ``subtask`` (ids), ``name``, ``from``, ``to``.
+
+Every event carries an ``id`` (1, 2, ... for the daemon's life). The last ``KEEP`` events
+are kept, so a reader can start with the recent past (``subscribe(last=N)``) or resume
+after the last id it saw (``subscribe(after=ID)``: the SSE ``Last-Event-ID``) without a gap.
 
 Publishing never blocks and never fails the publisher: a subscriber that falls
 ``QUEUE_LIMIT`` events behind is dropped (its stream ends with a ``lost`` event) rather
@@ -31,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +45,7 @@ log = logging.getLogger("ocp_agentd.events")
 
 KINDS = ("state", "probe", "reload", "task", "subtask")
 QUEUE_LIMIT = 10_000
+KEEP = 1000
 LOST = "lost"
 
 
@@ -103,13 +110,21 @@ class EventHub:
         self._thread: int | None = None
         self.published = 0
         self.closed = False
+        self._recent: deque[dict[str, Any]] = deque(maxlen=KEEP)
 
     # ---- reading ------------------------------------------------------------------------
 
-    def subscribe(self) -> Subscription:
-        """A new subscription: every event published from now on (call from the loop)."""
+    def subscribe(self, last: int = 0, after: int | None = None) -> Subscription:
+        """A new subscription (call from the loop): first the ``last`` most recent kept
+        events, or those kept with an id above ``after``; then every event from now on."""
         self._remember_loop()
         subscription = Subscription(self)
+        if after is not None:
+            replay = [e for e in self._recent if e["id"] > after]
+        else:
+            replay = list(self._recent)[-last:] if last > 0 else []
+        for event in replay:
+            subscription._offer(event)
         if self.closed:
             subscription.close()
         else:
@@ -140,11 +155,8 @@ class EventHub:
 
     def publish(self, kind: str, reason: str = "", **fields: Any) -> None:
         """Sends one event of ``kind`` with ``fields`` (JSON values) to every subscriber."""
-        event: dict[str, Any] = {"time": now_iso(), "kind": kind, **fields,
+        event: dict[str, Any] = {"id": 0, "time": now_iso(), "kind": kind, **fields,
                                  "reason": reason}
-        self.published += 1
-        if not self._subscribers:
-            return
         if self._loop is not None and threading.get_ident() != self._thread:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
                 self._loop.call_soon_threadsafe(self._deliver, event)
@@ -152,6 +164,10 @@ class EventHub:
         self._deliver(event)
 
     def _deliver(self, event: dict[str, Any]) -> None:
+        # Ids are given here, on the loop's thread, so they follow the order of delivery.
+        self.published += 1
+        event["id"] = self.published
+        self._recent.append(event)
         for subscription in list(self._subscribers):
             try:
                 subscription._offer(event)

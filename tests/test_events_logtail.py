@@ -170,3 +170,20 @@ def test_follow_across_both_kinds_of_rotation(tmp_path: Path) -> None:
         return bytes(received)
 
     assert asyncio.run(scenario()) == b"one\ntwo\nthree\nfour\n"
+
+
+def test_recent_events_are_replayed_by_count_or_after_an_id() -> None:
+    async def scenario() -> None:
+        hub = EventHub()
+        for number in range(5):
+            hub.state_changed(f"p{number}", "STOPPED", "STARTING")
+        last_two = hub.subscribe(last=2)
+        after_three = hub.subscribe(after=3)
+        nothing_old = hub.subscribe()
+        hub.state_changed("p5", "STOPPED", "STARTING")
+        hub.close()
+        assert [e["id"] async for e in last_two] == [4, 5, 6]
+        assert [e["program"] async for e in after_three] == ["p3", "p4", "p5"]
+        assert [e["id"] async for e in nothing_old] == [6]
+
+    asyncio.run(scenario())

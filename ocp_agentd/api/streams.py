@@ -103,12 +103,24 @@ async def process_logs(request: web.Request) -> web.StreamResponse:
 def sse(event: dict[str, Any]) -> bytes:
     """One event as its server-sent-events block (the data on one line)."""
     data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event['kind']}\ndata: {data}\n\n".encode()
+    return f"id: {event['id']}\nevent: {event['kind']}\ndata: {data}\n\n".encode()
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID", "").strip()
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 20):
+        raise ApiError(ErrorCode.BAD_REQUEST, "header Last-Event-ID: expected an event id",
+                       target="Last-Event-ID")
+    return int(raw)
 
 
 async def events(request: web.Request) -> web.StreamResponse:
     hub = app_context(request).events
-    subscription = hub.subscribe()  # before the headers: nothing after them is missed
+    # Subscribed before the headers go out: nothing after them is missed.
+    subscription = hub.subscribe(last=request["params"]["last"],
+                                 after=_last_event_id(request))
     with subscription:
         response = await _start(request, "text/event-stream")
         try:
@@ -154,7 +166,11 @@ def routes() -> list[Route]:
               "for each program state change, probe failure, reload, task and subtask "
               "status change: 'event: <kind>' and 'data: <one-line JSON>' with time, kind "
               "(state, probe, reload, task, subtask), program or task/subtask, from, to, "
-              "reason. A reader that falls 10,000 events behind gets a 'lost' event and "
-              "the stream ends.",
+              "reason; each with its 'id:'. The last 1,000 events are kept: last=N starts "
+              "with the N most recent, a Last-Event-ID header with those after it. A "
+              "reader that falls 10,000 events behind gets a 'lost' event and the stream "
+              "ends.",
+              params=(Param("last", "query", "integer", minimum=0, maximum=1000, default=0,
+                            description="Start with the N most recent events"),),
               tags=("processes",), raw=True, content_type="text/event-stream"),
     ]

@@ -93,10 +93,11 @@ def common_options() -> argparse.ArgumentParser:
     return common
 
 
-def _command(commands: argparse._SubParsersAction, name: str, common: argparse.ArgumentParser,
-             summary: str, description: str, handler: object) -> argparse.ArgumentParser:
+def _command(commands: argparse._SubParsersAction, name: str,
+             parents: list[argparse.ArgumentParser], summary: str, description: str,
+             handler: object) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(
-        name, parents=[common], help=summary, description=description)
+        name, parents=parents, help=summary, description=description)
     parser.set_defaults(handler=handler)
     return parser
 
@@ -111,9 +112,12 @@ def _wait_options(parser: argparse.ArgumentParser, wait: bool = True) -> None:
                         help=f"stop following after S seconds (default: {WAIT_DEFAULT:g})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line of ocp-agentctl."""
+def build_parser(common_in_commands: bool = True) -> argparse.ArgumentParser:
+    """The whole command line of ocp-agentctl. The connection and output options are
+    accepted after every command too, unless ``common_in_commands`` is false (the man page
+    lists them once)."""
     common = common_options()
+    parents = [common] if common_in_commands else []
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Operate the local OCP Agent daemon (ocp-agentd): show its programs, "
@@ -126,18 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     status = _command(
-        commands, "status", common, "the daemon and its programs' states",
+        commands, "status", parents, "the daemon and its programs' states",
         "The daemon's version, pid and uptime, then one line per program: state, pid, "
         "uptime, restarts, ports and how it last exited. With NAMEs, only those programs.",
         programs.cmd_status)
     status.add_argument("names", nargs="*", metavar="NAME",
                         help="program names (default: every program)")
+    status.add_argument("--names", dest="names_only", action="store_true",
+                        help="print only the program names, one a line, for scripts and "
+                        "shell completion (default: the table)")
 
     for action, summary in (
             ("start", "start a program (or every worker) and wait until RUNNING"),
             ("stop", "stop a program (or every worker) and wait until its tree is gone"),
             ("restart", "restart a program (or every worker) and wait until RUNNING")):
-        sub = _command(commands, action, common, summary,
+        sub = _command(commands, action, parents, summary,
                        f"{summary[0].upper()}{summary[1:]}. 'all' acts on every worker "
                        "(pos_proxy and programs with operable = false are left alone), in "
                        "parallel.", programs.cmd_operate)
@@ -150,13 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: refused with code 2002)")
 
     verify = _command(
-        commands, "verify", common, "check programs: alive, ports, health URL",
+        commands, "verify", parents, "check programs: alive, ports, health URL",
         "Check one program, or every program without NAME: its state, its process, each "
         "port listening and its health URL. Exit 1 if a check fails.", programs.cmd_verify)
     verify.add_argument("name", nargs="?", metavar="NAME", help="a program (default: all)")
 
     logs = _command(
-        commands, "logs", common, "print a program's output log",
+        commands, "logs", parents, "print a program's output log",
         "Print the last lines of a program's stdout (or stderr) log file, and with -f keep "
         "printing new output, across log rotation, until interrupted.", programs.cmd_logs)
     logs.add_argument("name", metavar="NAME", help="a program name")
@@ -168,58 +175,61 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the stderr log (default: stdout)")
 
     events = _command(
-        commands, "events", common, "follow the daemon's events live",
+        commands, "events", parents, "follow the daemon's events live",
         "Print one line per event as it happens: program state changes, probe failures, "
         "reloads, task and subtask status changes. --json prints one JSON object per line.",
         programs.cmd_events)
     events.add_argument("--kind", action="append", choices=EVENT_KINDS, metavar="KIND",
                         help=f"only this kind, may be repeated: {', '.join(EVENT_KINDS)} "
                         "(default: every kind)")
+    events.add_argument("--last", type=_count, default=0, metavar="N",
+                        help="start with the N most recent events, at most 1000 (default: "
+                        "0, only new ones)")
     events.add_argument("--count", type=_count, default=0, metavar="N",
                         help="exit after N events (default: 0, follow until interrupted)")
 
-    _command(commands, "reload", common, "re-read the daemon's configuration",
+    _command(commands, "reload", parents, "re-read the daemon's configuration",
              "Re-read the configuration as SIGHUP does: added programs start, removed ones "
              "stop, changed ones restart. Prints what was added, removed, changed and left "
              "alone; an invalid file changes nothing and each bad key is named (exit 1).",
              programs.cmd_reload)
 
     signal = _command(
-        commands, "signal", common, "send a signal to a program",
+        commands, "signal", parents, "send a signal to a program",
         "Send a signal to a running program's process tree (e.g. HUP to re-open its logs). "
         "Exit 1 when the program is not running.", programs.cmd_signal)
     signal.add_argument("signal", metavar="SIG", help="a signal name: HUP, USR1, TERM, ...")
     signal.add_argument("name", metavar="NAME", help="a program name")
 
-    _command(commands, "version", common, "the client's and the daemon's versions",
+    _command(commands, "version", parents, "the client's and the daemon's versions",
              "Print the version of ocp-agentctl and of the ocp-agentd that answers.",
              programs.cmd_version)
 
     agent = commands.add_parser(
-        "agent", parents=[common], help="restart or stop the OCP agent as an OCP task",
+        "agent", parents=parents, help="restart or stop the OCP agent as an OCP task",
         description="Run the OCP agent tasks of this host: restart (Prepare -> Restart pos "
         "proxy -> Stop all -> Start all -> Finish) or stop (the workers; pos_proxy stays).")
     actions = agent.add_subparsers(dest="agent_action", metavar="ACTION", required=True)
     for action, summary in (("restart", "restart pos_proxy, then every worker"),
                             ("stop", "stop every worker process")):
-        sub = actions.add_parser(action, parents=[common], help=summary,
+        sub = actions.add_parser(action, parents=parents, help=summary,
                                  description=f"{summary[0].upper()}{summary[1:]} as an OCP "
                                  "task; prints the task (or follows it with --wait).")
         _wait_options(sub)
         sub.set_defaults(handler=tasks.cmd_agent, action=action)
 
     task = commands.add_parser(
-        "task", parents=[common], help="list, show, retry or roll back OCP tasks",
+        "task", parents=parents, help="list, show, retry or roll back OCP tasks",
         description="Read the tasks this daemon ran and operate on a FAILED one.")
     ops = task.add_subparsers(dest="task_action", metavar="ACTION", required=True)
-    listing = ops.add_parser("list", parents=[common], help="the newest tasks",
+    listing = ops.add_parser("list", parents=parents, help="the newest tasks",
                              description="The tasks, newest first, one line each.")
     listing.add_argument("--size", type=_task_id, default=10, metavar="N",
                          help="tasks per page (default: 10)")
     listing.add_argument("--page", type=_task_id, default=1, metavar="N",
                          help="which page (default: 1)")
     listing.set_defaults(handler=tasks.cmd_list)
-    show = ops.add_parser("show", parents=[common], help="a task and its subtasks",
+    show = ops.add_parser("show", parents=parents, help="a task and its subtasks",
                           description="A task and its subtasks; the last log line of each "
                           "FAILED subtask. Exit 1 when the task FAILED.")
     show.add_argument("id", type=_task_id, metavar="ID", help="the task id")
@@ -232,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=tasks.cmd_show)
     for action, summary in (("retry", "re-run a FAILED task from its FAILED subtasks"),
                             ("rollback", "undo a FAILED task's done subtasks in reverse order")):
-        sub = ops.add_parser(action, parents=[common], help=summary,
+        sub = ops.add_parser(action, parents=parents, help=summary,
                              description=f"{summary[0].upper()}{summary[1:]}.")
         sub.add_argument("id", type=_task_id, metavar="ID", help="the task id")
         _wait_options(sub)

@@ -70,6 +70,10 @@ def cmd_status(args: argparse.Namespace, api: Transport, out: Output) -> int:
             if name not in by_name:
                 raise unknown(name, list(by_name))
         processes = [by_name[name] for name in dict.fromkeys(args.names)]
+    if args.names_only:
+        for record in processes:
+            out.line(record["name"])
+        return EXIT_OK
 
     def human() -> None:
         if not args.names:
@@ -258,12 +262,14 @@ def parse_sse(lines: Any) -> Any:
             if field == "event":
                 name = value
             elif field == "data":
-                data.append(value)
+                data.append(value)  # "id:" is in the JSON too
 
 
-def events(api: Transport) -> Any:
-    """Every event as a dict, as the daemon sends them (SPEC section 12)."""
-    for _, data in parse_sse(api.stream_lines("/api/v1/events")):
+def events(api: Transport, last: int = 0) -> Any:
+    """Every event as a dict, as the daemon sends them (SPEC section 12), starting with
+    the ``last`` most recent ones."""
+    query = {"last": last} if last else None
+    for _, data in parse_sse(api.stream_lines("/api/v1/events", query)):
         try:
             yield json.loads(data)
         except ValueError:
@@ -272,7 +278,7 @@ def events(api: Transport) -> Any:
 
 def cmd_events(args: argparse.Namespace, api: Transport, out: Output) -> int:
     seen = 0
-    for event in events(api):
+    for event in events(api, args.last):
         if args.kind and event.get("kind") not in args.kind:
             continue
         if out.json:
