@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("/etc/ocp_agentd/config.toml")
@@ -24,13 +23,13 @@ class ConfigMissing(Exception):
     """A config file that was asked for (--config or $OCP_AGENTD_CONFIG) cannot be read."""
 
 
-@dataclass(frozen=True)
 class Found:
     """The socket, and how it was chosen, e.g. ``api.socket of /etc/ocp_agentd/config.toml``
     (said when the daemon does not answer there)."""
 
-    socket: Path
-    how: str
+    def __init__(self, socket: Path, how: str) -> None:
+        self.socket = socket
+        self.how = how
 
 
 def find_socket(config: str | None) -> Found:

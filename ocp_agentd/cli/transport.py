@@ -20,7 +20,6 @@ import json
 import socket
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -55,20 +54,23 @@ class Unavailable(Exception):
     """Nothing answers: no socket, connection refused, permission denied, timeout."""
 
 
-@dataclass(frozen=True)
 class Target:
     """Where the daemon listens: a unix socket path, or an http(s) URL with TLS files.
 
     ``cacert``: PEM bundle that signs the server's certificate (default: the system's);
-    ``cert``/``key``: the client certificate for mTLS (SPEC section 11).
+    ``cert``/``key``: the client certificate for mTLS (SPEC section 11). A plain class:
+    dataclasses would import inspect, a tenth of the command's start-up.
     """
 
-    socket_path: Path | None = None
-    url: str | None = None
-    token: str | None = None
-    cacert: str | None = None
-    cert: str | None = None
-    key: str | None = None
+    def __init__(self, socket_path: Path | None = None, url: str | None = None,
+                 token: str | None = None, cacert: str | None = None,
+                 cert: str | None = None, key: str | None = None) -> None:
+        self.socket_path = socket_path
+        self.url = url
+        self.token = token
+        self.cacert = cacert
+        self.cert = cert
+        self.key = key
 
     @property
     def where(self) -> str:
