@@ -158,7 +158,10 @@ class Transport:
         if isinstance(exc, TimeoutError | socket.timeout):
             return Unavailable(f"ocp-agentd did not answer in time on {where}")
         if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-            return Unavailable(f"TLS with ocp-agentd on {where} failed: {exc}")
+            hint = ""
+            if not self.target.cert and not isinstance(exc, ssl.SSLCertVerificationError):
+                hint = " (if the daemon requires a client certificate: --cert and --key)"
+            return Unavailable(f"TLS with ocp-agentd on {where} failed: {exc}{hint}")
         if isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError):
             return Unavailable(f"ocp-agentd closed the connection on {where}")
         return Unavailable(f"ocp-agentd is not running (no answer on {where})")
