@@ -38,7 +38,8 @@ def test_cli_imports_neither_aiohttp_nor_pydantic() -> None:
 
 
 def test_output_into_a_closed_pipe_ends_quietly(demo_daemon: DaemonRunner) -> None:
-    for args in (["status"], ["--json", "task", "list"], ["verify"]):
+    for args in (["status"], ["--json", "task", "list"], ["verify"],
+                 ["logs", "ob_logtailer", "-n", "5"], ["events", "--last", "3", "--count", "3"]):
         read_end, write_end = os.pipe()
         os.close(read_end)  # the reader is gone before anything is written
         try:
@@ -89,7 +90,8 @@ def test_status_of_names_and_unknown_names(demo_daemon: DaemonRunner) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("NAME") and [line.split()[0] for line in lines[1:]] == [
         "ocp_exporter", "pos_proxy"]
-    for args in (("status", "nosuch"), ("restart", "nosuch"), ("verify", "nosuch")):
+    for args in (("status", "nosuch"), ("restart", "nosuch"), ("verify", "nosuch"),
+                 ("logs", "nosuch"), ("signal", "HUP", "nosuch")):
         result = demo_daemon.ctl(*args)
         assert result.returncode == 1, args
         assert ("no program named 'nosuch'; the programs are: pos_proxy, ocp_exporter, "

@@ -15,9 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
+from ocp_agentd.api.context import app_context
 from ocp_agentd.api.envelope import ApiError, ErrorCode, sub_error
 from ocp_agentd.api.processes import PROCESS_SCHEMA
-from ocp_agentd.api.routes import Param, Route, app_context
+from ocp_agentd.api.routes import Param, Route
 from ocp_agentd.config import ConfigError
 from ocp_agentd.supervision import OperationFailed, ProgramNotFound
 

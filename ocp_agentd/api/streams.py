@@ -21,8 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
+from ocp_agentd.api.context import app_context
 from ocp_agentd.api.envelope import ApiError, ErrorCode
-from ocp_agentd.api.routes import Param, Route, app_context
+from ocp_agentd.api.routes import Param, Route
 from ocp_agentd.headers import TRACE_HEADER
 from ocp_agentd.logtail import LogFile, NotALogFile
 from ocp_agentd.supervision import ProgramNotFound
@@ -52,16 +53,16 @@ def _gone(request: web.Request) -> bool:
 
 def _log_path(request: web.Request, name: str, stream: str) -> Path:
     try:
-        spec = app_context(request).supervisor.program(name).spec
+        info = app_context(request).supervisor.info(name)
     except ProgramNotFound:
         raise ApiError(ErrorCode.PROCESS_NOT_FOUND, f"no program named {name!r}",
                        target="name") from None
-    if getattr(spec, "log_target", "file") == "journal":
+    stdout, stderr = info.log_files[0], info.log_files[-1]
+    if not stdout:
         raise ApiError(ErrorCode.BAD_REQUEST,
-                       f"{name} logs to the journal: journalctl -t {name}", target="name")
-    path = spec.stdout_log if stream == "stdout" else spec.stderr_log
-    assert path is not None  # resolved by the config
-    return Path(path)
+                       f"{name} has no log file (its output goes to the journal: "
+                       f"journalctl -t {name})", target="name")
+    return Path(stdout if stream == "stdout" else stderr)
 
 
 async def process_logs(request: web.Request) -> web.StreamResponse:
