@@ -35,6 +35,7 @@ from ocp_agentd.config import (
     restart_only_changes,
     summary,
 )
+from ocp_agentd.events import EventHub, TaskEvents
 from ocp_agentd.preflight import check_writable, take_instance_lock
 from ocp_agentd.supervision import Supervisor
 from ocp_agentd.systemd import Notifier, StatusReporter, journal_handler, status_text
@@ -50,7 +51,8 @@ EXIT_HANDOVER = 75  # the unit's RestartForceExitStatus: start the new version a
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """ocp-agentd's command line (also the source of its man page, cli/docs.py)."""
     parser = argparse.ArgumentParser(
         prog="ocp-agentd",
         description=(
@@ -65,9 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "OCP_AGENTD_<SECTION>__<KEY>."
         ),
     )
-    parser.add_argument("--config", metavar="PATH", help="the TOML configuration file")
     parser.add_argument(
-        "--check", action="store_true", help="validate the configuration, print a summary, exit"
+        "--config", metavar="PATH",
+        help="the TOML configuration file (default: $OCP_AGENTD_CONFIG, else "
+        "/etc/ocp_agentd/config.toml)")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="validate the configuration, print a summary, exit (default: run)"
     )
     parser.add_argument("--version", action="version", version=f"ocp-agentd {__version__}")
     parser.add_argument(
@@ -76,7 +82,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="daemon log level (default INFO, or $OCP_AGENTD_LOG_LEVEL)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def setup_logging(settings: Settings | None, level: str) -> None:
@@ -107,7 +117,8 @@ class Daemon:
     def __init__(self, settings: Settings, config_file: Path) -> None:
         self.settings = settings
         self.config_file = config_file
-        self.supervisor = Supervisor(settings)
+        self.events = EventHub()
+        self.supervisor = Supervisor(settings, events=self.events)
         self.notifier = Notifier()
         self.status = StatusReporter(self.notifier, self._status_text)
         self.started_at = time.time()
@@ -155,8 +166,11 @@ class Daemon:
             server_address=address,
             state="starting",
             on_request=self.ticker.note_activity,
+            events=self.events,
+            reload=self.apply_reload,
         )
         count_outcomes(engine, ctx.metrics)
+        engine.add_listener(TaskEvents(self.events))
         self.metrics = ctx.metrics
         self.app = create_app(ctx)
         self.server = await start_api(self.app, self.settings)
@@ -187,6 +201,7 @@ class Daemon:
         if self.ctx is not None:
             self.ctx.state = "stopping"
         await self._background.close()
+        self.events.close()  # ends event streams and log followers: they must not hold the stop
         if self.task_engine is not None:
             try:
                 await self.task_engine.close()
@@ -218,27 +233,37 @@ class Daemon:
         self._background.spawn(self.reload(), name="reload")
 
     async def reload(self) -> dict[str, list[str]] | None:
-        """Reads the configuration again and applies it (Supervisor.reload); None when the
-        new file is invalid (the running configuration stays)."""
+        """SIGHUP: apply_reload, with a refused file logged; None when it was refused."""
+        try:
+            return await self.apply_reload()
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays:\n%s", exc)
+            return None
+
+    async def apply_reload(self) -> dict[str, list[str]]:
+        """Reads the configuration again and applies it (Supervisor.reload): answers
+        {added, removed, changed, unchanged}. Raises ConfigError, with nothing changed,
+        when the file is invalid (POST /api/v1/agent/reload answers 1006 with it)."""
         async with self._reloading:
             self.notifier.reloading()
             self._set_api_state("reloading")
             try:
                 settings = await asyncio.to_thread(load_settings, self.config_file)
+                unchangeable = restart_only_changes(self.settings, settings)
+                if unchangeable:
+                    log.warning("reload: %s take effect only after a restart",
+                                ", ".join(unchangeable))
+                report = await self.supervisor.reload(settings)
+                self.settings.programs = settings.programs
+                self.settings.api.tokens = settings.api.tokens
             except ConfigError as exc:
-                log.error("reload refused, the running configuration stays:\n%s", exc)
+                self.events.reloaded(None, " ".join(str(exc).split()))
+                raise
+            finally:
                 self._set_api_state("running")
                 self.notifier.ready(self._status_text())
-                return None
-            unchangeable = restart_only_changes(self.settings, settings)
-            if unchangeable:
-                log.warning("reload: %s take effect only after a restart", ", ".join(unchangeable))
-            report = await self.supervisor.reload(settings)
-            self.settings.programs = settings.programs
-            self.settings.api.tokens = settings.api.tokens
             log.info("reloaded: %s", {k: v for k, v in report.items() if v})
-            self._set_api_state("running")
-            self.notifier.ready(self._status_text())
+            self.events.reloaded(report)
             return report
 
     def _set_api_state(self, state: str) -> None:

@@ -193,6 +193,8 @@ def test_kill9_gives_new_pid_and_counts_a_restart(world: World) -> None:
     async def body(sup: Supervisor) -> None:
         first = sup.info("w1").pid
         assert first
+        moves: list[tuple[str, str]] = []
+        sup.add_listener(lambda name, old, new: moves.append((str(old), str(new))))
         # An exit sooner than a second after spawn would count as a quick exit.
         await until(lambda: (sup.info("w1").uptime or 0) > 1.05, what="uptime over a second")
         os.kill(first, signal.SIGKILL)
@@ -203,6 +205,27 @@ def test_kill9_gives_new_pid_and_counts_a_restart(world: World) -> None:
         info = sup.info("w1")
         assert info.restarts == 1
         assert info.last_exit and info.last_exit["signal"] == "SIGKILL"
+        # The state says what happens: it will be restarted, so BACKOFF, not EXITED.
+        assert moves == [("RUNNING", "BACKOFF"), ("BACKOFF", "STARTING"),
+                         ("STARTING", "RUNNING")]
+
+    run(world, body)
+
+
+def test_an_exit_that_is_not_restarted_is_exited(world: World) -> None:
+    world.add("once", sleeper(), start_seconds=0.0, autorestart="never")
+
+    async def body(sup: Supervisor) -> None:
+        pid = sup.info("once").pid
+        assert pid
+        await until(lambda: (sup.info("once").uptime or 0) > 1.05, what="uptime over a second")
+        os.kill(pid, signal.SIGKILL)
+        await until(lambda: sup.info("once").state == State.EXITED, what="EXITED")
+        program = sup.program("once")
+        assert not program.alive() and program._timer is None
+        assert not program._restart_pending
+        await sup.start("once")
+        assert sup.info("once").state == State.RUNNING
 
     run(world, body)
 
@@ -479,8 +502,8 @@ def test_an_illegal_state_move_raises_and_changes_nothing(world: World) -> None:
             program._set_state(State.EXITED, "no process ever ran")
         assert program.state == State.STOPPED
         await sup.start("idle")
-        with pytest.raises(IllegalTransition, match="RUNNING -> BACKOFF"):
-            program._set_state(State.BACKOFF, "a running program never backs off directly")
+        with pytest.raises(IllegalTransition, match="RUNNING -> STARTING"):
+            program._set_state(State.STARTING, "a running program is never started again")
         assert sup.info("idle").state == State.RUNNING
 
     run(world, body, boot=False)

@@ -38,12 +38,14 @@ from ocp_agentd.api import envelope
 from ocp_agentd.api.auth import AUTH, Authenticator
 from ocp_agentd.api.compute import routes as compute_routes
 from ocp_agentd.api.context import APP_CTX, AppContext, app_context
+from ocp_agentd.api.control import routes as control_routes
 from ocp_agentd.api.envelope import ApiError, ErrorCode
 from ocp_agentd.api.metrics import METRICS
 from ocp_agentd.api.metrics import routes as metrics_routes
 from ocp_agentd.api.openapi import routes as openapi_routes
 from ocp_agentd.api.processes import routes as processes_routes
 from ocp_agentd.api.routes import ROUTE_TABLE, Route, RouteTable, validate
+from ocp_agentd.api.streams import routes as streams_routes
 from ocp_agentd.api.tasks import routes as tasks_routes
 from ocp_agentd.headers import TRACE_HEADER
 
@@ -52,6 +54,8 @@ log = logging.getLogger("ocp_agentd.api")
 # Every module's routes, in the order they are mounted.
 ROUTE_SOURCES: tuple[Callable[[], list[Route]], ...] = (
     processes_routes,
+    control_routes,
+    streams_routes,
     compute_routes,
     tasks_routes,
     metrics_routes,

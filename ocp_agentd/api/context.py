@@ -5,7 +5,7 @@ classes and tests may hand in their own)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,6 +14,7 @@ from aiohttp import web
 from ocp_agentd.api import envelope
 from ocp_agentd.api.metrics import AgentMetrics
 from ocp_agentd.config import Settings
+from ocp_agentd.events import EventHub
 from ocp_agentd.supervision import OperationFailed, ProcessInfo, VerifyResult
 from ocp_agentd.tasks.model import TaskInstance
 
@@ -33,6 +34,7 @@ class SupervisorView(Protocol):
     async def stop(self, name: str, timeout: float | None = None) -> ProcessInfo: ...
     async def restart(self, name: str, timeout: float | None = None) -> ProcessInfo: ...
     async def verify(self, name: str) -> VerifyResult: ...
+    async def signal(self, name: str, signum: int) -> ProcessInfo: ...
     async def start_all(
         self, timeout: float | None = None
     ) -> dict[str, ProcessInfo | OperationFailed]: ...
@@ -76,6 +78,11 @@ class AppContext:
     state: str = "running"
     # Called as each request arrives (the daemon watches its loop closely while busy).
     on_request: Callable[[], None] | None = None
+    # What GET /api/v1/events streams (the supervisor's hub in the daemon).
+    events: EventHub = field(default_factory=EventHub)
+    # Re-reads the config as SIGHUP does: {added, removed, changed, unchanged}, or
+    # config.ConfigError when the file is invalid (nothing changed).
+    reload: Callable[[], Awaitable[dict[str, list[str]]]] | None = None
 
 
 APP_CTX: web.AppKey[AppContext] = web.AppKey("ocp_agentd_context")

@@ -47,6 +47,7 @@ class ErrorCode(IntEnum):
     BODY_TOO_LARGE = 1003
     UNAUTHENTICATED = 1004
     FORBIDDEN = 1005
+    INVALID_CONFIG = 1006
     HOST_NOT_FOUND = 2000
     PROCESS_NOT_FOUND = 2001
     PROCESS_NOT_OPERABLE = 2002
@@ -73,6 +74,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BODY_TOO_LARGE: 413,
     ErrorCode.UNAUTHENTICATED: 401,
     ErrorCode.FORBIDDEN: 403,
+    ErrorCode.INVALID_CONFIG: 400,
     ErrorCode.HOST_NOT_FOUND: 404,
     ErrorCode.PROCESS_NOT_FOUND: 404,
     ErrorCode.PROCESS_NOT_OPERABLE: 400,
@@ -91,6 +93,8 @@ _MEANING: dict[ErrorCode, str] = {
     ErrorCode.BODY_TOO_LARGE: "body larger than api.max_body_bytes",
     ErrorCode.UNAUTHENTICATED: "no or unknown credentials",
     ErrorCode.FORBIDDEN: "credentials lack the permission",
+    ErrorCode.INVALID_CONFIG: "invalid configuration (reload): each bad key named, nothing "
+    "changed",
     ErrorCode.HOST_NOT_FOUND: "host not found (hostId is not this host)",
     ErrorCode.PROCESS_NOT_FOUND: "process not found",
     ErrorCode.PROCESS_NOT_OPERABLE: "process not operable",

@@ -2,7 +2,8 @@
 
 Every demo program that has a port uses `run_http`: one asyncio loop, no timers, so an
 idle program sleeps in epoll and costs no CPU. SIGTERM and SIGINT stop it cleanly
-(exit status 0). Each request is logged to stdout, one line each.
+(exit status 0); SIGHUP is logged and changes nothing. Each request is logged to stdout,
+one line each.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ async def _serve(name: str, host: str, port: int, routes: Routes, delay: float) 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # As real agents do on SIGHUP (re-open logs, re-read settings): say so, keep serving.
+    loop.add_signal_handler(signal.SIGHUP, log, name, "SIGHUP received, carrying on")
     if delay > 0:
         log(name, f"waiting {delay}s before listening on {host}:{port}")
         try:

@@ -58,12 +58,14 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.STARTING: frozenset(
         {State.RUNNING, State.BACKOFF, State.FATAL, State.STOPPING, State.STOPPED}
     ),
-    State.RUNNING: frozenset({State.EXITED, State.STOPPING, State.STOPPED}),
+    # An exit that will be restarted is BACKOFF (or FATAL after too many quick ones);
+    # EXITED is an exit left so (autorestart said no), left only by a command.
+    State.RUNNING: frozenset(
+        {State.EXITED, State.BACKOFF, State.FATAL, State.STOPPING, State.STOPPED}
+    ),
     State.BACKOFF: frozenset({State.STARTING, State.FATAL, State.STOPPING, State.STOPPED}),
     State.STOPPING: frozenset({State.STOPPED, State.STARTING}),
-    State.EXITED: frozenset(
-        {State.STARTING, State.BACKOFF, State.FATAL, State.STOPPING, State.STOPPED}
-    ),
+    State.EXITED: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
     State.FATAL: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
 }
 
@@ -82,7 +84,7 @@ class Program:
         records: PidRecords,
         scanner: Scanner,
         http: Callable[[], aiohttp.ClientSession],
-        on_transition: Callable[[str, State, State], None],
+        on_transition: Callable[[str, State, State, str], None],
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -127,7 +129,7 @@ class Program:
             f": {reason}" if reason else "",
             extra={"PROGRAM": self.name},
         )
-        self._on_transition(self.name, old, new)
+        self._on_transition(self.name, old, new, reason)
 
     # ---- what others read -----------------------------------------------------------------
 
@@ -201,6 +203,19 @@ class Program:
         async with self.lock:
             await self._stop_locked()
             return await self._start_locked()
+
+    async def send_signal(self, signum: int) -> ProcessInfo:
+        """Sends signum to the running instance's tree (SPEC section 12); OperationFailed
+        when the program is not running. The state machine does not move: an exit the
+        signal causes is seen and handled as any other exit."""
+        inst = self.instance
+        if self.state != State.RUNNING or inst is None or inst.exited.done():
+            raise OperationFailed(self.name, f"not running (state {self.state})")
+        if await tree.signal_tree(inst, self._scanner, signum) == 0:
+            raise OperationFailed(self.name, "not running (its process is gone)")
+        log.info("%s: sent %s to its process tree (pid %d)", self.name,
+                 signal.Signals(signum).name, inst.pid, extra={"PROGRAM": self.name})
+        return self.info()
 
     async def verify(self) -> VerifyResult:
         results: list[Check] = []
@@ -438,12 +453,13 @@ class Program:
             return
         ran = time.monotonic() - inst.started_mono
         if ran < max(spec.start_seconds, QUICK_EXIT_FLOOR):
-            self._set_state(State.EXITED, info.reason)
             self._after_failed_start(f"{info.reason} after {ran:.2f}s")
             return
+        # It will be started again (at once: it had run long enough), so BACKOFF, not
+        # EXITED, which means "exited and left so".
         self.quick_exits = 0
         self._restart_pending = True
-        self._set_state(State.EXITED, info.reason)
+        self._set_state(State.BACKOFF, f"{info.reason}; restarting now")
         self._spawn_background(self._auto_start())
 
     def _after_failed_start(self, reason: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 import aiohttp
 
 from ocp_agentd.config import ProgramSpec, Settings
+from ocp_agentd.events import EventHub
 from ocp_agentd.supervision import output
 from ocp_agentd.supervision.identity import PidRecords
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner, Snapshot
@@ -45,8 +46,13 @@ class ProgramNotFound(KeyError):
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    """The programs of one config. ``events`` receives every state change (with its
+    reason) and is where the other parts of supervision publish (e.g. probe failures:
+    ``supervisor.events.probe_failed(name, probe, reason)``)."""
+
+    def __init__(self, settings: Settings, events: EventHub | None = None) -> None:
         self.settings = settings
+        self.events = events if events is not None else EventHub()
         self.state_dir = settings.agent.state_dir
         self.records = PidRecords(self.state_dir / "pids")
         self.scanner = Scanner()
@@ -61,7 +67,8 @@ class Supervisor:
     def add_listener(self, callback: Listener) -> None:
         self._listeners.append(callback)
 
-    def _notify(self, name: str, old: State, new: State) -> None:
+    def _notify(self, name: str, old: State, new: State, reason: str) -> None:
+        self.events.state_changed(name, old, new, reason)
         for callback in self._listeners:
             try:
                 callback(name, old, new)
@@ -119,6 +126,10 @@ class Supervisor:
 
     async def verify(self, name: str) -> VerifyResult:
         return await self.program(name).verify()
+
+    async def signal(self, name: str, signum: int) -> ProcessInfo:
+        """signum to the program's process tree; OperationFailed when it is not running."""
+        return await self.program(name).send_signal(signum)
 
     async def start_all(
         self, timeout: float | None = None

@@ -167,3 +167,15 @@ async def wait_gone(inst: Instance, handles: list[Handle], timeout: float) -> bo
         if not inst.exited.done():
             return False
     return await wait_handles(handles, max(0.0, deadline - time.monotonic()))
+
+
+async def signal_tree(inst: Instance, scanner: Scanner, signum: int) -> int:
+    """Sends signum to the instance's main process and every other member of its tree, each
+    pinned by its pidfd first; answers how many processes it reached (SPEC section 12)."""
+    snap = await scanner.snapshot()
+    handles = pin_all(snap.tree(inst.pid, inst.run_id), skip=inst.pid)
+    reached = int(inst.handle.send(signum))
+    for handle in handles:
+        reached += int(handle.send(signum))
+        handle.close()
+    return reached

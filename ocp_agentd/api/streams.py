@@ -1,0 +1,177 @@
+"""SPEC section 12's streamed answers: a program's log, and the daemon's events (SSE).
+
+- ``GET /api/v1/processes/{name}/logs?stream=stdout|stderr&tail=N&follow=1``: the log file
+  as ``text/plain``, chunked; with ``follow=1`` new output keeps coming, across rotation,
+  until the client goes away or the daemon stops.
+- ``GET /api/v1/events``: ``text/event-stream``; headers at once, then one
+  ``event: <kind>`` / ``data: <one-line JSON>`` block per event of the daemon's
+  :class:`~ocp_agentd.events.EventHub`, and a comment line every 15 s as keep-alive
+  (https://html.spec.whatwg.org/#server-sent-events).
+
+Both end when the daemon stops (it closes the hub, ``EventHub.close``), so a follower
+never holds the daemon's stop back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ocp_agentd.api.context import app_context
+from ocp_agentd.api.envelope import ApiError, ErrorCode
+from ocp_agentd.api.routes import Param, Route
+from ocp_agentd.headers import TRACE_HEADER
+from ocp_agentd.logtail import LogFile, NotALogFile
+from ocp_agentd.supervision import ProgramNotFound
+
+KEEPALIVE_SECONDS = 15.0
+MAX_TAIL = 100_000
+
+
+async def _start(request: web.Request, content_type: str) -> web.StreamResponse:
+    response = web.StreamResponse(headers={
+        "Content-Type": content_type,
+        "Cache-Control": "no-cache",
+        TRACE_HEADER: request["trace_id"],
+    })
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    return response
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+# --- logs -----------------------------------------------------------------------------------
+
+
+def _log_path(request: web.Request, name: str, stream: str) -> Path:
+    try:
+        info = app_context(request).supervisor.info(name)
+    except ProgramNotFound:
+        raise ApiError(ErrorCode.PROCESS_NOT_FOUND, f"no program named {name!r}",
+                       target="name") from None
+    stdout, stderr = info.log_files[0], info.log_files[-1]
+    if not stdout:
+        raise ApiError(ErrorCode.BAD_REQUEST,
+                       f"{name} has no log file (its output goes to the journal: "
+                       f"journalctl -t {name})", target="name")
+    return Path(stdout if stream == "stdout" else stderr)
+
+
+async def process_logs(request: web.Request) -> web.StreamResponse:
+    params = request["params"]
+    path = _log_path(request, params["name"], params["stream"])
+    hub = app_context(request).events
+    try:
+        log = LogFile.open(path)
+    except NotALogFile as exc:
+        if not path.exists():
+            # Never written yet (the program has not started): an empty log.
+            if not params["follow"]:
+                response = await _start(request, "text/plain; charset=utf-8")
+                await response.write_eof()
+                return response
+            raise ApiError(ErrorCode.BAD_REQUEST, f"{path} does not exist yet",
+                           target="name") from None
+        raise ApiError(ErrorCode.BAD_REQUEST, str(exc), target="name") from None
+    with log:
+        response = await _start(request, "text/plain; charset=utf-8")
+        try:
+            first = log.tail(params["tail"])
+            if first:
+                await response.write(first)
+            while data := log.read_new():
+                await response.write(data)
+            if params["follow"]:
+                async for data in log.follow(lambda: hub.closed or _gone(request)):
+                    await response.write(data)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client went away
+    return response
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    """One event as its server-sent-events block (the data on one line)."""
+    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return f"id: {event['id']}\nevent: {event['kind']}\ndata: {data}\n\n".encode()
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID", "").strip()
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 20):
+        raise ApiError(ErrorCode.BAD_REQUEST, "header Last-Event-ID: expected an event id",
+                       target="Last-Event-ID")
+    return int(raw)
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    hub = app_context(request).events
+    # Subscribed before the headers go out: nothing after them is missed.
+    subscription = hub.subscribe(last=request["params"]["last"],
+                                 after=_last_event_id(request))
+    with subscription:
+        response = await _start(request, "text/event-stream")
+        try:
+            await response.write(b": ocp-agentd events\n\n")
+            while True:
+                try:
+                    event = await asyncio.wait_for(subscription.get(), KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                if event is None:
+                    break
+                await response.write(sse(event))
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client went away
+    return response
+
+
+_NAME = Param("name", "path", "string", description="The program name from the config")
+
+
+def routes() -> list[Route]:
+    return [
+        Route("GET", "/api/v1/processes/{name}/logs", process_logs, "HOST_VIEWER",
+              "A program's log file, and with follow=1 its new output as it comes",
+              description="text/plain, chunked. With follow=1 the answer goes on (across "
+              "log rotation, by rename or by copy and truncate) until the client closes "
+              "the connection or the daemon stops.",
+              params=(_NAME,
+                      Param("stream", "query", "string", enum=("stdout", "stderr"),
+                            default="stdout", description="Which log"),
+                      Param("tail", "query", "integer", minimum=0, maximum=MAX_TAIL,
+                            description="Start with the last N lines (default: the whole "
+                            "file)"),
+                      Param("follow", "query", "boolean", default=False,
+                            description="Keep streaming new output")),
+              errors=(ErrorCode.PROCESS_NOT_FOUND,), tags=("processes",), raw=True,
+              content_type="text/plain"),
+        Route("GET", "/api/v1/events", events, "HOST_VIEWER",
+              "The daemon's events as server-sent events",
+              description="Headers at once, a comment line every 15 s as keep-alive, then "
+              "for each program state change, probe failure, reload, task and subtask "
+              "status change: 'event: <kind>' and 'data: <one-line JSON>' with time, kind "
+              "(state, probe, reload, task, subtask), program or task/subtask, from, to, "
+              "reason; each with its 'id:'. The last 1,000 events are kept: last=N starts "
+              "with the N most recent, a Last-Event-ID header with those after it. A "
+              "reader that falls 10,000 events behind gets a 'lost' event and the stream "
+              "ends.",
+              params=(Param("last", "query", "integer", minimum=0, maximum=1000, default=0,
+                            description="Start with the N most recent events"),),
+              tags=("processes",), raw=True, content_type="text/event-stream"),
+    ]

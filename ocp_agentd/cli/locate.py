@@ -1,0 +1,67 @@
+"""Where ocp-agentctl finds the daemon: --socket / --url, else the config's api.socket.
+
+The config is read with tomllib for its ``[api] socket`` only (not validated: the daemon
+does that), so the command line tool works while the rest of the file is being edited and
+never imports pydantic. The path rules are the daemon's (SPEC section 2): ``--config``,
+else ``$OCP_AGENTD_CONFIG``, else ``/etc/ocp_agentd/config.toml``;
+``$OCP_AGENTD_API__SOCKET`` overrides the key as it does for the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("/etc/ocp_agentd/config.toml")
+DEFAULT_SOCKET = Path("/run/ocp_agentd/agentd.sock")
+CONFIG_ENV = "OCP_AGENTD_CONFIG"
+SOCKET_ENV = "OCP_AGENTD_API__SOCKET"
+
+
+class ConfigMissing(Exception):
+    """A config file that was asked for (--config or $OCP_AGENTD_CONFIG) cannot be read."""
+
+
+class Found:
+    """The socket, and how it was chosen, e.g. ``api.socket of /etc/ocp_agentd/config.toml``
+    (said when the daemon does not answer there)."""
+
+    def __init__(self, socket: Path, how: str) -> None:
+        self.socket = socket
+        self.how = how
+
+
+def find_socket(config: str | None) -> Found:
+    """The daemon's socket. Raises ConfigMissing when the named config cannot be read or
+    parsed; a missing default config is not an error (the default socket is used)."""
+    override = os.environ.get(SOCKET_ENV)
+    if override:
+        return Found(Path(override), f"the socket comes from ${SOCKET_ENV}")
+    if config:
+        path, named = Path(config), "--config"
+    elif os.environ.get(CONFIG_ENV):
+        path, named = Path(os.environ[CONFIG_ENV]), f"${CONFIG_ENV}"
+    else:
+        path, named = DEFAULT_CONFIG, ""
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        if named:
+            raise ConfigMissing(
+                f"configuration file {path} (from {named}) does not exist") from None
+        return Found(DEFAULT_SOCKET, f"the default socket, as {path} does not exist")
+    except (OSError, ValueError) as exc:
+        if named:
+            raise ConfigMissing(f"cannot read configuration file {path} (from {named}): "
+                                f"{getattr(exc, 'strerror', None) or exc}") from None
+        return Found(DEFAULT_SOCKET, f"the default socket, as {path} cannot be read")
+    api = data.get("api")
+    value = api.get("socket") if isinstance(api, dict) else None
+    if not isinstance(value, str) or not value:
+        return Found(DEFAULT_SOCKET, f"the default socket, as {path} sets no api.socket")
+    socket_path = Path(value)
+    if not socket_path.is_absolute():
+        socket_path = (path.resolve().parent / socket_path).resolve()
+    return Found(socket_path, f"api.socket of {path}")

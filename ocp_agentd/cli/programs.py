@@ -1,0 +1,292 @@
+"""ocp-agentctl's program commands: status, start, stop, restart, verify, logs, signal,
+reload, events, version (SPEC sections 6, 7 and 12).
+
+Each handler is ``(args, api, out) -> exit status`` over a :class:`Transport`; an
+:class:`ApiError` or :class:`Unavailable` it raises is reported by ``cli.main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+from urllib.parse import quote
+
+from ocp_agentd import __version__
+from ocp_agentd.cli.output import Output, clock, duration, last_exit
+from ocp_agentd.cli.transport import ApiError, Transport
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+PROCESS_NOT_FOUND = 2001
+PROCESS_HEADERS = ("NAME", "ROLE", "STATE", "PID", "UPTIME", "RESTARTS", "PORTS", "LAST EXIT")
+
+
+def path_of(name: str, action: str = "") -> str:
+    tail = f"/{action}" if action else ""
+    return f"/api/v1/processes/{quote(name, safe='')}{tail}"
+
+
+def process_row(record: dict[str, Any]) -> list[Any]:
+    uptime = record.get("uptime") if record.get("state") == "RUNNING" else None
+    return [record.get("name"), record.get("role"), record.get("state"), record.get("pid"),
+            duration(uptime), record.get("restarts"),
+            ",".join(str(p) for p in record.get("ports") or []),
+            last_exit(record.get("last_exit"))]
+
+
+def print_processes(out: Output, records: list[dict[str, Any]]) -> None:
+    out.table(PROCESS_HEADERS, (process_row(r) for r in records), coloured=(2,))
+
+
+def unknown(name: str, names: list[str]) -> ApiError:
+    """2001 naming the valid programs (the daemon's message names only the bad one)."""
+    return ApiError(PROCESS_NOT_FOUND,
+                    f"no program named {name!r}; the programs are: {', '.join(names)}", 404,
+                    target="name")
+
+
+def with_names(api: Transport, error: ApiError, name: str) -> ApiError:
+    """``error`` itself, unless it is 2001 for ``name``: then the same with the valid names."""
+    if error.code != PROCESS_NOT_FOUND:
+        return error
+    try:
+        names = [p["name"] for p in api.request("GET", "/api/v1/processes")]
+    except ApiError:
+        return error
+    return unknown(name, names)
+
+
+# --- status ---------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, api: Transport, out: Output) -> int:
+    status = api.request("GET", "/api/v1/status")
+    processes = api.request("GET", "/api/v1/processes")
+    if args.names:
+        by_name = {p["name"]: p for p in processes}
+        for name in args.names:
+            if name not in by_name:
+                raise unknown(name, list(by_name))
+        processes = [by_name[name] for name in dict.fromkeys(args.names)]
+    if args.names_only:
+        for record in processes:
+            out.line(record["name"])
+        return EXIT_OK
+
+    def human() -> None:
+        if not args.names:
+            counts = ", ".join(f"{n} {state}" for state, n in
+                               (status.get("counts") or {}).items() if n)
+            out.line(f"ocp-agentd {status['version']}  pid {status['pid']}  "
+                     f"up {duration(status.get('uptime'))}  host {status.get('host_id')}  "
+                     f"{status.get('state')}  "
+                     f"({status.get('programs')} programs: {counts or 'none'})")
+            out.line()
+        print_processes(out, processes)
+
+    out.data({"daemon": status, "processes": processes}, human)
+    return EXIT_OK
+
+
+# --- start, stop, restart, verify -----------------------------------------------------
+
+
+def _operation_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    if getattr(args, "force", False):
+        body["force"] = True
+    return body
+
+
+def cmd_operate(args: argparse.Namespace, api: Transport, out: Output) -> int:
+    action: str = args.command
+    body = _operation_body(args)
+    if args.name == "all":
+        if action == "restart":
+            api.request("POST", "/api/v1/agent/stop-all", body, wait=args.timeout)
+            action = "start"
+        result = api.request("POST", f"/api/v1/agent/{action}-all", body, wait=args.timeout)
+        out.data(result, lambda: print_processes(out, result["processes"]))
+        return EXIT_OK
+    try:
+        record = api.request("POST", path_of(args.name, action), body, wait=args.timeout)
+    except ApiError as exc:
+        raise with_names(api, exc, args.name) from None
+    out.data(record, lambda: print_processes(out, [record]))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace, api: Transport, out: Output) -> int:
+    if args.name and args.name != "all":
+        try:
+            result = api.request("POST", path_of(args.name, "verify"))
+        except ApiError as exc:
+            raise with_names(api, exc, args.name) from None
+        programs = [{"name": args.name, **result}]
+    else:
+        result = api.request("POST", "/api/v1/agent/verify")
+        programs = result["programs"]
+
+    def human() -> None:
+        rows = [[p["name"], c["name"], "ok" if c["ok"] else "FAILED", c.get("detail")]
+                for p in programs for c in p.get("checks", [])]
+        out.table(("NAME", "CHECK", "RESULT", "DETAIL"), rows)
+
+    out.data(result, human)
+    if not result.get("ok"):
+        failed = [p["name"] for p in programs if not p.get("ok")]
+        out.error(f"verify failed for: {', '.join(failed)}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# --- logs, signal ----------------------------------------------------------------------
+
+
+def cmd_logs(args: argparse.Namespace, api: Transport, out: Output) -> int:
+    query: dict[str, Any] = {"stream": "stderr" if args.stderr else "stdout",
+                             "tail": args.lines}
+    if args.follow:
+        query["follow"] = 1
+    try:
+        response = api.open_stream(path_of(args.name, "logs"), query)
+    except ApiError as exc:
+        raise with_names(api, exc, args.name) from None
+    sink = sys.stdout.buffer
+    try:
+        while chunk := response.read1(65536):
+            sink.write(chunk)
+            if args.follow:
+                sink.flush()
+    finally:
+        response.close()
+    sink.flush()
+    return EXIT_OK
+
+
+def signal_name(text: str) -> str:
+    """``hup``, ``SIGHUP`` -> ``HUP`` (the names ``stop_signal`` takes)."""
+    name = text.strip().upper()
+    return name[3:] if name.startswith("SIG") else name
+
+
+def cmd_signal(args: argparse.Namespace, api: Transport, out: Output) -> int:
+    try:
+        record = api.request("POST", path_of(args.name, "signal"),
+                             {"signal": signal_name(args.signal)})
+    except ApiError as exc:
+        raise with_names(api, exc, args.name) from None
+
+    def human() -> None:
+        out.line(f"sent SIG{signal_name(args.signal)} to {record['name']} "
+                 f"(pid {record.get('pid')})")
+
+    out.data(record, human)
+    return EXIT_OK
+
+
+# --- reload, version --------------------------------------------------------------------
+
+
+def cmd_reload(args: argparse.Namespace, api: Transport, out: Output) -> int:
+    report = api.request("POST", "/api/v1/agent/reload")
+
+    def human() -> None:
+        for key in ("added", "removed", "changed", "unchanged"):
+            names = report.get(key) or []
+            out.line(f"{key + ':':<10} {', '.join(names) if names else '-'}")
+
+    out.data(report, human)
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace, api: Transport, out: Output) -> int:
+    status = api.request("GET", "/api/v1/status")
+    versions = {"client": __version__, "daemon": status.get("version"),
+                "daemon_pid": status.get("pid")}
+
+    def human() -> None:
+        out.line(f"ocp-agentctl {__version__}")
+        out.line(f"ocp-agentd   {status.get('version')} (pid {status.get('pid')} on "
+                 f"{api.target.where})")
+
+    out.data(versions, human)
+    return EXIT_OK
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    """One event as a line: ``04:19:28.123  state  ocp_exporter  RUNNING -> BACKOFF
+    (killed by SIGKILL)``."""
+    when = clock(event.get("time"), millis=True)
+    kind = str(event.get("kind"))
+    if kind == "task":
+        subject = f"task {event.get('task')}"
+    elif kind == "subtask":
+        subject = f"task {event.get('task')} subtask {event.get('subtask')}"
+        if event.get("name"):
+            subject += f" {event['name']!r}"
+    elif kind == "reload":
+        subject = ""
+    else:
+        subject = str(event.get("program") or "")
+    change = ""
+    if event.get("from") or event.get("to"):
+        change = f"{event.get('from') or '-'} -> {event.get('to') or '-'}"
+    reason = f"({event['reason']})" if event.get("reason") else ""
+    return "  ".join(part for part in (when, kind, subject, change, reason)
+                     if part)
+
+
+def parse_sse(lines: Any) -> Any:
+    """Server-sent events (https://html.spec.whatwg.org/#server-sent-events) from byte
+    lines: yields ``(event name, data text)``; comments (keep-alives) are skipped."""
+    name, data = "message", []
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield name, "\n".join(data)
+            name, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                name = value
+            elif field == "data":
+                data.append(value)  # "id:" is in the JSON too
+
+
+def events(api: Transport, last: int = 0) -> Any:
+    """Every event as a dict, as the daemon sends them (SPEC section 12), starting with
+    the ``last`` most recent ones."""
+    query = {"last": last} if last else None
+    for _, data in parse_sse(api.stream_lines("/api/v1/events", query)):
+        try:
+            yield json.loads(data)
+        except ValueError:
+            continue
+
+
+def cmd_events(args: argparse.Namespace, api: Transport, out: Output) -> int:
+    seen = 0
+    for event in events(api, args.last):
+        if args.kind and event.get("kind") not in args.kind:
+            continue
+        if out.json:
+            out.dump(event, indent=None)
+        else:
+            out.line(describe_event(event))
+        out.flush()
+        seen += 1
+        if args.count and seen >= args.count:
+            break
+    return EXIT_OK

@@ -1,0 +1,266 @@
+"""The control API over the standard library: http.client on the unix socket or TCP/TLS.
+
+ocp-agentctl answers in a few tens of milliseconds because it imports neither aiohttp nor
+pydantic (SPEC section 12). One :class:`Transport` keeps one keep-alive connection, so a
+command that makes several requests (``status``: two) connects once.
+
+    transport = Transport(Target(socket_path=Path("/run/ocp_agentd/agentd.sock")))
+    data = transport.request("GET", "/api/v1/status")     # the envelope's data
+    for line in transport.stream("/api/v1/events"):       # a streamed answer, line by line
+        ...
+
+Errors: :class:`ApiError` for an error envelope (SPEC section 4), :class:`Unavailable` when
+nothing answers (exit status 3).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+TRACE_HEADER = "X-OCP-Trace-ID"
+TOKEN_ENV = "OCP_AGENTCTL_TOKEN"
+DEFAULT_TIMEOUT = 660.0  # seconds: stop-all of slow programs may take minutes
+CONNECT_TIMEOUT = 5.0
+
+
+class ApiError(Exception):
+    """The daemon answered an error envelope: ``code``, ``message``, HTTP ``status``,
+    ``target``, ``trace_id`` and ``sub_errors`` as in SPEC section 4."""
+
+    def __init__(self, code: int, message: str, status: int, target: str | None = None,
+                 trace_id: str | None = None,
+                 sub_errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(f"{message} (code {code})")
+        self.code = code
+        self.message = message
+        self.status = status
+        self.target = target
+        self.trace_id = trace_id
+        self.sub_errors = list(sub_errors or [])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "status": self.status,
+                "target": self.target, "traceId": self.trace_id, "subErrors": self.sub_errors}
+
+
+class Unavailable(Exception):
+    """Nothing answers: no socket, connection refused, permission denied, timeout."""
+
+
+class Target:
+    """Where the daemon listens: a unix socket path, or an http(s) URL with TLS files.
+
+    ``cacert``: PEM bundle that signs the server's certificate (default: the system's);
+    ``cert``/``key``: the client certificate for mTLS (SPEC section 11). A plain class:
+    dataclasses would import inspect, a tenth of the command's start-up.
+    """
+
+    def __init__(self, socket_path: Path | None = None, url: str | None = None,
+                 token: str | None = None, cacert: str | None = None,
+                 cert: str | None = None, key: str | None = None) -> None:
+        self.socket_path = socket_path
+        self.url = url
+        self.token = token
+        self.cacert = cacert
+        self.cert = cert
+        self.key = key
+
+    @property
+    def where(self) -> str:
+        return self.url or str(self.socket_path)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float | None) -> None:
+        super().__init__("ocp-agentd", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(min(CONNECT_TIMEOUT, self.timeout or CONNECT_TIMEOUT))
+        try:
+            sock.connect(str(self._path))
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(self.timeout)
+        self.sock = sock
+
+
+def _tls_context(target: Target) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=target.cacert)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if target.cert:
+        context.load_cert_chain(target.cert, target.key)
+    return context
+
+
+class Transport:
+    """One keep-alive connection to the daemon (reopened when the daemon closed it)."""
+
+    def __init__(self, target: Target, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.last_trace_id: str | None = None
+        self._conn: http.client.HTTPConnection | None = None
+        self._base_path = ""
+        if target.url:
+            parts = urlsplit(target.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"--url must be http://HOST:PORT or https://HOST:PORT, "
+                                 f"got {target.url!r}")
+            self._base_path = parts.path.rstrip("/")
+
+    # ---- connections ------------------------------------------------------------------
+
+    def _connect(self, timeout: float | None) -> http.client.HTTPConnection:
+        target = self.target
+        if target.url is None:
+            assert target.socket_path is not None
+            return _UnixConnection(target.socket_path, timeout)
+        parts = urlsplit(target.url)
+        host = parts.hostname or "localhost"
+        if parts.scheme == "https":
+            try:
+                context = _tls_context(target)
+            except (OSError, ValueError) as exc:
+                raise Unavailable(f"cannot load the TLS files: {exc}") from None
+            return http.client.HTTPSConnection(host, parts.port or 443, timeout=timeout,
+                                               context=context)
+        return http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _headers(self, body: bytes | None) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self.target.token:
+            headers["Authorization"] = f"Bearer {self.target.token}"
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+    def _unavailable(self, exc: BaseException) -> Unavailable:
+        where = self.target.where
+        if isinstance(exc, PermissionError):
+            return Unavailable(
+                f"cannot connect to ocp-agentd on {where}: permission denied (root or the "
+                "socket's group may use it; or pass --url and --token)")
+        if isinstance(exc, TimeoutError | socket.timeout):
+            return Unavailable(f"ocp-agentd did not answer in time on {where}")
+        if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+            hint = ""
+            if not self.target.cert and not isinstance(exc, ssl.SSLCertVerificationError):
+                hint = " (if the daemon requires a client certificate: --cert and --key)"
+            return Unavailable(f"TLS with ocp-agentd on {where} failed: {exc}{hint}")
+        if isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError):
+            return Unavailable(f"ocp-agentd closed the connection on {where}")
+        return Unavailable(f"ocp-agentd is not running (no answer on {where})")
+
+    def _send(self, method: str, path: str, body: bytes | None, timeout: float | None,
+              fresh: bool = False) -> http.client.HTTPResponse:
+        """Sends one request; a keep-alive connection the daemon closed meanwhile is
+        reopened once (only before anything of the answer was read)."""
+        headers = self._headers(body)
+        for attempt in (0, 1):
+            reused = self._conn is not None and not fresh
+            if self._conn is None or fresh:
+                self.close()
+                self._conn = self._connect(timeout)
+            conn = self._conn
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+            try:
+                conn.request(method, self._base_path + path, body=body, headers=headers)
+                return conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError,
+                    ConnectionResetError) as exc:
+                self.close()
+                if reused and attempt == 0:
+                    continue
+                raise self._unavailable(exc) from None
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise self._unavailable(exc) from None
+        raise AssertionError("unreachable")
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None,
+                query: dict[str, Any] | None = None, wait: float | None = None) -> Any:
+        """The envelope's ``data``. ``wait``: seconds the daemon may take to act (an
+        operation's timeout); the socket waits that plus 30 s."""
+        timeout = self.timeout if wait is None else max(self.timeout, wait + 30)
+        raw = None if body is None else json.dumps(body).encode()
+        if query:
+            path = f"{path}?{urlencode(query)}"
+        response = self._send(method, path, raw, timeout)
+        try:
+            payload = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise self._unavailable(exc) from None
+        if response.will_close:
+            self.close()
+        return self._data(response, payload)
+
+    def _data(self, response: http.client.HTTPResponse, payload: bytes) -> Any:
+        status = response.status
+        self.last_trace_id = response.getheader(TRACE_HEADER)
+        try:
+            envelope = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(5000, f"the daemon answered HTTP {status} without an envelope",
+                           status, trace_id=self.last_trace_id) from None
+        if not isinstance(envelope, dict) or "successful" not in envelope:
+            if 200 <= status < 300:
+                return envelope  # an unwrapped document (the OpenAPI description)
+            raise ApiError(5000, f"the daemon answered HTTP {status}", status)
+        if envelope.get("successful"):
+            return envelope.get("data")
+        error = envelope.get("error") or {}
+        raise ApiError(int(error.get("code", 5000)), str(error.get("message", status)),
+                       int(envelope.get("status", status)), target=error.get("target"),
+                       trace_id=envelope.get("traceId", self.last_trace_id),
+                       sub_errors=error.get("subErrors"))
+
+    def open_stream(self, path: str, query: dict[str, Any] | None = None
+                    ) -> http.client.HTTPResponse:
+        """A streamed answer (logs, events) on a connection of its own, without a read
+        timeout; ApiError when the daemon answers an error envelope instead."""
+        if query:
+            path = f"{path}?{urlencode(query)}"
+        response = self._send("GET", path, None, None, fresh=True)
+        self._conn = None  # the connection now belongs to the stream
+        if response.status >= 400 or (response.getheader("Content-Type") or "").startswith(
+                "application/json"):
+            payload = response.read()
+            response.close()
+            return self._data(response, payload)  # type: ignore[no-any-return]
+        return response
+
+    def stream_lines(self, path: str, query: dict[str, Any] | None = None
+                     ) -> Iterator[bytes]:
+        """Each line (with its newline) of a streamed answer, as it arrives."""
+        response = self.open_stream(path, query)
+        try:
+            while True:
+                try:
+                    line = response.readline()
+                except (OSError, http.client.HTTPException):
+                    return
+                if not line:
+                    return
+                yield line
+        finally:
+            response.close()

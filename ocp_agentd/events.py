@@ -1,0 +1,238 @@
+"""The daemon's event hub: what happened, published once, read by every subscriber.
+
+Supervision (state changes), liveness (probe failures), reload and the task engine publish
+here; ``GET /api/v1/events`` (SPEC section 12) streams it as server-sent events. The hub
+imports nothing of the daemon, so any part may publish without importing the API.
+
+Each event is a flat dict, one line of JSON on the wire::
+
+    {"id": 42, "time": "2026-11-30T05:10:37.913+00:00", "kind": "state",
+     "program": "ocp_exporter", "from": "RUNNING", "to": "BACKOFF",
+     "reason": "killed by SIGKILL; restarting"}
+
+Kinds and their fields (besides ``id``, ``time``, ``kind``, ``reason``):
+
+- ``state``: ``program``, ``from``, ``to`` (the states of SPEC section 3);
+- ``probe``: ``program``, ``probe`` (which check failed, e.g. ``tcp_connect 62889``),
+  ``from`` and ``to`` empty; call :meth:`EventHub.probe_failed`;
+- ``reload``: ``added``, ``removed``, ``changed``, ``unchanged`` (program names), or
+  ``error`` with the reason when the file was refused;
+- ``task``: ``task`` (id), ``name``, ``from``, ``to`` (task statuses, SPEC section 5);
+- ``subtask``: ``task``, ``subtask`` (ids), ``name``, ``from``, ``to``.
+
+Every event carries an ``id`` (1, 2, ... for the daemon's life). The last ``KEEP`` events
+are kept, so a reader can start with the recent past (``subscribe(last=N)``) or resume
+after the last id it saw (``subscribe(after=ID)``: the SSE ``Last-Event-ID``) without a gap.
+
+Publishing never blocks and never fails the publisher: a subscriber that falls
+``QUEUE_LIMIT`` events behind is dropped (its stream ends with a ``lost`` event) rather
+than slowing the daemon. Publish from the event loop's thread, or from any thread once the
+hub has seen its loop (a subscription or an earlier publish on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+log = logging.getLogger("ocp_agentd.events")
+
+KINDS = ("state", "probe", "reload", "task", "subtask")
+QUEUE_LIMIT = 10_000
+KEEP = 1000
+LOST = "lost"
+
+
+def now_iso() -> str:
+    """The current time as RFC 3339 with milliseconds, UTC."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class Subscription:
+    """One reader's queue of events; iterate with ``async for`` until :meth:`close`.
+
+    After an overflow the iteration yields one ``{"kind": "lost", ...}`` event and ends.
+    """
+
+    def __init__(self, hub: EventHub) -> None:
+        self._hub = hub
+        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.dropped = 0
+        self.closed = False
+
+    def _offer(self, event: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        if self._queue.qsize() >= QUEUE_LIMIT:
+            self.dropped += 1
+            self.closed = True
+            self._queue.put_nowait({"time": now_iso(), "kind": LOST,
+                                    "reason": f"this reader fell {QUEUE_LIMIT} events behind; "
+                                    "reconnect to go on"})
+            self._queue.put_nowait(None)
+            self._hub._forget(self)
+            return
+        self._queue.put_nowait(event)
+
+    async def get(self) -> dict[str, Any] | None:
+        """The next event; None once the subscription is closed and drained."""
+        return await self._queue.get()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._queue.put_nowait(None)
+        self._hub._forget(self)
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        while (event := await self.get()) is not None:
+            yield event
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventHub:
+    """Publish/subscribe of the daemon's events (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscription] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: int | None = None
+        self.published = 0
+        self.closed = False
+        self._recent: deque[dict[str, Any]] = deque(maxlen=KEEP)
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def subscribe(self, last: int = 0, after: int | None = None) -> Subscription:
+        """A new subscription (call from the loop): first the ``last`` most recent kept
+        events, or those kept with an id above ``after``; then every event from now on."""
+        self._remember_loop()
+        subscription = Subscription(self)
+        if after is not None:
+            replay = [e for e in self._recent if e["id"] > after]
+        else:
+            replay = list(self._recent)[-last:] if last > 0 else []
+        for event in replay:
+            subscription._offer(event)
+        if self.closed:
+            subscription.close()
+        else:
+            self._subscribers.append(subscription)
+        return subscription
+
+    def close(self) -> None:
+        """Ends every subscription (and log followers, which watch ``closed``): the daemon
+        is stopping. Later subscriptions end at once."""
+        self.closed = True
+        for subscription in list(self._subscribers):
+            subscription.close()
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def _forget(self, subscription: Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(subscription)
+
+    def _remember_loop(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.get_ident()
+
+    # ---- publishing ------------------------------------------------------------------------
+
+    def publish(self, kind: str, reason: str = "", **fields: Any) -> None:
+        """Sends one event of ``kind`` with ``fields`` (JSON values) to every subscriber."""
+        event: dict[str, Any] = {"id": 0, "time": now_iso(), "kind": kind, **fields,
+                                 "reason": reason}
+        if self._loop is not None and threading.get_ident() != self._thread:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+                self._loop.call_soon_threadsafe(self._deliver, event)
+            return
+        self._deliver(event)
+
+    def _deliver(self, event: dict[str, Any]) -> None:
+        # Ids are given here, on the loop's thread, so they follow the order of delivery.
+        self.published += 1
+        event["id"] = self.published
+        self._recent.append(event)
+        for subscription in list(self._subscribers):
+            try:
+                subscription._offer(event)
+            except Exception:  # a reader must never break the publisher
+                log.exception("event subscriber failed")
+
+    def state_changed(self, program: str, old: str, new: str, reason: str = "") -> None:
+        """A program moved from state ``old`` to ``new`` (SPEC section 3)."""
+        self.publish("state", reason, program=program, **{"from": str(old), "to": str(new)})
+
+    def probe_failed(self, program: str, probe: str, reason: str) -> None:
+        """A liveness probe of ``program`` failed (SPEC section 10): ``probe`` names the
+        check (e.g. ``"tcp_connect 62889"``), ``reason`` says why (e.g. ``"refused"``)."""
+        self.publish("probe", reason, program=program, probe=probe,
+                     **{"from": "", "to": ""})
+
+    def reloaded(self, report: dict[str, list[str]] | None, error: str = "") -> None:
+        """A reload ended: ``report`` as ``{added, removed, changed, unchanged}``, or None
+        with ``error`` when the configuration was refused."""
+        if report is None:
+            self.publish("reload", error, error=error)
+        else:
+            changed = {k: v for k, v in report.items() if v and k != "unchanged"}
+            summary = "; ".join(f"{k} {', '.join(v)}" for k, v in changed.items())
+            self.publish("reload", summary or "nothing changed", **report)
+
+    def task_changed(self, task: int, name: str, old: str | None, new: str,
+                     reason: str = "") -> None:
+        """A task's status moved (``old`` None: the task was created)."""
+        self.publish("task", reason, task=task, name=name, **{"from": old or "", "to": new})
+
+    def subtask_changed(self, task: int, subtask: int, name: str, old: str | None, new: str,
+                        reason: str = "") -> None:
+        """A subtask's status moved (``old`` None: first seen)."""
+        self.publish("subtask", reason, task=task, subtask=subtask, name=name,
+                     **{"from": old or "", "to": new})
+
+
+class TaskEvents:
+    """Turns the task engine's listener calls ``(task, subtask or None)`` into task and
+    subtask events with ``from`` and ``to`` (the engine tells only the new status)."""
+
+    def __init__(self, hub: EventHub) -> None:
+        self._hub = hub
+        self._seen: dict[tuple[int, int | None], str] = {}
+
+    def __call__(self, task: Any, subtask: Any) -> None:
+        if subtask is None:
+            key: tuple[int, int | None] = (task.id, None)
+            new = str(task.status)
+            old = self._seen.get(key)
+            if old != new:
+                self._seen[key] = new
+                self._hub.task_changed(task.id, task.name, old, new)
+            if new == "RUNNING":
+                # Created or re-opened: its subtasks' statuses are where they start from.
+                for sub in getattr(task, "subtasks", ()):
+                    self._seen.setdefault((task.id, sub.id), str(sub.status))
+            else:
+                for seen in [k for k in self._seen if k[0] == task.id and k[1] is not None]:
+                    self._seen.pop(seen)  # a finished task's subtasks: kept no longer
+            return
+        key = (task.id, subtask.id)
+        new = str(subtask.status)
+        old = self._seen.get(key)
+        if old != new:
+            self._seen[key] = new
+            self._hub.subtask_changed(task.id, subtask.id, subtask.name, old, new)

@@ -1,0 +1,145 @@
+"""Reading a program's log file for ``GET /api/v1/processes/{name}/logs`` (SPEC section 12):
+its last lines, then, when following, what is written after, across rotation.
+
+The file is opened without following a symbolic link and must be a regular file, so a
+path a program's user controls cannot make the daemon read another file (SPEC section 11).
+Rotation is noticed both ways it happens: a file truncated in place (copy and truncate:
+reading goes on from its start) and a file renamed away with a new one created at the path
+(the old one is read to its end, then the new one from its start).
+
+    with LogFile.open(path) as log:
+        first = log.tail(10)             # bytes: the last 10 lines
+        async for chunk in log.follow(stopped):
+            ...                          # bytes, as written
+
+Reads are small (at most ``CHUNK`` bytes) and from the page cache, so they run on the event
+loop instead of a thread each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+CHUNK = 64 * 1024
+POLL_SECONDS = 0.25  # how soon new output is seen while following
+
+
+class NotALogFile(OSError):
+    """The path is a symbolic link, not a regular file, or cannot be opened."""
+
+
+def _open(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NotALogFile(exc.errno, f"cannot open {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotALogFile(f"{path} is not a regular file")
+    return fd
+
+
+class LogFile:
+    """One log file being read; ``fd`` follows the file through rotation."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.position = 0
+
+    @classmethod
+    def open(cls, path: Path) -> LogFile:
+        """Raises NotALogFile (an OSError) when the path cannot be read as a log."""
+        return cls(path, _open(path))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> LogFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def tail(self, lines: int | None) -> bytes:
+        """The last ``lines`` lines; the reading position is then the end of the file.
+        With None nothing is returned and the position is the start of the file (the
+        whole file then comes from read_new, CHUNK bytes at a time)."""
+        size = os.fstat(self.fd).st_size
+        if lines is None:
+            self.position = 0
+            return b""
+        self.position = size
+        if lines == 0 or size == 0:
+            return b""
+        # A last line without its newline counts as a line too.
+        skip_final = os.pread(self.fd, 1, size - 1) == b"\n"
+        start = end = size
+        found = 0
+        data = b""
+        while start > 0 and found < lines:
+            start = max(0, start - CHUNK)
+            data = os.pread(self.fd, end - start, start) + data
+            end = start
+            found = data.count(b"\n") - (1 if skip_final else 0)
+        if found >= lines:
+            cut = len(data) - (1 if skip_final else 0)
+            for _ in range(lines):
+                cut = data.rindex(b"\n", 0, cut)
+            data = data[cut + 1:]
+        return data
+
+    def read_new(self) -> bytes:
+        """What was written since the last read (at most CHUNK bytes); from the start of
+        the file again after it was truncated."""
+        size = os.fstat(self.fd).st_size
+        if size < self.position:
+            self.position = 0  # truncated in place (copy and truncate rotation)
+        if size == self.position:
+            return b""
+        data = os.pread(self.fd, min(CHUNK, size - self.position), self.position)
+        self.position += len(data)
+        return data
+
+    def replaced(self) -> bool:
+        """True when the path now names another file (renamed away and created anew)."""
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return False  # not there yet: keep reading the old one
+        current = os.fstat(self.fd)
+        return (now.st_dev, now.st_ino) != (current.st_dev, current.st_ino)
+
+    def reopen(self) -> bool:
+        """Switches to the file now at the path, from its start; False when it cannot be
+        opened (then the old one is kept)."""
+        try:
+            fd = _open(self.path)
+        except NotALogFile:
+            return False
+        os.close(self.fd)
+        self.fd = fd
+        self.position = 0
+        return True
+
+    async def follow(self, stopped: Callable[[], bool]) -> AsyncIterator[bytes]:
+        """New output as it is written, until ``stopped()`` is true (checked between
+        polls)."""
+        while not stopped():
+            data = self.read_new()
+            if data:
+                yield data
+                continue
+            # Nothing new in the file we hold: if another file took its path, the old
+            # one was read to its end just now, so go on with the new one.
+            with contextlib.suppress(OSError):
+                if self.replaced() and self.reopen():
+                    continue
+            await asyncio.sleep(POLL_SECONDS)

@@ -1,0 +1,189 @@
+"""The event hub (publish/subscribe) and the log reader (tail, follow across rotation), on
+real files and a real event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from ocp_agentd import events as events_module
+from ocp_agentd.events import EventHub, TaskEvents
+from ocp_agentd.logtail import LogFile, NotALogFile
+
+
+def test_every_subscriber_gets_every_event_in_order() -> None:
+    async def scenario() -> None:
+        hub = EventHub()
+        first, second = hub.subscribe(), hub.subscribe()
+        hub.state_changed("ocp_exporter", "RUNNING", "BACKOFF", "killed by SIGKILL")
+        hub.probe_failed("ocp_exporter", "tcp_connect 62889", "refused")
+        hub.reloaded({"added": ["x"], "removed": [], "changed": [], "unchanged": ["y"]})
+        first.close()
+        hub.reloaded(None, "programs.x.command: field required")
+        got = [await second.get() for _ in range(4)]
+        assert [e["kind"] for e in got] == ["state", "probe", "reload", "reload"]
+        assert got[0]["program"] == "ocp_exporter" and got[0]["from"] == "RUNNING"
+        assert got[0]["to"] == "BACKOFF" and got[0]["reason"] == "killed by SIGKILL"
+        assert got[1]["probe"] == "tcp_connect 62889" and got[1]["reason"] == "refused"
+        assert got[2]["added"] == ["x"] and got[2]["reason"] == "added x"
+        assert got[3]["error"].startswith("programs.x") and "time" in got[3]
+        assert hub.subscribers == 1
+        hub.close()
+        assert await second.get() is None and hub.subscribers == 0
+        late = hub.subscribe()
+        assert await late.get() is None
+
+    asyncio.run(scenario())
+
+
+def test_a_reader_that_falls_behind_is_dropped_not_the_publisher(monkeypatch) -> None:
+    monkeypatch.setattr(events_module, "QUEUE_LIMIT", 5)
+
+    async def scenario() -> None:
+        hub = EventHub()
+        slow, fast = hub.subscribe(), hub.subscribe()
+        for number in range(8):
+            hub.state_changed(f"p{number}", "STOPPED", "STARTING")
+            assert await fast.get() is not None
+        received = [event async for event in slow]
+        assert len(received) == 6 and received[-1]["kind"] == "lost"
+        assert hub.subscribers == 1
+
+    asyncio.run(scenario())
+
+
+def test_publishing_from_another_thread_reaches_the_loop() -> None:
+    async def scenario() -> None:
+        hub = EventHub()
+        subscription = hub.subscribe()
+        worker = threading.Thread(target=hub.probe_failed, args=("a", "exec", "exit 1"))
+        worker.start()
+        worker.join()
+        event = await asyncio.wait_for(subscription.get(), 10)
+        assert event is not None and event["program"] == "a"
+
+    asyncio.run(scenario())
+
+
+def test_task_events_carry_from_and_to() -> None:
+    async def scenario() -> None:
+        hub = EventHub()
+        subscription = hub.subscribe()
+        adapter = TaskEvents(hub)
+        sub = SimpleNamespace(id=7, name="Restart pos proxy", status="PENDING")
+        task = SimpleNamespace(id=3, name="Restart OCP agent", status="RUNNING",
+                               subtasks=[sub])
+        adapter(task, None)
+        sub.status = "RUNNING"
+        adapter(task, sub)
+        adapter(task, sub)  # the same status again: no event
+        sub.status = "SUCCESSFUL"
+        adapter(task, sub)
+        task.status = "SUCCESSFUL"
+        adapter(task, None)
+        hub.close()
+        got = [(e["kind"], e.get("subtask"), e["from"], e["to"]) async for e in subscription]
+        assert got == [("task", None, "", "RUNNING"), ("subtask", 7, "PENDING", "RUNNING"),
+                       ("subtask", 7, "RUNNING", "SUCCESSFUL"),
+                       ("task", None, "RUNNING", "SUCCESSFUL")]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("content", "lines", "expected"), [
+    (b"a\nb\nc\n", 2, b"b\nc\n"),
+    (b"a\nb\nc", 2, b"b\nc"),
+    (b"a\nb\n", 5, b"a\nb\n"),
+    (b"a\nb\n", 0, b""),
+    (b"", 3, b""),
+])
+def test_tail(tmp_path: Path, content: bytes, lines: int, expected: bytes) -> None:
+    path = tmp_path / "x.log"
+    path.write_bytes(content)
+    with LogFile.open(path) as log:
+        assert log.tail(lines) == expected
+        assert log.read_new() == b""
+
+
+def test_tail_of_a_long_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.log"
+    path.write_bytes(b"".join(b"line %d %s\n" % (n, b"x" * 100) for n in range(5000)))
+    with LogFile.open(path) as log:
+        last = log.tail(1500).splitlines()
+    assert len(last) == 1500 and last[0].startswith(b"line 3500 ")
+    assert last[-1].startswith(b"line 4999 ")
+
+
+def test_refuses_links_and_non_files(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("root only\n")
+    (tmp_path / "link.log").symlink_to(secret)
+    os.mkfifo(tmp_path / "fifo.log")
+    for name in ("link.log", "fifo.log", "missing.log"):
+        with pytest.raises(NotALogFile):
+            LogFile.open(tmp_path / name)
+
+
+def test_follow_across_both_kinds_of_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "p.stdout.log"
+    path.write_bytes(b"old\n")
+
+    async def scenario() -> bytes:
+        received = bytearray()
+        stop = asyncio.Event()
+
+        async def reader() -> None:
+            with LogFile.open(path) as log:
+                log.tail(0)
+                async for chunk in log.follow(stop.is_set):
+                    received.extend(chunk)
+
+        async def until(text: bytes) -> None:
+            async with asyncio.timeout(20):
+                while text not in received:
+                    await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0)
+        with path.open("ab") as out:
+            out.write(b"one\n")
+        await until(b"one\n")
+        # copy and truncate: the file shrinks in place, reading starts over
+        with path.open("r+b") as out:
+            out.truncate(0)
+        with path.open("ab") as out:
+            out.write(b"two\n")
+        await until(b"two\n")
+        # rename and create: the tail of the old file, then the new file
+        with path.open("ab") as out:
+            out.write(b"three\n")
+        path.rename(tmp_path / "p.stdout.log.1")
+        path.write_bytes(b"four\n")
+        await until(b"four\n")
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        return bytes(received)
+
+    assert asyncio.run(scenario()) == b"one\ntwo\nthree\nfour\n"
+
+
+def test_recent_events_are_replayed_by_count_or_after_an_id() -> None:
+    async def scenario() -> None:
+        hub = EventHub()
+        for number in range(5):
+            hub.state_changed(f"p{number}", "STOPPED", "STARTING")
+        last_two = hub.subscribe(last=2)
+        after_three = hub.subscribe(after=3)
+        nothing_old = hub.subscribe()
+        hub.state_changed("p5", "STOPPED", "STARTING")
+        hub.close()
+        assert [e["id"] async for e in last_two] == [4, 5, 6]
+        assert [e["program"] async for e in after_three] == ["p3", "p4", "p5"]
+        assert [e["id"] async for e in nothing_old] == [6]
+
+    asyncio.run(scenario())
