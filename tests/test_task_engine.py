@@ -13,7 +13,7 @@ import pytest
 
 from ocp_agentd.tasks.base import Step, Subtask, SubtaskContext, SubtaskFailed, TaskError, Template
 from ocp_agentd.tasks.engine import TaskEngine
-from ocp_agentd.tasks.model import Operation, SubtaskStatus, TaskStatus
+from ocp_agentd.tasks.model import Operation, StatusChange, SubtaskStatus, TaskStatus
 
 # ---- toy subtasks ------------------------------------------------------------------------
 # EVENTS records ("run"|"undo", name) in the order things happen; FAILS[name] is how many
@@ -70,11 +70,25 @@ def _reset() -> None:
     STARTED.clear()
 
 
+class NoClient:
+    """The client a toy subtask gets. A stand-in: the toys never call the control API (the
+    subtasks that do are tested against a real daemon in test_task_restart.py)."""
+
+    def __init__(self, task_id: int) -> None:
+        self.task_id = task_id
+
+    async def __aenter__(self) -> NoClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
 @asynccontextmanager
 async def started_engine(
     path: Path, templates: list[Template] = TEMPLATES,
 ) -> AsyncIterator[TaskEngine]:
-    engine = TaskEngine(path / "tasks.db", None, 7, "10.0.0.7", templates=templates)
+    engine = TaskEngine(path / "tasks.db", NoClient, 7, "10.0.0.7", templates=templates)
     await engine.start()
     try:
         yield engine
@@ -223,8 +237,8 @@ def test_cancel_goes_through_canceling_to_failed(tmp_path: Path) -> None:
         async with started_engine(tmp_path) as engine:
             BLOCK["B"] = asyncio.Event()
             seen: list[str] = []
-            engine.add_listener(lambda t, s: seen.append(str(s.status)) if s and s.name == "B"
-                                else None)
+            engine.add_listener(lambda c: seen.append(str(c.new))
+                                if c.subtask and c.subtask.name == "B" else None)
             task, _ = await engine.submit("chain", "admin")
             await wait_status(engine, task.id, "B", "RUNNING")
             sid = task.subtasks[1].id
@@ -380,7 +394,8 @@ def test_each_change_is_committed_before_it_is_announced(tmp_path: Path) -> None
             reader = sqlite3.connect(tmp_path / "tasks.db")
             mismatches: list[str] = []
 
-            def check(task: Any, sub: Any) -> None:
+            def check(change: StatusChange) -> None:
+                task, sub = change.task, change.subtask
                 if sub is None:
                     row = reader.execute("SELECT status FROM tasks WHERE id=?", (task.id,))
                     stored, announced = row.fetchone()[0], str(task.status)

@@ -20,7 +20,7 @@ from ocp_agentd.api.context import TaskEngineView, app_context
 from ocp_agentd.api.envelope import ApiError, ErrorCode
 from ocp_agentd.api.routes import Param, Route
 from ocp_agentd.tasks.base import TaskError
-from ocp_agentd.tasks.model import TaskInstance, TaskStatus
+from ocp_agentd.tasks.model import StatusChange, TaskStatus
 
 log = logging.getLogger("ocp_agentd.api")
 
@@ -131,9 +131,9 @@ def creator_of(request: web.Request) -> str:
 def count_outcomes(engine: Any, metrics: Any) -> None:
     """Count each task that reaches a final status in the metrics (daemon wiring)."""
 
-    def listener(task: TaskInstance, subtask: Any) -> None:
-        if subtask is None and task.status != TaskStatus.RUNNING:
-            metrics.task_finished(task.name, str(task.status))
+    def listener(change: StatusChange) -> None:
+        if change.subtask is None and change.new != TaskStatus.RUNNING:
+            metrics.task_finished(change.task.name, str(change.new))
 
     engine.add_listener(listener)
 

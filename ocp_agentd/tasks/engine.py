@@ -1,14 +1,18 @@
 """The task engine: runs a task's subtasks as a DAG and keeps the store truthful.
 
-Forward, a subtask becomes READY when all its upstreams are SUCCESSFUL (a
-skipped subtask is SUCCESSFUL with operation SKIP) and then runs, under its
-timeout. Rollback undoes the done subtasks in reverse: a subtask marked
-ROLLBACK runs when every downstream marked ROLLBACK is undone.
+The rules of the DAG (what may run, what a retry, skip or rollback changes, which status
+moves are legal) are in dag.py; the engine applies them, runs each READY subtask under
+its timeout and records what happened.
 
-Every state change is committed to the store first, then announced (logged,
-given to listeners). A daemon that dies mid-task finds the task RUNNING in the
-store at the next start and resumes it: a subtask that was RUNNING runs again
-(subtasks are idempotent), a CANCELING one becomes FAILED.
+Every status move goes through one pair of methods: ``_set_status`` (a subtask) and
+``_set_task_status`` check the move against dag's tables and hold it; ``_commit`` saves
+the task with the moved subtasks in one transaction, then logs each move and gives it to
+the listeners as a StatusChange (daemon wiring connects the metrics and the event hub
+with ``add_listener``). Nothing is announced that the store does not hold.
+
+A daemon that dies mid-task finds the task RUNNING in the store at the next start and
+resumes it: a subtask that was RUNNING runs again (subtasks are idempotent), a CANCELING
+one becomes FAILED.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ocp_agentd.background import Tasks
+from ocp_agentd.tasks import dag
 from ocp_agentd.tasks.base import (
     OPERATION_RUNNING,
     ROLLBACK_PROHIBITED,
@@ -34,6 +39,7 @@ from ocp_agentd.tasks.base import (
 )
 from ocp_agentd.tasks.model import (
     Operation,
+    StatusChange,
     SubtaskInstance,
     SubtaskStatus,
     TaskInstance,
@@ -43,7 +49,10 @@ from ocp_agentd.tasks.model import (
 from ocp_agentd.tasks.store import LockHeld, TaskStore
 from ocp_agentd.tasks.templates import TEMPLATES
 
-Listener = Callable[[TaskInstance, SubtaskInstance | None], None]
+Listener = Callable[[StatusChange], None]
+ClientFactory = Callable[[int], Any]  # task id -> an async context manager giving the client
+# A move made but not committed yet: (the subtask, or None for the task), old, new, why.
+_Move = tuple[SubtaskInstance | None, TaskStatus | SubtaskStatus, TaskStatus | SubtaskStatus, str]
 STORE_RETRY_SECONDS = 2.0  # after a failed state write, how often the store is tried again
 
 
@@ -59,19 +68,26 @@ class _Run:
 
 
 class _Context:
-    """What a subtask sees while it runs (see base.SubtaskContext)."""
+    """What a subtask sees while it runs (see base.SubtaskContext).
+
+    It holds only what it needs: the task and subtask, the client, the deadline, the store
+    (to save the context and take the host lock), the template's lock key and a function
+    that writes one line to the subtask's log.
+    """
 
     def __init__(
-        self, engine: TaskEngine, run: _Run, sub: SubtaskInstance, client: Any, deadline: float
+        self, task: TaskInstance, sub: SubtaskInstance, client: Any, deadline: float, *,
+        store: TaskStore, lock_key: str | None, log: Callable[[str], None],
     ) -> None:
-        self._engine = engine
-        self._run = run
-        self._sub = sub
+        self._task = task
         self._client = client
         self._deadline = deadline
-        self.task_id = run.task.id
+        self._store = store
+        self._lock_key = lock_key
+        self.log = log
+        self.task_id = task.id
         self.subtask_id = sub.id
-        self.host_id = run.task.host_id
+        self.host_id = task.host_id
 
     @property
     def client(self) -> Any:
@@ -79,28 +95,24 @@ class _Context:
 
     @property
     def string_map(self) -> dict[str, str]:
-        return self._run.task.string_map
+        return self._task.string_map
 
     @property
     def list_map(self) -> dict[str, list[str]]:
-        return self._run.task.list_map
-
-    def log(self, line: str) -> None:
-        self._engine._log_line(self._run.task, self._sub, line)
+        return self._task.list_map
 
     def remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
 
     async def save_context(self) -> None:
-        await self._engine._store.save(self._run.task)
+        await self._store.save(self._task)
 
     async def hold_lock(self) -> None:
-        task = self._run.task
-        wanted = self._engine._lock_key(task)
+        task, wanted = self._task, self._lock_key
         if wanted and task.lock_key != wanted:
             task.lock_key = wanted
             try:
-                await self._engine._store.save(task)
+                await self._store.save(task)
             except LockHeld as exc:
                 task.lock_key = None
                 raise SubtaskFailed(
@@ -109,29 +121,25 @@ class _Context:
         self.log(f"holding the host operation lock {wanted!r}")
 
     async def release_lock(self) -> None:
-        task = self._run.task
+        task = self._task
         if task.lock_key is not None:
             task.lock_key = None
-            await self._engine._store.save(task)
+            await self._store.save(task)
         self.log("released the host operation lock")
 
 
-class _NoClient:
-    def __init__(self, task_id: int | None = None) -> None:
-        self.task_id = task_id
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
 class TaskEngine:
+    """Runs tasks of ``templates`` (default: templates.TEMPLATES) stored at ``store_path``.
+
+    ``client_factory(task_id)`` gives each running subtask its AgentClient as an async
+    context manager; ``timeouts`` overrides subtask timeouts (seconds) by class name.
+    Operations raise TaskError with the codes of SPEC section 4.
+    """
+
     def __init__(
         self,
         store_path: Path,
-        client_factory: Callable[[int], Any] | None,
+        client_factory: ClientFactory,
         host_id: int,
         executor: str,
         logger: logging.Logger | None = None,
@@ -151,11 +159,13 @@ class TaskEngine:
             for step in t.steps
         }
         self._timeouts = dict(timeouts or {})
-        self._client_factory = client_factory or _NoClient
+        self._client_factory = client_factory
         self._store = TaskStore(Path(store_path), self.log)
         self._runs: dict[int, _Run] = {}
         self._reopening: set[int] = set()
         self._listeners: list[Listener] = []
+        # Status moves made but not yet committed, by task id (see _set_status, _commit).
+        self._unsaved: dict[int, list[_Move]] = {}
         self._closing = False
         self._opened = asyncio.Event()
         self._retries = Tasks(self.log)
@@ -186,7 +196,8 @@ class TaskEngine:
         await self._store.close()
 
     def add_listener(self, listener: Listener) -> None:
-        """Called after each committed change: (task, subtask or None for the task)."""
+        """``listener(change)`` is called for each status move once the store holds it,
+        in order, on the event loop; a listener that raises is logged and skipped."""
         self._listeners.append(listener)
 
     # ---- reads ----------------------------------------------------------------
@@ -246,7 +257,7 @@ class TaskEngine:
             raise self._lock_error(exc) from None
         if created:
             snapshot = task.copy()
-            self._announce(task, None, "created")
+            self._announce(StatusChange(task, None, None, task.status, "created"))
             self._drive(task)
             return snapshot, True
         return task, False
@@ -255,37 +266,24 @@ class TaskEngine:
         """Re-run a FAILED task from its FAILED subtasks (a failed rollback
         is retried as a rollback)."""
         task = await self._failed_task(task_id)
-        rollback = task.operation == Operation.ROLLBACK
-        changed = []
-        for sub in task.subtasks:
-            if sub.status == SubtaskStatus.FAILED and self._in_mode(sub, rollback):
-                self._run_again(sub, rollback)
-                changed.append(sub)
+        rollback = dag.in_rollback(task)
+        for sub in dag.retry_targets(task):
+            self._run_again(sub, rollback, "retry of the task")
         if not rollback:
             task.operation = Operation.RETRY
-        return await self._reopen(task, changed, "retry")
+        return await self._reopen(task, "retry")
 
     async def rollback(self, task_id: int) -> TaskInstance:
         task = await self.get(task_id)
-        if task.prohibit_rollback or any(
-            s.prohibit_rollback and s.status == SubtaskStatus.SUCCESSFUL for s in task.subtasks
-        ):
+        if dag.rollback_prohibited(task):
             raise TaskError(ROLLBACK_PROHIBITED, f"rollback is prohibited for task {task_id}")
-        if task.operation == Operation.ROLLBACK:
+        if dag.in_rollback(task):
             return await self.retry(task_id)
         task = await self._failed_task(task_id)
-        undo = [
-            s for s in task.subtasks
-            if s.status == SubtaskStatus.SUCCESSFUL and s.operation != Operation.SKIP
-        ]
-        undo_ids = {s.id for s in undo}
-        for sub in undo:
-            sub.operation = Operation.ROLLBACK
-            first = not any(d in undo_ids for d in sub.downstreams)
-            sub.status = SubtaskStatus.READY if first else SubtaskStatus.PENDING
-            sub.start_time = sub.end_time = None
+        for sub, status in dag.rollback_plan(task):
+            self._set_status(sub, status, "rollback")
         task.operation = Operation.ROLLBACK
-        return await self._reopen(task, undo, "rollback")
+        return await self._reopen(task, "rollback")
 
     async def retry_subtask(self, task_id: int, subtask_id: int) -> TaskInstance:
         task = await self.get(task_id)
@@ -293,8 +291,8 @@ class TaskEngine:
         self._require_failed(task)
         if sub.status != SubtaskStatus.FAILED:
             raise self._state_error(sub, "retry")
-        self._run_again(sub, sub.operation == Operation.ROLLBACK)
-        return await self._reopen(task, [sub], f"retry of subtask {sub.id}")
+        self._run_again(sub, dag.in_mode(sub, rollback=True), "retry by the operator")
+        return await self._reopen(task, f"retry of subtask {sub.id}")
 
     async def skip_subtask(self, task_id: int, subtask_id: int) -> TaskInstance:
         task = await self.get(task_id)
@@ -302,13 +300,12 @@ class TaskEngine:
         self._require_failed(task)
         if sub.status != SubtaskStatus.FAILED:
             raise self._state_error(sub, "skip")
-        rollback = sub.operation == Operation.ROLLBACK
-        sub.status = SubtaskStatus.SUCCESSFUL
-        if not rollback:
-            sub.operation = Operation.SKIP
+        rollback = dag.in_mode(sub, rollback=True)
+        self._set_status(sub, SubtaskStatus.SUCCESSFUL, "skipped by the operator")
+        dag.prepare_skip(sub)
         sub.end_time = iso_now()
-        changed = [sub, *self._promote(task, rollback)]
-        answer = await self._reopen(task, changed, f"skip of subtask {sub.id}")
+        self._promote(task, rollback)
+        answer = await self._reopen(task, f"skip of subtask {sub.id}")
         self._log_line(task, sub, "skipped by the operator")
         return answer
 
@@ -321,9 +318,8 @@ class TaskEngine:
         live = run.task.subtask(subtask_id) if run else None
         if run is None or worker is None or live is None or live.status != SubtaskStatus.RUNNING:
             raise self._state_error(sub, "cancel")
-        live.status = SubtaskStatus.CANCELING
-        await self._store.save(run.task, [live])
-        self._announce(run.task, live, "canceling")
+        self._set_status(live, SubtaskStatus.CANCELING, "cancel by the operator")
+        await self._commit(run.task)
         worker.cancel()
         return run.task.copy()
 
@@ -361,35 +357,33 @@ class TaskEngine:
         return task
 
     def _require_failed(self, task: TaskInstance) -> None:
-        task_id = task.id
-        if task.status != TaskStatus.FAILED or task_id in self._runs:
-            raise TaskError(
-                WRONG_STATE,
-                f"task {task_id} is {task.status}; only a FAILED task allows this operation",
-                "status",
-            )
+        """The task is FAILED, not being driven and runnable by this daemon (else 20003)."""
+        dag.require_failed(task, running=task.id in self._runs)
+        self._require_reopenable(task)
 
-    async def _reopen(
-        self, task: TaskInstance, changed: list[SubtaskInstance], what: str
-    ) -> TaskInstance:
+    def _require_reopenable(self, task: TaskInstance) -> None:
         if task.id in self._runs or task.id in self._reopening:
             raise TaskError(WRONG_STATE, f"task {task.id} is already running", "status")
         unknown = sorted({s.class_name for s in task.subtasks} - set(self._classes))
         if task.template not in self.templates or unknown:
             raise TaskError(WRONG_STATE, f"this daemon cannot run task {task.id} "
                             f"({task.template!r}) any more", "status")
-        task.status = TaskStatus.RUNNING
+
+    async def _reopen(self, task: TaskInstance, what: str) -> TaskInstance:
+        """Commits the moves made on the FAILED ``task`` with the task RUNNING again, and
+        drives it. Callers check with _failed_task first; nothing awaits in between, so
+        the check still holds."""
+        self._set_task_status(task, TaskStatus.RUNNING, what)
         task.end_time = None
         task.lock_key = self._lock_key(task)
         self._reopening.add(task.id)  # two operations at once: the second one is refused
         try:
-            await self._store.save(task, changed)
+            await self._commit(task)
         except LockHeld as exc:
             raise self._lock_error(exc) from None
         finally:
             self._reopening.discard(task.id)
         snapshot = task.copy()
-        self._announce(task, None, what)
         self._drive(task)
         return snapshot
 
@@ -420,63 +414,41 @@ class TaskEngine:
             WRONG_STATE, f"subtask {sub.id} is {sub.status}; {what} needs it {need}", "status"
         )
 
-    @staticmethod
-    def _run_again(sub: SubtaskInstance, rollback: bool) -> None:
+    def _run_again(self, sub: SubtaskInstance, rollback: bool, why: str) -> None:
         """A FAILED subtask made READY for one more run (a retry, or a retried undo)."""
-        sub.status = SubtaskStatus.READY
-        sub.run_time += 1
-        sub.operation = Operation.ROLLBACK if rollback else Operation.RETRY
-        sub.start_time = sub.end_time = None
+        self._set_status(sub, SubtaskStatus.READY, why)
+        dag.prepare_rerun(sub, rollback)
 
-    @staticmethod
-    def _in_mode(sub: SubtaskInstance, rollback: bool) -> bool:
-        return (sub.operation == Operation.ROLLBACK) == rollback
-
-    def _promote(self, task: TaskInstance, rollback: bool) -> list[SubtaskInstance]:
+    def _promote(self, task: TaskInstance, rollback: bool) -> None:
         """PENDING subtasks whose predecessors are all done become READY."""
-        by_id = {s.id: s for s in task.subtasks}
-        promoted = []
-        for sub in task.subtasks:
-            if sub.status != SubtaskStatus.PENDING or not self._in_mode(sub, rollback):
-                continue
-            if rollback:
-                before = [by_id[d] for d in sub.downstreams if self._in_mode(by_id[d], True)]
-            else:
-                before = [by_id[u] for u in sub.upstreams]
-            if all(b.status == SubtaskStatus.SUCCESSFUL for b in before):
-                sub.status = SubtaskStatus.READY
-                promoted.append(sub)
-        return promoted
+        for sub in dag.promotable(task, rollback):
+            self._set_status(sub, SubtaskStatus.READY, "its predecessors are done")
 
     async def _resume(self, task: TaskInstance) -> None:
         missing = [s.class_name for s in task.subtasks if s.class_name not in self._classes]
         if task.template not in self.templates:
             missing.insert(0, f"task kind {task.template!r}")
-        changed: list[SubtaskInstance] = []
         for sub in task.subtasks:
             if sub.status == SubtaskStatus.RUNNING and not missing:
-                sub.status = SubtaskStatus.READY
+                self._set_status(sub, SubtaskStatus.READY, "the daemon restarted while it ran")
                 sub.run_time += 1
-                changed.append(sub)
                 self._log_line(task, sub, "the daemon restarted while this subtask ran; "
                                "running it again")
             elif sub.status in (SubtaskStatus.RUNNING, SubtaskStatus.CANCELING):
-                sub.status = SubtaskStatus.FAILED
-                sub.end_time = iso_now()
-                changed.append(sub)
                 reason = (f"this daemon does not know {missing}" if missing
                           else "the daemon restarted while it was being canceled")
+                self._set_status(sub, SubtaskStatus.FAILED, reason)
+                sub.end_time = iso_now()
                 self._log_line(task, sub, f"FAILED: {reason}")
         if missing:
-            task.status = TaskStatus.FAILED
+            self._set_task_status(task, TaskStatus.FAILED, f"unknown on resume: {missing}")
             task.end_time = iso_now()
-            await self._store.save(task, changed)
+            await self._commit(task)
             self.log.error("task %s cannot resume: unknown subtask classes %s", task.id, missing,
                            extra={"TASK_ID": str(task.id)})
-            self._announce(task, None, "failed on resume")
             return
-        await self._store.save(task, changed)
-        self._announce(task, None, "resumed")
+        await self._commit(task)
+        self.log.info("task %s %r: resumed", task.id, task.name, extra={"TASK_ID": str(task.id)})
         self._drive(task)
 
     # ---- internals: running ---------------------------------------------------
@@ -490,21 +462,16 @@ class TaskEngine:
         task = run.task
         try:
             while True:
-                rollback = task.operation == Operation.ROLLBACK
+                rollback = dag.in_rollback(task)
                 if not run.halted:
-                    ready = [
-                        s for s in task.subtasks
-                        if s.status == SubtaskStatus.READY and self._in_mode(s, rollback)
-                        and s.id not in run.workers
-                    ]
+                    ready = dag.runnable(task, rollback, set(run.workers))
                     if ready:
                         now = iso_now()
                         for sub in ready:
-                            sub.status = SubtaskStatus.RUNNING
+                            self._set_status(sub, SubtaskStatus.RUNNING, "started")
                             sub.start_time, sub.end_time = now, None
-                        await self._store.save(task, ready)
+                        await self._commit(task)
                         for sub in ready:
-                            self._announce(task, sub, "running")
                             run.workers[sub.id] = asyncio.create_task(
                                 self._worker(run, sub, rollback), name=f"subtask-{sub.id}"
                             )
@@ -553,18 +520,17 @@ class TaskEngine:
 
     async def _finish(self, run: _Run, rollback: bool) -> None:
         task = run.task
-        relevant = [s for s in task.subtasks if self._in_mode(s, rollback)]
-        if all(s.status == SubtaskStatus.SUCCESSFUL for s in relevant):
-            task.status = TaskStatus.SUCCESSFUL
-        else:
-            task.status = TaskStatus.FAILED
-            if not any(s.status == SubtaskStatus.FAILED for s in task.subtasks):
-                self.log.error("task %s: nothing left to run but not done", task.id,
-                               extra={"TASK_ID": str(task.id)})
+        status = dag.outcome(task, rollback)
+        if status == TaskStatus.FAILED and not any(
+            s.status == SubtaskStatus.FAILED for s in task.subtasks
+        ):
+            self.log.error("task %s: nothing left to run but not done", task.id,
+                           extra={"TASK_ID": str(task.id)})
+        why = "every subtask succeeded" if status == TaskStatus.SUCCESSFUL else "a subtask failed"
+        self._set_task_status(task, status, why)
         task.end_time = iso_now()
         self._forget(run)  # from here on the task may be retried at once
-        await self._store.save(task)
-        self._announce(task, None, str(task.status).lower())
+        await self._commit(task)
 
     async def _worker(self, run: _Run, sub: SubtaskInstance, rollback: bool) -> None:
         task = run.task
@@ -576,7 +542,9 @@ class TaskEngine:
         reason: str | None = None
         try:
             async with self._client_factory(task.id) as client:
-                ctx = _Context(self, run, sub, client, started + sub.timeout)
+                ctx = _Context(task, sub, client, started + sub.timeout, store=self._store,
+                               lock_key=self._lock_key(task),
+                               log=lambda line: self._log_line(task, sub, line))
                 async with asyncio.timeout(sub.timeout):
                     instance = cls()
                     await (instance.rollback(ctx) if rollback else instance.run(ctx))
@@ -595,28 +563,51 @@ class TaskEngine:
             reason = f"{type(exc).__name__}: {exc}"
         took = time.monotonic() - started
         sub.end_time = iso_now()
-        changed = [sub]
         if reason is None:
-            sub.status = SubtaskStatus.SUCCESSFUL
+            self._set_status(sub, SubtaskStatus.SUCCESSFUL, f"done in {took:.3f} s")
             self._log_line(task, sub, f"SUCCESSFUL in {took:.3f} s")
-            changed += self._promote(task, rollback)
+            self._promote(task, rollback)
         else:
-            sub.status = SubtaskStatus.FAILED
+            self._set_status(sub, SubtaskStatus.FAILED, reason)
             run.halted = True
             self._log_line(task, sub, f"FAILED after {took:.3f} s: {reason}")
         try:
-            await self._store.save(task, changed)
+            await self._commit(task)
         except Exception:
             # The driver stops; the store still says RUNNING, so the next start resumes.
             self.log.exception("task %s: cannot record subtask %s", task.id, sub.id,
                                extra={"TASK_ID": str(task.id)})
             run.halted = True
-            return
         finally:
             run.workers.pop(sub.id, None)
             run.wake.set()
-        for changed_sub in changed:
-            self._announce(task, changed_sub, str(changed_sub.status).lower())
+
+    # ---- internals: the transition point ----------------------------------------
+
+    def _set_status(self, sub: SubtaskInstance, new: SubtaskStatus, why: str) -> None:
+        """The one place a subtask's status moves: checked against dag.SUBTASK_MOVES (an
+        illegal move raises dag.IllegalMove), then held until ``_commit`` of its task."""
+        old = sub.status
+        dag.check_subtask_move(old, new)
+        sub.status = new
+        self._unsaved.setdefault(sub.task_id, []).append((sub, old, new, why))
+
+    def _set_task_status(self, task: TaskInstance, new: TaskStatus, why: str) -> None:
+        """The one place a task's status moves (dag.TASK_MOVES); held until ``_commit``."""
+        old = task.status
+        dag.check_task_move(old, new)
+        task.status = new
+        self._unsaved.setdefault(task.id, []).append((None, old, new, why))
+
+    async def _commit(self, task: TaskInstance) -> None:
+        """Saves ``task`` with every subtask moved since its last commit, in one
+        transaction; then logs and announces each move in the order it was made. When the
+        save raises, the moves are dropped unannounced (the store keeps what it had)."""
+        moves = self._unsaved.pop(task.id, [])
+        moved = list({id(sub): sub for sub, *_ in moves if sub is not None}.values())
+        await self._store.save(task, moved)
+        for sub, old, new, why in moves:
+            self._announce(StatusChange(task, sub, old, new, why))
 
     # ---- internals: telling ---------------------------------------------------
 
@@ -625,12 +616,16 @@ class TaskEngine:
         self.log.info("task %s subtask %s %s: %s", task.id, sub.id, sub.name, line,
                       extra={"TASK_ID": str(task.id)})
 
-    def _announce(self, task: TaskInstance, sub: SubtaskInstance | None, what: str) -> None:
+    def _announce(self, change: StatusChange) -> None:
+        task, sub = change.task, change.subtask
         if sub is None:
-            self.log.info("task %s %r: %s (%s)", task.id, task.name, what, task.status,
-                          extra={"TASK_ID": str(task.id)})
+            self.log.info("task %s %r: %s -> %s (%s)", task.id, task.name, change.old or "new",
+                          change.new, change.why, extra={"TASK_ID": str(task.id)})
+        else:
+            self.log.debug("task %s subtask %s %s: %s -> %s (%s)", task.id, sub.id, sub.name,
+                           change.old, change.new, change.why, extra={"TASK_ID": str(task.id)})
         for listener in self._listeners:
             try:
-                listener(task, sub)
+                listener(change)
             except Exception:
                 self.log.exception("task listener failed")

@@ -150,3 +150,19 @@ class TaskInstance:
             "taskDefinitionId": self.task_definition_id,
             "type": self.type,
         }
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """One status move of a task (``subtask`` None) or of one of its subtasks, after the
+    store committed it: what the engine's listeners receive.
+
+    ``old`` is None when the task was just created; ``why`` is a short reason for people
+    (e.g. "retry", "timed out after 30 s").
+    """
+
+    task: TaskInstance
+    subtask: SubtaskInstance | None
+    old: TaskStatus | SubtaskStatus | None
+    new: TaskStatus | SubtaskStatus
+    why: str
