@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import grp
 import hashlib
+import ipaddress
 import json
 import os
 import signal
@@ -50,6 +52,11 @@ class TasksSection(_Strict):
     # Per-subtask timeout overrides in seconds, by class name (short form), e.g.
     # {StartAllOcpAgentProcessesTask = 900}; the seed's timeouts apply to the others.
     timeouts: dict[str, int] = Field(default_factory=dict)
+    # Retention (SPEC section 11): finished tasks older than keep_days, or past the newest
+    # keep_max, are deleted; a subtask keeps its last log_max_lines lines.
+    keep_days: float = Field(default=30, ge=0, le=36500)
+    keep_max: int = Field(default=1000, ge=1, le=10_000_000)
+    log_max_lines: int = Field(default=2000, ge=10, le=1_000_000)
 
     @field_validator("timeouts")
     @classmethod
@@ -77,7 +84,11 @@ class TokenSpec(_Strict):
 class ApiSection(_Strict):
     socket: Path = Path("/run/ocp_agentd/agentd.sock")
     socket_mode: str = Field(default="0660", pattern=r"^0?[0-7]{3}$")
+    socket_group: str = ""
     tcp: str = ""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     max_body_bytes: int = Field(default=65536, ge=1024, le=64 * 1024 * 1024)
     tokens: list[TokenSpec] = Field(default_factory=list)
 
@@ -89,6 +100,45 @@ class ApiSection(_Strict):
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:62887")
         return value
+
+    @field_validator("tls_cert", "tls_key", "tls_client_ca", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("socket_group")
+    @classmethod
+    def _known_group(cls, value: str) -> str:
+        if value:
+            try:
+                grp.getgrnam(value)
+            except KeyError:
+                raise ValueError(f"no group named {value!r} on this host") from None
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def tcp_problem(self) -> str | None:
+        """Why api.tcp must not be used as configured (SPEC section 11), else None."""
+        address = self.tcp_host_port
+        if address is None:
+            return None
+        if not self.tokens:
+            return f"api.tcp: {self.tcp} needs at least one [[api.tokens]] entry"
+        if not self.tls and not is_loopback(address[0]):
+            return (f"api.tcp: {self.tcp} is not a loopback address; "
+                    "set api.tls_cert and api.tls_key to serve it over TLS")
+        return None
 
     @property
     def socket_mode_int(self) -> int:
@@ -124,6 +174,7 @@ class ProgramSpec(_Strict):
     stderr_log: Path | None = None
     log_max_bytes: int = Field(default=52428800, ge=0)
     log_backups: int = Field(default=5, ge=0, le=100)
+    log_target: Literal["file", "journal"] = "file"
 
     @field_validator("cwd", "stdout_log", "stderr_log", mode="before")
     @classmethod
@@ -188,7 +239,7 @@ class ProgramSpec(_Strict):
         """
         fields = self.model_dump(
             mode="json",
-            include={"command", "cwd", "env", "user", "stdout_log", "stderr_log"},
+            include={"command", "cwd", "env", "user", "stdout_log", "stderr_log", "log_target"},
         )
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -256,6 +307,10 @@ class Settings(BaseSettings):
         agent.state_dir = _absolute(agent.state_dir, base)
         agent.log_dir = _absolute(agent.log_dir, base)
         self.api.socket = _absolute(self.api.socket, base)
+        for key in ("tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self.api, key)
+            if value is not None:
+                setattr(self.api, key, _absolute(value, base))
         for spec in self.programs.values():
             spec.cwd = _absolute(spec.cwd, base) if spec.cwd else agent.install_home
             spec.stdout_log = _absolute(
@@ -264,6 +319,16 @@ class Settings(BaseSettings):
             spec.stderr_log = _absolute(
                 spec.stderr_log or agent.log_dir / f"{spec.name}.stderr.log", base
             )
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost (SPEC section 11)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _absolute(path: Path, base: Path) -> Path:

@@ -66,14 +66,13 @@ def spawn(
     """Starts spec.command in a new session with its logs as stdout/stderr.
 
     Returns the Popen and a Handle pinning the child by pidfd. Raises OSError when the
+    logs cannot be opened safely (safefs.UnsafePath names the path), the
     command cannot be spawned or the child cannot be pinned (the child is then killed:
     better no process than a lost one).
     """
     env = child_env(spec, state_dir, run_id)
     kwargs = user_kwargs(spec, env)
-    assert spec.stdout_log is not None and spec.stderr_log is not None
-    out = output.open_log(spec.stdout_log)
-    err = out if spec.stderr_log == spec.stdout_log else output.open_log(spec.stderr_log)
+    out, err = output.open_streams(spec)
     try:
         popen = subprocess.Popen(
             spec.command,

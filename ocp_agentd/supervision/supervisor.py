@@ -59,6 +59,7 @@ class Supervisor:
         self._listeners: list[Listener] = []
         self._http: aiohttp.ClientSession | None = None
         self.programs: dict[str, Program] = {}
+        self._log_watcher: output.LogWatcher | None = None
         for spec in _ordered(settings.programs.values()):
             self.programs[spec.name] = self._make(spec)
 
@@ -69,6 +70,8 @@ class Supervisor:
 
     def _notify(self, name: str, old: State, new: State, reason: str) -> None:
         self.events.state_changed(name, old, new, reason)
+        if new == State.STARTING:
+            self._watch_logs()
         for callback in self._listeners:
             try:
                 callback(name, old, new)
@@ -251,6 +254,9 @@ class Supervisor:
         """Stops watching; the programs go on running for the next daemon to adopt."""
         for program in self.programs.values():
             program.release()
+        if self._log_watcher is not None:
+            await asyncio.to_thread(self._log_watcher.close)
+            self._log_watcher = None
         if self._http is not None:
             await self._http.close()
 
@@ -285,17 +291,35 @@ class Supervisor:
         )
         return report
 
+    def _watch_logs(self) -> None:
+        """Rotation follows each log's size as it grows (a new spawn may mean a new file)."""
+        try:
+            if self._log_watcher is None:
+                self._log_watcher = output.LogWatcher()
+            self._log_watcher.watch(p.spec for p in self.programs.values())
+        except OSError as exc:
+            log.warning("cannot watch the program logs: %s", exc)
+
     async def housekeep(self) -> None:
-        """Rotates program log files that grew past their limit."""
-        specs = [p.spec for p in self.programs.values()]
+        """Rotates program log files that grew past their limit (behind the watcher's back:
+        a file it could not watch, or a size it missed)."""
+        specs = [p.spec for p in self.programs.values() if p.spec.log_target == "file"]
+        self._watch_logs()
 
         def rotate() -> None:
             seen = set()
             for spec in specs:
                 for path in (spec.stdout_log, spec.stderr_log):
-                    if path is not None and path not in seen:
-                        seen.add(path)
-                        output.rotate_if_needed(path, spec.log_max_bytes, spec.log_backups)
+                    if path is None or path in seen:
+                        continue
+                    seen.add(path)
+                    try:
+                        uid, gid = output.owner_of(spec)
+                        output.rotate_if_needed(
+                            path, spec.log_max_bytes, spec.log_backups, uid, gid
+                        )
+                    except (KeyError, OSError) as exc:
+                        log.warning("cannot rotate %s: %s", path, exc)
 
         await asyncio.to_thread(rotate)
 

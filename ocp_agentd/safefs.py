@@ -1,0 +1,223 @@
+"""Opening files as root where other users may reach (SPEC section 11, "Files written as root").
+
+A directory is opened component by component from ``/`` with ``O_NOFOLLOW``, and each
+directory on the way must be writable only by root or by the one owner the caller allows
+(a sticky directory owned by root, such as /tmp, is accepted on the way too: others
+cannot rename or remove what is in it). A symbolic link on the way is followed only when
+root made it (owned by root, in a directory only root can write). The returned directory
+descriptor is then the base of every open, rename and unlink (``dir_fd``), and files are
+opened with ``O_NOFOLLOW``; an existing file must be a regular file with one link whose
+owner is root or the allowed owner. Nothing planted in such a directory by its owner can
+make the caller write, truncate or read a file elsewhere (see path_resolution(7),
+openat(2), and the protected_hardlinks note in proc(5) for why one link is required).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from pathlib import Path
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_LINKS = 40  # as the kernel's MAXSYMLINKS
+
+
+class UnsafePath(OSError):
+    """A path the daemon refuses to use; str() names the path and the reason.
+
+    An OSError (errno EPERM) so callers that report OSError.strerror report this too.
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(errno.EPERM, f"{path}: {reason}")
+        self.path = str(path)
+
+
+def writers_problem(st: os.stat_result, owner: int | None) -> str | None:
+    """Why a directory with this stat lets someone other than root or ``owner`` change it.
+
+    None when only root (and ``owner``, when given) can create, rename or remove entries:
+    owned by root or owner and writable by neither group nor others, or sticky and owned
+    by root (others cannot touch entries they do not own).
+    """
+    allowed = {0} if owner is None else {0, owner}
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in allowed:
+        return f"owned by uid {st.st_uid}"
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if mode & stat.S_ISVTX and st.st_uid == 0:
+            return None
+        return f"writable by others (mode {mode:04o})"
+    return None
+
+
+def open_directory(
+    path: str | Path, owner: int | None = None, create_mode: int = 0o755
+) -> int:
+    """A descriptor (O_RDONLY|O_DIRECTORY) of ``path``, made safe to work in as root.
+
+    ``owner`` is a uid that may own (and write) the directory and its ancestors besides
+    root. Missing directories are created (root-owned, ``create_mode``). Raises
+    UnsafePath naming the first directory that others can write or a link root did not
+    make; OSError when a component cannot be opened or created.
+    """
+    path = Path(path)
+    if not path.is_absolute():
+        raise UnsafePath(path, "not an absolute path")
+    pending = list(path.parts[1:])
+    current = os.open("/", _DIR_FLAGS)
+    where = Path("/")
+    links = 0
+    try:
+        while pending:
+            name = pending.pop(0)
+            if name in ("", "."):
+                continue
+            if name == "..":
+                raise UnsafePath(path, "'..' is not allowed")
+            try:
+                st = os.stat(name, dir_fd=current, follow_symlinks=False)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, create_mode, dir_fd=current)
+                    os.chmod(name, create_mode, dir_fd=current, follow_symlinks=False)
+                st = os.stat(name, dir_fd=current, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                parent = os.fstat(current)
+                if links > _MAX_LINKS:
+                    raise UnsafePath(path, "too many levels of symbolic links")
+                if st.st_uid != 0 or writers_problem(parent, None) is not None:
+                    raise UnsafePath(
+                        where / name, "is a symbolic link that root did not make; refusing it"
+                    )
+                target = os.readlink(name, dir_fd=current)
+                pending = list(Path(target).parts) + pending
+                if target.startswith("/"):
+                    pending = pending[1:]
+                    os.close(current)
+                    current = os.open("/", _DIR_FLAGS)
+                    where = Path("/")
+                continue
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=current)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePath(where / name, "changed while being opened") from None
+                raise
+            os.close(current)
+            current = child
+            where = where / name
+            problem = writers_problem(os.fstat(current), owner)
+            if problem is not None:
+                raise UnsafePath(where, f"directory {problem}; refusing to use it")
+    except BaseException:
+        os.close(current)
+        raise
+    return current
+
+
+def check_directory(path: str | Path, owner: int | None = None) -> str | None:
+    """None when open_directory(path, owner) succeeds, else the reason naming the path."""
+    try:
+        os.close(open_directory(path, owner))
+    except UnsafePath as exc:
+        return exc.strerror
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    return None
+
+
+def _check_file(fd: int, name: str, owners: set[int]) -> os.stat_result:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePath(name, "is not a regular file")
+    if st.st_nlink != 1:
+        raise UnsafePath(name, f"has {st.st_nlink} hard links; refusing to write it")
+    if st.st_uid not in owners:
+        raise UnsafePath(name, f"is owned by uid {st.st_uid}")
+    return st
+
+
+def _blocking(fd: int) -> int:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    return fd
+
+
+def create_file(dir_fd: int, name: str, uid: int, gid: int, mode: int = 0o640,
+                flags: int = os.O_WRONLY | os.O_APPEND) -> int:
+    """A new file ``name`` in ``dir_fd`` (O_CREAT|O_EXCL|O_NOFOLLOW) owned uid:gid with mode.
+
+    Raises FileExistsError when the name exists (whatever it is, a link included).
+    """
+    fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                 dir_fd=dir_fd)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)  # whatever the umask took away
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_file(dir_fd: int, name: str, uid: int, gid: int, mode: int = 0o640,
+              flags: int = os.O_WRONLY | os.O_APPEND) -> int:
+    """``name`` in ``dir_fd`` opened with ``flags`` (never following a link), created when
+    missing; the file ends up owned uid:gid with ``mode``.
+
+    An existing file must be a regular file with one link, owned by root or uid (a file of
+    root's from before is handed to uid). Raises UnsafePath otherwise (a symbolic link,
+    a FIFO, a hard link, another owner).
+    """
+    for _ in range(3):
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
+        except FileNotFoundError:
+            try:
+                return create_file(dir_fd, name, uid, gid, mode, flags)
+            except FileExistsError:
+                continue  # appeared in between: open it as an existing file
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePath(name, "is a symbolic link; refusing to follow it") from None
+            if exc.errno == errno.ENXIO:  # a FIFO or socket with no reader
+                raise UnsafePath(name, "is not a regular file") from None
+            raise
+        try:
+            st = _check_file(fd, name, {0, uid})
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                os.fchown(fd, uid, gid)
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _blocking(fd)
+    raise UnsafePath(name, "keeps changing while being opened")
+
+
+def open_existing(dir_fd: int, name: str, owners: set[int], flags: int) -> int | None:
+    """An existing regular file with one link and one of ``owners``, never following a
+    link; None when there is no such name. Raises UnsafePath when the name is something
+    else."""
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            raise UnsafePath(name, "is not a regular file") from None
+        raise
+    try:
+        _check_file(fd, name, owners)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _blocking(fd)
