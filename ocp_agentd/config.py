@@ -46,6 +46,9 @@ class AgentSection(_Strict):
     install_home: Path = Path("/home/admin/ocp_agent")
     state_dir: Path = Path("/var/lib/ocp_agentd")
     log_dir: Path = Path("/var/log/ocp_agentd")
+    # SPEC section 9: "auto" uses a writable cgroup tree when there is one, "required"
+    # refuses to start without one, "off" finds process trees from the process table.
+    cgroup: Literal["auto", "required", "off"] = "auto"
 
 
 class TasksSection(_Strict):
@@ -175,6 +178,16 @@ class ProgramSpec(_Strict):
     log_max_bytes: int = Field(default=52428800, ge=0)
     log_backups: int = Field(default=5, ge=0, le=100)
     log_target: Literal["file", "journal"] = "file"
+    # Resource limits (SPEC section 9), enforced through the program's cgroup.
+    cpu_quota: float = Field(default=0.0, ge=0, le=4096)  # CPUs; 0 = no limit
+    memory_max: int | None = None  # bytes; "512M" in the file; "" = no limit
+    memory_high: int | None = None
+    pids_max: int = Field(default=0, ge=0, le=4194304)  # 0 = no limit
+
+    @field_validator("memory_max", "memory_high", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        return parse_size(value)
 
     @field_validator("cwd", "stdout_log", "stderr_log", mode="before")
     @classmethod
@@ -243,6 +256,39 @@ class ProgramSpec(_Strict):
         )
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: object) -> int | None:
+    """A byte count from an int or a string with an optional K/M/G/T suffix (binary
+    units, as systemd's MemoryMax= and the kernel read them; "512M" = 536870912).
+
+    "" and None mean no limit (None). Raises ValueError (named by pydantic with its key)
+    for anything else, or for a size under 4 KiB (the kernel would round it to a page).
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512M")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip().upper().removesuffix("B").removesuffix("I")
+        unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+        digits = text[: len(text) - len(unit)].strip()
+        try:
+            number = int(float(digits) * _SIZE_UNITS[unit]) if digits else -1
+        except ValueError:
+            number = -1
+        if number < 0:
+            raise ValueError(f"expected a size such as 512M (K, M, G suffixes), got {value!r}")
+    else:
+        raise ValueError("expected a size such as 512M")
+    if number < 4096:
+        raise ValueError(f"size {value!r} is below 4K")
+    return number
 
 
 class _TomlSource(threading.local):

@@ -161,6 +161,15 @@ def read_marker(pid: int) -> Marker | None:
 
 
 def take_snapshot(with_markers: bool = True) -> Snapshot:
+    """Every process's stat line and, with_markers, its run markers.
+
+    Only the fallback for hosts without a usable cgroup (SPEC section 9). It reads /proc
+    itself rather than through psutil because psutil is the bottleneck here: with 1,096
+    processes on the host one snapshot took 26-34 ms this way and 62-109 ms with
+    psutil.process_iter(["ppid", "status", "environ", "create_time"]) plus getpgid and
+    getsid (psutil has no pgid/sid attribute), and this scan was already 40 % of
+    restart-all's time at 200 programs.
+    """
     snap = Snapshot()
     own = os.getpid()
     for name in os.listdir(_PROC):

@@ -1,0 +1,172 @@
+"""The daemon as a child subreaper, and the reaping of the orphans it inherits.
+
+With PR_SET_CHILD_SUBREAPER (prctl(2)), a process that loses its parent is reparented to
+the nearest subreaper ancestor instead of init: whatever a program's processes leave
+behind (a `setsid cmd &` whose parent exited) stays below the daemon, where the process
+table fallback still finds it and the daemon outlives it (SPEC section 3). Such orphans
+become the daemon's children, so the daemon must wait(2) for them or they stay zombies.
+
+Direct children are reaped by their owners (subprocess.Popen.poll for a program's main
+process, asyncio's child watcher for a subprocess of the daemon's own): reaping one of
+those here would steal its exit status. So an exited child is reaped here only if it is
+not claimed (claim() is called for every program main spawned) and it is not in the
+daemon's own session (a program starts a session of its own and its descendants can
+never rejoin the daemon's, while the daemon's helper subprocesses stay in it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+
+from ocp_agentd.supervision.proctable import read_stat
+
+log = logging.getLogger("ocp_agentd.subreaper")
+
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+_RETRY_FIRST = 0.05
+_RETRY_MAX = 1.0
+
+
+def become_subreaper() -> bool:
+    """Marks this process a child subreaper (Linux 3.4+). False, logged, if refused."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        log.warning("cannot become a child subreaper: %s", os.strerror(err))
+        return False
+    return True
+
+
+def is_subreaper() -> bool:
+    """Whether this process is a child subreaper now (prctl PR_GET_CHILD_SUBREAPER)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    value = ctypes.c_int(0)
+    if libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) != 0:
+        return False
+    return value.value != 0
+
+
+class Reaper:
+    """Reaps exited orphans on SIGCHLD (and when asked), leaving claimed children alone.
+
+    One per process (the subreaper attribute is per process): use the module's REAPER.
+    """
+
+    def __init__(self) -> None:
+        self._claimed: set[int] = set()
+        self._own_sid = os.getsid(0)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay = _RETRY_FIRST
+        self.reaped = 0  # orphans reaped since start, for tests and the log
+
+    def claim(self, pid: int) -> None:
+        """pid is a direct child whose owner reaps it (a program's main process)."""
+        self._claimed.add(pid)
+
+    def release(self, pid: int) -> None:
+        """The owner has reaped pid; look again for orphans it may have hidden."""
+        self._claimed.discard(pid)
+        self.reap_soon()
+
+    def install(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Becomes the subreaper and reaps on every SIGCHLD of this event loop."""
+        become_subreaper()
+        self._own_sid = os.getsid(0)
+        self._loop = loop or asyncio.get_running_loop()
+        try:
+            self._loop.add_signal_handler(signal.SIGCHLD, self.reap_soon)
+        except (RuntimeError, ValueError) as exc:  # not the main thread: reap when asked
+            log.warning("no SIGCHLD handler (%s): orphans are reaped after program exits", exc)
+        self.reap_soon()
+
+    def uninstall(self) -> None:
+        """Stops reaping on SIGCHLD (the subreaper attribute stays: it is harmless)."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError, ValueError):
+                self._loop.remove_signal_handler(signal.SIGCHLD)
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._loop = None
+
+    def reap_soon(self) -> None:
+        """Reaps on the next turn of the loop (coalesces a burst of SIGCHLDs)."""
+        if self._loop is None or self._scheduled or self._loop.is_closed():
+            return
+        self._scheduled = True
+        self._loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        self._scheduled = False
+        if self.reap():
+            self._retry_delay = _RETRY_FIRST
+            return
+        # An exited child we must leave to its owner hides the ones behind it from
+        # waitid: look again shortly (its owner reaps it within a loop turn or two). If it
+        # stays in front, find the orphans behind it in /proc instead.
+        if self._retry_delay >= _RETRY_MAX:
+            self.reap_by_scan()
+        if self._loop is not None and self._retry is None:
+            delay = self._retry_delay
+            self._retry_delay = min(delay * 2, _RETRY_MAX)
+
+            def again() -> None:
+                self._retry = None
+                self.reap_soon()
+
+            self._retry = self._loop.call_later(delay, again)
+
+    def reap(self) -> bool:
+        """Reaps every exited orphan it can see. False when an exited child that is not
+        ours to reap is in front (then some orphans may wait for the next call)."""
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return True
+            if info is None:
+                return True
+            pid = info.si_pid
+            if not self._reapable(pid):
+                return False
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+                self.reaped += 1
+
+    def reap_by_scan(self) -> int:
+        """Reaps the exited orphans found in /proc (one pass over the process table).
+        Returns how many."""
+        own = os.getpid()
+        count = 0
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            entry = read_stat(int(name))
+            if entry is None or entry.ppid != own or not entry.zombie:
+                continue
+            if self._reapable(entry.pid):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(entry.pid, os.WNOHANG)
+                    count += 1
+        self.reaped += count
+        return count
+
+    def _reapable(self, pid: int) -> bool:
+        if pid in self._claimed:
+            return False
+        entry = read_stat(pid)
+        return entry is not None and entry.sid != self._own_sid
+
+
+REAPER = Reaper()
+
+__all__ = ["REAPER", "Reaper", "become_subreaper", "is_subreaper"]
