@@ -207,32 +207,21 @@ class EventHub:
 
 
 class TaskEvents:
-    """Turns the task engine's listener calls ``(task, subtask or None)`` into task and
-    subtask events with ``from`` and ``to`` (the engine tells only the new status)."""
+    """Publishes the task engine's status moves as ``task`` and ``subtask`` events.
+
+    The engine calls its listeners with one ``tasks.model.StatusChange`` per move, after
+    the store committed it (``old`` None: just created), so ``from`` and ``to`` come
+    straight from the engine's transition point.
+    """
 
     def __init__(self, hub: EventHub) -> None:
         self._hub = hub
-        self._seen: dict[tuple[int, int | None], str] = {}
 
-    def __call__(self, task: Any, subtask: Any) -> None:
-        if subtask is None:
-            key: tuple[int, int | None] = (task.id, None)
-            new = str(task.status)
-            old = self._seen.get(key)
-            if old != new:
-                self._seen[key] = new
-                self._hub.task_changed(task.id, task.name, old, new)
-            if new == "RUNNING":
-                # Created or re-opened: its subtasks' statuses are where they start from.
-                for sub in getattr(task, "subtasks", ()):
-                    self._seen.setdefault((task.id, sub.id), str(sub.status))
-            else:
-                for seen in [k for k in self._seen if k[0] == task.id and k[1] is not None]:
-                    self._seen.pop(seen)  # a finished task's subtasks: kept no longer
-            return
-        key = (task.id, subtask.id)
-        new = str(subtask.status)
-        old = self._seen.get(key)
-        if old != new:
-            self._seen[key] = new
-            self._hub.subtask_changed(task.id, subtask.id, subtask.name, old, new)
+    def __call__(self, change: Any) -> None:
+        task, sub = change.task, change.subtask
+        old = None if change.old is None else str(change.old)
+        if sub is None:
+            self._hub.task_changed(task.id, task.name, old, str(change.new), change.why)
+        else:
+            self._hub.subtask_changed(task.id, sub.id, sub.name, old, str(change.new),
+                                      change.why)

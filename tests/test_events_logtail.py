@@ -75,17 +75,16 @@ def test_task_events_carry_from_and_to() -> None:
         hub = EventHub()
         subscription = hub.subscribe()
         adapter = TaskEvents(hub)
-        sub = SimpleNamespace(id=7, name="Restart pos proxy", status="PENDING")
-        task = SimpleNamespace(id=3, name="Restart OCP agent", status="RUNNING",
-                               subtasks=[sub])
-        adapter(task, None)
-        sub.status = "RUNNING"
-        adapter(task, sub)
-        adapter(task, sub)  # the same status again: no event
-        sub.status = "SUCCESSFUL"
-        adapter(task, sub)
-        task.status = "SUCCESSFUL"
-        adapter(task, None)
+        sub = SimpleNamespace(id=7, name="Restart pos proxy")
+        task = SimpleNamespace(id=3, name="Restart OCP agent")
+
+        def change(subtask: object, old: str | None, new: str) -> SimpleNamespace:
+            return SimpleNamespace(task=task, subtask=subtask, old=old, new=new, why="")
+
+        adapter(change(None, None, "RUNNING"))
+        adapter(change(sub, "PENDING", "RUNNING"))
+        adapter(change(sub, "RUNNING", "SUCCESSFUL"))
+        adapter(change(None, "RUNNING", "SUCCESSFUL"))
         hub.close()
         got = [(e["kind"], e.get("subtask"), e["from"], e["to"]) async for e in subscription]
         assert got == [("task", None, "", "RUNNING"), ("subtask", 7, "PENDING", "RUNNING"),
