@@ -1,4 +1,9 @@
 # Shared by the maintainer scripts of the .deb and the .rpm (build.sh puts it in front).
+# They follow the distributions' own conventions for a service (Debian: what
+# dh_installsystemd generates, with deb-systemd-helper and deb-systemd-invoke; RPM: the
+# %systemd_post / %systemd_preun / %systemd_postun_with_restart macros, spelled out
+# because nfpm scriptlets are plain sh) with one difference: where those restart the
+# service on an upgrade, a running daemon hands over instead, so programs keep their pids.
 unit=ocp-agentd.service
 prefix=/opt/ocp_agentd
 
@@ -29,40 +34,13 @@ handover() {
     return 0
 }
 
-install_or_upgrade() {
-    # $1: the version that was configured before ("" on a first install)
-    if ! systemd_running; then
-        systemctl enable "$unit" >/dev/null 2>&1 || true
-        return 0
-    fi
-    systemctl daemon-reload || true
-    if [ "$(unit_prop ActiveState)" = active ]; then
-        handover
-    elif [ -z "$1" ] || ! systemctl is-enabled --quiet "$unit" 2>/dev/null; then
-        systemctl enable "$unit" || true
-        systemctl start "$unit" \
-            || echo "ocp-agentd: could not start; see: journalctl -u $unit" >&2
-    fi
-    # else: an upgrade of a service the administrator stopped: leave it stopped.
-}
-
-stop_for_removal() {
-    systemctl disable "$unit" >/dev/null 2>&1 || true
-    if systemd_running; then
-        # SIGTERM: the daemon stops all its programs before it exits.
-        systemctl stop "$unit" || true
-    fi
-}
-
-after_removal() {
-    if systemd_running; then
-        systemctl daemon-reload || true
-        systemctl reset-failed "$unit" >/dev/null 2>&1 || true
-    fi
-    # Whatever Python or an administrator left in the package's private trees.
-    rm -rf "$prefix" /run/ocp_agentd
-}
+is_active() { systemctl --quiet is-active "$unit" 2>/dev/null; }
 
 purge_data() {
     rm -rf /var/lib/ocp_agentd /var/log/ocp_agentd /etc/ocp_agentd
+}
+
+# What Python or an administrator left in the package's private trees.
+remove_leftovers() {
+    rm -rf "$prefix" /run/ocp_agentd
 }

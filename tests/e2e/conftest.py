@@ -21,6 +21,7 @@ import nspawn
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+RELEASE = "1"  # packaging/build.sh's default --release
 
 
 def pytest_runtest_makereport(item, call):
@@ -41,13 +42,24 @@ def pytest_configure(config):
 
 @dataclass
 class Packages:
-    version: str
+    version: str  # upstream, as in pyproject.toml
     next_version: str
     deb: Path
     next_deb: Path
     rpm: Path
     next_rpm: Path
     stage: Path  # the staged root the packages were made from
+    work: Path  # build.sh's work folder (PACKAGE_WORK)
+    release: str = RELEASE
+
+    @property
+    def full_version(self) -> str:
+        """The packages' version-release, as dpkg and rpm -q show it."""
+        return f"{self.version}-{self.release}"
+
+    @property
+    def next_full_version(self) -> str:
+        return f"{self.next_version}-{self.release}"
 
 
 @pytest.fixture(scope="session")
@@ -79,11 +91,12 @@ def packages(e2e_host, tmp_path_factory) -> Iterator[Packages]:
     yield Packages(
         version=version,
         next_version=next_version,
-        deb=dist / f"ocp-agentd_{version}_amd64.deb",
-        next_deb=dist / f"ocp-agentd_{next_version}_amd64.deb",
-        rpm=dist / f"ocp-agentd-{version}.x86_64.rpm",
-        next_rpm=dist / f"ocp-agentd-{next_version}.x86_64.rpm",
+        deb=dist / f"ocp-agentd_{version}-{RELEASE}_amd64.deb",
+        next_deb=dist / f"ocp-agentd_{next_version}-{RELEASE}_amd64.deb",
+        rpm=dist / f"ocp-agentd-{version}-{RELEASE}.x86_64.rpm",
+        next_rpm=dist / f"ocp-agentd-{next_version}-{RELEASE}.x86_64.rpm",
         stage=base / "work" / "root",
+        work=base / "work",
     )
     shutil.rmtree(base, ignore_errors=True)  # the staged venv and packages: ~200 MB
 

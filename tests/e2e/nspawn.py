@@ -35,7 +35,8 @@ SUITE = "bookworm"
 # The target: systemd as init, the distribution's Python 3.11, ps/pgrep.
 # rpm: the .rpm's scriptlets run for real too (rpm --nodeps: its rpmdb knows no Debian package).
 INCLUDE = ("systemd", "systemd-sysv", "dbus", "python3.11", "procps", "rpm")
-HOST_PACKAGES = ("systemd-container", "debootstrap", "rpm", "rpm2cpio", "cpio", "binutils")
+HOST_PACKAGES = ("systemd-container", "debootstrap", "rpm", "rpm2cpio", "cpio", "binutils",
+                 "lintian", "rpmlint")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 PREFIX = "ocp-e2e-"
 CONTAINER_ENV = {

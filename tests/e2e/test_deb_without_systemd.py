@@ -5,6 +5,7 @@ exactly as it was."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from agentbox import UNIT, changes, snapshot
@@ -37,10 +38,12 @@ def test_dpkg_lifecycle_without_systemd(chroot, packages):
     chroot.run("dpkg", "-i", "/root/e2e/next.deb", timeout=300)
     assert "host_id = 9" in config.read_text()
     version = chroot.run("dpkg-query", "-W", "-f=${Version}", "ocp-agentd").stdout
-    assert version == packages.next_version
+    assert version == packages.next_full_version
 
     chroot.run("dpkg", "-r", "ocp-agentd", timeout=300)
-    assert not wants.is_symlink()
+    # Removed, the unit is masked and its enablement kept until purge (Debian's way).
+    assert wants.is_symlink()
+    assert chroot.path(f"/etc/systemd/system/{UNIT}").readlink() == Path("/dev/null")
     assert not chroot.path("/opt/ocp_agentd").exists()
     chroot.run("dpkg", "-P", "ocp-agentd", timeout=300)
     added, removed = changes(before, snapshot(chroot))

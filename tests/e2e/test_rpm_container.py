@@ -2,9 +2,10 @@
 
 The Debian 12 container has rpm too (`--nodeps`: rpm's own database knows none of the
 Debian packages, `--force-debian`: Debian's rpm asks for it). The scriptlets are plain
-sh and call systemctl exactly as on RHEL 9, so this runs them for real: install enables
-and starts, an upgrade hands over in %posttrans keeping every program's pid and the
-edited %config(noreplace), erase stops everything. Erase keeps state and logs (rpm has
+sh and call systemctl exactly as on RHEL 9, so this runs them for real: install applies
+the preset (enabled) and starts, an upgrade hands over in %posttrans keeping every
+program's pid and the edited %config(noreplace), an upgrade of a disabled and stopped
+service leaves it so, erase stops everything. Erase keeps state and logs (rpm has
 no purge); the test deletes those and then compares the file system with the start.
 """
 
@@ -67,6 +68,20 @@ def test_rpm_upgrade_hands_over_in_posttrans(scenario):
     assert box.path(CONFIG).read_text() == scenario.edited_config
     assert sorted(p.name for p in box.path("/etc/ocp_agentd").iterdir()) == ["config.toml"]
     assert not box.path("/var/lib/rpm-state/ocp-agentd").exists()
+
+
+def test_rpm_disabled_stays_disabled_across_upgrade(scenario):
+    """%systemd_post applies presets on the first install only, and try-restart
+    restarts only a running unit: a stopped, disabled service stays so."""
+    box = scenario.box
+    box.run("systemctl", "stop", UNIT, timeout=120)
+    box.run("systemctl", "disable", UNIT)
+    box.run(*RPM, "-U", "--replacepkgs", "/root/e2e/next.rpm", timeout=300)
+    assert box.run("systemctl", "is-enabled", UNIT, check=False).stdout.strip() == "disabled"
+    assert scenario.show("ActiveState")["ActiveState"] == "inactive"
+    assert scenario.procs() == []
+    box.run("systemctl", "enable", "--now", UNIT, timeout=120)
+    scenario.wait("the demo programs RUNNING", lambda: scenario.all_running(set(FIRST)))
 
 
 def test_rpm_erase_stops_everything(scenario):

@@ -2,9 +2,11 @@
 
 A Debian 12 tree (debootstrap, cached) boots with systemd-nspawn; in it the .deb is
 installed, started, reloaded, restarted by its own restart task, stalled until the
-watchdog kills it, upgraded to N+1, stopped, removed and purged. After the purge the
-container's file system is the one it booted with, and after power-off nothing of the
-container is left on this machine.
+watchdog kills it, upgraded to N+1 (handing over), stopped, upgraded while disabled (it
+stays disabled) and while policy-rc.d forbids service actions (nothing is touched),
+removed and purged, and installed once more under such a policy-rc.d (nothing starts).
+After the purge the container's file system is the one it booted with, and after
+power-off nothing of the container is left on this machine.
 
 The container config runs the demo programs with the package's own Python.
 A drop-in shortens the watchdog to WATCHDOG_SEC, so the stall step stays short; the
@@ -16,6 +18,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from agentbox import (
@@ -32,8 +35,14 @@ from agentbox import (
     config,
 )
 from nspawn import log
+from test_unit_file import MAX_EXPOSURE, exposure
 
 pytestmark = [pytest.mark.e2e, pytest.mark.steps]
+
+WANTS = f"/etc/systemd/system/multi-user.target.wants/{UNIT}"
+# policy-rc.d(8) as image builders use it: 101 = action forbidden.
+POLICY = "/usr/sbin/policy-rc.d"
+FORBID_ALL = "#!/bin/sh\nexit 101\n"
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +78,11 @@ def test_unit_verifies_without_a_word(scenario):
     result = scenario.box.run("systemd-analyze", "verify", f"/usr/lib/systemd/system/{UNIT}",
                               check=False)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_unit_as_loaded_scores_at_most_six(scenario):
+    result = scenario.box.run("systemd-analyze", "security", "--no-pager", UNIT)
+    assert exposure(result.stdout) <= MAX_EXPOSURE, result.stdout
 
 
 def test_reload_applies_a_config_change(scenario):
@@ -187,7 +201,7 @@ def test_upgrade_hands_over_keeping_programs_and_config(scenario):
     log(f"upgrade with handover took {scenario.timings['upgrade']:.1f} s")
     assert "handing over" in result.stdout, result.stdout
     version = box.run("dpkg-query", "-W", "-f=${Version}", "ocp-agentd").stdout
-    assert version == scenario.packages.next_version
+    assert version == scenario.packages.next_full_version
     props = scenario.show("MainPID", "ActiveState")
     assert props["ActiveState"] == "active" and props["MainPID"] != str(main)
     assert scenario.program_pids() == programs
@@ -218,17 +232,47 @@ def test_stop_leaves_no_program(scenario):
     assert "ocp_agentd" not in ps, ps
 
 
-def test_remove_then_purge_leaves_nothing(scenario):
+def test_disabled_stays_disabled_across_upgrade(scenario):
+    box = scenario.box
+    box.run("systemctl", "disable", UNIT)
+    box.run("dpkg", "-i", "/root/e2e/next.deb", timeout=300)
+    assert box.run("systemctl", "is-enabled", UNIT, check=False).stdout.strip() == "disabled"
+    assert not box.path(WANTS).is_symlink()
+    assert scenario.show("ActiveState")["ActiveState"] == "inactive"
+    assert scenario.procs() == []
+    box.run("systemctl", "enable", UNIT)
+
+
+def test_policy_rc_d_forbids_the_handover(scenario):
+    """An upgrade while policy-rc.d says 101 (no service actions) leaves the running
+    daemon alone; without it, the next upgrade hands over as usual."""
     box = scenario.box
     box.run("systemctl", "start", UNIT, timeout=120)
+    main = scenario.main_pid()
+    box.put(POLICY, FORBID_ALL, mode=0o755)
+    try:
+        result = box.run("dpkg", "-i", "/root/e2e/next.deb", timeout=300)
+    finally:
+        box.run("rm", "-f", POLICY)
+    assert "policy-rc.d forbids" in result.stderr, result.stdout + result.stderr
+    assert "handing over" not in result.stdout
+    assert scenario.main_pid() == main
+    assert scenario.all_running(set(SECOND))
+
+
+def test_remove_then_purge_leaves_nothing(scenario):
+    box = scenario.box
     assert scenario.all_running(set(SECOND))
 
     box.run("dpkg", "-r", "ocp-agentd", timeout=300)
     assert scenario.procs() == [], "dpkg -r must stop the programs"
     for gone in ("/opt/ocp_agentd", "/usr/bin/ocp-agentd", "/usr/bin/ocp-agentctl",
-                 f"/usr/lib/systemd/system/{UNIT}",
-                 f"/etc/systemd/system/multi-user.target.wants/{UNIT}"):
+                 f"/usr/lib/systemd/system/{UNIT}"):
         assert not box.path(gone).exists() and not box.path(gone).is_symlink(), gone
+    # As for every Debian service: removed, the unit is masked and its enablement kept
+    # until purge (a reinstall comes back enabled).
+    assert box.path(f"/etc/systemd/system/{UNIT}").readlink() == Path("/dev/null")
+    assert box.run("systemctl", "is-enabled", UNIT, check=False).stdout.strip() == "masked"
     assert box.path(CONFIG).read_text() == scenario.edited_config  # a conffile stays until purge
     pycache = box.run("find", "/opt", "/usr/lib/python3", "-name", "__pycache__", "-path",
                       "*ocp_agentd*", check=False).stdout
@@ -246,6 +290,23 @@ def test_remove_then_purge_leaves_nothing(scenario):
     assert box.run("systemctl", "cat", UNIT, check=False).returncode != 0
     added, removed = changes(scenario.before, scenario.snapshot())
     assert (added, removed) == ([], []), f"added: {added}\nremoved: {removed}"
+
+
+def test_policy_rc_d_forbids_the_first_start(scenario):
+    """Installing while policy-rc.d says 101 (as when an image is built) enables the
+    unit and starts nothing."""
+    box = scenario.box
+    box.put(POLICY, FORBID_ALL, mode=0o755)
+    try:
+        result = box.run("dpkg", "-i", "/root/e2e/current.deb", timeout=300)
+        assert "returned 101" in result.stderr, result.stdout + result.stderr
+        assert box.run("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled"
+        assert scenario.show("ActiveState")["ActiveState"] == "inactive"
+        assert scenario.procs() == []
+    finally:
+        box.run("dpkg", "-P", "ocp-agentd", timeout=300, check=False)
+        box.run("rm", "-f", POLICY)
+    assert not box.path(WANTS).is_symlink()
 
 
 def test_power_off_leaves_nothing_on_this_machine(scenario):
