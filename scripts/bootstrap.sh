@@ -40,3 +40,17 @@ fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 "$venv/bin/python" -m pip install -q -e ".[dev]"
+
+# promtool, Prometheus' own checker (the tests run `promtool check metrics` on /metrics):
+# from Debian's prometheus package, unpacked into the venv without installing a server.
+if [ ! -x "$venv/bin/promtool" ]; then
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && { apt-get download -qq prometheus 2>/dev/null \
+            || { apt-get update -qq && apt-get download -qq prometheus; }; }); then
+        dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
+        install -m 0755 "$tmp/usr/bin/promtool" "$venv/bin/promtool"
+    else
+        echo "bootstrap: could not download Debian's prometheus package (for promtool)" >&2
+    fi
+    rm -rf "$tmp"
+fi

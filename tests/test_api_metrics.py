@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
+import pytest
 from harness import ApiClient, DaemonRunner, free_port, wait_for
+from prometheus_client.openmetrics.parser import text_fd_to_metric_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from ocp_agentd.api.metrics import AgentMetrics
@@ -43,7 +51,8 @@ def test_program_metrics_follow_the_supervisor(daemon_factory) -> None:
         assert value(text, "ocp_agentd_program_state", program=program, state="RUNNING") == 1.0
         assert value(text, "ocp_agentd_program_state", program=program, state="FATAL") == 0.0
         assert value(text, "ocp_agentd_program_restarts_total", program=program) == 0.0
-        assert value(text, "ocp_agentd_program_uptime_seconds", program=program) > 0
+        started = value(text, "ocp_agentd_program_start_time_seconds", program=program)
+        assert time.time() - 120 < started < time.time()
     # Exactly one state is 1 per program.
     states = [v for (name, labels), v in samples(text).items()
               if name == "ocp_agentd_program_state" and ("program", "pos_proxy") in labels]
@@ -61,21 +70,53 @@ def test_program_metrics_follow_the_supervisor(daemon_factory) -> None:
     text = scrape(runner)
     assert value(text, "ocp_agentd_program_up", program="ob_logtailer") == 0.0
     assert value(text, "ocp_agentd_program_state", program="ob_logtailer", state="STOPPED") == 1.0
-    assert value(text, "ocp_agentd_program_uptime_seconds", program="ob_logtailer") == 0.0
-    # The API's own requests, by route template and status.
-    assert value(text, "ocp_agentd_api_requests_total", route="/api/v1/processes/{name}/stop",
-                 method="POST", status="200") == 1.0
-    assert value(text, "ocp_agentd_api_requests_total", route="/metrics", method="GET",
-                 status="200") == 2.0
+    assert value(text, "ocp_agentd_program_start_time_seconds", program="ob_logtailer") == 0.0
+    # The API's own requests, by route template (handler), method and status code.
+    assert value(text, "ocp_agentd_api_requests_total", handler="/api/v1/processes/{name}/stop",
+                 method="POST", code="200") == 1.0
+    assert value(text, "ocp_agentd_api_requests_total", handler="/metrics", method="GET",
+                 code="200") == 2.0
     runner.get("/api/v1/processes/nobody")
     runner.get("/no/such/route")
     text = scrape(runner)
-    assert value(text, "ocp_agentd_api_requests_total", route="/api/v1/processes/{name}",
-                 method="GET", status="404") == 1.0
-    assert value(text, "ocp_agentd_api_requests_total", route="unmatched", method="GET",
-                 status="404") == 1.0
-    assert value(text, "ocp_agentd_api_request_duration_seconds_count", route="/metrics",
+    assert value(text, "ocp_agentd_api_requests_total", handler="/api/v1/processes/{name}",
+                 method="GET", code="404") == 1.0
+    assert value(text, "ocp_agentd_api_requests_total", handler="unmatched", method="GET",
+                 code="404") == 1.0
+    assert value(text, "ocp_agentd_api_request_duration_seconds_count", handler="/metrics",
                  method="GET") == 3.0
+    # The daemon's own process, from prometheus-client's process collector.
+    daemon = psutil.Process(runner.pid)
+    assert value(text, "process_start_time_seconds") == pytest.approx(daemon.create_time(),
+                                                                      abs=1.0)
+    assert value(text, "process_open_fds") > 5
+    assert value(text, "process_resident_memory_bytes") > 10 * 1024 * 1024
+    promtool_check(text)
+
+
+def promtool_check(text: str) -> None:
+    """`promtool check metrics` (Prometheus 2.42, from Debian's package: scripts/bootstrap.sh
+    puts it in the venv) finds nothing to say about `text`."""
+    tool = Path(sys.prefix) / "bin" / "promtool"
+    if not tool.exists():
+        pytest.fail(f"{tool} is missing: run make venv (as root, it unpacks Debian's promtool)")
+    result = subprocess.run([str(tool), "check", "metrics"], input=text, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), result
+
+
+def test_openmetrics_when_the_scraper_asks(daemon_factory) -> None:
+    runner = daemon_factory(wait_running=True)
+    accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    response = runner.get("/metrics", headers={"Accept": accept})
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert response.text.endswith("# EOF\n")
+    families = {f.name: f for f in text_fd_to_metric_families(io.StringIO(response.text))}
+    assert families["ocp_agentd_program_restarts"].type == "counter"
+    assert families["ocp_agentd_event_loop_lag_seconds"].type == "histogram"
+    # Without the header: the Prometheus text format.
+    assert not scrape(runner).rstrip().endswith("# EOF")
 
 
 def test_metrics_over_tcp_need_host_viewer(daemon_factory) -> None:
@@ -102,13 +143,18 @@ def test_hooks_for_tasks_and_loop_lag() -> None:
     metrics.task_finished("Stop OCP agent", "FAILED")
     metrics.observe_loop_lag(0.25)
     metrics.observe_loop_lag(0.05)
-    text = metrics.render().decode()
+    text = metrics.render()[0].decode()
     assert value(text, "ocp_agentd_tasks_total", name="Restart OCP agent",
                  status="SUCCESSFUL") == 2.0
     assert value(text, "ocp_agentd_tasks_total", name="Stop OCP agent", status="FAILED") == 1.0
-    assert value(text, "ocp_agentd_event_loop_lag_seconds") == 0.25
-    # The lag gauge is the largest since the previous scrape.
-    assert value(metrics.render().decode(), "ocp_agentd_event_loop_lag_seconds") == 0.0
-    assert "ocp_agentd_tasks_total{" not in other.render().decode()
+    # Every measurement is in the histogram, and a scrape takes none away (two scrapers
+    # see the same).
+    for rendered in (text, metrics.render()[0].decode()):
+        assert value(rendered, "ocp_agentd_event_loop_lag_seconds_count") == 2.0
+        assert value(rendered, "ocp_agentd_event_loop_lag_seconds_sum") == pytest.approx(0.3)
+        assert value(rendered, "ocp_agentd_event_loop_lag_seconds_bucket", le="0.1") == 1.0
+        assert value(rendered, "ocp_agentd_event_loop_lag_seconds_bucket", le="0.25") == 2.0
+    assert "ocp_agentd_tasks_total{" not in other.render()[0].decode()
     # Without a supervisor bound, the daemon-level series still render.
     assert "ocp_agentd_program_up" not in text
+    promtool_check(text)

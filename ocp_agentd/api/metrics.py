@@ -1,22 +1,34 @@
-"""GET /metrics: Prometheus text format, from a registry of this app's own.
+"""GET /metrics: Prometheus exposition from a registry of this app's own.
+
+The text format (0.0.4) by default, OpenMetrics 1.0 when the scraper's ``Accept`` asks
+for ``application/openmetrics-text`` (prometheus-client's ``choose_encoder``, as its
+own exporters do). Names follow the Prometheus naming conventions and are checked with
+``promtool check metrics`` in the tests.
 
 Program metrics are read from the supervisor at scrape time (nothing to keep in sync):
 
 - ``ocp_agentd_program_up{program}``: 1 when RUNNING
 - ``ocp_agentd_program_state{program,state}``: 1 for the program's current state, else 0
 - ``ocp_agentd_program_restarts_total{program}``
-- ``ocp_agentd_program_uptime_seconds{program}``: 0 when not running
+- ``ocp_agentd_program_start_time_seconds{program}``: when the program's current process
+  started, seconds since the epoch; 0 when it has none (as node_exporter's
+  ``node_systemd_unit_start_time_seconds``): ``time() - start_time`` is the uptime
 
-API metrics come from the app's middleware (:meth:`AgentMetrics.observe_request`):
-``ocp_agentd_api_requests_total{route,method,status}`` and
-``ocp_agentd_api_request_duration_seconds{route,method}``.
+API metrics come from the app's middleware (:meth:`AgentMetrics.observe_request`), with
+the label names of Prometheus' own HTTP metrics: ``handler`` (the route template),
+``method``, ``code``: ``ocp_agentd_api_requests_total{handler,method,code}`` and
+``ocp_agentd_api_request_duration_seconds{handler,method}``.
+
+The daemon's own process: ``process_*`` (CPU seconds, resident memory, open fds, start
+time) from prometheus-client's ProcessCollector.
 
 Hooks for the rest of the daemon (all cheap, synchronous, safe to call from the loop):
 
 - the task engine: ``metrics.task_finished(name, status)`` ->
   ``ocp_agentd_tasks_total{name,status}``
-- the daemon: ``metrics.observe_loop_lag(seconds)`` -> ``ocp_agentd_event_loop_lag_seconds``,
-  the largest lag reported since the previous scrape.
+- the daemon: ``metrics.observe_loop_lag(seconds)`` -> the histogram
+  ``ocp_agentd_event_loop_lag_seconds``: every scraper sees every measurement (a
+  "largest since the last scrape" gauge would split them between two scrapers).
 """
 
 from __future__ import annotations
@@ -31,16 +43,19 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from ocp_agentd import __version__
 from ocp_agentd.api.routes import Route
 from ocp_agentd.supervision import State
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Up to the default WatchdogSec (30 s): a lag that long gets the daemon killed.
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class _SupervisorCollector:
@@ -61,12 +76,6 @@ class _SupervisorCollector:
         )
         started.add_metric([], metrics.started_at)
         yield started
-        lag = GaugeMetricFamily(
-            "ocp_agentd_event_loop_lag_seconds",
-            "Largest event loop lag reported since the previous scrape",
-        )
-        lag.add_metric([], metrics.take_loop_lag())
-        yield lag
 
         supervisor = metrics.supervisor_source() if metrics.supervisor_source else None
         if supervisor is None:
@@ -81,8 +90,10 @@ class _SupervisorCollector:
             "ocp_agentd_program_restarts", "Restarts of the program since the daemon started it",
             labels=["program"],
         )
-        uptime = GaugeMetricFamily(
-            "ocp_agentd_program_uptime_seconds", "Seconds the program has been running",
+        start_time = GaugeMetricFamily(
+            "ocp_agentd_program_start_time_seconds",
+            "When the program's current process started, seconds since the epoch; "
+            "0 when it has none",
             labels=["program"],
         )
         for info in supervisor.infos():
@@ -91,11 +102,11 @@ class _SupervisorCollector:
             for candidate in State:
                 state.add_metric([info.name, candidate.value], 1 if candidate == current else 0)
             restarts.add_metric([info.name], info.restarts)
-            uptime.add_metric([info.name], info.uptime or 0.0)
+            start_time.add_metric([info.name], info.started_at or 0.0)
         yield up
         yield state
         yield restarts
-        yield uptime
+        yield start_time
 
 
 class AgentMetrics:
@@ -107,15 +118,21 @@ class AgentMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.started_at = time.time()
         self.supervisor_source: Callable[[], Any] | None = None
-        self._loop_lag = 0.0
         self.requests = Counter(
             "ocp_agentd_api_requests", "Control API requests answered",
-            ["route", "method", "status"], registry=self.registry,
+            ["handler", "method", "code"], registry=self.registry,
         )
         self.latency = Histogram(
             "ocp_agentd_api_request_duration_seconds", "Control API request handling time",
-            ["route", "method"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+            ["handler", "method"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        self.loop_lag = Histogram(
+            "ocp_agentd_event_loop_lag_seconds",
+            "How late the event loop ran a timed wake-up (measured while busy)",
+            buckets=_LAG_BUCKETS, registry=self.registry,
+        )
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        ProcessCollector(registry=self.registry)
         self.tasks = Counter(
             "ocp_agentd_tasks", "Agent tasks finished, by template name and final status",
             ["name", "status"], registry=self.registry,
@@ -126,25 +143,25 @@ class AgentMetrics:
         """``source()`` returns the current Supervisor (or None) at scrape time."""
         self.supervisor_source = source
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route, method).observe(seconds)
+    def observe_request(self, handler: str, method: str, code: int, seconds: float) -> None:
+        """One answered request: its route template (or "unmatched"), method, HTTP
+        status code and handling time in seconds."""
+        self.requests.labels(handler, method, str(code)).inc()
+        self.latency.labels(handler, method).observe(seconds)
 
     def task_finished(self, name: str, status: str) -> None:
         """Hook for the task engine: one task reached a final status."""
         self.tasks.labels(name, status).inc()
 
     def observe_loop_lag(self, seconds: float) -> None:
-        """Hook for the daemon: an event loop lag measurement (kept: the max until scraped)."""
-        if seconds > self._loop_lag:
-            self._loop_lag = seconds
+        """Hook for the daemon: one event loop lag measurement, in seconds."""
+        self.loop_lag.observe(max(0.0, seconds))
 
-    def take_loop_lag(self) -> float:
-        lag, self._loop_lag = self._loop_lag, 0.0
-        return lag
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """(body, Content-Type) in the format `accept` (an HTTP Accept header) asks for:
+        OpenMetrics 1.0 or, by default, the Prometheus text format 0.0.4."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
 
 
 # The app's AgentMetrics (set by app.create_app); keyed here so this module needs no context.
@@ -152,9 +169,9 @@ METRICS: web.AppKey[AgentMetrics] = web.AppKey("ocp_agentd_metrics")
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].render()
+    body, content_type = request.app[METRICS].render(request.headers.get("Accept"))
     response = web.Response(body=body)
-    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    response.headers["Content-Type"] = content_type
     return response
 
 
@@ -163,8 +180,10 @@ def routes() -> list[Route]:
         Route(
             "GET", "/metrics", get_metrics, permission="HOST_VIEWER",
             summary="Prometheus metrics",
-            description="Prometheus text exposition format: per-program up, state, restarts "
-            "and uptime; API requests and latency; task outcomes; event loop lag.",
+            description="Prometheus text exposition format (OpenMetrics when the Accept "
+            "header asks for application/openmetrics-text): per-program up, state, restarts "
+            "and start time; API requests and latency; task outcomes; event loop lag; the "
+            "daemon's process_* metrics.",
             raw=True, content_type=CONTENT_TYPE_LATEST.split(";")[0], tags=("metrics",),
         )
     ]
