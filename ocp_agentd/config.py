@@ -49,6 +49,8 @@ class AgentSection(_Strict):
     # SPEC section 9: "auto" uses a writable cgroup tree when there is one, "required"
     # refuses to start without one, "off" finds process trees from the process table.
     cgroup: Literal["auto", "required", "off"] = "auto"
+    # <log_dir>/ocp_agentd.log: "auto" = only when not under systemd (journald has it all).
+    daemon_log_file: Literal["auto", "always", "never"] = "auto"
 
 
 class TasksSection(_Strict):

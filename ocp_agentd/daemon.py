@@ -36,6 +36,7 @@ from ocp_agentd.config import (
     summary,
 )
 from ocp_agentd.events import EventHub, TaskEvents
+from ocp_agentd.logformat import line_formatter, writes_log_file
 from ocp_agentd.preflight import check_writable, take_instance_lock
 from ocp_agentd.supervision import Supervisor
 from ocp_agentd.systemd import Notifier, StatusReporter, journal_handler, status_text
@@ -48,7 +49,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_HANDOVER = 75  # the unit's RestartForceExitStatus: start the new version at once
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,15 +98,15 @@ def setup_logging(settings: Settings | None, level: str) -> None:
         root.addHandler(journal)
     else:
         stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter(LOG_FORMAT))
+        stream.setFormatter(line_formatter())
         root.addHandler(stream)
-    if settings is not None:
+    if settings is not None and writes_log_file(settings.agent.daemon_log_file):
         path = settings.agent.log_dir / "ocp_agentd.log"
         with contextlib.suppress(OSError):
             handler = logging.handlers.RotatingFileHandler(
                 path, maxBytes=50 * 1024 * 1024, backupCount=5
             )
-            handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            handler.setFormatter(line_formatter())
             root.addHandler(handler)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
