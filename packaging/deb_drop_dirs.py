@@ -50,7 +50,8 @@ def drop(tar_gz: bytes, names: set[str]) -> bytes:
         raw = compressed.read()
     out = io.BytesIO()
     with (tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as source,
-          tarfile.open(fileobj=out, mode="w:", format=source.format) as target):
+          # GNU format, as dpkg reads it (it refuses PAX extended headers).
+          tarfile.open(fileobj=out, mode="w:", format=tarfile.GNU_FORMAT) as target):
         for member in source.getmembers():
             if member.name in names or member.name.rstrip("/") + "/" in names:
                 continue

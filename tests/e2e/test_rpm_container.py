@@ -96,8 +96,10 @@ def test_rpm_erase_stops_everything(scenario):
     assert box.path(CONFIG + ".rpmsave").read_text() == scenario.edited_config
     assert not box.path(CONFIG).exists()
     assert box.run("test", "-e", "/run/ocp_agentd", check=False).returncode != 0
+    # /usr/share/licenses belongs to the filesystem package on RHEL; in this Debian tree
+    # rpm made it for the package's %license files and, owned by no one, keeps it.
     box.run("rm", "-rf", "/etc/ocp_agentd", "/var/lib/ocp_agentd", "/var/log/ocp_agentd",
-            DROPIN_DIR)
+            DROPIN_DIR, "/usr/share/licenses")
     box.run("systemctl", "daemon-reload")
     added, removed = changes(scenario.before, scenario.snapshot())
     assert (added, removed) == ([], []), f"added: {added}\nremoved: {removed}"
