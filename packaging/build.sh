@@ -147,6 +147,16 @@ cp -a "$here/config.toml" "$here/lintian-overrides" "$here/ocp-agentd.preset" "$
 "$staged/bin/python" "$here/copyright.py" "$prefix" \
     "$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y)" >"$files/doc/copyright"
 
+# Man pages and bash completion, generated from the argument parsers of this tree
+# (ocp_agentd.cli.docs needs argparse-manpage and shtab: the dev extra of the build venv).
+rm -rf "$work/docs" && mkdir -p "$work/docs"
+(cd "$root" && PYTHONPATH="$root" "$venv_tools/bin/python" -m ocp_agentd.cli.docs "$work/docs")
+for page in ocp-agentd.8 ocp-agentctl.1; do
+    touch -d "@$SOURCE_DATE_EPOCH" "$work/docs/$page"
+    gzip -9 -n -c "$work/docs/$page" >"$files/doc/$page.gz"
+done
+cp "$work/docs/ocp-agentctl.bash" "$files/doc/ocp-agentctl.bash"
+
 # The changelog: packaging/changelog.yml, with an entry for this build on top when its
 # version is not a released one (the tests' N+1).
 full_version=$version-$release
