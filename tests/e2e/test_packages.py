@@ -1,9 +1,12 @@
-"""The .deb and .rpm as files: metadata, scripts, and binaries that load on the targets.
+"""The .deb and .rpm as files: metadata, scripts, binaries that load on the targets, what
+the distributions' validators say, and whether a second build gives the same bytes.
 
 The .rpm is inspected with rpm itself (rpm -qpl / -qpR / -qp --scripts); it cannot be
 installed on this Debian machine. Compiled extension modules must load on the oldest
 target: RHEL 9 (glibc 2.34, systemd 252) for the .rpm, Debian 12 (glibc 2.36) for the
-.deb, so every ELF file in the packages is checked with objdump.
+.deb, so every ELF file in the packages is checked with objdump. lintian and rpmlint
+(Debian's packages, installed by the e2e bootstrap) must report nothing beyond the
+overrides and filters in packaging/, each of which gives its reason.
 """
 
 from __future__ import annotations
