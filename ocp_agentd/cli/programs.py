@@ -211,8 +211,7 @@ def cmd_version(args: argparse.Namespace, api: Transport, out: Output) -> int:
 
     def human() -> None:
         out.line(f"ocp-agentctl {__version__}")
-        out.line(f"ocp-agentd   {status.get('version')} (pid {status.get('pid')} on "
-                 f"{api.target.where})")
+        out.line(f"ocp-agentd   {status.get('version')} (pid {status.get('pid')})")
 
     out.data(versions, human)
     return EXIT_OK
