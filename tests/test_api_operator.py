@@ -227,3 +227,21 @@ def test_new_routes_are_documented(demo_daemon: DaemonRunner) -> None:
                          ("/api/v1/agent/reload", "post"),
                          ("/api/v1/processes/{name}/signal", "post")):
         assert method in document["paths"][path], path
+
+
+def test_task_show_follow_and_logs_in_json(demo_daemon: DaemonRunner) -> None:
+    task = demo_daemon.post("/compute/hosts/2/agent/restart").check()
+    result = demo_daemon.ctl("task", "show", str(task["id"]), "--follow", timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-7].startswith(f"task {task['id']} 'Restart OCP agent': SUCCESSFUL")
+    assert all(line.split()[-4] == "SUCCESSFUL" for line in lines[-5:])
+
+    shown = demo_daemon.ctl("task", "show", str(task["id"]), "--log", "--json")
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert [s["status"] for s in data["subtasks"]] == ["SUCCESSFUL"] * 5
+    for sub in data["subtasks"]:
+        assert "attempt 1: run of" in sub["log"] and sub["log"].endswith("s")
+    plain = json.loads(demo_daemon.ctl("task", "show", str(task["id"]), "--json").stdout)
+    assert all("log" not in s for s in plain["subtasks"])

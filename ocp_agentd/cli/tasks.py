@@ -56,8 +56,7 @@ def cmd_show(args: argparse.Namespace, api: Transport, out: Output) -> int:
     task = api.request("GET", f"{TASKS}/{args.id}")
     if stream is not None and task["status"] not in FINAL:
         if not out.json:
-            print_task(out, task)
-            out.line()
+            out.line(f"task {task['id']} {task['name']!r} ({task['operation']})")
         task = follow(api, out, task, stream, args.wait_timeout)
         if not out.json:
             out.line()
