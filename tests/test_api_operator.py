@@ -245,3 +245,20 @@ def test_task_show_follow_and_logs_in_json(demo_daemon: DaemonRunner) -> None:
         assert "attempt 1: run of" in sub["log"] and sub["log"].endswith("s")
     plain = json.loads(demo_daemon.ctl("task", "show", str(task["id"]), "--json").stdout)
     assert all("log" not in s for s in plain["subtasks"])
+
+
+def test_followers_end_cleanly_when_the_daemon_stops(demo_daemon: DaemonRunner) -> None:
+    events_conn, events = open_events(demo_daemon)
+    logs_conn = _Unix(demo_daemon.socket)
+    logs_conn.request("GET", "/api/v1/processes/ob_logtailer/logs?tail=0&follow=1")
+    logs = logs_conn.getresponse()
+    try:
+        assert events.readline() == b": ocp-agentd events\n"
+        assert demo_daemon.stop() == 0
+        # Both answers end with their last chunk (http.client raises IncompleteRead on a
+        # connection cut instead): the daemon closed them, it did not drop them.
+        assert events.read().strip() == b""
+        assert logs.read() == b""
+    finally:
+        events_conn.close()
+        logs_conn.close()
