@@ -16,7 +16,7 @@ Kinds and their fields (besides ``id``, ``time``, ``kind``, ``reason``):
 - ``probe``: ``program``, ``probe`` (which check failed, e.g. ``tcp_connect 62889``),
   ``from`` and ``to`` empty; call :meth:`EventHub.probe_failed`;
 - ``reload``: ``added``, ``removed``, ``changed``, ``unchanged`` (program names), or
-  ``error`` with the reason when the file was refused;
+  ``error`` with the reason when the file was refused; ``from`` and ``to`` empty;
 - ``task``: ``task`` (id), ``name``, ``from``, ``to`` (task statuses, SPEC section 5);
 - ``subtask``: ``task``, ``subtask`` (ids), ``name``, ``from``, ``to``.
 
@@ -187,12 +187,13 @@ class EventHub:
     def reloaded(self, report: dict[str, list[str]] | None, error: str = "") -> None:
         """A reload ended: ``report`` as ``{added, removed, changed, unchanged}``, or None
         with ``error`` when the configuration was refused."""
+        empty = {"from": "", "to": ""}
         if report is None:
-            self.publish("reload", error, error=error)
+            self.publish("reload", error, error=error, **empty)
         else:
             changed = {k: v for k, v in report.items() if v and k != "unchanged"}
             summary = "; ".join(f"{k} {', '.join(v)}" for k, v in changed.items())
-            self.publish("reload", summary or "nothing changed", **report)
+            self.publish("reload", summary or "nothing changed", **report, **empty)
 
     def task_changed(self, task: int, name: str, old: str | None, new: str,
                      reason: str = "") -> None:
