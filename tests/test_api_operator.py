@@ -262,3 +262,11 @@ def test_followers_end_cleanly_when_the_daemon_stops(demo_daemon: DaemonRunner) 
     finally:
         events_conn.close()
         logs_conn.close()
+
+
+def test_logs_of_a_program_that_writes_to_the_journal_point_there(daemon_factory) -> None:
+    runner = daemon_factory(extra_programs={"journaled": {
+        "command": demo_command("misbehave", "tree", "0"), "log_target": "journal"}})
+    answer = runner.get("/api/v1/processes/journaled/logs")
+    assert answer.status == 400 and answer.code == 1000
+    assert "journalctl -t journaled" in answer.error["message"]

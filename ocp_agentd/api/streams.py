@@ -52,16 +52,18 @@ def _gone(request: web.Request) -> bool:
 
 
 def _log_path(request: web.Request, name: str, stream: str) -> Path:
+    ctx = app_context(request)
     try:
-        info = app_context(request).supervisor.info(name)
+        info = ctx.supervisor.info(name)
     except ProgramNotFound:
         raise ApiError(ErrorCode.PROCESS_NOT_FOUND, f"no program named {name!r}",
                        target="name") from None
-    stdout, stderr = info.log_files[0], info.log_files[-1]
-    if not stdout:
+    spec = ctx.settings.programs.get(name)
+    if spec is not None and spec.log_target == "journal":
         raise ApiError(ErrorCode.BAD_REQUEST,
-                       f"{name} has no log file (its output goes to the journal: "
-                       f"journalctl -t {name})", target="name")
+                       f"{name} writes to the journal, not to files (log_target = "
+                       f"\"journal\"): journalctl -t {name}", target="name")
+    stdout, stderr = info.log_files[0], info.log_files[-1]
     return Path(stdout if stream == "stdout" else stderr)
 
 
