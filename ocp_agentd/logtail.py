@@ -1,13 +1,16 @@
 """Reading a program's log file for ``GET /api/v1/processes/{name}/logs`` (SPEC section 12):
 its last lines, then, when following, what is written after, across rotation.
 
-The file is opened without following a symbolic link and must be a regular file, so a
-path a program's user controls cannot make the daemon read another file (SPEC section 11).
+The file is opened as the daemon opens logs to write them (safefs): its directory walked
+from ``/`` without following a link root did not make and writable only by root or the
+program's user, the file itself without following a link, a regular file with one link
+owned by root or that user. So nothing the program's user plants makes the daemon read
+another file (SPEC section 11).
 Rotation is noticed both ways it happens: a file truncated in place (copy and truncate:
 reading goes on from its start) and a file renamed away with a new one created at the path
 (the old one is read to its end, then the new one from its start).
 
-    with LogFile.open(path) as log:
+    with LogFile.open(path, owner=uid) as log:
         first = log.tail(10)             # bytes: the last 10 lines
         async for chunk in log.follow(stopped):
             ...                          # bytes, as written
@@ -20,47 +23,56 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
-import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+
+from ocp_agentd import safefs
 
 CHUNK = 64 * 1024
 POLL_SECONDS = 0.25  # how soon new output is seen while following
 
 
 class NotALogFile(OSError):
-    """The path is a symbolic link, not a regular file, or cannot be opened."""
-
-
-def _open(path: Path) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise NotALogFile(exc.errno, f"cannot open {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise NotALogFile(f"{path} is not a regular file")
-    return fd
+    """The path cannot be read as a log: unsafe (a link, not a regular file, a directory
+    others can write, another owner) or missing (errno ENOENT)."""
 
 
 class LogFile:
     """One log file being read; ``fd`` follows the file through rotation."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, dir_fd: int, fd: int, owners: set[int]) -> None:
         self.path = path
+        self.dir_fd = dir_fd
         self.fd = fd
+        self.owners = owners
         self.position = 0
 
     @classmethod
-    def open(cls, path: Path) -> LogFile:
-        """Raises NotALogFile (an OSError) when the path cannot be read as a log."""
-        return cls(path, _open(path))
+    def open(cls, path: Path, owner: int | None = None) -> LogFile:
+        """The log at ``path`` of a program running as uid ``owner`` (None: root's).
+        Raises NotALogFile naming the path and why."""
+        try:
+            dir_fd = safefs.open_directory(path.parent, owner=owner)
+        except OSError as exc:
+            raise NotALogFile(exc.errno, f"cannot read {path}: {exc.strerror}") from None
+        owners = {0} if owner is None else {0, owner}
+        try:
+            fd = safefs.open_existing(dir_fd, path.name, owners, os.O_RDONLY)
+        except OSError as exc:
+            os.close(dir_fd)
+            raise NotALogFile(exc.errno, f"cannot read {path}: {exc.strerror}") from None
+        if fd is None:
+            os.close(dir_fd)
+            raise NotALogFile(errno.ENOENT, f"{path} does not exist (yet)")
+        return cls(path, dir_fd, fd, owners)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self.dir_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.dir_fd = -1
 
     def __enter__(self) -> LogFile:
         return self
@@ -109,20 +121,22 @@ class LogFile:
         return data
 
     def replaced(self) -> bool:
-        """True when the path now names another file (renamed away and created anew)."""
+        """True when the name now belongs to another file (renamed away and created anew)."""
         try:
-            now = os.stat(self.path, follow_symlinks=False)
+            now = os.stat(self.path.name, dir_fd=self.dir_fd, follow_symlinks=False)
         except OSError:
             return False  # not there yet: keep reading the old one
         current = os.fstat(self.fd)
         return (now.st_dev, now.st_ino) != (current.st_dev, current.st_ino)
 
     def reopen(self) -> bool:
-        """Switches to the file now at the path, from its start; False when it cannot be
-        opened (then the old one is kept)."""
+        """Switches to the file now under the name, from its start; False when it cannot
+        be opened safely (then the old one is kept)."""
         try:
-            fd = _open(self.path)
-        except NotALogFile:
+            fd = safefs.open_existing(self.dir_fd, self.path.name, self.owners, os.O_RDONLY)
+        except OSError:
+            return False
+        if fd is None:
             return False
         os.close(self.fd)
         self.fd = fd

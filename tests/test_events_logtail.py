@@ -118,14 +118,30 @@ def test_tail_of_a_long_file(tmp_path: Path) -> None:
     assert last[-1].startswith(b"line 4999 ")
 
 
-def test_refuses_links_and_non_files(tmp_path: Path) -> None:
+def test_refuses_links_non_files_hard_links_and_strangers_files(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o755)
     secret = tmp_path / "secret"
     secret.write_text("root only\n")
-    (tmp_path / "link.log").symlink_to(secret)
-    os.mkfifo(tmp_path / "fifo.log")
-    for name in ("link.log", "fifo.log", "missing.log"):
-        with pytest.raises(NotALogFile):
-            LogFile.open(tmp_path / name)
+    (logs / "link.log").symlink_to(secret)
+    os.mkfifo(logs / "fifo.log")
+    os.link(secret, logs / "hard.log")
+    (logs / "stranger.log").write_text("x\n")
+    os.chown(logs / "stranger.log", 65534, 65534)
+    for name in ("link.log", "fifo.log", "hard.log", "stranger.log", "missing.log"):
+        with pytest.raises(NotALogFile) as caught:
+            LogFile.open(logs / name)
+        assert str(logs / name) in str(caught.value) or name in str(caught.value)
+    # The program's own user may own its log (and its directory).
+    with LogFile.open(logs / "stranger.log", owner=65534) as log:
+        assert log.tail(1) == b"x\n"
+    # A directory others can write is refused, whoever asks.
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    (open_to_all / "p.log").write_text("y\n")
+    with pytest.raises(NotALogFile, match="writable by others"):
+        LogFile.open(open_to_all / "p.log")
 
 
 def test_follow_across_both_kinds_of_rotation(tmp_path: Path) -> None:

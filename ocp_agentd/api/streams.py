@@ -15,6 +15,8 @@ never holds the daemon's stop back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from ocp_agentd.api.envelope import ApiError, ErrorCode
 from ocp_agentd.api.routes import Param, Route
 from ocp_agentd.headers import TRACE_HEADER
 from ocp_agentd.logtail import LogFile, NotALogFile
-from ocp_agentd.supervision import ProgramNotFound
+from ocp_agentd.supervision import ProgramNotFound, output
 
 KEEPALIVE_SECONDS = 15.0
 MAX_TAIL = 100_000
@@ -51,7 +53,8 @@ def _gone(request: web.Request) -> bool:
 # --- logs -----------------------------------------------------------------------------------
 
 
-def _log_path(request: web.Request, name: str, stream: str) -> Path:
+def _log_file(request: web.Request, name: str, stream: str) -> tuple[Path, int | None]:
+    """The log's path and the uid of the program's user (who may own its directory)."""
     ctx = app_context(request)
     try:
         info = ctx.supervisor.info(name)
@@ -63,26 +66,28 @@ def _log_path(request: web.Request, name: str, stream: str) -> Path:
         raise ApiError(ErrorCode.BAD_REQUEST,
                        f"{name} writes to the journal, not to files (log_target = "
                        f"\"journal\"): journalctl -t {name}", target="name")
+    owner = None
+    if spec is not None:
+        with contextlib.suppress(KeyError):  # a user that is gone owns nothing here
+            owner = output.owner_of(spec)[0]
     stdout, stderr = info.log_files[0], info.log_files[-1]
-    return Path(stdout if stream == "stdout" else stderr)
+    return Path(stdout if stream == "stdout" else stderr), owner
 
 
 async def process_logs(request: web.Request) -> web.StreamResponse:
     params = request["params"]
-    path = _log_path(request, params["name"], params["stream"])
+    path, owner = _log_file(request, params["name"], params["stream"])
     hub = app_context(request).events
     try:
-        log = LogFile.open(path)
+        log = LogFile.open(path, owner)
     except NotALogFile as exc:
-        if not path.exists():
+        if exc.errno == errno.ENOENT and not params["follow"]:
             # Never written yet (the program has not started): an empty log.
-            if not params["follow"]:
-                response = await _start(request, "text/plain; charset=utf-8")
-                await response.write_eof()
-                return response
-            raise ApiError(ErrorCode.BAD_REQUEST, f"{path} does not exist yet",
-                           target="name") from None
-        raise ApiError(ErrorCode.BAD_REQUEST, str(exc), target="name") from None
+            response = await _start(request, "text/plain; charset=utf-8")
+            await response.write_eof()
+            return response
+        raise ApiError(ErrorCode.BAD_REQUEST, exc.strerror or str(exc),
+                       target="name") from None
     with log:
         response = await _start(request, "text/plain; charset=utf-8")
         try:
