@@ -6,9 +6,12 @@ from ``/`` without following a link root did not make and writable only by root 
 program's user, the file itself without following a link, a regular file with one link
 owned by root or that user. So nothing the program's user plants makes the daemon read
 another file (SPEC section 11).
-Rotation is noticed both ways it happens: a file truncated in place (copy and truncate:
-reading goes on from its start) and a file renamed away with a new one created at the path
-(the old one is read to its end, then the new one from its start).
+Rotation is noticed both ways it happens: a file that shrinks in place (copied away, then
+truncated or its copied head collapsed out, supervision/output.py: reading goes on from
+its start) and a file renamed away with a new one created at the path (the old one is read
+to its end, then the new one from its start). A follower reads every POLL_SECONDS, so on a
+rotation in place it may show again, or miss, what the program wrote in that last
+interval (the bytes themselves are in the rotated copy).
 
     with LogFile.open(path, owner=uid) as log:
         first = log.tail(10)             # bytes: the last 10 lines
