@@ -227,6 +227,8 @@ def describe_event(event: dict[str, Any]) -> str:
     kind = str(event.get("kind"))
     if kind == "task":
         subject = f"task {event.get('task')}"
+        if event.get("name"):
+            subject += f" {event['name']!r}"
     elif kind == "subtask":
         subject = f"task {event.get('task')} subtask {event.get('subtask')}"
         if event.get("name"):
