@@ -252,14 +252,26 @@ def test_followers_end_cleanly_when_the_daemon_stops(demo_daemon: DaemonRunner) 
     logs_conn = _Unix(demo_daemon.socket)
     logs_conn.request("GET", "/api/v1/processes/ob_logtailer/logs?tail=0&follow=1")
     logs = logs_conn.getresponse()
+    followers = [subprocess.Popen([*CTL, "--socket", str(demo_daemon.socket), *args],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for args in (["events"], ["logs", "ob_logtailer", "-f"])]
     try:
         assert events.readline() == b": ocp-agentd events\n"
         assert demo_daemon.stop() == 0
+        for follower in followers:
+            # Whether it was connected yet or not: exit 3, one line saying why.
+            _, stderr = follower.communicate(timeout=30)
+            assert follower.returncode == 3, stderr
+            assert len(stderr.splitlines()) == 1 and "ocp-agentd" in stderr
         # Both answers end with their last chunk (http.client raises IncompleteRead on a
         # connection cut instead): the daemon closed them, it did not drop them.
         assert events.read().strip() == b""
         assert logs.read() == b""
     finally:
+        for follower in followers:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
         events_conn.close()
         logs_conn.close()
 

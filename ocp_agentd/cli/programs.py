@@ -8,6 +8,7 @@ Each handler is ``(args, api, out) -> exit status`` over a :class:`Transport`; a
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 from typing import Any
@@ -15,11 +16,14 @@ from urllib.parse import quote
 
 from ocp_agentd import __version__
 from ocp_agentd.cli.output import Output, clock, duration, last_exit
-from ocp_agentd.cli.transport import ApiError, Transport
+from ocp_agentd.cli.transport import ApiError, Transport, Unavailable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 PROCESS_NOT_FOUND = 2001
+# An event stream waits at most this long for a line: the daemon sends a keep-alive comment
+# every 15 s, so a stream silent this long has lost its daemon.
+STREAM_READ_SECONDS = 45.0
 PROCESS_HEADERS = ("NAME", "ROLE", "STATE", "PID", "UPTIME", "RESTARTS", "PORTS", "LAST EXIT")
 
 
@@ -162,9 +166,15 @@ def cmd_logs(args: argparse.Namespace, api: Transport, out: Output) -> int:
             sink.write(chunk)
             if args.follow:
                 sink.flush()
+    except (OSError, http.client.HTTPException) as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise
+        raise Unavailable(f"the log stream from ocp-agentd broke: {exc}") from None
     finally:
         response.close()
     sink.flush()
+    if args.follow:
+        raise Unavailable("ocp-agentd ended the log stream (it is stopping)")
     return EXIT_OK
 
 
@@ -270,7 +280,8 @@ def events(api: Transport, last: int = 0) -> Any:
     """Every event as a dict, as the daemon sends them (SPEC section 12), starting with
     the ``last`` most recent ones."""
     query = {"last": last} if last else None
-    for _, data in parse_sse(api.stream_lines("/api/v1/events", query)):
+    lines = api.stream_lines("/api/v1/events", query, timeout=STREAM_READ_SECONDS)
+    for _, data in parse_sse(lines):
         try:
             yield json.loads(data)
         except ValueError:
@@ -289,5 +300,5 @@ def cmd_events(args: argparse.Namespace, api: Transport, out: Output) -> int:
         out.flush()
         seen += 1
         if args.count and seen >= args.count:
-            break
-    return EXIT_OK
+            return EXIT_OK
+    raise Unavailable("ocp-agentd ended the event stream (it is stopping)")

@@ -15,14 +15,11 @@ import time
 from typing import Any
 
 from ocp_agentd.cli.output import Output
-from ocp_agentd.cli.programs import EXIT_FAILED, EXIT_OK, parse_sse
+from ocp_agentd.cli.programs import EXIT_FAILED, EXIT_OK, STREAM_READ_SECONDS, parse_sse
 from ocp_agentd.cli.transport import Transport, Unavailable
 
 TASKS = "/api/v2/tasks/instances"
 FINAL = ("SUCCESSFUL", "FAILED")
-# The stream's socket waits at most this long for a line: the daemon sends a keep-alive
-# comment every 15 s, so a silent stream this long means the daemon is gone.
-STREAM_READ_SECONDS = 45.0
 
 
 def print_task(out: Output, task: dict[str, Any]) -> None:
@@ -96,13 +93,7 @@ def cmd_task_operation(args: argparse.Namespace, api: Transport, out: Output) ->
 
 
 def _open_events(api: Transport) -> http.client.HTTPResponse:
-    response = api.open_stream("/api/v1/events")
-    if response.fp is not None:
-        raw = getattr(response.fp, "raw", None)
-        sock = getattr(raw, "_sock", None)
-        if sock is not None:
-            sock.settimeout(STREAM_READ_SECONDS)
-    return response
+    return api.open_stream("/api/v1/events", timeout=STREAM_READ_SECONDS)
 
 
 def _started(args: argparse.Namespace, api: Transport, out: Output, task: dict[str, Any],

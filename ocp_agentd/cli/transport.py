@@ -234,31 +234,34 @@ class Transport:
                        trace_id=envelope.get("traceId", self.last_trace_id),
                        sub_errors=error.get("subErrors"))
 
-    def open_stream(self, path: str, query: dict[str, Any] | None = None
-                    ) -> http.client.HTTPResponse:
-        """A streamed answer (logs, events) on a connection of its own, without a read
-        timeout; ApiError when the daemon answers an error envelope instead."""
+    def open_stream(self, path: str, query: dict[str, Any] | None = None,
+                    timeout: float | None = None) -> http.client.HTTPResponse:
+        """A streamed answer (logs, events) on a connection of its own; ``timeout``: the
+        longest wait for more of it (None: no limit). ApiError when the daemon answers an
+        error envelope instead."""
         if query:
             path = f"{path}?{urlencode(query)}"
-        response = self._send("GET", path, None, None, fresh=True)
+        response = self._send("GET", path, None, timeout, fresh=True)
         self._conn = None  # the connection now belongs to the stream
-        if response.status >= 400 or (response.getheader("Content-Type") or "").startswith(
-                "application/json"):
+        content_type = response.getheader("Content-Type") or ""
+        if response.status >= 400 or content_type.startswith("application/json"):
             payload = response.read()
             response.close()
-            return self._data(response, payload)  # type: ignore[no-any-return]
+            self._data(response, payload)  # raises the envelope's error
+            raise ApiError(5000, f"{path} answered JSON instead of a stream",
+                           response.status, trace_id=self.last_trace_id)
         return response
 
-    def stream_lines(self, path: str, query: dict[str, Any] | None = None
-                     ) -> Iterator[bytes]:
+    def stream_lines(self, path: str, query: dict[str, Any] | None = None,
+                     timeout: float | None = None) -> Iterator[bytes]:
         """Each line (with its newline) of a streamed answer, as it arrives."""
-        response = self.open_stream(path, query)
+        response = self.open_stream(path, query, timeout)
         try:
             while True:
                 try:
                     line = response.readline()
-                except (OSError, http.client.HTTPException):
-                    return
+                except (OSError, http.client.HTTPException) as exc:
+                    raise self._unavailable(exc) from None
                 if not line:
                     return
                 yield line
