@@ -32,6 +32,8 @@ Handler = Callable[[argparse.Namespace, Transport, Output], int]
 def _target(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Target, str]:
     """The daemon to talk to, and how its address was chosen (for messages)."""
     url = getattr(args, "url", None)
+    if url and getattr(args, "socket", None):
+        parser.error("give --socket or --url, not both")
     tls = {name: getattr(args, name, None) for name in ("cacert", "cert", "key")}
     if not url and any(tls.values()):
         parser.error("--cacert, --cert and --key go with --url https://...")

@@ -61,12 +61,13 @@ def common_options() -> argparse.ArgumentParser:
     command is not overwritten by the subcommand's default)."""
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection and output")
-    where = group.add_mutually_exclusive_group()
-    where.add_argument(
+    # --socket and --url exclude each other (checked in main: an argparse mutually
+    # exclusive group loses its section title when copied into the subcommands).
+    group.add_argument(
         "--socket", metavar="PATH", default=argparse.SUPPRESS,
         help=f"the daemon's unix socket (default: api.socket of the config, else "
         f"{DEFAULT_SOCKET})")
-    where.add_argument(
+    group.add_argument(
         "--url", metavar="URL", default=argparse.SUPPRESS,
         help="talk TCP instead: http://HOST:PORT, or https://HOST:PORT for TLS (a token "
         "is needed on TCP; default: the unix socket)")
@@ -120,9 +121,9 @@ def build_parser(common_in_commands: bool = True) -> argparse.ArgumentParser:
     parents = [common] if common_in_commands else []
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Operate the local OCP Agent daemon (ocp-agentd): show its programs, "
-        "start, stop, restart, signal and verify them, read their logs, follow its events, "
-        "reload its configuration and run the OCP agent tasks.",
+        description="Operate the local OCP Agent daemon (ocp-agentd): show its programs,\n"
+        "start, stop, restart, signal and verify them, read their logs, follow its\n"
+        "events, reload its configuration and run the OCP agent tasks.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the client's version and exit (the daemon's: the "
