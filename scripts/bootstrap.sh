@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the daemon and its tests need on a fresh Debian 12 machine: the
 # Debian packages that systemd-python needs to build from source (libsystemd-dev,
-# pkg-config, a C compiler, the Python headers) and venv support, then the venv itself.
+# pkg-config, a C compiler, the Python headers), venv support and the tools the tests
+# call (curl, jq, groff), then the venv itself.
 set -euo pipefail
 venv=${1:-.venv}
 python=${PYTHON:-python3}
@@ -9,7 +10,9 @@ python=${PYTHON:-python3}
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 need=()
-for pkg in libsystemd-dev pkg-config; do
+# curl and jq: the README's sessions use them, and tests/test_readme.py runs those;
+# groff-base renders the man pages in tests/test_docs.py.
+for pkg in libsystemd-dev pkg-config curl jq groff-base; do
     installed "$pkg" || need+=("$pkg")
 done
 command -v cc >/dev/null 2>&1 || need+=(gcc)
