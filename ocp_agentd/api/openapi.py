@@ -197,7 +197,9 @@ def build_document(table: RouteTable) -> dict[str, Any]:
                 "The OCP Agent daemon's API. Every answer is the OCP envelope; errors carry "
                 "error.code (see x-error-codes). On the unix socket, root, the daemon's user "
                 "and members of the socket's group hold every permission; other callers, and "
-                "every TCP caller, send Authorization: Bearer <token>."
+                "every TCP caller, send Authorization: Bearer <token>. Field names follow "
+                "each family's callers: /api/v1 (the local process API) is snake_case, the "
+                "OCP server's routes (/compute, /api/v2) are camelCase as OCP sends them."
             ),
             "x-error-codes": [
                 {"code": int(c), "http": c.http_status, "meaning": c.meaning} for c in ErrorCode

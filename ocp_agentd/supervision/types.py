@@ -22,8 +22,10 @@ from typing_extensions import TypedDict  # pydantic needs it, not typing's, befo
 
 from ocp_agentd.supervision.identity import Handle
 
-# Field docstrings become the descriptions in the OpenAPI document.
-_DOCUMENTED = ConfigDict(use_attribute_docstrings=True)
+# Field docstrings become the descriptions in the OpenAPI document; every field is always
+# sent, so each is listed as required even when it has a default.
+_DOCUMENTED = ConfigDict(use_attribute_docstrings=True,
+                         json_schema_serialization_defaults_required=True)
 
 
 class State(StrEnum):
