@@ -106,46 +106,55 @@ class Param:
 
     def parse(self, raw: str) -> Any:
         """The typed value of ``raw``; ApiError 1000 naming the parameter when it is bad."""
-
-        def bad(why: str) -> ApiError:
-            return ApiError(
+        try:
+            value = _PARSERS[self.type](raw)
+            if self.enum is not None and value not in self.enum:
+                raise ValueError(f"expected one of {list(self.enum)}")
+            if self.minimum is not None and value < self.minimum:
+                raise ValueError(f"must be at least {self.minimum:g}")
+            if self.maximum is not None and value > self.maximum:
+                raise ValueError(f"must be at most {self.maximum:g}")
+        except ValueError as why:
+            raise ApiError(
                 ErrorCode.BAD_REQUEST,
                 f"{self.location} parameter {self.name!r}: {why}, got {raw[:80]!r}",
                 target=self.name,
-            )
-
-        value: Any
-        if self.type == "integer":
-            text = raw.strip()
-            digits = text[1:] if text[:1] in ("+", "-") else text
-            # ASCII only: str.isdigit() also takes fullwidth digits (int() reads them) and
-            # superscripts (int() raises: an internal error).
-            if not (digits.isascii() and digits.isdigit()):
-                raise bad("expected an integer")
-            if len(text) > 40:
-                raise bad("integer too long")
-            value = int(text)
-        elif self.type == "number":
-            try:
-                value = float(raw)
-            except ValueError:
-                raise bad("expected a number") from None
-            if not math.isfinite(value):
-                raise bad("expected a finite number")
-        elif self.type == "boolean":
-            lowered = raw.lower()
-            if lowered not in ("true", "false", "1", "0"):
-                raise bad("expected true or false")
-            value = lowered in ("true", "1")
-        else:
-            value = raw
-            if self.enum is not None and value not in self.enum:
-                raise bad(f"expected one of {list(self.enum)}")
-        if self.minimum is not None and value < self.minimum:
-            raise bad(f"must be at least {self.minimum:g}")
-        if self.maximum is not None and value > self.maximum:
-            raise bad(f"must be at most {self.maximum:g}")
+            ) from None
         return value
+
+
+def _integer(raw: str) -> int:
+    text = raw.strip()
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    # ASCII only: str.isdigit() also takes fullwidth digits (int() reads them) and
+    # superscripts (int() raises: an internal error).
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError("expected an integer")
+    if len(text) > 40:
+        raise ValueError("integer too long")
+    return int(text)
+
+
+def _number(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered not in ("true", "false", "1", "0"):
+        raise ValueError("expected true or false")
+    return lowered in ("true", "1")
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "integer": _integer, "number": _number, "boolean": _boolean, "string": str,
+}
 
 
 @dataclass(frozen=True)
