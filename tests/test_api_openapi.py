@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import ApiClient, DaemonRunner, free_port
+from pydantic import Field
 
 from ocp_agentd.api.app import FAULT_PATH, collect_routes, create_app
 from ocp_agentd.api.context import AppContext
 from ocp_agentd.api.envelope import ApiError, ErrorCode
 from ocp_agentd.api.listeners import ApiStartError
 from ocp_agentd.api.listeners import start_api as start_api_server
-from ocp_agentd.api.routes import Param, Route, RouteTable, validate
+from ocp_agentd.api.models import RequestModel, parse_body
+from ocp_agentd.api.openapi import build_document
+from ocp_agentd.api.routes import Param, Route, RouteTable
 from ocp_agentd.config import Settings
 from ocp_agentd.supervision import Supervisor
 
@@ -85,7 +90,7 @@ def test_operations_describe_params_permissions_and_errors(daemon: DaemonRunner)
                 assert "403" in operation["responses"], where
     start = doc["paths"]["/api/v1/processes/{name}/start"]["post"]
     assert start["x-permission"] == "HOST_MANAGER"
-    body = start["requestBody"]["content"]["application/json"]["schema"]
+    body = resolve(doc, start["requestBody"]["content"]["application/json"]["schema"])
     assert set(body["properties"]) == {"timeout", "force"}
     assert 2004 in start["responses"]["409"]["x-error-codes"]
     assert 2002 in start["responses"]["400"]["x-error-codes"]
@@ -129,7 +134,8 @@ def test_registry_rejects_duplicates_and_prefixes_once() -> None:
     assert [p for _, p, _ in table.mounted()] == ["/compute/x", "/api/v2/compute/x"]
     with pytest.raises(ValueError, match="twice"):
         table.add(Route("GET", "/api/v2/compute/x", _nothing, None, "dup"))
-    table.add(Route("GET", "/api/v2/tasks/y", _nothing, None, "y", also_prefixed=True))
+    table.add(Route("GET", "/api/v2/tasks/y", _nothing, None, "y", also_prefixed=True,
+                    operation_id="getY"))
     assert [p for _, p, _ in table.mounted()][-1] == "/api/v2/tasks/y"
     assert len(table.mounted()) == 3
 
@@ -143,16 +149,100 @@ def test_host_id_must_be_a_positive_64_bit_integer(raw: str) -> None:
     assert host.parse("9223372036854775807") == 2**63 - 1
 
 
-def test_body_schema_validation() -> None:
-    schema = {"type": "object", "additionalProperties": False, "required": ["a"],
-              "properties": {"a": {"type": "integer", "minimum": 1},
-                             "b": {"type": "array", "items": {"type": "string"}}}}
-    validate({"a": 1, "b": ["x"]}, schema)
+class _Body(RequestModel):
+    a: int = Field(ge=1)
+    b: list[str] = []
+
+
+def test_body_validation_names_the_field() -> None:
+    assert parse_body(_Body, '{"a": 1, "b": ["x"]}') == _Body(a=1, b=["x"])
     for bad, target in [({}, "a"), ({"a": 0}, "a"), ({"a": True}, "a"), ({"a": 1, "c": 1}, "c"),
-                        ({"a": 1, "b": [1]}, "b[0]"), ([], "body")]:
+                        ({"a": 1, "b": [1]}, "b[0]"), ([], "body"), ({"a": "1"}, "a")]:
         with pytest.raises(ApiError) as caught:
-            validate(bad, schema)
+            parse_body(_Body, json.dumps(bad))
         assert caught.value.code == 1000 and caught.value.target == target, bad
+    with pytest.raises(ApiError, match="unknown field 'c'; known: \\['a', 'b'\\]"):
+        parse_body(_Body, '{"a": 1, "c": 1}')
+
+
+# --- the document's shapes ----------------------------------------------------------------
+
+
+def resolve(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema a ``$ref`` names (or the schema itself)."""
+    ref = schema.get("$ref")
+    return doc["components"]["schemas"][ref.rsplit("/", 1)[1]] if ref else schema
+
+
+def _inline_shapes(node: Any, where: str, found: dict[str, list[str]]) -> None:
+    """Every inline object-with-properties and enum under ``node``, by its canonical JSON."""
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            _inline_shapes(item, f"{where}[{index}]", found)
+        return
+    if not isinstance(node, dict):
+        return
+    if "properties" in node or "enum" in node:
+        shape = {k: v for k, v in node.items() if k not in ("description", "default")}
+        found.setdefault(json.dumps(shape, sort_keys=True), []).append(where)
+    for key, value in node.items():
+        _inline_shapes(value, f"{where}/{key}", found)
+
+
+def test_each_shape_is_named_once_and_referred_to() -> None:
+    """Success data and request bodies refer to components; no object or enum is written
+    out twice anywhere (openapi-python-client would generate one class per copy)."""
+    doc = build_document(collect_routes())
+    schemas = doc["components"]["schemas"]
+    assert {"ProcessInfo", "LastExit", "State", "TaskInstance", "SubtaskInstance",
+            "SubtaskStatus", "HostAgent", "HostAgentProcess", "OperationBody"} <= set(schemas)
+    found: dict[str, list[str]] = {}
+    for name, schema in schemas.items():
+        _inline_shapes({k: v for k, v in schema.items()}, f"#/components/schemas/{name}", found)
+        if schema.get("type") == "object" and name not in ("Envelope", "ErrorEnvelope"):
+            assert "properties" not in schema or "required" in schema or \
+                schema.get("additionalProperties") is False, name
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            where = f"{method.upper()} {path}"
+            _inline_shapes(operation.get("requestBody", {}), where, found)
+            ok = operation["responses"]["200"]["content"]
+            if "allOf" not in ok.get("application/json", {}).get("schema", {}):
+                continue  # a raw answer: /metrics, this document
+            data = ok["application/json"]["schema"]["allOf"][1]["properties"]["data"]
+            assert "$ref" in data or "$ref" in data.get("items", {}), (where, data)
+            _inline_shapes(data, where, found)
+            if "requestBody" in operation:
+                assert "$ref" in operation["requestBody"]["content"]["application/json"][
+                    "schema"], where
+    copies = {shape: places for shape, places in found.items()
+              if len(places) > 1}
+    assert copies == {}, copies
+    # Each component's own top level counts as its one declaration: the process state enum
+    # and the last exit object are declared exactly once.
+    record = schemas["ProcessInfo"]["properties"]
+    assert record["state"] == {"$ref": "#/components/schemas/State"}
+    assert record["last_exit"]["allOf"] == [{"$ref": "#/components/schemas/LastExit"}]
+    assert set(schemas["ProcessInfo"]["required"]) >= {"name", "state", "pid", "create_time"}
+
+
+def test_operation_ids_read_as_verbs_and_nouns() -> None:
+    doc = build_document(collect_routes())
+    ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids))
+    assert all(re.fullmatch(r"[a-z]+[A-Z][A-Za-z0-9]*", i) for i in ids), ids
+    paths = doc["paths"]
+    assert paths["/compute/hosts/{hostId}/agent/restart"]["post"]["operationId"] == \
+        "restartHostAgent"
+    assert paths["/api/v2/compute/hosts/{hostId}/agent/restart"]["post"]["operationId"] == \
+        "restartHostAgentV2"
+    assert paths["/api/v1/processes/{name}"]["get"]["operationId"] == "getProcess"
+    table = RouteTable()
+    table.add(Route("GET", "/a", _nothing, None, "a", operation_id="getThing"))
+    with pytest.raises(ValueError, match="getThing"):
+        table.add(Route("GET", "/b", _nothing, None, "b", operation_id="getThing"))
+    with pytest.raises(ValueError, match="camelCase"):
+        table.add(Route("GET", "/c", _nothing, None, "c", operation_id="get_c"))
 
 
 def test_start_api_refuses_a_live_socket_and_a_non_socket(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ def diamond(*statuses: SubtaskStatus, operation: Operation = Operation.EXECUTE) 
     """A(1) -> B(2), C(3) -> D(4), with the given statuses in that order."""
     task = TaskInstance(id=9, name="diamond", template="diamond", host_id=1, creator="t",
                         executor="x", start_time="now", status=TaskStatus.FAILED,
-                        operation=operation)
+                        operation=operation, context=TaskInstance.new_context(1, False))
     links = {1: ([], [2, 3]), 2: ([1], [4]), 3: ([1], [4]), 4: ([2, 3], [])}
     for (sid, (ups, downs)), status in zip(links.items(), statuses, strict=True):
         task.subtasks.append(SubtaskInstance(

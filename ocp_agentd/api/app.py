@@ -42,9 +42,10 @@ from ocp_agentd.api.control import routes as control_routes
 from ocp_agentd.api.envelope import ApiError, ErrorCode
 from ocp_agentd.api.metrics import METRICS
 from ocp_agentd.api.metrics import routes as metrics_routes
+from ocp_agentd.api.models import parse_body
 from ocp_agentd.api.openapi import routes as openapi_routes
 from ocp_agentd.api.processes import routes as processes_routes
-from ocp_agentd.api.routes import ROUTE_TABLE, Route, RouteTable, validate
+from ocp_agentd.api.routes import ROUTE_TABLE, Route, RouteTable
 from ocp_agentd.api.streams import routes as streams_routes
 from ocp_agentd.api.tasks import routes as tasks_routes
 from ocp_agentd.headers import TRACE_HEADER
@@ -130,7 +131,7 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             else:
                 params[param.name] = param.default
         request["params"] = params
-        request["body"] = await _read_body(request, route) if route.body is not None else {}
+        request["body"] = await _read_body(request, route) if route.body is not None else None
         result = await route.handler(request)
         if isinstance(result, web.StreamResponse):
             return result
@@ -150,6 +151,8 @@ def _reject_constant(name: str) -> Any:
 
 
 async def _read_body(request: web.Request, route: Route) -> Any:
+    """The body parsed as JSON (empty: ``{}``) and validated as ``route.body``; 1000 when
+    it is not UTF-8, not JSON (NaN and Infinity included) or not the model."""
     raw = await request.read()
     try:
         text = raw.decode("utf-8")
@@ -158,17 +161,18 @@ async def _read_body(request: web.Request, route: Route) -> Any:
             ErrorCode.BAD_REQUEST, f"body is not valid UTF-8 (byte {exc.start})", target="body"
         ) from None
     if not text.strip():
-        value: Any = {}
+        text = "{}"
     else:
+        # The standard parser first, for its messages and because pydantic's takes NaN
+        # (answered for the field, where this is a body that is not JSON at all).
         try:
-            value = json.loads(text, parse_constant=_reject_constant)
+            json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
             raise ApiError(
                 ErrorCode.BAD_REQUEST, f"body is not valid JSON: {exc}", target="body"
             ) from None
     assert route.body is not None
-    validate(value, route.body)
-    return value
+    return parse_body(route.body, text)
 
 
 def _elapsed_ms(request: web.Request) -> int:

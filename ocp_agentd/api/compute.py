@@ -19,25 +19,18 @@ import shlex
 import sys
 import time
 from datetime import datetime
-from typing import Any
 
 from aiohttp import web
 
 from ocp_agentd import __version__
 from ocp_agentd.api.context import app_context
 from ocp_agentd.api.envelope import ApiError, ErrorCode, epoch_timestamp
+from ocp_agentd.api.models import AgentStatus, HostAgent, HostAgentProcess, HostAgentProcessPage
 from ocp_agentd.api.processes import DAEMON_NAME, refuse_during_agent_operation
 from ocp_agentd.api.routes import Param, Route
-from ocp_agentd.api.tasks import (
-    PAGE_PARAMS,
-    TASK_SCHEMA,
-    call,
-    creator_of,
-    engine_of,
-    page_schema,
-    paged,
-)
+from ocp_agentd.api.tasks import PAGE_PARAMS, call, creator_of, engine_of
 from ocp_agentd.supervision import OperationFailed, ProcessInfo, ProgramNotFound
+from ocp_agentd.tasks.model import TaskInstance
 from ocp_agentd.tasks.templates import RESTART_AGENT, STOP_AGENT
 
 IDEMPOTENCY_HEADER = "X-OCP-Idempotency-Key"
@@ -59,44 +52,45 @@ def _host_id(request: web.Request) -> int:
     return host_id
 
 
-def _daemon_process(request: web.Request, host_id: int) -> dict[str, Any]:
+def _daemon_process(request: web.Request, host_id: int) -> HostAgentProcess:
     ctx = app_context(request)
     settings = ctx.settings
     tcp = settings.api.tcp_host_port
     now = time.time()
-    return {
-        "id": process_id(DAEMON_NAME), "hostId": host_id, "alias": DAEMON_NAME,
-        "pid": os.getpid(), "user": getpass.getuser(),
-        "startCommand": shlex.join([sys.executable, *sys.argv]),
-        "ports": str(tcp[1]) if tcp else "", "elapsedTime": int(now - ctx.started_at),
-        "lastActiveTime": epoch_timestamp(now), "status": "STARTED", "operable": False,
-        "logFilePattern": str(settings.agent.log_dir / "ocp_agentd.log*"),
-        "createTime": epoch_timestamp(ctx.started_at),
-        "updateTime": epoch_timestamp(ctx.started_at),
-    }
+    return HostAgentProcess(
+        id=process_id(DAEMON_NAME), host_id=host_id, alias=DAEMON_NAME,
+        pid=os.getpid(), user=getpass.getuser(),
+        start_command=shlex.join([sys.executable, *sys.argv]),
+        ports=str(tcp[1]) if tcp else "", elapsed_time=int(now - ctx.started_at),
+        last_active_time=epoch_timestamp(now), status=AgentStatus.STARTED, operable=False,
+        log_file_pattern=str(settings.agent.log_dir / "ocp_agentd.log*"),
+        create_time=epoch_timestamp(ctx.started_at),
+        update_time=epoch_timestamp(ctx.started_at),
+    )
 
 
-def _process(info: ProcessInfo, host_id: int, started_at: float) -> dict[str, Any]:
+def _process(info: ProcessInfo, host_id: int, started_at: float) -> HostAgentProcess:
     running = str(info.state) == "RUNNING"
     last_exit_at = None
     if info.last_exit and info.last_exit.get("at"):
         last_exit_at = datetime.fromisoformat(info.last_exit["at"]).timestamp()
     changed = max(filter(None, (info.create_time, last_exit_at, started_at)))
-    return {
-        "id": process_id(info.name), "hostId": host_id, "alias": info.name,
-        "pid": info.pid if running else None, "user": info.user or getpass.getuser(),
-        "startCommand": shlex.join(info.command),
-        "ports": ",".join(str(p) for p in info.ports),
-        "elapsedTime": int(info.uptime or 0) if running else 0,
-        "lastActiveTime": epoch_timestamp(time.time() if running else last_exit_at),
-        "status": "STARTED" if running else "STOPPED", "operable": bool(info.operable),
-        "logFilePattern": ",".join(info.log_files),
-        "createTime": epoch_timestamp(info.create_time or started_at),
-        "updateTime": epoch_timestamp(changed),
-    }
+    return HostAgentProcess(
+        id=process_id(info.name), host_id=host_id, alias=info.name,
+        pid=info.pid if running else None, user=info.user or getpass.getuser(),
+        start_command=shlex.join(info.command),
+        ports=",".join(str(p) for p in info.ports),
+        elapsed_time=int(info.uptime or 0) if running else 0,
+        last_active_time=epoch_timestamp(time.time() if running else last_exit_at),
+        status=AgentStatus.STARTED if running else AgentStatus.STOPPED,
+        operable=bool(info.operable),
+        log_file_pattern=",".join(info.log_files),
+        create_time=epoch_timestamp(info.create_time or started_at),
+        update_time=epoch_timestamp(changed),
+    )
 
 
-def _processes(request: web.Request, host_id: int) -> list[dict[str, Any]]:
+def _processes(request: web.Request, host_id: int) -> list[HostAgentProcess]:
     ctx = app_context(request)
     return [_daemon_process(request, host_id)] + [
         _process(info, host_id, ctx.started_at) for info in ctx.supervisor.infos()
@@ -117,7 +111,7 @@ def _idempotency_key(request: web.Request) -> str | None:
 # --- handlers -----------------------------------------------------------------------------
 
 
-async def _submit(request: web.Request, template: str) -> dict[str, Any]:
+async def _submit(request: web.Request, template: str) -> TaskInstance:
     _host_id(request)
     key = _idempotency_key(request)
     task, _ = await call(engine_of(request).submit(template, creator_of(request), key))
@@ -125,43 +119,43 @@ async def _submit(request: web.Request, template: str) -> dict[str, Any]:
         raise ApiError(ErrorCode.BAD_REQUEST,
                        f"{IDEMPOTENCY_HEADER} {key!r} was already used for task {task.id} "
                        f"({task.name})", target=IDEMPOTENCY_HEADER)
-    return dict(task.to_json())
+    return task
 
 
-async def restart_agent(request: web.Request) -> dict[str, Any]:
+async def restart_agent(request: web.Request) -> TaskInstance:
     return await _submit(request, RESTART_AGENT)
 
 
-async def stop_agent(request: web.Request) -> dict[str, Any]:
+async def stop_agent(request: web.Request) -> TaskInstance:
     return await _submit(request, STOP_AGENT)
 
 
-async def get_agent(request: web.Request) -> dict[str, Any]:
+async def get_agent(request: web.Request) -> HostAgent:
     host_id = _host_id(request)
     ctx = app_context(request)
     processes = _processes(request, host_id)
-    workers_up = all(p["status"] == "STARTED" for p in processes)
-    return {
-        "id": host_id, "version": __version__,
-        "installHome": str(ctx.settings.agent.install_home),
-        "logHome": str(ctx.settings.agent.log_dir),
-        "lastAvailableTime": epoch_timestamp(time.time()), "hostId": host_id,
-        "hostInnerIpAddress": ctx.server_address,
-        "status": "STARTED" if workers_up else "STOPPED",
-        "processes": processes,
-        "createTime": epoch_timestamp(ctx.started_at), "updateTime": epoch_timestamp(time.time()),
-    }
+    workers_up = all(p.status == AgentStatus.STARTED for p in processes)
+    return HostAgent(
+        id=host_id, version=__version__,
+        install_home=str(ctx.settings.agent.install_home),
+        log_home=str(ctx.settings.agent.log_dir),
+        last_available_time=epoch_timestamp(time.time()), host_id=host_id,
+        host_inner_ip_address=ctx.server_address,
+        status=AgentStatus.STARTED if workers_up else AgentStatus.STOPPED,
+        processes=processes,
+        create_time=epoch_timestamp(ctx.started_at), update_time=epoch_timestamp(time.time()),
+    )
 
 
-async def list_agent_processes(request: web.Request) -> dict[str, Any]:
+async def list_agent_processes(request: web.Request) -> HostAgentProcessPage:
     host_id = _host_id(request)
     page, size = request["params"]["page"], request["params"]["size"]
     processes = _processes(request, host_id)
     start = (page - 1) * size
-    return paged(processes[start:start + size], len(processes), page, size)
+    return HostAgentProcessPage.of(processes[start:start + size], len(processes), page, size)
 
 
-async def restart_agent_process(request: web.Request) -> dict[str, Any]:
+async def restart_agent_process(request: web.Request) -> HostAgentProcess:
     host_id = _host_id(request)
     ctx = app_context(request)
     wanted = request["params"]["agentProcessId"]
@@ -196,29 +190,6 @@ _HOST = Param("hostId", "path", "integer", description="The OCP host id of this 
 _PROCESS = Param("agentProcessId", "path", "integer",
                  description="HostAgentProcess id (stable per program)", minimum=1,
                  maximum=2**63 - 1)
-_STR = {"type": "string"}
-_INT = {"type": "integer", "format": "int64"}
-PROCESS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "id": _INT, "hostId": _INT, "alias": _STR, "pid": {**_INT, "nullable": True},
-        "user": _STR, "startCommand": _STR, "ports": _STR, "elapsedTime": _INT,
-        "lastActiveTime": {**_STR, "nullable": True},
-        "status": {"type": "string", "enum": ["STARTED", "STOPPED"]},
-        "operable": {"type": "boolean"}, "logFilePattern": _STR,
-        "createTime": _STR, "updateTime": _STR,
-    },
-}
-AGENT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "id": _INT, "version": _STR, "installHome": _STR, "logHome": _STR,
-        "lastAvailableTime": _STR, "hostId": _INT, "hostInnerIpAddress": _STR,
-        "status": {"type": "string", "enum": ["STARTED", "STOPPED"]},
-        "processes": {"type": "array", "items": PROCESS_SCHEMA},
-        "createTime": _STR, "updateTime": _STR,
-    },
-}
 _TAGS = ("compute",)
 _HOST_ERRORS = (ErrorCode.HOST_NOT_FOUND,)
 _TASK_ERRORS = (ErrorCode.HOST_NOT_FOUND, ErrorCode.OPERATION_LOCKED)
@@ -235,26 +206,27 @@ def routes() -> list[Route]:
               description="Answers at once with the created task: Prepare restart OCP agent "
               "-> Restart pos proxy -> Stop all OCP agent processes -> Start all OCP agent "
               "processes -> Finish OCP agent operation." + _KEY_DOC,
-              params=(_HOST,), data=TASK_SCHEMA, errors=_TASK_ERRORS, also_prefixed=True,
-              tags=_TAGS),
+              operation_id="restartHostAgent", params=(_HOST,), data=TaskInstance,
+              errors=_TASK_ERRORS, also_prefixed=True, tags=_TAGS),
         Route("POST", f"{base}/stop", stop_agent, "HOST_MANAGER",
               "Stop the OCP Agent worker processes (task \"Stop OCP agent\")",
               description="Answers at once with the created task: Prepare stop OCP agent -> "
               "Stop all OCP agent processes -> Finish OCP agent operation. pos_proxy keeps "
               "running." + _KEY_DOC,
-              params=(_HOST,), data=TASK_SCHEMA, errors=_TASK_ERRORS, also_prefixed=True,
-              tags=_TAGS),
+              operation_id="stopHostAgent", params=(_HOST,), data=TaskInstance,
+              errors=_TASK_ERRORS, also_prefixed=True, tags=_TAGS),
         Route("GET", base, get_agent, "HOST_VIEWER", "The host's OCP Agent (HostAgent)",
-              params=(_HOST,), data=AGENT_SCHEMA, errors=_HOST_ERRORS, also_prefixed=True,
-              tags=_TAGS),
+              operation_id="getHostAgent", params=(_HOST,), data=HostAgent,
+              errors=_HOST_ERRORS, also_prefixed=True, tags=_TAGS),
         Route("GET", f"{base}/processes", list_agent_processes, "HOST_VIEWER",
               "The OCP Agent processes, the daemon itself first",
-              params=(_HOST, *PAGE_PARAMS), data=page_schema(PROCESS_SCHEMA),
-              errors=_HOST_ERRORS, also_prefixed=True, tags=_TAGS),
+              operation_id="listHostAgentProcesses", params=(_HOST, *PAGE_PARAMS),
+              data=HostAgentProcessPage, errors=_HOST_ERRORS, also_prefixed=True, tags=_TAGS),
         Route("POST", f"{base}/processes/{{agentProcessId}}/restart", restart_agent_process,
               "HOST_MANAGER", "Restart one operable agent process and wait until it runs",
               description="pos_proxy and ocp_agentd are not operable (2002).",
-              params=(_HOST, _PROCESS), data=PROCESS_SCHEMA,
+              operation_id="restartHostAgentProcess", params=(_HOST, _PROCESS),
+              data=HostAgentProcess,
               errors=(ErrorCode.HOST_NOT_FOUND, ErrorCode.PROCESS_NOT_FOUND,
                       ErrorCode.PROCESS_NOT_OPERABLE, ErrorCode.OPERATION_LOCKED,
                       ErrorCode.PROCESS_OPERATION_FAILED),

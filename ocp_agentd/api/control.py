@@ -11,32 +11,15 @@
 from __future__ import annotations
 
 import signal as signals
-from typing import Any
 
 from aiohttp import web
 
 from ocp_agentd.api.context import app_context
 from ocp_agentd.api.envelope import ApiError, ErrorCode, sub_error
-from ocp_agentd.api.processes import PROCESS_SCHEMA
+from ocp_agentd.api.models import ReloadReport, SignalBody
 from ocp_agentd.api.routes import Param, Route
 from ocp_agentd.config import ConfigError
-from ocp_agentd.supervision import OperationFailed, ProgramNotFound
-
-# The names stop_signal takes: every signal of this system, without the SIG prefix.
-SIGNALS = tuple(sorted(s.name.removeprefix("SIG") for s in signals.Signals))
-
-RELOAD_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {key: {"type": "array", "items": {"type": "string"}}
-                   for key in ("added", "removed", "changed", "unchanged")},
-}
-SIGNAL_BODY: dict[str, Any] = {
-    "type": "object",
-    "properties": {"signal": {"type": "string", "enum": list(SIGNALS),
-                              "description": "A signal name without SIG, e.g. HUP"}},
-    "required": ["signal"],
-    "additionalProperties": False,
-}
+from ocp_agentd.supervision import OperationFailed, ProcessInfo, ProgramNotFound
 
 
 def config_problems(error: ConfigError) -> list[tuple[str | None, str]]:
@@ -52,10 +35,10 @@ def config_problems(error: ConfigError) -> list[tuple[str | None, str]]:
     return problems or [(None, str(error))]
 
 
-async def reload_config(request: web.Request) -> dict[str, Any]:
+async def reload_config(request: web.Request) -> ReloadReport:
     ctx = app_context(request)
     try:
-        report: dict[str, Any] = await ctx.reload()
+        report: ReloadReport = await ctx.reload()  # type: ignore[assignment]
     except ConfigError as exc:
         problems = config_problems(exc)
         keys = ", ".join(key for key, _ in problems if key) or "the file"
@@ -68,9 +51,9 @@ async def reload_config(request: web.Request) -> dict[str, Any]:
     return report
 
 
-async def signal_process(request: web.Request) -> dict[str, Any]:
+async def signal_process(request: web.Request) -> ProcessInfo:
     name: str = request["params"]["name"]
-    signame: str = request["body"]["signal"]
+    signame = str(request["body"].signal)
     supervisor = app_context(request).supervisor
     try:
         info = await supervisor.signal(name, getattr(signals, f"SIG{signame}"))
@@ -81,7 +64,7 @@ async def signal_process(request: web.Request) -> dict[str, Any]:
         raise ApiError(ErrorCode.PROCESS_OPERATION_FAILED,
                        f"signal {signame} to {name} failed: {exc.reason}",
                        target=name) from None
-    return dict(info.as_dict())
+    return info
 
 
 def routes() -> list[Route]:
@@ -91,13 +74,14 @@ def routes() -> list[Route]:
               description="Added programs start, removed ones stop, changed ones restart. "
               "An invalid file answers 1006 with one subError per bad key (the key path "
               "in target) and changes nothing.",
-              data=RELOAD_SCHEMA, errors=(ErrorCode.INVALID_CONFIG,), tags=("processes",)),
+              operation_id="reloadConfig", data=ReloadReport,
+              errors=(ErrorCode.INVALID_CONFIG,), tags=("processes",)),
         Route("POST", "/api/v1/processes/{name}/signal", signal_process, "HOST_MANAGER",
               "Send a signal to a running program's process tree",
               description="409/2004 when the program is not running.",
               params=(Param("name", "path", "string",
                             description="The program name from the config"),),
-              body=SIGNAL_BODY, data=PROCESS_SCHEMA,
+              operation_id="signalProcess", body=SignalBody, data=ProcessInfo,
               errors=(ErrorCode.PROCESS_NOT_FOUND, ErrorCode.PROCESS_OPERATION_FAILED),
               tags=("processes",)),
     ]

@@ -33,6 +33,7 @@ from typing import Any
 
 import psutil
 from aiohttp import web
+from pydantic import BaseModel
 
 try:
     import orjson
@@ -227,6 +228,8 @@ def _default(value: Any) -> Any:
         return timestamp(value)
     if isinstance(value, set | frozenset | tuple):
         return list(value)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
     as_dict = getattr(value, "as_dict", None)
     if callable(as_dict):
         return as_dict()

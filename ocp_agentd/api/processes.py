@@ -23,120 +23,20 @@ from aiohttp import web
 from ocp_agentd import __version__
 from ocp_agentd.api.context import app_context
 from ocp_agentd.api.envelope import ApiError, ErrorCode, epoch_timestamp, sub_error
+from ocp_agentd.api.models import (
+    AllBody,
+    AllResult,
+    DaemonStatus,
+    OperationBody,
+    ProgramVerify,
+    VerifyAllResult,
+)
 from ocp_agentd.api.routes import Param, Route
 from ocp_agentd.headers import TASK_HEADER
-from ocp_agentd.supervision import OperationFailed, ProcessInfo, ProgramNotFound
+from ocp_agentd.supervision import OperationFailed, ProcessInfo, ProgramNotFound, VerifyResult
 from ocp_agentd.tasks.templates import AGENT_LOCK
 
 DAEMON_NAME = "ocp_agentd"
-
-_TIMEOUT = {
-    "type": "number",
-    "exclusiveMinimum": 0,
-    "maximum": 86400,
-    "description": "Seconds to wait for the outcome; default: the program's start_timeout "
-    "or stop_timeout",
-}
-OPERATION_BODY: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "timeout": _TIMEOUT,
-        "force": {
-            "type": "boolean",
-            "description": "Act on a program that is not operable (e.g. pos_proxy)",
-        },
-    },
-    "additionalProperties": False,
-}
-ALL_BODY: dict[str, Any] = {
-    "type": "object",
-    "properties": {"timeout": _TIMEOUT},
-    "additionalProperties": False,
-}
-
-PROCESS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string"},
-        "role": {"type": "string", "enum": ["pos_proxy", "worker"]},
-        "operable": {"type": "boolean"},
-        "state": {
-            "type": "string",
-            "enum": ["STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL"],
-        },
-        "pid": {"type": "integer", "nullable": True},
-        "create_time": {"type": "number", "nullable": True},
-        "uptime": {"type": "number", "nullable": True},
-        "restarts": {"type": "integer"},
-        "last_exit": {
-            "type": "object",
-            "nullable": True,
-            "properties": {
-                "code": {"type": "integer", "nullable": True},
-                "signal": {"type": "string", "nullable": True},
-                "at": {"type": "string"},
-                "reason": {"type": "string"},
-            },
-        },
-        "ports": {"type": "array", "items": {"type": "integer"}},
-        "command": {"type": "array", "items": {"type": "string"}},
-    },
-}
-VERIFY_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "ok": {"type": "boolean"},
-        "checks": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string"},
-                    "ok": {"type": "boolean"},
-                    "detail": {"type": "string"},
-                },
-            },
-        },
-    },
-}
-ALL_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "ok": {"type": "boolean"},
-        "processes": {"type": "array", "items": PROCESS_SCHEMA},
-    },
-}
-VERIFY_ALL_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "ok": {"type": "boolean"},
-        "programs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {"name": {"type": "string"}, **VERIFY_SCHEMA["properties"]},
-            },
-        },
-    },
-}
-STATUS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "version": {"type": "string"},
-        "pid": {"type": "integer"},
-        "uptime": {"type": "number"},
-        "started_at": {"type": "string"},
-        "host_id": {"type": "integer"},
-        "state": {"type": "string"},
-        "programs": {"type": "integer"},
-        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
-    },
-}
-
-
-def _record(info: ProcessInfo) -> dict[str, Any]:
-    return info.as_dict()
-
 
 def _lookup(request: web.Request, name: str) -> ProcessInfo:
     try:
@@ -157,7 +57,7 @@ def _operable_target(request: web.Request) -> str:
             target="name",
         )
     info = _lookup(request, name)
-    if not info.operable and not request["body"].get("force", False):
+    if not info.operable and not request["body"].force:
         raise ApiError(
             ErrorCode.PROCESS_NOT_OPERABLE,
             f"program {name!r} is not operable one by one "
@@ -185,58 +85,59 @@ def _failed(exc: OperationFailed, action: str) -> ApiError:
     )
 
 
-async def get_status(request: web.Request) -> dict[str, Any]:
+async def get_status(request: web.Request) -> DaemonStatus:
     ctx = app_context(request)
     counts = ctx.supervisor.counts()
-    return {
-        "version": __version__,
-        "pid": os.getpid(),
-        "uptime": round(max(0.0, time.time() - ctx.started_at), 3),
-        "started_at": epoch_timestamp(ctx.started_at),
-        "host_id": ctx.settings.agent.host_id,
-        "state": ctx.state,
-        "programs": sum(counts.values()),
-        "counts": {str(state): number for state, number in counts.items()},
-    }
+    return DaemonStatus(
+        version=__version__,
+        pid=os.getpid(),
+        uptime=round(max(0.0, time.time() - ctx.started_at), 3),
+        started_at=epoch_timestamp(ctx.started_at),
+        host_id=ctx.settings.agent.host_id,
+        state=ctx.state,
+        programs=sum(counts.values()),
+        counts={str(state): number for state, number in counts.items()},
+    )
 
 
 async def list_processes(request: web.Request) -> list[dict[str, Any]]:
+    # The hot path: each program's cached ProcessInfo.as_dict(), not validated again.
     return app_context(request).supervisor.process_records()
 
 
-async def get_process(request: web.Request) -> dict[str, Any]:
-    return _record(_lookup(request, request["params"]["name"]))
+async def get_process(request: web.Request) -> ProcessInfo:
+    return _lookup(request, request["params"]["name"])
 
 
-async def _operate(request: web.Request, action: str) -> dict[str, Any]:
+async def _operate(request: web.Request, action: str) -> ProcessInfo:
     name = _operable_target(request)
     await refuse_during_agent_operation(request)
     supervisor = app_context(request).supervisor
     operation = {"start": supervisor.start, "stop": supervisor.stop,
                  "restart": supervisor.restart}[action]
     try:
-        info = await operation(name, timeout=request["body"].get("timeout"))
+        info = await operation(name, timeout=request["body"].timeout)
     except ProgramNotFound:
         raise ApiError(ErrorCode.PROCESS_NOT_FOUND, f"no program named {name!r}",
                        target="name") from None
     except OperationFailed as exc:
         raise _failed(exc, action) from None
-    return _record(info)
+    return info
 
 
-async def start_process(request: web.Request) -> dict[str, Any]:
+async def start_process(request: web.Request) -> ProcessInfo:
     return await _operate(request, "start")
 
 
-async def stop_process(request: web.Request) -> dict[str, Any]:
+async def stop_process(request: web.Request) -> ProcessInfo:
     return await _operate(request, "stop")
 
 
-async def restart_process(request: web.Request) -> dict[str, Any]:
+async def restart_process(request: web.Request) -> ProcessInfo:
     return await _operate(request, "restart")
 
 
-async def verify_process(request: web.Request) -> dict[str, Any]:
+async def verify_process(request: web.Request) -> VerifyResult:
     name = request["params"]["name"]
     _lookup(request, name)
     try:
@@ -244,14 +145,14 @@ async def verify_process(request: web.Request) -> dict[str, Any]:
     except ProgramNotFound:
         raise ApiError(ErrorCode.PROCESS_NOT_FOUND, f"no program named {name!r}",
                        target="name") from None
-    return dict(result.as_dict())
+    return result
 
 
-async def _all(request: web.Request, action: str) -> dict[str, Any]:
+async def _all(request: web.Request, action: str) -> AllResult:
     await refuse_during_agent_operation(request)
     supervisor = app_context(request).supervisor
     operation = supervisor.start_all if action == "start" else supervisor.stop_all
-    results = await operation(timeout=request["body"].get("timeout"))
+    results = await operation(timeout=request["body"].timeout)
     failures = {name: r for name, r in results.items() if isinstance(r, OperationFailed)}
     if failures:
         names = ", ".join(sorted(failures))
@@ -264,21 +165,22 @@ async def _all(request: web.Request, action: str) -> dict[str, Any]:
                 for name, exc in failures.items()
             ],
         )
-    return {"ok": True, "processes": [_record(info) for info in results.values()]}
+    return AllResult(ok=True, processes=list(results.values()))  # type: ignore[arg-type]
 
 
-async def start_all(request: web.Request) -> dict[str, Any]:
+async def start_all(request: web.Request) -> AllResult:
     return await _all(request, "start")
 
 
-async def stop_all(request: web.Request) -> dict[str, Any]:
+async def stop_all(request: web.Request) -> AllResult:
     return await _all(request, "stop")
 
 
-async def verify_all(request: web.Request) -> dict[str, Any]:
+async def verify_all(request: web.Request) -> VerifyAllResult:
     results = await app_context(request).supervisor.verify_all()
-    programs = [{"name": name, **result.as_dict()} for name, result in results.items()]
-    return {"ok": all(item["ok"] for item in programs), "programs": programs}
+    programs = [ProgramVerify(name=name, ok=result.ok, checks=result.checks)
+                for name, result in results.items()]
+    return VerifyAllResult(ok=all(item["ok"] for item in programs), programs=programs)
 
 
 _NAME = Param("name", "path", "string", description="The program name from the config")
@@ -298,39 +200,42 @@ def routes() -> list[Route]:
     return [
         Route("GET", "/api/v1/status", get_status, viewer, "Daemon status",
               description="Version, pid, uptime, host id, daemon state and the number of "
-              "programs per state.", data=STATUS_SCHEMA, tags=_HOST),
+              "programs per state.", operation_id="getDaemonStatus", data=DaemonStatus,
+              tags=_HOST),
         Route("GET", "/api/v1/processes", list_processes, viewer, "Every program's record",
-              data={"type": "array", "items": PROCESS_SCHEMA}, tags=_HOST),
+              operation_id="listProcesses", data=list[ProcessInfo], tags=_HOST),
         Route("GET", "/api/v1/processes/{name}", get_process, viewer, "One program's record",
-              params=(_NAME,), data=PROCESS_SCHEMA, errors=_NOT_FOUND, tags=_HOST),
+              operation_id="getProcess", params=(_NAME,), data=ProcessInfo, errors=_NOT_FOUND,
+              tags=_HOST),
         Route("POST", "/api/v1/processes/{name}/start", start_process, manager,
-              "Start a program and wait until it is RUNNING",
-              params=(_NAME,), body=OPERATION_BODY, data=PROCESS_SCHEMA,
+              "Start a program and wait until it is RUNNING", operation_id="startProcess",
+              params=(_NAME,), body=OperationBody, data=ProcessInfo,
               errors=_OPERATION_ERRORS, tags=_HOST),
         Route("POST", "/api/v1/processes/{name}/stop", stop_process, manager,
               "Stop a program and wait until its whole process tree is gone",
-              params=(_NAME,), body=OPERATION_BODY, data=PROCESS_SCHEMA,
-              errors=_OPERATION_ERRORS, tags=_HOST),
+              operation_id="stopProcess", params=(_NAME,), body=OperationBody,
+              data=ProcessInfo, errors=_OPERATION_ERRORS, tags=_HOST),
         Route("POST", "/api/v1/processes/{name}/restart", restart_process, manager,
               "Restart a program and wait until it is RUNNING again",
-              params=(_NAME,), body=OPERATION_BODY, data=PROCESS_SCHEMA,
-              errors=_OPERATION_ERRORS, tags=_HOST),
+              operation_id="restartProcess", params=(_NAME,), body=OperationBody,
+              data=ProcessInfo, errors=_OPERATION_ERRORS, tags=_HOST),
         Route("POST", "/api/v1/processes/{name}/verify", verify_process, manager,
               "Check a program: alive, ports listening, health URL",
-              params=(_NAME,), data=VERIFY_SCHEMA, errors=_NOT_FOUND, tags=_HOST),
+              operation_id="verifyProcess", params=(_NAME,), data=VerifyResult,
+              errors=_NOT_FOUND, tags=_HOST),
         Route("POST", "/api/v1/agent/stop-all", stop_all, manager,
               "Stop every worker program, in parallel",
               description="On failure: 2004 with one subError per failed program; 2003 while "
               "a restart or stop task runs.",
-              body=ALL_BODY, data=ALL_SCHEMA, errors=_ALL_ERRORS,
-              tags=_HOST),
+              operation_id="stopAllProcesses", body=AllBody, data=AllResult,
+              errors=_ALL_ERRORS, tags=_HOST),
         Route("POST", "/api/v1/agent/start-all", start_all, manager,
               "Start every worker program, in parallel",
               description="On failure: 2004 with one subError per failed program; 2003 while "
               "a restart or stop task runs.",
-              body=ALL_BODY, data=ALL_SCHEMA, errors=_ALL_ERRORS,
-              tags=_HOST),
+              operation_id="startAllProcesses", body=AllBody, data=AllResult,
+              errors=_ALL_ERRORS, tags=_HOST),
         Route("POST", "/api/v1/agent/verify", verify_all, manager, "Check every program",
               description="Answers 200 with ok=false when a check fails.",
-              data=VERIFY_ALL_SCHEMA, tags=_HOST),
+              operation_id="verifyAllProcesses", data=VerifyAllResult, tags=_HOST),
     ]

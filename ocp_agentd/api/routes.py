@@ -5,21 +5,24 @@ so a route that works is a route that is documented.
 
 How to add routes (e.g. ``api/compute.py``, ``api/tasks.py``)::
 
-    from ocp_agentd.api.envelope import ApiError, ErrorCode
     from ocp_agentd.api.context import app_context
+    from ocp_agentd.api.envelope import ApiError, ErrorCode
+from ocp_agentd.api.models import RequestModel
+    from ocp_agentd.api.models import HostAgent, OperationBody
     from ocp_agentd.api.routes import Param, Route
 
-    async def get_agent(request: web.Request) -> dict:
+    async def get_agent(request: web.Request) -> HostAgent:
         ctx = app_context(request)                 # the AppContext: settings, supervisor, ...
         host_id = request["params"]["hostId"]      # path/query params, parsed and validated
-        body = request["body"]                     # the JSON body, validated ({} when empty)
+        body = request["body"]                     # the body as its model (see ``body``)
         ...
-        return {...}                               # the envelope's "data"; or raise ApiError
+        return HostAgent(...)                      # the envelope's "data"; or raise ApiError
 
     def routes() -> list[Route]:
         return [
             Route("GET", "/compute/hosts/{hostId}/agent", get_agent,
                   permission="HOST_VIEWER", summary="The host's OCP agent",
+                  operation_id="getHostAgent", data=HostAgent,
                   params=(Param("hostId", "path", "integer", minimum=1, maximum=2**63 - 1),),
                   errors=(ErrorCode.HOST_NOT_FOUND,),
                   also_prefixed=True),             # also served at /api/v2/compute/...
@@ -28,13 +31,19 @@ How to add routes (e.g. ``api/compute.py``, ``api/tasks.py``)::
 then add the module's ``routes`` to ``ROUTE_SOURCES`` in ``api/app.py``.
 
 - ``permission``: one of config.PERMISSIONS, or None for "any authenticated caller".
+- ``operation_id``: the OpenAPI operationId, a verb and a noun in camelCase
+  (``restartHostAgent``); default: the handler's name in camelCase. The ``/api/v2`` copy
+  of an ``also_prefixed`` route gets ``V2`` appended. Unique in the registry.
 - ``params``: path and query parameters. A value that does not parse or is out of range is
   answered 1000 with the parameter in ``target`` before the handler runs. Parsed values are in
   ``request["params"]`` (absent optional query params take their ``default``).
-- ``body``: a JSON schema (the subset in :func:`validate`); a body is then read, parsed and
-  validated (1000 on failure) into ``request["body"]``; an empty body counts as ``{}``. Without
-  ``body`` the route ignores any body.
-- ``data``: a JSON schema of the envelope's ``data``, for the OpenAPI document.
+- ``body``: a request model (api/models.RequestModel); the body is then read, parsed and
+  validated (1000 on failure, see models.parse_body) into ``request["body"]`` as that model;
+  an empty body counts as ``{}``. Without ``body`` the route ignores any body.
+- ``data``: the shape of the envelope's ``data`` (a model, dataclass, TypedDict or
+  ``list[...]`` of one; see api/models.py), for the OpenAPI document. The handler returns
+  it: a pydantic model is written by alias, a dataclass through its ``as_dict()``; a hot
+  path may return the equivalent plain dict (it is not validated again).
 - ``errors``: the codes the handler itself may answer; the app adds the ones it answers for
   every route (1000, 1003, 1004, 1005, 5000) to the document.
 - ``also_prefixed``: serve the route at ``/api/v2`` + path too (SPEC section 5: every
@@ -47,6 +56,7 @@ then add the module's ``routes`` to ``ROUTE_SOURCES`` in ``api/app.py``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -54,11 +64,13 @@ from typing import Any, Literal
 from aiohttp import web
 
 from ocp_agentd.api.envelope import ApiError, ErrorCode
+from ocp_agentd.api.models import RequestModel
 
 Handler = Callable[[web.Request], Awaitable[Any]]
 ParamType = Literal["integer", "number", "string", "boolean"]
 
 V2_PREFIX = "/api/v2"
+_OPERATION_ID = re.compile(r"[a-z][A-Za-z0-9]*")
 ROUTE_TABLE: web.AppKey[RouteTable] = web.AppKey("ocp_agentd_routes")
 
 
@@ -94,46 +106,55 @@ class Param:
 
     def parse(self, raw: str) -> Any:
         """The typed value of ``raw``; ApiError 1000 naming the parameter when it is bad."""
-
-        def bad(why: str) -> ApiError:
-            return ApiError(
+        try:
+            value = _PARSERS[self.type](raw)
+            if self.enum is not None and value not in self.enum:
+                raise ValueError(f"expected one of {list(self.enum)}")
+            if self.minimum is not None and value < self.minimum:
+                raise ValueError(f"must be at least {self.minimum:g}")
+            if self.maximum is not None and value > self.maximum:
+                raise ValueError(f"must be at most {self.maximum:g}")
+        except ValueError as why:
+            raise ApiError(
                 ErrorCode.BAD_REQUEST,
                 f"{self.location} parameter {self.name!r}: {why}, got {raw[:80]!r}",
                 target=self.name,
-            )
-
-        value: Any
-        if self.type == "integer":
-            text = raw.strip()
-            digits = text[1:] if text[:1] in ("+", "-") else text
-            # ASCII only: str.isdigit() also takes fullwidth digits (int() reads them) and
-            # superscripts (int() raises: an internal error).
-            if not (digits.isascii() and digits.isdigit()):
-                raise bad("expected an integer")
-            if len(text) > 40:
-                raise bad("integer too long")
-            value = int(text)
-        elif self.type == "number":
-            try:
-                value = float(raw)
-            except ValueError:
-                raise bad("expected a number") from None
-            if not math.isfinite(value):
-                raise bad("expected a finite number")
-        elif self.type == "boolean":
-            lowered = raw.lower()
-            if lowered not in ("true", "false", "1", "0"):
-                raise bad("expected true or false")
-            value = lowered in ("true", "1")
-        else:
-            value = raw
-            if self.enum is not None and value not in self.enum:
-                raise bad(f"expected one of {list(self.enum)}")
-        if self.minimum is not None and value < self.minimum:
-            raise bad(f"must be at least {self.minimum:g}")
-        if self.maximum is not None and value > self.maximum:
-            raise bad(f"must be at most {self.maximum:g}")
+            ) from None
         return value
+
+
+def _integer(raw: str) -> int:
+    text = raw.strip()
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    # ASCII only: str.isdigit() also takes fullwidth digits (int() reads them) and
+    # superscripts (int() raises: an internal error).
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError("expected an integer")
+    if len(text) > 40:
+        raise ValueError("integer too long")
+    return int(text)
+
+
+def _number(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered not in ("true", "false", "1", "0"):
+        raise ValueError("expected true or false")
+    return lowered in ("true", "1")
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "integer": _integer, "number": _number, "boolean": _boolean, "string": str,
+}
 
 
 @dataclass(frozen=True)
@@ -145,8 +166,9 @@ class Route:
     summary: str
     description: str = ""
     params: tuple[Param, ...] = ()
-    body: dict[str, Any] | None = None
-    data: dict[str, Any] | None = None
+    body: type[RequestModel] | None = None
+    data: Any = None  # a type pydantic can describe; None: no documented data
+    operation_id: str | None = None
     errors: tuple[ErrorCode, ...] = ()
     also_prefixed: bool = False
     tags: tuple[str, ...] = ()
@@ -160,11 +182,10 @@ class Route:
             paths.append(V2_PREFIX + self.path)
         return paths
 
-    def operation_id(self, path: str) -> str:
-        words = [
-            part.strip("{}").replace("-", "_") for part in path.strip("/").split("/") if part
-        ]
-        return "_".join([self.method.lower(), *words])
+    def operation_ids(self) -> list[str]:
+        """The OpenAPI operationId of each mounted path, in mount_paths() order."""
+        first = self.operation_id or _camel(getattr(self.handler, "__name__", "handler"))
+        return [first] + [first + "V2" for _ in self.mount_paths()[1:]]
 
 
 @dataclass
@@ -172,13 +193,21 @@ class RouteTable:
     """The routes of one app, in registration order; rejects duplicates."""
 
     _routes: list[Route] = field(default_factory=list)
+    document: dict[str, Any] | None = None  # the OpenAPI document, once built (openapi.py)
 
     def add(self, route: Route) -> None:
         mounted = {(r.method, p) for r in self._routes for p in r.mount_paths()}
         for path in route.mount_paths():
             if (route.method, path) in mounted:
                 raise ValueError(f"route {route.method} {path} registered twice")
+        if not route.hidden:
+            taken = {i for r in self._routes if not r.hidden for i in r.operation_ids()}
+            for operation_id in route.operation_ids():
+                if operation_id in taken or not _OPERATION_ID.fullmatch(operation_id):
+                    raise ValueError(f"operationId {operation_id!r} of {route.method} "
+                                     f"{route.path} is taken or not camelCase")
         self._routes.append(route)
+        self.document = None
 
     def extend(self, routes: Iterable[Route]) -> None:
         for route in routes:
@@ -195,85 +224,6 @@ class RouteTable:
         return [(r.method, path, r) for r in self._routes for path in r.mount_paths()]
 
 
-# --- a small JSON schema validator (the subset the routes use) ---------------------------
-
-
-def validate(value: Any, schema: dict[str, Any], where: str = "body") -> None:
-    """Checks ``value`` against ``schema``; raises ApiError 1000 naming the field.
-
-    Supported: type (object, array, string, integer, number, boolean, null, or a list of
-    them), properties, required, additionalProperties (bool), items, enum, minimum, maximum,
-    exclusiveMinimum, exclusiveMaximum (numbers), minLength, maxLength, maxItems.
-    """
-
-    def fail(why: str) -> ApiError:
-        return ApiError(ErrorCode.BAD_REQUEST, f"{where}: {why}", target=where)
-
-    types = schema.get("type")
-    if types is not None:
-        allowed = [types] if isinstance(types, str) else list(types)
-        if not any(_is_type(value, t) for t in allowed):
-            raise fail(f"expected {' or '.join(allowed)}, got {_json_type(value)}")
-    if "enum" in schema and value not in schema["enum"]:
-        raise fail(f"expected one of {schema['enum']}")
-    if _is_type(value, "number"):
-        if "minimum" in schema and value < schema["minimum"]:
-            raise fail(f"must be at least {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            raise fail(f"must be at most {schema['maximum']}")
-        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
-            raise fail(f"must be greater than {schema['exclusiveMinimum']}")
-        if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
-            raise fail(f"must be less than {schema['exclusiveMaximum']}")
-    if isinstance(value, str):
-        if "minLength" in schema and len(value) < schema["minLength"]:
-            raise fail(f"must be at least {schema['minLength']} characters")
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            raise fail(f"must be at most {schema['maxLength']} characters")
-    if isinstance(value, list):
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            raise fail(f"must have at most {schema['maxItems']} items")
-        if "items" in schema:
-            for index, item in enumerate(value):
-                validate(item, schema["items"], f"{where}[{index}]")
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                raise ApiError(
-                    ErrorCode.BAD_REQUEST, f"{where}: {key!r} is required", target=key
-                )
-        properties: dict[str, Any] = schema.get("properties", {})
-        for key, item in value.items():
-            if key in properties:
-                validate(item, properties[key], key if where == "body" else f"{where}.{key}")
-            elif schema.get("additionalProperties", True) is False:
-                raise ApiError(
-                    ErrorCode.BAD_REQUEST,
-                    f"{where}: unknown field {key!r}; known: {sorted(properties)}",
-                    target=key,
-                )
-
-
-def _is_type(value: Any, name: str) -> bool:
-    if name == "object":
-        return isinstance(value, dict)
-    if name == "array":
-        return isinstance(value, list)
-    if name == "string":
-        return isinstance(value, str)
-    if name == "boolean":
-        return isinstance(value, bool)
-    if name == "null":
-        return value is None
-    if name == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if name == "number":
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    raise ValueError(f"unsupported schema type {name!r}")
-
-
-def _json_type(value: Any) -> str:
-    for name in ("null", "boolean", "integer", "number", "string", "array", "object"):
-        if _is_type(value, name):
-            return name
-    return type(value).__name__
+def _camel(name: str) -> str:
+    first, *rest = name.strip("_").split("_")
+    return first + "".join(word.capitalize() for word in rest)

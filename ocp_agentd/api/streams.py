@@ -155,6 +155,7 @@ def routes() -> list[Route]:
     return [
         Route("GET", "/api/v1/processes/{name}/logs", process_logs, "HOST_VIEWER",
               "A program's log file, and with follow=1 its new output as it comes",
+              operation_id="getProcessLogs",
               description="text/plain, chunked. With follow=1 the answer goes on (across "
               "log rotation, by rename or by copy and truncate) until the client closes "
               "the connection or the daemon stops.",
@@ -169,7 +170,7 @@ def routes() -> list[Route]:
               errors=(ErrorCode.PROCESS_NOT_FOUND,), tags=("processes",), raw=True,
               content_type="text/plain"),
         Route("GET", "/api/v1/events", events, "HOST_VIEWER",
-              "The daemon's events as server-sent events",
+              "The daemon's events as server-sent events", operation_id="streamEvents",
               description="Headers at once, a comment line every 15 s as keep-alive, then "
               "for each program state change, probe failure, reload, task and subtask "
               "status change: 'event: <kind>' and 'data: <one-line JSON>' with time, kind "

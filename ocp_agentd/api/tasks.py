@@ -8,7 +8,6 @@ prohibited, 2003 another agent operation running) and become the envelope's erro
 from __future__ import annotations
 
 import logging
-import math
 import pwd
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -18,58 +17,14 @@ from aiohttp import web
 
 from ocp_agentd.api.context import TaskEngineView, app_context
 from ocp_agentd.api.envelope import ApiError, ErrorCode
+from ocp_agentd.api.models import SubtaskLog, TaskPage
 from ocp_agentd.api.routes import Param, Route
 from ocp_agentd.tasks.base import TaskError
-from ocp_agentd.tasks.model import StatusChange, TaskStatus
+from ocp_agentd.tasks.model import StatusChange, TaskInstance, TaskStatus
 
 log = logging.getLogger("ocp_agentd.api")
 
 MAX_PAGE_SIZE = 1000
-
-# --- shapes for the OpenAPI document ------------------------------------------------------
-
-_INT = {"type": "integer", "format": "int64"}
-_STR = {"type": "string"}
-SUBTASK_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "className": _STR, "description": _STR,
-        "downstreams": {"type": "array", "items": _INT}, "id": _INT, "name": _STR,
-        "nodeType": _STR, "operation": _STR, "parallelIdx": _INT,
-        "prohibitRollback": {"type": "boolean"}, "runTime": _INT, "seriesId": _INT,
-        "status": {"type": "string",
-                   "enum": ["PENDING", "READY", "RUNNING", "CANCELING", "FAILED", "SUCCESSFUL"]},
-        "timeout": _INT, "upstreams": {"type": "array", "items": _INT},
-    },
-}
-TASK_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "context": {
-            "type": "object",
-            "properties": {
-                "listMap": {"type": "object"}, "parallel": {"type": "boolean"},
-                "parallelIdx": _INT,
-                "stringMap": {"type": "object", "additionalProperties": _STR},
-            },
-        },
-        "creator": _STR, "executor": _STR, "hostId": _INT, "id": _INT, "name": _STR,
-        "operation": _STR, "startTime": {"type": "string", "format": "date-time"},
-        "status": {"type": "string", "enum": ["RUNNING", "FAILED", "SUCCESSFUL"]},
-        "subtasks": {"type": "array", "items": SUBTASK_SCHEMA},
-        "taskDefinitionId": _INT, "type": _STR,
-    },
-}
-PAGE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"number": _INT, "size": _INT, "totalElements": _INT, "totalPages": _INT},
-}
-
-
-def page_schema(item: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object",
-            "properties": {"contents": {"type": "array", "items": item}, "page": PAGE_SCHEMA}}
-
 
 PAGE_PARAMS = (
     Param("page", "query", "integer", description="Page number, from 1", minimum=1,
@@ -77,14 +32,6 @@ PAGE_PARAMS = (
     Param("size", "query", "integer", description="Entries per page", minimum=1,
           maximum=MAX_PAGE_SIZE, default=10),
 )
-
-
-def paged(contents: list[Any], total: int, page: int, size: int) -> dict[str, Any]:
-    return {
-        "contents": contents,
-        "page": {"number": page, "size": size, "totalElements": total,
-                 "totalPages": math.ceil(total / size) if total else 0},
-    }
 
 
 # --- shared with compute.py ---------------------------------------------------------------
@@ -141,40 +88,40 @@ def count_outcomes(engine: Any, metrics: Any) -> None:
 # --- handlers -----------------------------------------------------------------------------
 
 
-async def list_tasks(request: web.Request) -> dict[str, Any]:
+async def list_tasks(request: web.Request) -> TaskPage:
     page, size = request["params"]["page"], request["params"]["size"]
     tasks, total = await call(engine_of(request).page(page, size))
-    return paged([t.to_json() for t in tasks], total, page, size)
+    return TaskPage.of(tasks, total, page, size)
 
 
-async def get_task(request: web.Request) -> dict[str, Any]:
-    task = await call(engine_of(request).get(request["params"]["id"]))
-    return dict(task.to_json())
+async def get_task(request: web.Request) -> TaskInstance:
+    task: TaskInstance = await call(engine_of(request).get(request["params"]["id"]))
+    return task
 
 
-def _task_operation(name: str) -> Callable[[web.Request], Awaitable[dict[str, Any]]]:
-    async def handler(request: web.Request) -> dict[str, Any]:
+def _task_operation(name: str) -> Callable[[web.Request], Awaitable[TaskInstance]]:
+    async def handler(request: web.Request) -> TaskInstance:
         operation = getattr(engine_of(request), name)
-        task = await call(operation(request["params"]["id"]))
-        return dict(task.to_json())
+        task: TaskInstance = await call(operation(request["params"]["id"]))
+        return task
 
     return handler
 
 
-def _subtask_operation(name: str) -> Callable[[web.Request], Awaitable[dict[str, Any]]]:
-    async def handler(request: web.Request) -> dict[str, Any]:
+def _subtask_operation(name: str) -> Callable[[web.Request], Awaitable[TaskInstance]]:
+    async def handler(request: web.Request) -> TaskInstance:
         operation = getattr(engine_of(request), name)
         params = request["params"]
-        task = await call(operation(params["id"], params["subtaskId"]))
-        return dict(task.to_json())
+        task: TaskInstance = await call(operation(params["id"], params["subtaskId"]))
+        return task
 
     return handler
 
 
-async def subtask_log(request: web.Request) -> dict[str, Any]:
+async def subtask_log(request: web.Request) -> SubtaskLog:
     params = request["params"]
     text = await call(engine_of(request).subtask_log(params["id"], params["subtaskId"]))
-    return {"log": text}
+    return SubtaskLog(log=text)
 
 
 _ID = Param("id", "path", "integer", description="The task id", minimum=1,
@@ -193,33 +140,36 @@ def routes() -> list[Route]:
     sub = f"{_BASE}/{{id}}/subtasks/{{subtaskId}}"
     return [
         Route("GET", _BASE, list_tasks, viewer, "Tasks, newest first",
-              params=PAGE_PARAMS, data=page_schema(TASK_SCHEMA), tags=_TAGS),
+              operation_id="listTasks", params=PAGE_PARAMS, data=TaskPage, tags=_TAGS),
         Route("GET", f"{_BASE}/{{id}}", get_task, viewer, "One task with its subtasks",
-              params=(_ID,), data=TASK_SCHEMA, errors=_NOT_FOUND, tags=_TAGS),
+              operation_id="getTask", params=(_ID,), data=TaskInstance, errors=_NOT_FOUND,
+              tags=_TAGS),
         Route("POST", f"{_BASE}/{{id}}/retry", _task_operation("retry"), manager,
               "Re-run a FAILED task from its FAILED subtasks",
               description="Each re-run subtask's runTime grows by one. A task whose "
               "rollback failed retries the rollback.",
-              params=(_ID,), data=TASK_SCHEMA, errors=_OPERATION_ERRORS, tags=_TAGS),
+              operation_id="retryTask", params=(_ID,), data=TaskInstance,
+              errors=_OPERATION_ERRORS, tags=_TAGS),
         Route("POST", f"{_BASE}/{{id}}/rollback", _task_operation("rollback"), manager,
               "Undo a FAILED task's done subtasks in reverse order",
               description="Refused with 20004 when the task's context has "
               "prohibit_rollback \"true\". The task ends SUCCESSFUL with operation "
               "ROLLBACK when every undo succeeded.",
-              params=(_ID,), data=TASK_SCHEMA,
+              operation_id="rollbackTask", params=(_ID,), data=TaskInstance,
               errors=(*_OPERATION_ERRORS, ErrorCode.ROLLBACK_PROHIBITED), tags=_TAGS),
         Route("POST", f"{sub}/retry", _subtask_operation("retry_subtask"), manager,
-              "Re-run one FAILED subtask of a FAILED task",
-              params=(_ID, _SID), data=TASK_SCHEMA, errors=_OPERATION_ERRORS, tags=_TAGS),
+              "Re-run one FAILED subtask of a FAILED task", operation_id="retrySubtask",
+              params=(_ID, _SID), data=TaskInstance, errors=_OPERATION_ERRORS, tags=_TAGS),
         Route("POST", f"{sub}/skip", _subtask_operation("skip_subtask"), manager,
               "Mark one FAILED subtask done (operation SKIP) and go on with the task",
-              params=(_ID, _SID), data=TASK_SCHEMA, errors=_OPERATION_ERRORS, tags=_TAGS),
+              operation_id="skipSubtask", params=(_ID, _SID), data=TaskInstance,
+              errors=_OPERATION_ERRORS, tags=_TAGS),
         Route("POST", f"{sub}/cancel", _subtask_operation("cancel_subtask"), manager,
               "Cancel a RUNNING subtask: CANCELING now, then FAILED",
-              params=(_ID, _SID), data=TASK_SCHEMA, errors=_OPERATION_ERRORS, tags=_TAGS),
+              operation_id="cancelSubtask", params=(_ID, _SID), data=TaskInstance,
+              errors=_OPERATION_ERRORS, tags=_TAGS),
         Route("GET", f"{sub}/log", subtask_log, viewer,
               "What the subtask did, one timestamped line per step",
-              params=(_ID, _SID),
-              data={"type": "object", "properties": {"log": _STR}},
+              operation_id="getSubtaskLog", params=(_ID, _SID), data=SubtaskLog,
               errors=_NOT_FOUND, tags=_TAGS),
     ]

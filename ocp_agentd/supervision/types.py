@@ -1,18 +1,31 @@
 """The value types of supervision: states, process info, exits, verify results.
 
-Shapes follow SPEC section 6 (process info) and section 7 (verify).
+Shapes follow SPEC section 6 (process info) and section 7 (verify). ProcessInfo, Check
+and VerifyResult are also the /api/v1 answers: their fields, in the order declared, are
+the JSON fields (``as_dict``), and the OpenAPI document is generated from the same
+declarations (api/models.py). Adding a field to the process record is adding one typed
+field to ProcessInfo (with a docstring, which becomes its description), and setting it
+in Program.info(); a nested object is a TypedDict like LastExit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import ConfigDict, with_config
+from typing_extensions import TypedDict  # pydantic needs it, not typing's, before 3.12
 
 from ocp_agentd.supervision.identity import Handle
+
+# Field docstrings become the descriptions in the OpenAPI document; every field is always
+# sent, so each is listed as required even when it has a default.
+_DOCUMENTED = ConfigDict(use_attribute_docstrings=True,
+                         json_schema_serialization_defaults_required=True)
 
 
 class State(StrEnum):
@@ -46,6 +59,7 @@ class IllegalTransition(RuntimeError):
     """A state move outside the table of legal moves: always a bug in the daemon."""
 
 
+@with_config(_DOCUMENTED)
 @dataclass
 class Check:
     """One verify check: name ("state", "process", "port N", "health"), ok, detail."""
@@ -58,6 +72,7 @@ class Check:
         return {"name": self.name, "ok": self.ok, "detail": self.detail}
 
 
+@with_config(_DOCUMENTED)
 @dataclass
 class VerifyResult:
     """The answer of verify (SPEC section 7): ok when every check is ok."""
@@ -69,42 +84,57 @@ class VerifyResult:
         return {"ok": self.ok, "checks": [c.as_dict() for c in self.checks]}
 
 
+@with_config(_DOCUMENTED)
+class LastExit(TypedDict):
+    """How the program's last process ended (ExitInfo.as_dict)."""
+
+    code: int | None
+    """The exit code; null when a signal ended it."""
+    signal: str | None
+    """The signal's name (e.g. SIGKILL) when a signal ended it."""
+    at: str
+    """When, RFC 3339 UTC with milliseconds."""
+    reason: str
+    """Why, for people."""
+
+
+@with_config(_DOCUMENTED)
 @dataclass
 class ProcessInfo:
-    """A program's status (SPEC section 6). Times: epoch seconds; uptime: seconds."""
+    """A program's status (SPEC section 6): the process record of /api/v1."""
 
     name: str
-    role: str
+    """The program name from the config."""
+    role: Literal["pos_proxy", "worker"]
     operable: bool
+    """Whether it may be started, stopped or restarted on its own."""
     state: State
     pid: int | None
+    """The main process; null when none runs."""
     create_time: float | None
+    """When the main process started, epoch seconds (the kernel's start time)."""
     uptime: float | None
+    """Seconds it has been running."""
     restarts: int
-    last_exit: dict[str, Any] | None
+    """Restarts since the daemon started it."""
+    last_exit: LastExit | None
     ports: list[int]
+    """The TCP ports it should listen on."""
     command: list[str]
     started_at: float | None
+    """When the daemon started it, epoch seconds."""
     user: str
     log_files: list[str]
+    """Its stdout and stderr logs."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "role": self.role,
-            "operable": self.operable,
-            "state": str(self.state),
-            "pid": self.pid,
-            "create_time": self.create_time,
-            "uptime": self.uptime,
-            "restarts": self.restarts,
-            "last_exit": self.last_exit,
-            "ports": self.ports,
-            "command": self.command,
-            "started_at": self.started_at,
-            "user": self.user,
-            "log_files": self.log_files,
-        }
+        """The record as JSON values, one key per field in declared order."""
+        record = {name: getattr(self, name) for name in _PROCESS_FIELDS}
+        record["state"] = str(self.state)
+        return record
+
+
+_PROCESS_FIELDS = tuple(f.name for f in fields(ProcessInfo))
 
 
 @dataclass
@@ -120,7 +150,7 @@ class ExitInfo:
     def failed(self) -> bool:
         return self.code != 0
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> LastExit:
         return {
             "code": self.code,
             "signal": self.signal,

@@ -1,17 +1,23 @@
 """The OCP task model: TaskInstance and SubtaskInstance in the seed's shape.
 
-`to_json()` gives exactly the fields of the seed's sample response
-(seeds/000_56e64bc58e0afbbd.txt); nothing more, so a strict OCP client sees
-the shape it knows. Why a subtask failed is in its log.
+Each is one pydantic model (wire.OcpModel): the engine's object, the store's row, the
+API's answer and the OpenAPI schema. On the wire they have exactly the fields of the
+seed's sample response (seeds/000_56e64bc58e0afbbd.txt), camelCase; the daemon's own
+fields are ``exclude``d, so a strict OCP client sees the shape it knows. Why a subtask
+failed is in its log.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+
+from pydantic import Field
+from typing_extensions import TypedDict  # pydantic needs it, not typing's, before 3.12
+
+from ocp_agentd.wire import OcpModel
 
 
 class TaskStatus(StrEnum):
@@ -47,66 +53,72 @@ def iso_now() -> str:
     return datetime.now().astimezone().isoformat(timespec="milliseconds")
 
 
-@dataclass
-class SubtaskInstance:
-    id: int
-    task_id: int
+class SubtaskInstance(OcpModel):
+    """One subtask of a task: the seed's SubtaskInstance (camelCase on the wire). The
+    fields marked ``exclude`` are the daemon's own bookkeeping, stored but never sent."""
+
     class_name: str
-    name: str
     description: str
-    timeout: int
-    series_id: int
-    upstreams: list[int] = field(default_factory=list)
-    downstreams: list[int] = field(default_factory=list)
-    status: SubtaskStatus = SubtaskStatus.PENDING
-    operation: Operation = Operation.EXECUTE
-    run_time: int = 1
-    prohibit_rollback: bool = False
-    parallel_idx: int = -1
+    downstreams: list[int] = Field(default_factory=list)
+    """Ids of the subtasks that wait for this one."""
+    id: int
+    name: str
     node_type: str = "JAVA_TASK"
-    start_time: str | None = None
-    end_time: str | None = None
+    operation: Operation = Operation.EXECUTE
+    parallel_idx: int = -1
+    prohibit_rollback: bool = False
+    run_time: int = 1
+    """How many times it has been run (a retry adds one)."""
+    series_id: int
+    """Its index in the task's template."""
+    status: SubtaskStatus = SubtaskStatus.PENDING
+    timeout: int
+    """Seconds one run may take."""
+    upstreams: list[int] = Field(default_factory=list)
+    """Ids of the subtasks it waits for."""
+    task_id: int = Field(exclude=True)
+    start_time: str | None = Field(default=None, exclude=True)
+    end_time: str | None = Field(default=None, exclude=True)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "className": self.class_name,
-            "description": self.description,
-            "downstreams": list(self.downstreams),
-            "id": self.id,
-            "name": self.name,
-            "nodeType": self.node_type,
-            "operation": str(self.operation),
-            "parallelIdx": self.parallel_idx,
-            "prohibitRollback": self.prohibit_rollback,
-            "runTime": self.run_time,
-            "seriesId": self.series_id,
-            "status": str(self.status),
-            "timeout": self.timeout,
-            "upstreams": list(self.upstreams),
-        }
+        """The wire shape: the seed's fields, camelCase."""
+        return self.model_dump(mode="json")
 
 
-@dataclass
-class TaskInstance:
-    id: int
-    name: str
-    template: str
-    host_id: int
+class TaskContext(TypedDict):
+    """A task's context (the seed's shape): ``stringMap`` holds ``host_id`` and
+    ``prohibit_rollback`` ("true"/"false") and what the subtasks record."""
+
+    listMap: dict[str, list[str]]
+    parallel: bool
+    parallelIdx: int
+    stringMap: dict[str, str]
+
+
+class TaskInstance(OcpModel):
+    """A task: the seed's TaskInstance (camelCase on the wire; sample response in
+    seeds/000_56e64bc58e0afbbd.txt). The fields marked ``exclude`` are the daemon's own."""
+
+    context: TaskContext
     creator: str
     executor: str
-    start_time: str
-    status: TaskStatus = TaskStatus.RUNNING
+    """The address of the host that runs it."""
+    host_id: int
+    id: int
+    name: str
     operation: Operation = Operation.EXECUTE
-    context: dict[str, Any] = field(default_factory=dict)
-    subtasks: list[SubtaskInstance] = field(default_factory=list)
-    end_time: str | None = None
-    lock_key: str | None = None
-    idempotency_key: str | None = None
+    start_time: str = Field(json_schema_extra={"format": "date-time"})
+    status: TaskStatus = TaskStatus.RUNNING
+    subtasks: list[SubtaskInstance] = Field(default_factory=list)
     task_definition_id: int = -1
     type: str = "MANUAL"
+    template: str = Field(exclude=True)
+    end_time: str | None = Field(default=None, exclude=True)
+    lock_key: str | None = Field(default=None, exclude=True)
+    idempotency_key: str | None = Field(default=None, exclude=True)
 
     @staticmethod
-    def new_context(host_id: int, prohibit_rollback: bool) -> dict[str, Any]:
+    def new_context(host_id: int, prohibit_rollback: bool) -> TaskContext:
         return {
             "listMap": {},
             "parallel": False,
@@ -132,24 +144,13 @@ class TaskInstance:
     def subtask(self, subtask_id: int) -> SubtaskInstance | None:
         return next((s for s in self.subtasks if s.id == subtask_id), None)
 
-    def copy(self) -> TaskInstance:
-        return copy.deepcopy(self)
+    def copy(self) -> TaskInstance:  # type: ignore[override]
+        """A deep copy (what the engine answers while it goes on changing its own)."""
+        return self.model_copy(deep=True)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "context": copy.deepcopy(self.context),
-            "creator": self.creator,
-            "executor": self.executor,
-            "hostId": self.host_id,
-            "id": self.id,
-            "name": self.name,
-            "operation": str(self.operation),
-            "startTime": self.start_time,
-            "status": str(self.status),
-            "subtasks": [s.to_json() for s in self.subtasks],
-            "taskDefinitionId": self.task_definition_id,
-            "type": self.type,
-        }
+        """The wire shape: the seed's fields, camelCase."""
+        return self.model_dump(mode="json")
 
 
 @dataclass(frozen=True)
