@@ -343,8 +343,8 @@ def figures_table(results: Results, where: str) -> str:
 REGRESSION_LIMITS = (
     ("crash", median, SUPERVISORD, 0.25, "crash to new pid vs supervisord's loop"),
     ("crash", median, FLOOR, 30.0, "crash to new pid vs the floor"),
-    ("stop.gone", median, FLOOR, 25.0, "stop all, pids gone vs the floor"),
-    ("restart.new", median, FLOOR, 25.0, "restart all, new pids running vs the floor"),
+    ("stop.gone", median, FLOOR, 40.0, "stop all, pids gone vs the floor"),
+    ("restart.new", median, FLOOR, 30.0, "restart all, new pids running vs the floor"),
     ("status", median, SUPERVISORD, 0.6, "status latency vs supervisord's"),
 )
 
@@ -451,12 +451,13 @@ def results_markdown(env_lines: list[str], results: Results, goal_rows: list[Goa
     if results.sorted_phases("container"):
         parts += ["", "## In the Debian 12 container: systemd and ocp-agentd", "",
                   figures_table(results, "container")]
-    resolution = [
+    scans = [
         f"{phase}: {median(v):.2f} ms"
         for phase in results.sorted_phases() + results.sorted_phases("container")
         if (v := [x for by in results.phases[phase].values()
                   for x in by.get("resolution.pass_ms", [])])
     ]
-    parts += ["", METHOD, "", "Resolution of \"new pids running\" (one /proc scan, median): "
-              + "; ".join(resolution) + "."]
+    parts += ["", METHOD, "", "\"New pids running\" was detected from the kernel's exec "
+              "events where no /proc scan is listed; one /proc scan took (median) "
+              + ("; ".join(scans) if scans else "— (none was needed)") + "."]
     return "\n".join(parts) + "\n"
