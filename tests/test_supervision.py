@@ -321,6 +321,7 @@ def test_reused_pid_is_never_signalled(world: World, tmp_path: Path) -> None:
         )
         # And a record of a removed program pointing at it with the wrong command line.
         records.save(PidRecord("gone", stranger.pid, starttime, ["/bin/other"], "y", "", 0.0))
+        assert records.flush()  # written by a thread: on disk before the daemon reads them
 
         async def body(sup: Supervisor) -> None:
             assert sup.info("w1").pid != stranger.pid

@@ -240,6 +240,8 @@ class Supervisor:
         """Stops watching; the programs go on running for the next daemon to adopt."""
         for program in self.programs.values():
             program.release()
+        if not await asyncio.to_thread(self.records.flush):
+            log.error("pid records not all written within 10 s")
         if self._http is not None:
             await self._http.close()
 
