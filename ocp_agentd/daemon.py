@@ -35,6 +35,7 @@ from ocp_agentd.config import (
     restart_only_changes,
     summary,
 )
+from ocp_agentd.logqueue import handlers_off_the_loop
 from ocp_agentd.preflight import check_writable, take_instance_lock
 from ocp_agentd.supervision import Supervisor
 from ocp_agentd.systemd import Notifier, StatusReporter, journal_handler, status_text
@@ -99,6 +100,7 @@ def setup_logging(settings: Settings | None, level: str) -> None:
             handler.setFormatter(logging.Formatter(LOG_FORMAT))
             root.addHandler(handler)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    handlers_off_the_loop(root)
 
 
 class Daemon:
