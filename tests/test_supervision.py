@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
-from harness import free_port, marked_processes
+from harness import free_port, marked_processes, wait_for
 
 from ocp_agentd.config import ProgramSpec, Settings
 from ocp_agentd.supervision import IllegalTransition, OperationFailed, State, Supervisor
@@ -24,6 +24,13 @@ from ocp_agentd.supervision.proctable import MARK_STATE_DIR
 from ocp_agentd.supervision.program import TRANSITIONS
 
 SH = "/bin/sh"
+
+
+def _dead(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def marked(state_dir: Path) -> list[psutil.Process]:
@@ -273,7 +280,11 @@ def test_adoption_after_daemon_loss_and_restart_of_the_dead(world: World) -> Non
         await sup.close()  # what a crashed daemon leaves: programs running, records on disk
 
     asyncio.run(first())
+    victim = psutil.Process(pids["dies"])
     os.kill(pids["dies"], signal.SIGKILL)
+    # SIGKILL ends the victim when it next runs; until then a new daemon would rightly
+    # adopt it alive. The scenario is a program that died before the daemon came back.
+    wait_for(lambda: _dead(victim), timeout=10, message="the killed program to die")
 
     async def second(sup: Supervisor) -> None:
         assert sup.info("keep").pid == pids["keep"]
