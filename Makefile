@@ -11,7 +11,8 @@ help:
 	@echo "make test         the fast test suite (lint + pytest)"
 	@echo "make e2e          packages + systemd end-to-end tests (root, minutes)"
 	@echo "make faults       the fault, load and hostile-input suite"
-	@echo "make bench        benchmark against supervisord (bench-quick: the CI-sized run)"
+	@echo "make bench        benchmark against supervisord, circus, systemd and the floor (~25 min)"
+	@echo "make bench-quick  the CI-sized benchmark (under a minute; fails on a regressed ratio)"
 	@echo "make package      build the .deb and .rpm into dist/"
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh

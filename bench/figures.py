@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
-from bench.procs import cmdline, rss_uss_mib
+from bench.procs import rss_uss_mib
 from bench.targets import PROGRAM_ARGV, Target
 from bench.watch import Effect, Watcher
 
@@ -54,12 +54,17 @@ def _checked(effect: Effect, target: Target, what: str) -> Effect:
     return effect
 
 
-def cycle(targets: Sequence[Target], reps: int, watcher: Watcher, out: Samples) -> None:
-    """Per turn, from all programs stopped: start-all, restart-all, stop-all.
+def cycle(
+    targets: Sequence[Target], reps: int, watcher: Watcher, out: Samples,
+    status_seconds: float = 0.0,
+) -> None:
+    """Per turn, from all programs stopped: start-all, status, restart-all, stop-all.
 
     - start: ``start.new`` all N new pids run the program (/proc), ``start.reported`` the
       target's status first shows all N RUNNING (asked back to back once the effect is
       seen), ``start.reply`` the call's answer;
+    - ``status``: the latency of each of the sequential status requests (every
+      program's state) made over ``status_seconds``, the programs running;
     - restart (stop-all call, then start-all call): ``restart.gone`` all old pids gone,
       ``restart.new``, ``restart.reported``, ``restart.reply``, and ``restart.cpu``: CPU
       seconds the supervisor spent from the first call until both the reply and the
@@ -79,7 +84,10 @@ def cycle(targets: Sequence[Target], reps: int, watcher: Watcher, out: Samples) 
             got["start.new"].append(effect.new_at - begin)
             got["start.reported"].append(reported - begin)
             got["start.reply"].append(replied - begin)
-            got["resolution.pass_ms"].append(effect.pass_ms)
+            if effect.passes:
+                got["resolution.pass_ms"].append(effect.pass_ms)
+            if status_seconds:
+                status_burst(target, status_seconds, got["status"])
 
             old = effect.new_pids
             watcher.arm(gone=old, new=target.n, argv=PROGRAM_ARGV, mark=target.mark)
@@ -153,28 +161,19 @@ def crash(
             target.end_turn()
 
 
-def status(
-    targets: Sequence[Target], seconds: float, watcher: Watcher, out: Samples
-) -> None:
-    """``status``: latency of one status request for every program, sequential requests
-    for ``seconds`` per target (two alternated halves), the programs running."""
-    for _, target in rounds(targets, 2):
-        got = out[target.label]
-        pids = start_programs(target, watcher)
-        try:
-            target.states()  # warm the connection
-            end = time.monotonic() + seconds / 2
-            while True:
-                begin = time.monotonic()
-                states = target.states()
-                now = time.monotonic()
-                got["status"].append(now - begin)
-                if now >= end:
-                    break
-            if len(states) != target.n:
-                raise AssertionError(f"{target.label}: {len(states)} states for {target.n}")
-        finally:
-            stop_programs(target, watcher, pids)
+def status_burst(target: Target, seconds: float, latencies: list[float]) -> None:
+    """Sequential status requests for ``seconds`` (at least one); appends each latency."""
+    target.states()  # warm the connection
+    end = time.monotonic() + seconds
+    while True:
+        begin = time.monotonic()
+        states = target.states()
+        now = time.monotonic()
+        latencies.append(now - begin)
+        if now >= end:
+            break
+    if len(states) != target.n:
+        raise AssertionError(f"{target.label}: {len(states)} states for {target.n}")
 
 
 def cli_status(targets: Sequence[Target], reps: int, out: Samples) -> None:
@@ -209,6 +208,3 @@ def idle(targets: Sequence[Target], seconds: float, out: Samples) -> None:
         got["rss_mib"].append(rss)
         got["uss_mib"].append(uss)
 
-
-def programs_match(pids: list[int]) -> bool:
-    return all(cmdline(pid) == PROGRAM_ARGV for pid in pids)

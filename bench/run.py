@@ -57,6 +57,7 @@ class Plan:
     cli_reps: int
     idle_seconds: float
     peers: tuple[str, ...]  # supervisord, supervisord+poll, circus
+    poll_sizes: tuple[int, ...] = ()  # N at which supervisord+poll is measured too
     systemd_sizes: tuple[int, ...] = ()
     systemd_reps: int = 3
     seed_reps: int = 0
@@ -77,6 +78,7 @@ FULL = Plan(
     cli_reps=7,
     idle_seconds=30.0,
     peers=("supervisord", "supervisord+poll", "circus"),
+    poll_sizes=(10, 50, 200),
     systemd_sizes=(10, 50, 200),
     seed_reps=10,
 )
@@ -159,7 +161,7 @@ def make_targets(plan: Plan, workdir: Path, n: int, reaper: Reaper) -> list[Targ
     quiet = Supervisord(workdir / f"supervisord-{n}", n, reaper, PEERS_VENV)
     if "supervisord" in plan.peers or "supervisord+poll" in plan.peers:
         targets.append(quiet)
-    if "supervisord+poll" in plan.peers:
+    if "supervisord+poll" in plan.peers and n in plan.poll_sizes:
         targets.append(PolledSupervisord(quiet))
     if "circus" in plan.peers:
         targets.append(Circus(workdir / f"circus-{n}", n, reaper, PEERS_VENV))
@@ -189,10 +191,8 @@ def run_phase(
             target.wait_reported()
             target.stop_all()
         reps = plan.reps[n]
-        log(f"{phase}: start/restart/stop x{reps}")
-        figures.cycle(targets, reps, watcher, samples)
-        log(f"{phase}: status {plan.status_seconds:g}s each")
-        figures.status(launched(targets), plan.status_seconds, watcher, samples)
+        log(f"{phase}: start/status/restart/stop x{reps}")
+        figures.cycle(targets, reps, watcher, samples, plan.status_seconds / reps)
         if n == plan.crash_n and crowd == 0:
             log(f"{phase}: crash to new pid, {plan.crash_kills} x {plan.crash_turns} turns")
             figures.crash(targets, plan.crash_kills, plan.crash_turns, watcher, samples)
@@ -218,6 +218,7 @@ def run_startup(plan: Plan, workdir: Path, reaper: Reaper, results: report.Resul
         for target in targets if i % 2 == 0 else reversed(targets):
             try:
                 samples[target.label]["startup"].append(target.start())
+                target.wait_reported()  # a supervisor stopped mid-start may linger
             finally:
                 target.stop()
 

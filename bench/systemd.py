@@ -141,10 +141,8 @@ def run_inside(sizes: list[int], reps: int, seconds: float, idle_seconds: float,
                     target.start()
                     target.wait_reported()
                     target.stop_all()
-                log(f"container N={n}: start/restart/stop x{reps}")
-                figures.cycle(targets, reps, watcher, samples)
-                log(f"container N={n}: status")
-                figures.status(targets, seconds, watcher, samples)
+                log(f"container N={n}: start/status/restart/stop x{reps}")
+                figures.cycle(targets, reps, watcher, samples, seconds / reps)
                 if n == crash[0]:
                     log(f"container N={n}: crash to new pid")
                     figures.crash(targets, crash[1], crash[2], watcher, samples)

@@ -37,6 +37,7 @@ from ocp_agentd.config import (
 )
 from ocp_agentd.events import EventHub, TaskEvents
 from ocp_agentd.logformat import line_formatter, writes_log_file
+from ocp_agentd.logqueue import handlers_off_the_loop
 from ocp_agentd.preflight import check_writable, take_instance_lock
 from ocp_agentd.supervision import Supervisor
 from ocp_agentd.systemd import Notifier, StatusReporter, journal_handler, status_text
@@ -109,6 +110,7 @@ def setup_logging(settings: Settings | None, level: str) -> None:
             handler.setFormatter(line_formatter())
             root.addHandler(handler)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    handlers_off_the_loop(root)
 
 
 class Daemon:

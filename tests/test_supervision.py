@@ -26,6 +26,13 @@ from ocp_agentd.supervision.program import TRANSITIONS
 SH = "/bin/sh"
 
 
+def _dead(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def marked(state_dir: Path) -> list[psutil.Process]:
     """Every live process carrying this test's state-dir marker."""
     return marked_processes([(MARK_STATE_DIR, str(state_dir))])
@@ -296,11 +303,11 @@ def test_adoption_after_daemon_loss_and_restart_of_the_dead(world: World) -> Non
         await sup.close()  # what a crashed daemon leaves: programs running, records on disk
 
     asyncio.run(first())
+    victim = psutil.Process(pids["dies"])
     os.kill(pids["dies"], signal.SIGKILL)
-    # SIGKILL is delivered asynchronously: the next daemon must find it dead, not dying.
-    wait_for(lambda: not psutil.pid_exists(pids["dies"])
-             or psutil.Process(pids["dies"]).status() == psutil.STATUS_ZOMBIE,
-             message="the killed program gone")
+    # SIGKILL ends the victim when it next runs; until then a new daemon would rightly
+    # adopt it alive. The scenario is a program that died before the daemon came back.
+    wait_for(lambda: _dead(victim), timeout=10, message="the killed program to die")
 
     async def second(sup: Supervisor) -> None:
         assert sup.info("keep").pid == pids["keep"]
@@ -348,6 +355,7 @@ def test_reused_pid_is_never_signalled(world: World, tmp_path: Path) -> None:
         )
         # And a record of a removed program pointing at it with the wrong command line.
         records.save(PidRecord("gone", stranger.pid, starttime, ["/bin/other"], "y", "", 0.0))
+        assert records.flush()  # written by a thread: on disk before the daemon reads them
 
         async def body(sup: Supervisor) -> None:
             assert sup.info("w1").pid != stranger.pid

@@ -257,6 +257,8 @@ class Supervisor:
         if self._log_watcher is not None:
             await asyncio.to_thread(self._log_watcher.close)
             self._log_watcher = None
+        if not await asyncio.to_thread(self.records.flush):
+            log.error("pid records not all written within 10 s")
         if self._http is not None:
             await self._http.close()
 
