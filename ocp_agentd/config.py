@@ -157,6 +157,72 @@ class ApiSection(_Strict):
         return host.strip("[]"), int(port)
 
 
+class LivenessSpec(_Strict):
+    """``[programs.<name>.liveness]`` (SPEC section 10): how to tell a RUNNING program is alive.
+
+    Exactly one probe kind: ``http_get`` (a URL that must answer 2xx), ``tcp_connect`` (a
+    port on 127.0.0.1, or "HOST:PORT", that must accept a connection) or ``exec`` (an argv
+    run as the program's user, in its cwd, with its env; exit status 0 = alive). Times are
+    seconds. Raises ValueError naming the keys when none or several kinds are set.
+    """
+
+    http_get: str = ""
+    tcp_connect: int | str | None = None
+    exec: list[str] | None = None
+    period: float = Field(default=10.0, gt=0, le=86400)
+    timeout: float = Field(default=2.0, gt=0, le=3600)
+    failure_threshold: int = Field(default=3, ge=1, le=1000)
+    initial_delay: float = Field(default=0.0, ge=0, le=86400)
+
+    @field_validator("http_get")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("http_get must start with http:// or https://")
+        return value
+
+    @field_validator("tcp_connect")
+    @classmethod
+    def _port_or_address(cls, value: int | str | None) -> int | str | None:
+        if value is None:
+            return value
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)  # from the environment every value is a string
+        host, _, port = ("127.0.0.1", "", str(value)) if isinstance(value, int) else (
+            value.rpartition(":"))
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected a port (1..65535) or HOST:PORT, e.g. 62889")
+        return value
+
+    @field_validator("exec")
+    @classmethod
+    def _absolute_exec(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or not os.path.isabs(value[0])):
+            raise ValueError("exec needs an argv whose program path is absolute")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> LivenessSpec:
+        kinds = [k for k in ("http_get", "tcp_connect", "exec") if getattr(self, k)]
+        if len(kinds) != 1:
+            found = ", ".join(kinds) or "none"
+            raise ValueError(f"exactly one of http_get, tcp_connect, exec is needed, found {found}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """"http_get", "tcp_connect" or "exec"."""
+        return "http_get" if self.http_get else "tcp_connect" if self.tcp_connect else "exec"
+
+    @property
+    def tcp_address(self) -> tuple[str, int]:
+        """(host, port) of tcp_connect; a bare port means 127.0.0.1."""
+        if isinstance(self.tcp_connect, int):
+            return "127.0.0.1", self.tcp_connect
+        host, _, port = str(self.tcp_connect).rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class ProgramSpec(_Strict):
     name: str = ""
     role: Literal["pos_proxy", "worker"] = "worker"
@@ -185,6 +251,7 @@ class ProgramSpec(_Strict):
     memory_max: int | None = None  # bytes; "512M" in the file; "" = no limit
     memory_high: int | None = None
     pids_max: int = Field(default=0, ge=0, le=4194304)  # 0 = no limit
+    liveness: LivenessSpec | None = None
 
     @field_validator("memory_max", "memory_high", mode="before")
     @classmethod

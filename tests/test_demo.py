@@ -17,7 +17,13 @@ import psutil
 import pytest
 from harness import check_config, free_port, kill_marked, wait_for
 
-from ocp_agentd.config import AgentSection, ApiSection, ProgramSpec, load_settings
+from ocp_agentd.config import (
+    AgentSection,
+    ApiSection,
+    LivenessSpec,
+    ProgramSpec,
+    load_settings,
+)
 from ocp_agentd.demo.config import PACKAGE_ROOT, demo_command, to_toml, write_demo_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -336,8 +342,12 @@ def test_example_config_keys_and_defaults():
     path = REPO / "examples" / "demo.toml"
     document = tomllib.loads(path.read_text())
     proxy = document["programs"]["pos_proxy"]
-    spec_keys = set(ProgramSpec.model_fields) - {"name"}
+    spec_keys = set(ProgramSpec.model_fields) - {"name", "liveness"}
     assert spec_keys <= set(proxy), spec_keys - set(proxy)
+    # SPEC section 10: one probe kind is set, the other two are shown as comments.
+    liveness = document["programs"]["ocp_exporter"]["liveness"]
+    assert set(LivenessSpec.model_fields) - {"tcp_connect", "exec"} == set(liveness)
+    assert "# tcp_connect = " in path.read_text() and "# exec = [" in path.read_text()
     assert set(AgentSection.model_fields) <= set(document["agent"])
     assert set(ApiSection.model_fields) <= set(document["api"])
     settings = load_settings(path)
