@@ -146,6 +146,26 @@ def test_exporter_serves_metrics_and_health(spawn):
     assert exporter.proc.wait(10) == 0
 
 
+def test_exporter_wedges_on_sigusr1_and_still_stops_on_sigterm(spawn):
+    port = free_port()
+    exporter = spawn("exporter", "--port", port)
+    assert wait_for(lambda: http_get(port, "/health"), 10, "exporter /health")[0] == 200
+    exporter.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "wedged" in exporter.output(), 10, "the wedge logged")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
+    with pytest.raises(TimeoutError):
+        conn.request("GET", "/health")  # accepted, never answered
+        conn.getresponse()
+    conn.close()
+    assert port in listening_ports(exporter.proc.pid)
+    exporter.proc.send_signal(signal.SIGUSR1)
+    assert http_get(port, "/health")[0] == 200
+    exporter.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: exporter.output().count("wedged: requests") == 2, 10, "wedged again")
+    exporter.proc.send_signal(signal.SIGTERM)
+    assert exporter.proc.wait(10) == 0
+
+
 def test_logtailer_prints_lines_has_no_port_and_exits_0_on_sigterm(spawn):
     tailer = spawn("logtailer", "--interval", "0.05")
     wait_for(lambda: tailer.output().count("tailed observer.log") >= 3, 10, "three lines")

@@ -3,7 +3,9 @@
 Every demo program that has a port uses `run_http`: one asyncio loop, no timers, so an
 idle program sleeps in epoll and costs no CPU. SIGTERM and SIGINT stop it cleanly
 (exit status 0); SIGHUP is logged and changes nothing. Each request is logged to stdout,
-one line each.
+one line each. A program may name a wedge signal: each time it arrives the server stops
+answering (connections are accepted, requests hang, as in a deadlocked server) or, the
+next time, answers again.
 """
 
 from __future__ import annotations
@@ -56,13 +58,28 @@ def _answer(routes: Routes, method: str, path: str) -> Reply:
         return json_reply({"error": repr(exc)}, 500)
 
 
-async def _serve(name: str, host: str, port: int, routes: Routes, delay: float) -> int:
+async def _serve(
+    name: str, host: str, port: int, routes: Routes, delay: float, wedge_signal: int | None
+) -> int:
     stop = asyncio.Event()
+    answering = asyncio.Event()
+    answering.set()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     # As real agents do on SIGHUP (re-open logs, re-read settings): say so, keep serving.
     loop.add_signal_handler(signal.SIGHUP, log, name, "SIGHUP received, carrying on")
+
+    def toggle_wedge() -> None:
+        if answering.is_set():
+            answering.clear()
+            log(name, "wedged: requests are accepted but no longer answered")
+        else:
+            answering.set()
+            log(name, "unwedged: answering again")
+
+    if wedge_signal is not None:
+        loop.add_signal_handler(wedge_signal, toggle_wedge)
     if delay > 0:
         log(name, f"waiting {delay}s before listening on {host}:{port}")
         try:
@@ -77,6 +94,9 @@ async def _serve(name: str, host: str, port: int, routes: Routes, delay: float) 
             request = (await asyncio.wait_for(reader.readline(), 10)).decode("latin-1")
             while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
                 pass  # headers are not needed
+            await answering.wait()
+            if stop.is_set():
+                return  # released by the stop, not by the end of a wedge
             parts = request.split()
             method, path = (parts[0], parts[1].split("?")[0]) if len(parts) >= 2 else ("", "")
             status, content_type, body = _answer(routes, method, path)
@@ -100,12 +120,22 @@ async def _serve(name: str, host: str, port: int, routes: Routes, delay: float) 
         return 1
     log(name, f"listening on {host}:{port}")
     await stop.wait()
+    answering.set()  # wedged requests end unanswered (see handle)
     server.close()
     await server.wait_closed()
     log(name, "stopped on signal")
     return 0
 
 
-def run_http(name: str, host: str, port: int, routes: Routes, delay: float = 0.0) -> int:
-    """Serves `routes` (path -> reply function) until SIGTERM; returns the exit status."""
-    return asyncio.run(_serve(name, host, port, routes, delay))
+def run_http(
+    name: str,
+    host: str,
+    port: int,
+    routes: Routes,
+    delay: float = 0.0,
+    wedge_signal: int | None = None,
+) -> int:
+    """Serves `routes` (path -> reply function) until SIGTERM; returns the exit status.
+
+    wedge_signal (e.g. signal.SIGUSR1) toggles answering off and on."""
+    return asyncio.run(_serve(name, host, port, routes, delay, wedge_signal))

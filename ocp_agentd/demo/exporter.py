@@ -3,13 +3,15 @@
     python -m ocp_agentd.demo.exporter --port 62889 [--host 127.0.0.1]
 
 /metrics answers a few Prometheus lines (the host load is real, the rest is made up).
-Exits with status 0 on SIGTERM.
+Exits with status 0 on SIGTERM. SIGUSR1 wedges it: it keeps its pid and its port but
+answers nothing (a second SIGUSR1 ends the wedge), which only a liveness probe notices.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 from ocp_agentd.demo._serve import health_route, log, run_http, text_reply
 
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     log(NAME, f"starting (port {args.port})")
-    return run_http(NAME, args.host, args.port, {"/metrics": metrics, "/health": health_route()})
+    routes = {"/metrics": metrics, "/health": health_route()}
+    return run_http(NAME, args.host, args.port, routes, wedge_signal=signal.SIGUSR1)
 
 
 if __name__ == "__main__":
