@@ -1,63 +1,212 @@
-"""Probes of a program: TCP ports listening in its process tree, an HTTP health URL.
+"""Probes of a program, one implementation for readiness, verify and liveness.
 
-Readiness (Program waiting for STARTING -> RUNNING) and verify (SPEC section 7) call the
-same probe per kind, so a program is never "ready" by one rule and "failing" by another.
+The kinds: TCP ports listening in the program's process tree (readiness, verify), an
+HTTP GET, a TCP connect and a command (SPEC section 10; the HTTP GET is also readiness'
+health_url). Each runs on the event loop without blocking it and without a thread of its
+own (the port scan, which reads /proc, runs on a worker thread), ends within its timeout,
+and answers a ProbeResult, so a program is never "ready" by one rule and "failing" by
+another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Iterable
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import aiohttp
+import psutil
 
+from ocp_agentd.config import ProgramSpec
+from ocp_agentd.supervision import spawn
 from ocp_agentd.supervision.proctable import take_snapshot
+from ocp_agentd.supervision.types import ProbeResult
 
-_LISTEN = "0A"
+Probe = Callable[[], Awaitable[ProbeResult]]
 
-
-def _listening_inodes() -> dict[int, int]:
-    """socket inode -> local port, for every TCP socket in LISTEN state."""
-    inodes: dict[int, int] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as handle:
-                next(handle, None)
-                for line in handle:
-                    fields = line.split()
-                    if len(fields) > 9 and fields[3] == _LISTEN:
-                        port = int(fields[1].rsplit(":", 1)[1], 16)
-                        inodes[int(fields[9])] = port
-        except OSError:
-            continue
-    return inodes
+# How much of an exec probe's output is kept for its detail (the rest is read and dropped,
+# so a chatty probe never blocks on a full pipe).
+OUTPUT_KEPT = 512
 
 
-def _socket_inodes(pid: int) -> set[int]:
-    found: set[int] = set()
-    fd_dir = f"/proc/{pid}/fd"
+class _Clock:
+    """Start time of a probe; makes its result."""
+
+    def __init__(self) -> None:
+        self.at = time.time()
+        self.started = time.monotonic()
+
+    def result(self, ok: bool, detail: str) -> ProbeResult:
+        return ProbeResult(ok, detail, self.at, time.monotonic() - self.started)
+
+
+async def http_get(session: aiohttp.ClientSession, url: str, timeout: float) -> ProbeResult:
+    """GET url through the shared session: ok when it answers 2xx within timeout seconds.
+
+    Redirects are not followed: the URL is the program's own endpoint, a 3xx is a failure.
+    Each probe opens its own connection (``Connection: close``), as kubelet's httpGet probe
+    does: a kept-alive connection could answer while the program accepts no new ones.
+    """
+    clock = _Clock()
     try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return found
-    for name in names:
+        async with session.get(
+            url,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            allow_redirects=False,
+            headers={"Connection": "close"},
+        ) as response:
+            ok = 200 <= response.status < 300
+            return clock.result(ok, f"{url} answered {response.status}")
+    except TimeoutError:
+        return clock.result(False, f"{url}: no answer within {timeout:g}s")
+    except (aiohttp.ClientError, OSError) as exc:
+        return clock.result(False, f"{url}: {exc.__class__.__name__} {exc}".strip())
+
+
+async def tcp_connect(host: str, port: int, timeout: float) -> ProbeResult:
+    """Ok when host:port accepts a TCP connection within timeout seconds (then closed)."""
+    clock = _Clock()
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except TimeoutError:
+        return clock.result(False, f"{where}: no connection within {timeout:g}s")
+    except OSError as exc:
+        # asyncio's message repeats the address; the errno's text says what happened.
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        return clock.result(False, f"{where}: {why}")
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return clock.result(True, f"{where} accepted a connection")
+
+
+async def run_command(
+    argv: list[str],
+    timeout: float,
+    *,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    user: Mapping[str, Any] | None = None,
+) -> ProbeResult:
+    """Runs argv in a new session: ok when it exits 0 within timeout seconds.
+
+    ``user`` holds Popen's user/group/extra_groups (the program's account). At the timeout
+    (or when the probe is cancelled) its whole process group gets SIGKILL, while its leader
+    is still unreaped, so the group id cannot name anyone else's processes. The detail
+    carries the end of its output (stdout and stderr).
+    """
+    clock = _Clock()
+    _use_pidfd_child_watcher()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+            **(user or {}),
+        )
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return clock.result(False, f"cannot run {argv[0]}: {reason}")
+    name = os.path.basename(argv[0])
+    kept = bytearray()
+    assert proc.stdout is not None
+    reader = asyncio.ensure_future(_drain(proc.stdout, kept))
+    deadline = time.monotonic() + timeout
+    try:
         try:
-            target = os.readlink(f"{fd_dir}/{name}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            found.add(int(target[8:-1]))
-    return found
+            code = await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            return clock.result(False, f"{name} did not finish within {timeout:g}s (killed)")
+        # A child it left behind may hold the pipe open: read only until the deadline.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reader), max(0.0, deadline - time.monotonic()))
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        reader.cancel()
+    said = _last_line(bytes(kept))
+    if code == 0:
+        return clock.result(True, f"{name} exited 0" + (f": {said}" if said else ""))
+    how = f"killed by {_signal_name(-code)}" if code < 0 else f"exited {code}"
+    return clock.result(False, f"{name} {how}" + (f": {said}" if said else ""))
+
+
+async def _drain(stream: asyncio.StreamReader, kept: bytearray) -> None:
+    """Reads stream to its end, keeping the last OUTPUT_KEPT bytes in kept."""
+    while chunk := await stream.read(65536):
+        kept.extend(chunk)
+        del kept[:-OUTPUT_KEPT]
+
+
+def _last_line(output: bytes) -> str:
+    lines = output.decode("utf-8", "replace").strip().splitlines()
+    return " ".join(lines[-1].split())[:200] if lines else ""
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _use_pidfd_child_watcher() -> None:
+    """Makes asyncio wait for probe commands through a pidfd on the loop.
+
+    Python 3.11's default child watcher (ThreadedChildWatcher) starts a thread per child
+    to block in waitpid; its PidfdChildWatcher (Linux 5.3+, the default from Python 3.12,
+    see asyncio.unix_events) registers the child's pidfd with the loop instead. Installed
+    once per loop; nothing to do on 3.12 and later.
+    """
+    if sys.version_info >= (3, 12):
+        return
+    loop = asyncio.get_running_loop()
+    policy = asyncio.get_event_loop_policy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        watcher = policy.get_child_watcher()
+        if not isinstance(watcher, asyncio.PidfdChildWatcher):
+            watcher = asyncio.PidfdChildWatcher()
+            policy.set_child_watcher(watcher)
+        if not watcher.is_active():
+            watcher.attach_loop(loop)
+
+
+# ---- ports (readiness and verify) -------------------------------------------------------------
 
 
 def listening_ports(pids: Iterable[int]) -> set[int]:
-    """The TCP ports on which any of pids listens (blocking: call in a thread)."""
-    inodes = _listening_inodes()
+    """The TCP ports (IPv4 and IPv6) on which any of pids listens (blocking: call in a thread).
+
+    psutil's Process.net_connections, against our former reading of /proc/net/tcp{,6} and
+    the fd links: 10.8 ms against 9.7 ms per call for a process with one socket, 31.5 against
+    21.8 ms for one holding 2,000, with 1,100 sockets in the host's table (2 cores, shared
+    machine). Parsing the host's table dominates either way, so psutil it is.
+    """
     ports: set[int] = set()
     for pid in pids:
-        for inode in _socket_inodes(pid) & inodes.keys():
-            ports.add(inodes[inode])
+        try:
+            connections = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
+            continue  # gone since the snapshot, or not ours to read
+        ports.update(
+            c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN and c.laddr
+        )
     return ports
 
 
@@ -74,13 +223,51 @@ async def missing_ports(pid: int, run_id: str, ports: Iterable[int]) -> list[int
 
 
 async def health_ok(session: aiohttp.ClientSession, url: str, timeout: float = 2.0) -> str | None:
-    """The HTTP probe: None when url answers 2xx within timeout seconds, else why not."""
+    """Readiness' and verify's health_url: None when http_get is ok, else its detail."""
+    result = await http_get(session, url, timeout)
+    return None if result.ok else result.detail
+
+
+# ---- the liveness probe of a program ----------------------------------------------------------
+
+
+def liveness_probe(spec: ProgramSpec, http: Callable[[], aiohttp.ClientSession]) -> Probe:
+    """The probe spec.liveness describes (spec.liveness must be set), ready to call.
+
+    An exec probe runs like the program: its user, its cwd, the daemon's environment minus
+    the service manager's variables plus spec.env (not the run markers: a probe is not a
+    process of the program's tree).
+    """
+    live = spec.liveness
+    assert live is not None
+    if live.http_get:
+        url = live.http_get
+        return lambda: http_get(http(), url, live.timeout)
+    if live.tcp_connect is not None:
+        host, port = live.tcp_address
+        return lambda: tcp_connect(host, port, live.timeout)
+    assert live.exec
+    argv = list(live.exec)
+    return lambda: _run_as_program(spec, argv, live.timeout)
+
+
+async def _run_as_program(spec: ProgramSpec, argv: list[str], timeout: float) -> ProbeResult:
+    env = {k: v for k, v in os.environ.items() if k not in spawn.PRIVATE_ENV}
+    env.update(spec.env)
     try:
-        async with session.get(
-            url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
-        ) as response:
-            if 200 <= response.status < 300:
-                return None
-            return f"{url} answered {response.status}"
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        return f"{url}: {exc.__class__.__name__} {exc}".strip()
+        user = spawn.user_kwargs(spec, env)
+    except KeyError:
+        return ProbeResult(False, f"cannot run {argv[0]}: no user {spec.user!r}", time.time(), 0)
+    return await run_command(argv, timeout, cwd=spec.cwd, env=env, user=user)
+
+
+__all__ = [
+    "Probe",
+    "health_ok",
+    "http_get",
+    "listening_ports",
+    "liveness_probe",
+    "missing_ports",
+    "run_command",
+    "tcp_connect",
+]

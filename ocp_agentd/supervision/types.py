@@ -84,6 +84,52 @@ class VerifyResult:
         return {"ok": self.ok, "checks": [c.as_dict() for c in self.checks]}
 
 
+@dataclass(frozen=True)
+class ProbeResult:
+    """One probe's outcome (SPEC section 10): ok, a one-line detail for people, when it ran
+    (epoch seconds) and how long it took (seconds)."""
+
+    ok: bool
+    detail: str
+    at: float
+    seconds: float
+
+    def as_dict(self) -> LastProbe:
+        """The status record's shape: ``at`` as RFC 3339 UTC with milliseconds."""
+        return {
+            "at": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="milliseconds"),
+            "ok": self.ok,
+            "detail": self.detail,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@with_config(_DOCUMENTED)
+class LastProbe(TypedDict):
+    """A program's last liveness probe (ProbeResult.as_dict)."""
+
+    at: str
+    """When it ran, RFC 3339 UTC with milliseconds."""
+    ok: bool
+    """Whether the program passed it."""
+    detail: str
+    """What it saw, for people (e.g. "http://127.0.0.1:62889/health answered 200")."""
+    seconds: float
+    """How long it took."""
+
+
+@with_config(_DOCUMENTED)
+class LivenessStatus(TypedDict):
+    """A program's liveness probing (SPEC section 10)."""
+
+    last_probe: LastProbe | None
+    """The last probe; null before the first."""
+    consecutive_failures: int
+    """Failed probes in a row since the last good one (or since RUNNING)."""
+    failures_total: int
+    """Failed probes since the daemon started the program."""
+
+
 @with_config(_DOCUMENTED)
 class LastExit(TypedDict):
     """How the program's last process ended (ExitInfo.as_dict)."""
@@ -126,6 +172,8 @@ class ProcessInfo:
     user: str
     log_files: list[str]
     """Its stdout and stderr logs."""
+    liveness: LivenessStatus | None = None
+    """Its liveness probing (SPEC section 10); null when no probe is configured."""
 
     def as_dict(self) -> dict[str, Any]:
         """The record as JSON values, one key per field in declared order."""
