@@ -187,11 +187,15 @@ def _main_thread_wakeups(pid: int) -> int:
 
 def test_idle_daemon_wakes_only_for_housekeeping(daemon_factory) -> None:
     """Left alone, the event loop sleeps until housekeeping is due (no per-second tick), and
-    housekeeping still rotates a log file that outgrew log_max_bytes."""
+    housekeeping still rotates a log file that outgrew log_max_bytes. No program has a
+    liveness probe here (SPEC section 10: those cost nothing between periods, and without
+    one, nothing at all)."""
     spammer = {"command": [sys.executable, "-m", "ocp_agentd.demo.misbehave", "spam",
                            "--bytes", "20000"],
                "log_max_bytes": 5000, "log_backups": 1}
-    daemon = daemon_factory({"spammer": spammer}, wait_running=True)
+    no_probe = {"programs": {"ocp_exporter": {"liveness": None}}}
+    daemon = daemon_factory({"spammer": spammer}, no_probe, wait_running=True)
+    assert all(spec.liveness is None for spec in daemon.settings.programs.values())
     assert daemon.pid is not None and daemon.settings is not None
     stdout_log = daemon.settings.programs["spammer"].stdout_log
     assert stdout_log is not None

@@ -13,6 +13,8 @@ Program metrics are read from the supervisor at scrape time (nothing to keep in 
 - ``ocp_agentd_program_start_time_seconds{program}``: when the program's current process
   started, seconds since the epoch; 0 when it has none (as node_exporter's
   ``node_systemd_unit_start_time_seconds``): ``time() - start_time`` is the uptime
+- ``ocp_agentd_program_liveness_failures_total{program}``: failed liveness probes (SPEC
+  section 10), for the programs that have a liveness probe
 
 API metrics come from the app's middleware (:meth:`AgentMetrics.observe_request`), with
 the label names of Prometheus' own HTTP metrics: ``handler`` (the route template),
@@ -96,7 +98,14 @@ class _SupervisorCollector:
             "0 when it has none",
             labels=["program"],
         )
+        liveness = CounterMetricFamily(
+            "ocp_agentd_program_liveness_failures",
+            "Failed liveness probes of the program since the daemon started it",
+            labels=["program"],
+        )
         for info in supervisor.infos():
+            if info.liveness is not None:
+                liveness.add_metric([info.name], info.liveness["failures_total"])
             current = State(info.state)
             up.add_metric([info.name], 1 if current == State.RUNNING else 0)
             for candidate in State:
@@ -107,6 +116,7 @@ class _SupervisorCollector:
         yield state
         yield restarts
         yield start_time
+        yield liveness
 
 
 class AgentMetrics:
@@ -181,9 +191,9 @@ def routes() -> list[Route]:
             "GET", "/metrics", get_metrics, permission="HOST_VIEWER",
             summary="Prometheus metrics",
             description="Prometheus text exposition format (OpenMetrics when the Accept "
-            "header asks for application/openmetrics-text): per-program up, state, restarts "
-            "and start time; API requests and latency; task outcomes; event loop lag; the "
-            "daemon's process_* metrics.",
+            "header asks for application/openmetrics-text): per-program up, state, restarts, "
+            "start time and liveness probe failures; API requests and latency; task outcomes; "
+            "event loop lag; the daemon's process_* metrics.",
             raw=True, content_type=CONTENT_TYPE_LATEST.split(";")[0], tags=("metrics",),
         )
     ]

@@ -69,6 +69,13 @@ def demo_document(directory: Path, base_port: int = 62888, host_id: int = 2) -> 
                 "ports": [exporter],
                 "health_url": f"http://127.0.0.1:{exporter}/health",
                 **PROGRAM_DEFAULTS,
+                # Wedge it (kill -USR1 <pid>): restarted within about 3 x 5 + 2 seconds.
+                "liveness": {
+                    "http_get": f"http://127.0.0.1:{exporter}/health",
+                    "period": 5.0,
+                    "timeout": 2.0,
+                    "failure_threshold": 3,
+                },
             },
             "ob_logtailer": {
                 "command": demo_command("logtailer", "--interval", 5),

@@ -35,6 +35,7 @@ from ocp_agentd.supervision.identity import (
     pin,
     read_cmdline,
 )
+from ocp_agentd.supervision.liveness import Liveness
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner
 from ocp_agentd.supervision.types import (
     Check,
@@ -42,6 +43,7 @@ from ocp_agentd.supervision.types import (
     IllegalTransition,
     Instance,
     OperationFailed,
+    ProbeResult,
     ProcessInfo,
     StartAborted,
     State,
@@ -64,7 +66,11 @@ TRANSITIONS: dict[State, frozenset[State]] = {
         {State.EXITED, State.BACKOFF, State.FATAL, State.STOPPING, State.STOPPED}
     ),
     State.BACKOFF: frozenset({State.STARTING, State.FATAL, State.STOPPING, State.STOPPED}),
-    State.STOPPING: frozenset({State.STOPPED, State.STARTING}),
+    # STOPPING -> EXITED, BACKOFF, FATAL: a stop because the liveness probe failed ends
+    # like an exit (left so, restarted, or too many in a row).
+    State.STOPPING: frozenset(
+        {State.STOPPED, State.STARTING, State.EXITED, State.BACKOFF, State.FATAL}
+    ),
     State.EXITED: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
     State.FATAL: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
 }
@@ -106,6 +112,7 @@ class Program:
         self._background = Tasks(log)
         self._not_ready_reason = "waiting"
         self._abort_start: asyncio.Event | None = None
+        self.liveness = Liveness(self.name, self._on_probe, self._on_liveness_failed)
 
     # ---- the one place where state changes ------------------------------------------------
 
@@ -129,6 +136,10 @@ class Program:
             f": {reason}" if reason else "",
             extra={"PROGRAM": self.name},
         )
+        if new == State.RUNNING:
+            self._follow_liveness()
+        elif old == State.RUNNING:
+            self.liveness.stop()
         self._on_transition(self.name, old, new, reason)
 
     # ---- what others read -----------------------------------------------------------------
@@ -160,6 +171,7 @@ class Program:
             started_at=started_at,
             user=spec.user or _current_user(),
             log_files=[str(spec.stdout_log), str(spec.stderr_log)],
+            liveness=self.liveness.as_dict() if spec.liveness else None,
         )
 
     def record(self) -> dict[str, Any]:
@@ -247,6 +259,14 @@ class Program:
             results.append(
                 Check("health", why is None, why or f"{self.spec.health_url} answered 2xx")
             )
+        if self.spec.liveness:
+            probe = probes.liveness_probe(self.spec, self._http)
+            result = await probe() if alive else None
+            results.append(
+                Check("liveness", result.ok, result.detail)
+                if result
+                else Check("liveness", False, "not running")
+            )
         return VerifyResult(ok=all(c.ok for c in results), checks=results)
 
     # ---- adoption ---------------------------------------------------------------------------
@@ -288,6 +308,7 @@ class Program:
 
     def release(self) -> None:
         """Stops watching without touching the process (handover to the next daemon)."""
+        self.liveness.stop()
         self._cancel_timer()
         self._restart_pending = False
         self._background.cancel()
@@ -298,6 +319,57 @@ class Program:
 
     def discard_record(self) -> None:
         self._records.remove(self.name)
+
+    def replace_spec(self, spec: ProgramSpec) -> None:
+        """Reload without a restart: spec applies from now on; liveness probing follows it at
+        once (starts, changes or stops) while the program runs."""
+        before = self.spec.liveness
+        self.spec = spec
+        if spec.liveness != before and self.state == State.RUNNING:
+            self._follow_liveness()
+
+    # ---- liveness (SPEC section 10) ---------------------------------------------------------
+
+    def _follow_liveness(self) -> None:
+        """Probes while RUNNING when the spec asks for it; nothing at all otherwise."""
+        if self.spec.liveness is None:
+            self.liveness.stop()
+        else:
+            self.liveness.start(self.spec.liveness, probes.liveness_probe(self.spec, self._http))
+
+    def _on_probe(self, result: ProbeResult) -> None:
+        self._record_cache = None  # the status record shows the last probe
+
+    def _on_liveness_failed(self, detail: str, was_healthy: bool) -> None:
+        inst = self.instance
+        if inst is not None and self.state == State.RUNNING:
+            self._spawn_background(self._restart_unhealthy(inst, detail, was_healthy))
+
+    async def _restart_unhealthy(self, inst: Instance, detail: str, was_healthy: bool) -> None:
+        """Stops a program that failed its liveness probe (stop_signal, then SIGKILL), then
+        restarts it like an exit: at once after a good probe, else as a quick exit (backoff,
+        FATAL after max_quick_exits). autorestart = "never" leaves it EXITED."""
+        async with self.lock:
+            if self.instance is not inst or self.state != State.RUNNING:
+                return  # a command or an exit came first: it decided
+            reason = f"liveness failed: {detail}"
+            self._set_state(State.STOPPING, f"{reason}; sending SIG{self.spec.stop_signal}")
+            await self._terminate(inst)
+            ended = inst.exited.result() if inst.exited.done() else None
+            self.last_exit = ExitInfo(
+                ended.code if ended else None, ended.signal if ended else None, time.time(), reason
+            )
+            self._records.remove(self.name)
+            if self.spec.autorestart == "never":
+                self._set_state(State.EXITED, reason)
+                return
+            if not was_healthy:
+                self._after_failed_start(reason)
+                return
+            self.quick_exits = 0
+            self._restart_pending = True
+            self._set_state(State.BACKOFF, f"{reason}; restarting now")
+        await self._auto_start()
 
     # ---- internals: starting ----------------------------------------------------------------
 

@@ -279,7 +279,7 @@ class Supervisor:
                 report["added"].append(name)
             elif current.spec != spec:
                 needs_restart = current.spec.fingerprint() != spec.fingerprint()
-                current.spec = spec
+                current.replace_spec(spec)
                 report["changed"].append(name)
                 if needs_restart and current.state not in (State.STOPPED, State.EXITED):
                     restart.append(name)
