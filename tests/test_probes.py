@@ -167,6 +167,32 @@ def test_cancelled_command_probe_kills_its_group() -> None:
                 proc.kill()
 
 
+def test_command_probe_cancelled_while_spawning_leaves_nothing() -> None:
+    """Cancelled at any point of its start (after 0 to 20 loop iterations), a probe leaves
+    no process behind: asyncio on its own would kill the leader only."""
+    mark = f"probe-{uuid.uuid4().hex}"
+    env = {**os.environ, "PROBE_TEST_MARK": mark}
+
+    async def body() -> None:
+        for turns in range(21):
+            task = asyncio.ensure_future(run_command([SH, "-c", "sleep 300 & sleep 300"], 60,
+                                                     env=env))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await until(lambda: not marked_processes([("PROBE_TEST_MARK", mark)]), 5,
+                    "every probe process gone")
+
+    try:
+        run(body())
+    finally:
+        for proc in marked_processes([("PROBE_TEST_MARK", mark)]):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
 def test_command_probe_waits_without_a_thread() -> None:
     """Python 3.11's default child watcher would start a waitpid thread per probe."""
 

@@ -106,8 +106,8 @@ async def run_command(
     """
     clock = _Clock()
     _use_pidfd_child_watcher()
-    try:
-        proc = await asyncio.create_subprocess_exec(
+    spawning = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
             *argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -117,6 +117,15 @@ async def run_command(
             start_new_session=True,
             **(user or {}),
         )
+    )
+    try:
+        # Shielded: cancelled half-way, asyncio would kill the leader alone and leave the
+        # rest of its group running.
+        proc = await asyncio.shield(spawning)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await _end_group(await spawning)
+        raise
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         return clock.result(False, f"cannot run {argv[0]}: {reason}")
@@ -134,16 +143,22 @@ async def run_command(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(reader), max(0.0, deadline - time.monotonic()))
     finally:
-        if proc.returncode is None:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+        await _end_group(proc)
         reader.cancel()
     said = _last_line(bytes(kept))
     if code == 0:
         return clock.result(True, f"{name} exited 0" + (f": {said}" if said else ""))
     how = f"killed by {_signal_name(-code)}" if code < 0 else f"exited {code}"
     return clock.result(False, f"{name} {how}" + (f": {said}" if said else ""))
+
+
+async def _end_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL to the process group of a probe command whose leader is not reaped yet (so
+    the group id is still its own), then waits for the leader."""
+    if proc.returncode is None:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
 
 
 async def _drain(stream: asyncio.StreamReader, kept: bytearray) -> None:
