@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -300,7 +299,10 @@ def test_wedged_demo_exporter_is_restarted_and_reported(daemon_factory) -> None:
     check = next(c for c in verify["checks"] if c["name"] == "liveness")
     assert check["ok"] is True and check["detail"].endswith("answered 200")
 
-    os.kill(before["pid"], signal.SIGUSR1)
+    # The README's way to wedge the demo exporter.
+    sent = daemon.ctl("signal", "USR1", "ocp_exporter")
+    assert sent.returncode == 0, sent.stderr
+    assert f"sent SIGUSR1 to ocp_exporter (pid {before['pid']})" in sent.stdout
     budget = probe_budget({**live, "initial_delay": 0.0}) + MARGIN
     failing = wait_for(
         lambda: (r := daemon.process("ocp_exporter"))["liveness"]["consecutive_failures"] and r,
