@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pwd
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
 import time
 import uuid
@@ -337,3 +341,38 @@ def test_listening_ports_sees_ipv4_and_ipv6_listeners_not_connections() -> None:
         v4.close()
         if v6 is not None:
             v6.close()
+
+
+SUBREAPER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json
+    from ocp_agentd.supervision.probes import run_command
+    from ocp_agentd.supervision.proctable import read_stat
+    from ocp_agentd.supervision.subreaper import REAPER
+
+    async def main():
+        REAPER.install()
+        # Each probe exits with its own code after leaving an orphan in a session of its
+        # own (which comes to this subreaper): thirty at once, so SIGCHLDs cross.
+        probes = [run_command(["/bin/sh", "-c", f"setsid /bin/sleep 0.2 & exit {n}"], 10)
+                  for n in range(30)]
+        results = await asyncio.gather(*probes)
+        for _ in range(500):  # the orphans end and are reaped
+            await asyncio.sleep(0.01)
+            if REAPER.reaped >= 30:
+                break
+        print(json.dumps({"details": [r.detail for r in results], "reaped": REAPER.reaped}))
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_command_probe_keeps_its_exit_status_under_the_subreaper() -> None:
+    """The daemon reaps orphans on SIGCHLD; a probe's exit status must stay the probe's."""
+    done = subprocess.run([sys.executable, "-c", SUBREAPER_SCRIPT], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["details"] == [f"sh exited {n}" for n in range(30)]
+    assert result["reaped"] >= 30

@@ -15,9 +15,7 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
-import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import psutil
 from ocp_agentd.config import ProgramSpec
 from ocp_agentd.supervision import spawn
 from ocp_agentd.supervision.proctable import take_snapshot
+from ocp_agentd.supervision.subreaper import REAPER
 from ocp_agentd.supervision.types import ProbeResult
 
 Probe = Callable[[], Awaitable[ProbeResult]]
@@ -99,52 +98,72 @@ async def run_command(
 ) -> ProbeResult:
     """Runs argv in a new session: ok when it exits 0 within timeout seconds.
 
-    ``user`` holds Popen's user/group/extra_groups (the program's account). At the timeout
-    (or when the probe is cancelled) its whole process group gets SIGKILL, while its leader
-    is still unreaped, so the group id cannot name anyone else's processes. The detail
-    carries the end of its output (stdout and stderr).
+    ``user`` holds Popen's user/group/extra_groups (the program's account). The child is
+    watched like a program's main process: its exit through a pidfd and its output
+    through a pipe, both registered with the event loop (no thread, no polling), and it
+    is claimed from the subreaper (subreaper.REAPER) so its exit status stays ours. At
+    the timeout, or when the probe is cancelled, its whole process group gets SIGKILL
+    while the leader is still unreaped, so the group id cannot name anyone else's
+    processes. The detail carries the end of its output (stdout and stderr).
     """
     clock = _Clock()
-    _use_pidfd_child_watcher()
-    spawning = asyncio.ensure_future(
-        asyncio.create_subprocess_exec(
-            *argv,
+    loop = asyncio.get_running_loop()
+    out_r, out_w = os.pipe()
+    try:
+        popen = subprocess.Popen(
+            argv,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stdout=out_w,
+            stderr=out_w,
             cwd=cwd,
             env=dict(env) if env is not None else None,
             start_new_session=True,
+            close_fds=True,
             **(user or {}),
         )
-    )
-    try:
-        # Shielded: cancelled half-way, asyncio would kill the leader alone and leave the
-        # rest of its group running.
-        proc = await asyncio.shield(spawning)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await _end_group(await spawning)
-        raise
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        os.close(out_r)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         return clock.result(False, f"cannot run {argv[0]}: {reason}")
-    name = os.path.basename(argv[0])
+    finally:
+        os.close(out_w)
+    REAPER.claim(popen.pid)
+    exited: asyncio.Future[None] = loop.create_future()
+    drained: asyncio.Future[None] = loop.create_future()
     kept = bytearray()
-    assert proc.stdout is not None
-    reader = asyncio.ensure_future(_drain(proc.stdout, kept))
-    deadline = time.monotonic() + timeout
+    pidfd = os.pidfd_open(popen.pid)  # unreaped child: cannot fail for want of a process
+    loop.add_reader(pidfd, _settle, exited)
+    os.set_blocking(out_r, False)
+    loop.add_reader(out_r, _read_output, out_r, kept, drained)
+    name = os.path.basename(argv[0])
+
+    def finish() -> None:
+        for fd in (pidfd, out_r):
+            loop.remove_reader(fd)
+            os.close(fd)
+        popen.wait()  # its pidfd was readable: it has exited, this reaps without blocking
+        REAPER.release(popen.pid)
+
     try:
         try:
-            code = await asyncio.wait_for(proc.wait(), timeout)
+            await asyncio.wait_for(asyncio.shield(exited), timeout)
         except TimeoutError:
             return clock.result(False, f"{name} did not finish within {timeout:g}s (killed)")
         # A child it left behind may hold the pipe open: read only until the deadline.
+        remaining = timeout - (time.monotonic() - clock.started)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(reader), max(0.0, deadline - time.monotonic()))
+            await asyncio.wait_for(asyncio.shield(drained), max(0.0, remaining))
     finally:
-        await _end_group(proc)
-        reader.cancel()
+        if not exited.done():
+            with contextlib.suppress(OSError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            try:
+                await asyncio.shield(exited)
+            except asyncio.CancelledError:  # cancelled again: tidy up when it has ended
+                exited.add_done_callback(lambda _: finish())
+                raise
+        finish()
+    code = popen.returncode
     said = _last_line(bytes(kept))
     if code == 0:
         return clock.result(True, f"{name} exited 0" + (f": {said}" if said else ""))
@@ -152,20 +171,25 @@ async def run_command(
     return clock.result(False, f"{name} {how}" + (f": {said}" if said else ""))
 
 
-async def _end_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL to the process group of a probe command whose leader is not reaped yet (so
-    the group id is still its own), then waits for the leader."""
-    if proc.returncode is None:
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
-async def _drain(stream: asyncio.StreamReader, kept: bytearray) -> None:
-    """Reads stream to its end, keeping the last OUTPUT_KEPT bytes in kept."""
-    while chunk := await stream.read(65536):
+def _read_output(fd: int, kept: bytearray, drained: asyncio.Future[None]) -> None:
+    """Reads what the pipe holds, keeping the last OUTPUT_KEPT bytes; EOF settles drained."""
+    try:
+        chunk = os.read(fd, 65536)
+    except BlockingIOError:
+        return
+    except OSError:
+        chunk = b""
+    if chunk:
         kept.extend(chunk)
         del kept[:-OUTPUT_KEPT]
+    else:
+        asyncio.get_running_loop().remove_reader(fd)
+        _settle(drained)
 
 
 def _last_line(output: bytes) -> str:
@@ -178,28 +202,6 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
-
-
-def _use_pidfd_child_watcher() -> None:
-    """Makes asyncio wait for probe commands through a pidfd on the loop.
-
-    Python 3.11's default child watcher (ThreadedChildWatcher) starts a thread per child
-    to block in waitpid; its PidfdChildWatcher (Linux 5.3+, the default from Python 3.12,
-    see asyncio.unix_events) registers the child's pidfd with the loop instead. Installed
-    once per loop; nothing to do on 3.12 and later.
-    """
-    if sys.version_info >= (3, 12):
-        return
-    loop = asyncio.get_running_loop()
-    policy = asyncio.get_event_loop_policy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        watcher = policy.get_child_watcher()
-        if not isinstance(watcher, asyncio.PidfdChildWatcher):
-            watcher = asyncio.PidfdChildWatcher()
-            policy.set_child_watcher(watcher)
-        if not watcher.is_active():
-            watcher.attach_loop(loop)
 
 
 # ---- ports (readiness and verify) -------------------------------------------------------------
