@@ -197,6 +197,18 @@ def test_command_probe_cancelled_while_spawning_leaves_nothing() -> None:
                 proc.kill()
 
 
+def test_command_probe_waits_for_held_output_without_spinning() -> None:
+    """Exited, but a child it left holds the pipe: the probe waits on the loop, idle, until
+    the pipe closes or its deadline passes."""
+    argv = [SH, "-c", "sleep 1 & echo started; exit 0"]  # the sleep ends by itself
+    before = time.process_time()
+    result = run(run_command(argv, 0.8))
+    used = time.process_time() - before
+    assert result.ok and result.detail == "sh exited 0: started"
+    assert result.seconds >= 0.7  # waited for the output until about the deadline
+    assert used < 0.2, f"{used:.2f} s of CPU in a 0.8 s wait"  # idle: about 2 ms
+
+
 def test_command_probe_waits_without_a_thread() -> None:
     """Python 3.11's default child watcher would start a waitpid thread per probe."""
 

@@ -128,11 +128,19 @@ async def run_command(
     finally:
         os.close(out_w)
     REAPER.claim(popen.pid)
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError as exc:  # out of descriptors: no probe rather than an unwatched child
+        with contextlib.suppress(OSError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+        os.close(out_r)
+        REAPER.release(popen.pid)
+        return clock.result(False, f"cannot watch {argv[0]}: {exc.strerror or exc}")
     exited: asyncio.Future[None] = loop.create_future()
     drained: asyncio.Future[None] = loop.create_future()
     kept = bytearray()
-    pidfd = os.pidfd_open(popen.pid)  # unreaped child: cannot fail for want of a process
-    loop.add_reader(pidfd, _settle, exited)
+    loop.add_reader(pidfd, _on_exit, pidfd, exited)
     os.set_blocking(out_r, False)
     loop.add_reader(out_r, _read_output, out_r, kept, drained)
     name = os.path.basename(argv[0])
@@ -174,6 +182,12 @@ async def run_command(
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _on_exit(pidfd: int, exited: asyncio.Future[None]) -> None:
+    # An exited child's pidfd stays readable: stop watching it, or the loop would spin.
+    asyncio.get_running_loop().remove_reader(pidfd)
+    _settle(exited)
 
 
 def _read_output(fd: int, kept: bytearray, drained: asyncio.Future[None]) -> None:
