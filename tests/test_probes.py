@@ -210,7 +210,8 @@ def test_command_probe_waits_for_held_output_without_spinning() -> None:
 
 
 def test_command_probe_waits_without_a_thread() -> None:
-    """Python 3.11's default child watcher would start a waitpid thread per probe."""
+    """Its exit is seen through a pidfd on the loop (asyncio's child watcher on Python 3.11
+    would have started a waitpid thread per probe)."""
 
     async def body() -> tuple[int, int, ProbeResult]:
         before = threading.active_count()
