@@ -353,8 +353,11 @@ def test_reused_pid_is_never_signalled(world: World, tmp_path: Path) -> None:
         records.save(
             PidRecord("w1", stranger.pid, starttime - 1, ["/bin/sleep", "1000"], "x", "", 0.0)
         )
-        # And a record of a removed program pointing at it with the wrong command line.
-        records.save(PidRecord("gone", stranger.pid, starttime, ["/bin/other"], "y", "", 0.0))
+        # And a record of a removed program naming its pid and command line with another
+        # start time (pid and start time are the identity; a command line alone is not).
+        records.save(
+            PidRecord("gone", stranger.pid, starttime + 1, ["/bin/sleep", "1000"], "y", "", 0.0)
+        )
         assert records.flush()  # written by a thread: on disk before the daemon reads them
 
         async def body(sup: Supervisor) -> None:
