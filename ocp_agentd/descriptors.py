@@ -71,7 +71,9 @@ def reserve_for(soft: int) -> int:
 
 def raise_nofile_limit() -> NofileLimits:
     """Raises the soft RLIMIT_NOFILE to the hard limit (capped at fs.nr_open, which the
-    kernel enforces for an unlimited hard limit); on failure keeps the current one."""
+    kernel enforces for an unlimited hard limit); on failure keeps the current one. Programs
+    spawned afterwards get the limits found here (program_limits)."""
+    global _raised
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else _nr_open()
     if target > soft:
@@ -82,7 +84,8 @@ def raise_nofile_limit() -> NofileLimits:
             target = soft
     else:
         target = soft
-    return NofileLimits(inherited=(soft, hard), soft=target, reserve=reserve_for(target))
+    _raised = NofileLimits(inherited=(soft, hard), soft=target, reserve=reserve_for(target))
+    return _raised
 
 
 def _nr_open() -> int:
@@ -101,24 +104,29 @@ def open_count() -> int:
         return 0
 
 
-class DescriptorBudget:
-    """Whether new work may take descriptors without touching the API's reserve."""
+def spawn_shortfall(need: int = SPAWN_COST) -> str | None:
+    """None if `need` more descriptors leave the API's reserve intact, else why not (a
+    sentence with the numbers, for a program's last_exit and the caller's error)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return None
+    reserve = reserve_for(soft)
+    used = open_count()
+    if used + need <= soft - reserve:
+        return None
+    return (
+        f"too few file descriptors: {used} of the daemon's limit {soft} are open and "
+        f"{reserve} are kept for its API (raise LimitNOFILE)"
+    )
 
-    def __init__(self, limits: NofileLimits) -> None:
-        self.limits = limits
 
-    def shortfall(self, need: int = SPAWN_COST) -> str | None:
-        """None if `need` more descriptors leave the reserve intact, else why not (a
-        sentence with the numbers, for a program's last_exit or an API error)."""
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        reserve = reserve_for(soft)
-        used = open_count()
-        if used + need <= soft - reserve:
-            return None
-        return (
-            f"too few file descriptors: {used} of the daemon's limit {soft} are open and "
-            f"{reserve} are kept for its API (raise LimitNOFILE)"
-        )
+_raised: NofileLimits | None = None
+
+
+def program_limits() -> Callable[[], None] | None:
+    """The preexec_fn that gives a program the limits the daemon was started with (None
+    when raise_nofile_limit did not change them)."""
+    return _raised.for_programs() if _raised is not None else None
 
 
 class OncePerInterval:
