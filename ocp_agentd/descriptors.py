@@ -17,7 +17,6 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,21 +46,18 @@ class NofileLimits:
     def raised(self) -> bool:
         return self.soft != self.inherited[0]
 
-    def for_programs(self) -> Callable[[], None] | None:
-        """A preexec_fn for subprocess.Popen that gives a program the inherited limits, or
-        None when the daemon runs with them anyway.
+    def program_command(self, command: list[str]) -> list[str]:
+        """argv that runs `command` with the inherited soft limit (the hard limit never
+        changed): the shell's `ulimit -S -n`, then exec, so the program is the same
+        process. Unchanged when the daemon runs with the inherited limit anyway.
 
-        It calls setrlimit(2) alone in the forked child (a C function, no Python lock
-        taken), which is what makes preexec_fn safe enough in a daemon with threads.
+        Not Popen's preexec_fn: that runs Python in the forked child of a daemon with
+        worker threads, which can deadlock on a lock another thread held at fork time.
         """
         if not self.raised:
-            return None
-        limits = self.inherited
-
-        def restore() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
-
-        return restore
+            return command
+        return ["/bin/sh", "-c", f'ulimit -S -n {int(self.inherited[0])}; exec "$0" "$@"',
+                *command]
 
 
 def reserve_for(soft: int) -> int:
@@ -72,7 +68,7 @@ def reserve_for(soft: int) -> int:
 def raise_nofile_limit() -> NofileLimits:
     """Raises the soft RLIMIT_NOFILE to the hard limit (capped at fs.nr_open, which the
     kernel enforces for an unlimited hard limit); on failure keeps the current one. Programs
-    spawned afterwards get the limits found here (program_limits)."""
+    spawned afterwards get the limits found here (program_command)."""
     global _raised
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else _nr_open()
@@ -123,10 +119,10 @@ def spawn_shortfall(need: int = SPAWN_COST) -> str | None:
 _raised: NofileLimits | None = None
 
 
-def program_limits() -> Callable[[], None] | None:
-    """The preexec_fn that gives a program the limits the daemon was started with (None
-    when raise_nofile_limit did not change them)."""
-    return _raised.for_programs() if _raised is not None else None
+def program_command(command: list[str]) -> list[str]:
+    """`command` as spawned, so that the program gets the descriptor limit the daemon was
+    started with (NofileLimits.program_command; unchanged unless it was raised)."""
+    return _raised.program_command(command) if _raised is not None else command
 
 
 class OncePerInterval:

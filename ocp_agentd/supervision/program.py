@@ -469,7 +469,9 @@ class Program:
         spec = self.spec
         run_id = uuid.uuid4().hex
         popen, handle = spawn.spawn(spec, self._state_dir, run_id)
-        cmdline = read_cmdline(popen.pid) or list(spec.command)
+        # What was started, for people (spawn may exec it through a shell that sets its
+        # descriptor limit, whose argv a read this early could still show).
+        cmdline = list(spec.command)
         now = time.time()
         inst = Instance(handle, cmdline, run_id, now, time.monotonic(), popen)
         self._records.save(

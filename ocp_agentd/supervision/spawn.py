@@ -79,14 +79,14 @@ def spawn(
     user_kwargs), OSError when the logs cannot be opened safely (safefs.UnsafePath names
     the path), the command cannot be spawned or the child cannot be pinned (the child is
     then killed: better no process than a lost one). The child gets the descriptor limit
-    the daemon was started with (descriptors.program_limits).
+    the daemon was started with (descriptors.program_command).
     """
     env = child_env(spec, state_dir, run_id)
     kwargs = user_kwargs(spec, env)
     out, err = output.open_streams(spec)
     try:
         popen = subprocess.Popen(
-            spec.command,
+            descriptors.program_command(spec.command),
             cwd=spec.cwd,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -94,7 +94,6 @@ def spawn(
             stderr=err,
             start_new_session=True,
             close_fds=True,
-            preexec_fn=descriptors.program_limits(),
             **kwargs,
         )
     finally:
