@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         "/etc/ocp_agentd/config.toml)")
     parser.add_argument(
         "--check", action="store_true",
-        help="validate the configuration, print a summary, exit (default: run)"
+        help="validate the configuration and what its programs need from this host (user, "
+        "cwd, command), print a summary, exit: 0 valid, 1 this host lacks something (each "
+        "key named), 2 invalid file (default: run)"
     )
     parser.add_argument("--version", action="version", version=f"ocp-agentd {__version__}")
     parser.add_argument(
