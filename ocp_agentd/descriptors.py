@@ -25,7 +25,8 @@ log = logging.getLogger("ocp_agentd.descriptors")
 RESERVE_MIN = 16
 RESERVE_MAX = 256
 # Descriptors one spawn holds at its peak: two log files, /dev/null for stdin, the
-# exec-error pipe (2) and the pidfd; afterwards only the pidfd stays (README, Reliability).
+# exec-error pipe (2) and the pidfd; afterwards the pidfd stays, and the log watcher keeps
+# one per log file (README, Reliability).
 SPAWN_COST = 6
 ACCEPT_PAUSE = 1.0  # asyncio's own retry delay after a failed accept (ACCEPT_RETRY_DELAY)
 REPORT_INTERVAL = 60.0  # a descriptor shortage is logged at most once per this many seconds
@@ -100,9 +101,10 @@ def open_count() -> int:
         return 0
 
 
-def spawn_shortfall(need: int = SPAWN_COST) -> str | None:
+def shortfall(need: int = SPAWN_COST) -> str | None:
     """None if `need` more descriptors leave the API's reserve intact, else why not (a
-    sentence with the numbers, for a program's last_exit and the caller's error)."""
+    sentence with the numbers, for a program's last_exit and the caller's error). Asked
+    before a spawn and before the daemon keeps a descriptor per program (log watches)."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         return None

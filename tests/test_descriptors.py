@@ -1,7 +1,7 @@
 """Running out of descriptors is an error, not a spin (issue #10, kind 4; SPEC section 11).
 
 The issue's case (1100 programs under `ulimit -n 1024`) scaled down: each program costs the
-daemon one descriptor while it runs (its pidfd), so 60 programs exhaust a limit of 64.
+daemon a pidfd and a watch per log file while it runs, so 60 programs exhaust a limit of 64.
 """
 
 from __future__ import annotations

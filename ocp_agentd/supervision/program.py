@@ -375,7 +375,7 @@ class Program:
         problems = hostcheck.program_problems(self.spec)
         if problems:
             return "; ".join(str(problem) for problem in problems)
-        short = descriptors.spawn_shortfall()
+        short = descriptors.shortfall()
         if short:
             return short
         try:
