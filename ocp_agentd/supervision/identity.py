@@ -114,6 +114,8 @@ class PidRecords:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._pending: dict[str, bytes | None] = {}  # name -> JSON to write, None: remove
+        # The change the writer is putting on disk: still what load() and names() see.
+        self._writing: dict[str, bytes | None] = {}
         self._busy = False
         self._changed = threading.Condition()
         self._writer: threading.Thread | None = None
@@ -146,11 +148,13 @@ class PidRecords:
     def _write_forever(self) -> None:
         while True:
             with self._changed:
+                self._writing = {}
                 self._busy = False
                 self._changed.notify_all()
                 self._changed.wait_for(lambda: bool(self._pending))
                 name, data = next(iter(self._pending.items()))
                 del self._pending[name]
+                self._writing = {name: data}
                 self._busy = True
             if data is None:
                 with contextlib.suppress(OSError):
@@ -184,7 +188,7 @@ class PidRecords:
     def load(self, name: str) -> PidRecord | None:
         path = self._path(name)
         with self._changed:
-            noted = self._pending.get(name, b"")
+            noted = {**self._writing, **self._pending}.get(name, b"")
         try:
             if noted is None:
                 return None
@@ -204,7 +208,7 @@ class PidRecords:
 
     def names(self) -> list[str]:
         with self._changed:
-            pending = dict(self._pending)
+            pending = {**self._writing, **self._pending}
         try:
             on_disk = {p.stem for p in self.directory.glob("*.json")}
         except OSError:
