@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ocp_agentd import __version__
+from ocp_agentd import __version__, descriptors
 from ocp_agentd.api import AppContext, create_app, start_api
 from ocp_agentd.api.envelope import host_address
 from ocp_agentd.api.listeners import ApiServer, ApiStartError
@@ -36,10 +36,13 @@ from ocp_agentd.config import (
     summary,
 )
 from ocp_agentd.events import EventHub, TaskEvents
+from ocp_agentd.hostcheck import host_problems
 from ocp_agentd.logformat import line_formatter, writes_log_file
 from ocp_agentd.logqueue import handlers_off_the_loop
 from ocp_agentd.preflight import check_writable, take_instance_lock
 from ocp_agentd.supervision import Supervisor
+from ocp_agentd.supervision.intent import ticket
+from ocp_agentd.supervision.supervisor import BootPlan
 from ocp_agentd.systemd import Notifier, StatusReporter, journal_handler, status_text
 from ocp_agentd.tasks.engine import TaskEngine
 from ocp_agentd.ticker import Ticker
@@ -74,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         "/etc/ocp_agentd/config.toml)")
     parser.add_argument(
         "--check", action="store_true",
-        help="validate the configuration, print a summary, exit (default: run)"
+        help="validate the configuration and what its programs need from this host (user, "
+        "cwd, command), print a summary, exit: 0 valid, 1 this host lacks something (each "
+        "key named), 2 invalid file (default: run)"
     )
     parser.add_argument("--version", action="version", version=f"ocp-agentd {__version__}")
     parser.add_argument(
@@ -135,9 +140,11 @@ class Daemon:
         self.metrics: AgentMetrics | None = None
         self.ctx: AppContext | None = None
         self.ticker = Ticker(self.notifier, self.supervisor.housekeep, self._record_lag)
+        self._booted = False
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        descriptors.quiet_accept_errors(loop)
         for signum, handler in (
             (signal.SIGTERM, self._request_stop),
             (signal.SIGINT, self._request_stop),
@@ -176,15 +183,25 @@ class Daemon:
         self.metrics = ctx.metrics
         self.app = create_app(ctx)
         self.server = await start_api(self.app, self.settings)
-        await self.supervisor.start_pending(plan)
+        # From here every operation is served: the initial starts go on in the background
+        # and a caller's stop or start never waits behind their readiness waits.
         await engine.start()
-        self.notifier.ready(self._status_text())
-        log.info("ready: %s", self._status_text())
-
-        ctx.state = "running"
         self._background.spawn(self.ticker.run(), name="ticker")
+        self._background.spawn(self._boot(plan, ticket()), name="boot")
         await self._stop.wait()
         return await self._shutdown()
+
+    async def _boot(self, plan: BootPlan, since: int) -> None:
+        """The initial starts (requested at ticket `since`), then READY=1 and the state
+        "running"."""
+        try:
+            await self.supervisor.start_pending(plan, since)
+        finally:
+            self._booted = True
+            if self.ctx is not None and self.ctx.state == "starting":
+                self.ctx.state = "running"
+            self.notifier.ready(self._status_text())
+            log.info("ready: %s", self._status_text())
 
     def _make_task_engine(self, executor: str) -> TaskEngine:
         settings = self.settings
@@ -235,17 +252,24 @@ class Daemon:
         self._background.spawn(self.reload(), name="reload")
 
     async def reload(self) -> dict[str, list[str]] | None:
-        """SIGHUP: apply_reload, with a refused file logged; None when it was refused."""
+        """SIGHUP: apply_reload, with a refused file logged; None when it was refused or
+        applying it failed (logged)."""
         try:
             return await self.apply_reload()
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays:\n%s", exc)
             return None
+        except Exception:
+            log.exception("reload failed; the programs keep their current state")
+            return None
 
     async def apply_reload(self) -> dict[str, list[str]]:
         """Reads the configuration again and applies it (Supervisor.reload): answers
         {added, removed, changed, unchanged}. Raises ConfigError, with nothing changed,
-        when the file is invalid (POST /api/v1/agent/reload answers 1006 with it)."""
+        when the file is invalid (POST /api/v1/agent/reload answers 1006 with it).
+        Whatever happens, the state leaves "reloading"; a caller's stop answered after
+        the reload was requested is not undone by it."""
+        since = ticket()
         async with self._reloading:
             self.notifier.reloading()
             self._set_api_state("reloading")
@@ -255,14 +279,18 @@ class Daemon:
                 if unchangeable:
                     log.warning("reload: %s take effect only after a restart",
                                 ", ".join(unchangeable))
-                report = await self.supervisor.reload(settings)
+                for problem in host_problems(settings):
+                    log.error("reload: %s (that program cannot start until this is fixed)",
+                              problem)
+                report = await self.supervisor.reload(settings, since)
                 self.settings.programs = settings.programs
                 self.settings.api.tokens = settings.api.tokens
             except ConfigError as exc:
                 self.events.reloaded(None, " ".join(str(exc).split()))
                 raise
             finally:
-                self._set_api_state("running")
+                if self.ctx is not None and self.ctx.state == "reloading":
+                    self.ctx.state = "running" if self._booted else "starting"
                 self.notifier.ready(self._status_text())
             log.info("reloaded: %s", {k: v for k, v in report.items() if v})
             self.events.reloaded(report)
@@ -290,8 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ocp-agentd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    problems = host_problems(settings)
     if args.check:
         print(summary(settings, path))
+        if problems:
+            # A valid file that this host cannot run as it is (exit 1; an invalid file is 2).
+            print(f"ocp-agentd: {path} cannot run on this host:", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            return EXIT_FAILURE
         return EXIT_OK
     for directory in (settings.agent.state_dir, settings.agent.log_dir):
         problem = check_writable(directory)
@@ -304,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ocp-agentd: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     setup_logging(settings, args.log_level)
+    for problem in problems:
+        log.error("%s (that program cannot start until this is fixed)", problem)
+    limits = descriptors.raise_nofile_limit()
+    if limits.raised:
+        log.info("descriptor limit raised from %d to %d (programs keep %d; %d kept for the API)",
+                 limits.inherited[0], limits.soft, limits.inherited[0], limits.reserve)
     daemon = Daemon(settings, path)
     try:
         return asyncio.run(daemon.run())

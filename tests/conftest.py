@@ -18,8 +18,9 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def daemon_factory(request, tmp_path) -> Iterator[Callable[..., DaemonRunner]]:
     """make(extra_programs=None, overrides=None, *, start=True, host_id=2, env=None,
-    wait_running=False, timeout=20.0) -> DaemonRunner; every daemon it made, and every
-    process of their trees, is killed after the test."""
+    wait_running=False, timeout=20.0, nofile=None) -> DaemonRunner; every daemon it made,
+    and every process of their trees, is killed after the test (which then fails if a
+    daemon's log reports a task exception that was never retrieved)."""
     pool = DaemonPool(tmp_path)
     yield pool.make
     failed = any(

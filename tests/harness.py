@@ -41,6 +41,10 @@ Running the daemon
         .leftovers() -> list[psutil.Process]      every process of this daemon's tree
         .cleanup()                                 kill the daemon and every leftover
         .settings (config.Settings or None), .config, .socket, .state_dir, .log_path
+        .unretrieved() -> list[str]                 "Task exception was never retrieved"
+                                                    reports in its log (DaemonPool.cleanup
+                                                    fails the test on any)
+    `nofile=(soft, hard)` starts the daemon under that RLIMIT_NOFILE.
     A process belongs to a runner when its environment has
     OCP_AGENTD_STATE_DIR=<state_dir> (set by the daemon for every program and inherited
     by their children, even after setsid) or the runner's private HARNESS_ENV marker
@@ -71,6 +75,7 @@ import contextlib
 import http.client
 import json as jsonlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -111,6 +116,8 @@ T = TypeVar("T")
 STATE_ENV = "OCP_AGENTD_STATE_DIR"
 HARNESS_ENV = "AGENTD_HARNESS_RUN"  # not OCP_AGENTD_*: that prefix is the daemon's config
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
+# asyncio's report of a background task that failed and that nothing awaited: a defect.
+UNRETRIEVED = "Task exception was never retrieved"
 
 
 class WaitTimeout(AssertionError):
@@ -360,8 +367,10 @@ class DaemonRunner:
         python: str = sys.executable,
         env: dict[str, str] | None = None,
         socket: str | Path | None = None,
+        nofile: tuple[int, int] | None = None,
     ) -> None:
         self.config = Path(config).resolve()
+        self.nofile = nofile
         self.python = python
         self.extra_env = dict(env or {})
         self.log_path = Path(log_path) if log_path else self.config.parent / "daemon.log"
@@ -408,10 +417,19 @@ class DaemonRunner:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
+                preexec_fn=self._limits() if self.nofile else None,
             )
         if wait:
             self.wait_ready(timeout)
         return self
+
+    def _limits(self) -> Callable[[], None]:
+        limits = self.nofile
+
+        def apply() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+        return apply
 
     def _answers(self) -> bool:
         if not self.running:
@@ -462,6 +480,16 @@ class DaemonRunner:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def unretrieved(self) -> list[str]:
+        """Each "Task exception was never retrieved" report in the log, with what follows."""
+        text = self.log()
+        found = []
+        start = text.find(UNRETRIEVED)
+        while start >= 0:
+            found.append(text[start : start + 1500])
+            start = text.find(UNRETRIEVED, start + 1)
+        return found
 
     # the control API
 
@@ -576,6 +604,7 @@ class DaemonPool:
         env: dict[str, str] | None = None,
         wait_running: bool = False,
         timeout: float = 20.0,
+        nofile: tuple[int, int] | None = None,
     ) -> DaemonRunner:
         directory = self.base / f"daemon{len(self.runners)}"
         merged: dict[str, Any] = dict(overrides or {})
@@ -587,7 +616,7 @@ class DaemonPool:
             merged["api"] = {**merged.get("api", {}), "socket": str(short / "agentd.sock")}
         base_port = free_port_block(2)
         config = write_demo_config(directory, base_port, host_id, extra_programs, merged)
-        runner = DaemonRunner(config, env=env)
+        runner = DaemonRunner(config, env=env, nofile=nofile)
         runner.base_port = base_port
         self.runners.append(runner)
         if start:
@@ -597,12 +626,20 @@ class DaemonPool:
         return runner
 
     def cleanup(self) -> None:
-        errors = []
+        """Kills every daemon and leftover; then fails if a daemon's log reports a task
+        exception that was never retrieved."""
+        errors: list[BaseException] = []
         for runner in self.runners:
             try:
                 runner.cleanup()
             except Exception as exc:
                 errors.append(exc)
+            reports = runner.unretrieved()
+            if reports:
+                errors.append(AssertionError(
+                    f"{runner.log_path}: {len(reports)} background task(s) ended with an "
+                    f"exception nothing retrieved; the first:\n{reports[0]}"
+                ))
         for short in self._short_dirs:
             for child in short.iterdir():
                 with contextlib.suppress(OSError):

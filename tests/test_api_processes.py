@@ -127,11 +127,14 @@ def test_concurrent_starts_give_one_process(demo_daemon: DaemonRunner) -> None:
 
 @pytest.fixture
 def troubled_daemon(daemon_factory) -> DaemonRunner:
-    """The demo plus `failer` (exits at once) and `slowpoke` (never listens on its port)."""
+    """The demo plus `failer` (exits at once) and `slowpoke` (never listens on its port).
+
+    Neither can ever become RUNNING, however slow the machine: each must listen on a port
+    it never opens (a start_seconds window alone would let a slow-starting failer pass)."""
     return daemon_factory(
         extra_programs={
             "failer": {"command": demo_command("misbehave", "exit-now", 3),
-                       "autorestart": "never", "start_seconds": 0.5},
+                       "ports": [free_port()], "autorestart": "never", "start_seconds": 0},
             "slowpoke": {"command": demo_command("misbehave", "never-ready"),
                          "ports": [free_port()], "start_timeout": 4, "autorestart": "never"},
         },

@@ -274,7 +274,7 @@ def test_bad_command_fails_start_with_reason(world: World) -> None:
     async def body(sup: Supervisor) -> None:
         with pytest.raises(OperationFailed) as caught:
             await sup.start("missing")
-        assert "cannot spawn" in caught.value.reason
+        assert "programs.missing.command" in caught.value.reason
         assert sup.info("missing").state == State.FATAL
 
     run(world, body, boot=False)
@@ -353,8 +353,11 @@ def test_reused_pid_is_never_signalled(world: World, tmp_path: Path) -> None:
         records.save(
             PidRecord("w1", stranger.pid, starttime - 1, ["/bin/sleep", "1000"], "x", "", 0.0)
         )
-        # And a record of a removed program pointing at it with the wrong command line.
-        records.save(PidRecord("gone", stranger.pid, starttime, ["/bin/other"], "y", "", 0.0))
+        # And a record of a removed program naming its pid and command line with another
+        # start time (pid and start time are the identity; a command line alone is not).
+        records.save(
+            PidRecord("gone", stranger.pid, starttime + 1, ["/bin/sleep", "1000"], "y", "", 0.0)
+        )
         assert records.flush()  # written by a thread: on disk before the daemon reads them
 
         async def body(sup: Supervisor) -> None:
@@ -429,7 +432,7 @@ def test_stop_interrupts_a_start_that_never_becomes_ready(world: World) -> None:
         info = await sup.stop("slow")
         assert time.monotonic() - started < 3.0
         assert info.state == State.STOPPED
-        with pytest.raises(OperationFailed, match="interrupted"):
+        with pytest.raises(OperationFailed, match="cancelled by a stop"):
             await starting
         assert sup.info("slow").state == State.STOPPED  # no backoff after an interrupted start
         assert marked(world.state) == []

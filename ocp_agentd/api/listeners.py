@@ -26,6 +26,7 @@ from ocp_agentd.api.auth import AUTH
 from ocp_agentd.api.context import APP_CTX
 from ocp_agentd.api.envelope import ApiError, ErrorCode
 from ocp_agentd.config import Settings
+from ocp_agentd.descriptors import guard_listener
 from ocp_agentd.headers import TRACE_HEADER
 
 log = logging.getLogger("ocp_agentd.api")
@@ -270,7 +271,8 @@ async def start_api(app: web.Application, settings: Settings) -> ApiServer:
         st = os.stat(path)
         app[AUTH].socket_gid = st.st_gid
         server = ApiServer(runner, path, None, (st.st_dev, st.st_ino))
-        await web.SockSite(runner, unix_sock).start()
+        # Guarded: out of descriptors, accepting pauses instead of spinning (descriptors.py).
+        await web.SockSite(runner, guard_listener(unix_sock)).start()
         log.info("API listening on %s (mode %s)", path, api.socket_mode)
         if api.tcp_host_port is not None:
             host, port = api.tcp_host_port
@@ -280,7 +282,7 @@ async def start_api(app: web.Application, settings: Settings) -> ApiServer:
                 raise ApiStartError(f"cannot listen on {api.tcp}: {exc}") from exc
             server.tcp_address = tcp_sock.getsockname()[:2]
             limit = _tcp_connection_limit()
-            await _CappedSite(runner, tcp_sock, limit).start()
+            await _CappedSite(runner, guard_listener(tcp_sock), limit).start()
             log.info("API listening on %s:%s (at most %d connections)", *server.tcp_address,
                      limit)
     except BaseException:

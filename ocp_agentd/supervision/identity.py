@@ -1,23 +1,28 @@
-"""Pid records and process identity.
+"""Pid records and process identity (SPEC section 3).
 
-A process is a program's only if its pid, its start time and its command line all match
-the record written when it was spawned. Signals go through pidfds opened *before* the
+A process is a program's only if its pid and its start time match the record written when
+it was spawned: pid and start time name one process since boot. The start time comes from
+psutil (``Process.create_time()`` less ``psutil.boot_time()``, in clock ticks since boot),
+so a step of the wall clock cannot change it. The command line is recorded for people and
+compared only where the start time cannot be read; a program may rewrite its title and its
+environment, so neither is evidence. Signals go through pidfds opened *before* the
 identity is confirmed, so a pid that is reused afterwards can never receive them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import select
 import signal
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import orjson
-
-from ocp_agentd.supervision.proctable import read_stat
+import psutil
 
 log = logging.getLogger("ocp_agentd.identity")
 
@@ -26,8 +31,8 @@ log = logging.getLogger("ocp_agentd.identity")
 class PidRecord:
     name: str
     pid: int
-    starttime: int  # clock ticks since boot, from /proc/<pid>/stat
-    cmdline: list[str]
+    starttime: int  # clock ticks since boot (start_ticks): with pid, the process's identity
+    cmdline: list[str]  # for people; evidence only where the start time cannot be read
     run_id: str
     fingerprint: str
     started_at: float  # epoch seconds
@@ -35,20 +40,13 @@ class PidRecord:
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_boot_time: float | None = None
 
 
+@functools.cache
 def boot_time() -> float:
-    global _boot_time
-    if _boot_time is None:
-        with open("/proc/stat") as handle:
-            for line in handle:
-                if line.startswith("btime "):
-                    _boot_time = float(line.split()[1])
-                    break
-            else:  # pragma: no cover - every Linux has btime
-                _boot_time = 0.0
-    return _boot_time
+    """Epoch seconds of the boot, as psutil reads it once (for display only: identity
+    compares clock ticks since boot, which a later clock step cannot move)."""
+    return psutil.boot_time()
 
 
 def create_time(starttime: int) -> float:
@@ -56,13 +54,49 @@ def create_time(starttime: int) -> float:
     return boot_time() + starttime / CLOCK_TICKS
 
 
-def read_cmdline(pid: int) -> list[str] | None:
+def start_ticks(process: psutil.Process) -> int:
+    """The process's start in clock ticks since boot (field 22 of /proc/PID/stat, proc(5)).
+
+    psutil gives epoch seconds (boot time + ticks / CLK_TCK); subtracting the boot time read
+    at the same moment gives back the exact tick count, whatever the wall clock did since.
+    Raises psutil.NoSuchProcess or psutil.AccessDenied.
+    """
+    return round((process.create_time() - psutil.boot_time()) * CLOCK_TICKS)
+
+
+def starttime_of(pid: int) -> int | None:
+    """start_ticks of pid, or None if there is no such process or it cannot be read."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            raw = handle.read()
-    except OSError:
+        return start_ticks(psutil.Process(pid))
+    except psutil.Error:
         return None
-    return [part.decode(errors="surrogateescape") for part in raw.split(b"\0")[:-1]]
+
+
+def read_cmdline(pid: int) -> list[str] | None:
+    """The process's argv as it reads now (a program may have rewritten it), or None."""
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return None
+
+
+def same_process(pid: int, starttime: int, cmdline: list[str] | None = None) -> bool:
+    """True if pid is alive, not a zombie, and is the process that started at `starttime`.
+
+    Only where the start time cannot be read (psutil.AccessDenied) is the command line
+    compared instead, and then only if one is given; title and environment are never
+    compared otherwise.
+    """
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        try:
+            return start_ticks(process) == starttime
+        except psutil.AccessDenied:
+            return cmdline is not None and process.cmdline() == cmdline
+    except psutil.Error:
+        return False
 
 
 class PidRecords:
@@ -80,6 +114,8 @@ class PidRecords:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._pending: dict[str, bytes | None] = {}  # name -> JSON to write, None: remove
+        # The change the writer is putting on disk: still what load() and names() see.
+        self._writing: dict[str, bytes | None] = {}
         self._busy = False
         self._changed = threading.Condition()
         self._writer: threading.Thread | None = None
@@ -112,11 +148,13 @@ class PidRecords:
     def _write_forever(self) -> None:
         while True:
             with self._changed:
+                self._writing = {}
                 self._busy = False
                 self._changed.notify_all()
                 self._changed.wait_for(lambda: bool(self._pending))
                 name, data = next(iter(self._pending.items()))
                 del self._pending[name]
+                self._writing = {name: data}
                 self._busy = True
             if data is None:
                 with contextlib.suppress(OSError):
@@ -150,7 +188,7 @@ class PidRecords:
     def load(self, name: str) -> PidRecord | None:
         path = self._path(name)
         with self._changed:
-            noted = self._pending.get(name, b"")
+            noted = {**self._writing, **self._pending}.get(name, b"")
         try:
             if noted is None:
                 return None
@@ -158,6 +196,8 @@ class PidRecords:
             record = PidRecord(**data)
             if not isinstance(record.pid, int) or record.pid <= 0:
                 raise ValueError("bad pid")
+            if not isinstance(record.starttime, int) or record.starttime < 0:
+                raise ValueError("bad start time")
             return record
         except FileNotFoundError:
             return None
@@ -168,7 +208,7 @@ class PidRecords:
 
     def names(self) -> list[str]:
         with self._changed:
-            pending = dict(self._pending)
+            pending = {**self._writing, **self._pending}
         try:
             on_disk = {p.stem for p in self.directory.glob("*.json")}
         except OSError:
@@ -179,7 +219,8 @@ class PidRecords:
 
 @dataclass
 class Handle:
-    """A confirmed process: pid, start time and an open pidfd that pins it."""
+    """A confirmed process: pid, start time (clock ticks since boot) and an open pidfd
+    that pins it (pidfd_open(2)): whatever happens to the pid, the pidfd names this one."""
 
     pid: int
     starttime: int
@@ -192,10 +233,13 @@ class Handle:
             self.pidfd = -1
 
     def alive(self) -> bool:
+        """False once the process has exited (its pidfd turns readable; a zombie counts as
+        exited) or the handle was closed."""
         if self.pidfd < 0:
             return False
-        entry = read_stat(self.pid)
-        return entry is not None and entry.starttime == self.starttime and not entry.zombie
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     def send(self, signum: int) -> bool:
         """Signals exactly this process; False if it is already gone."""
@@ -212,16 +256,13 @@ class Handle:
 
 
 def pin(pid: int, starttime: int, cmdline: list[str] | None = None) -> Handle | None:
-    """Opens a pidfd for pid and keeps it only if the process is the one described."""
+    """Opens a pidfd for pid and keeps it only if the process is the one described
+    (same_process); None otherwise, or if no pidfd can be opened."""
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
         return None
-    entry = read_stat(pid)
-    ok = entry is not None and entry.starttime == starttime and not entry.zombie
-    if ok and cmdline is not None:
-        ok = read_cmdline(pid) == cmdline
-    if not ok:
+    if not same_process(pid, starttime, cmdline):
         os.close(pidfd)
         return None
     return Handle(pid=pid, starttime=starttime, pidfd=pidfd)

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ocp_agentd import linux, safefs
+from ocp_agentd import descriptors, linux, safefs
 from ocp_agentd.config import ProgramSpec
 
 log = logging.getLogger("ocp_agentd.output")
@@ -249,6 +249,8 @@ class LogWatcher:
                     self._add(path, spec)
 
     def _add(self, path: Path, spec: ProgramSpec) -> None:
+        if descriptors.shortfall(need=2):
+            return  # the API's reserve comes first; housekeeping rotates this file instead
         try:
             uid, gid = owner_of(spec)
             dir_fd = safefs.open_directory(path.parent, owner=uid)

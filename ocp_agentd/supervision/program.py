@@ -19,12 +19,13 @@ import pwd
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
+from ocp_agentd import descriptors, hostcheck
 from ocp_agentd.background import Tasks
 from ocp_agentd.config import ProgramSpec
 from ocp_agentd.supervision import probes, spawn, tree
@@ -35,6 +36,7 @@ from ocp_agentd.supervision.identity import (
     pin,
     read_cmdline,
 )
+from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, Intent, ticket
 from ocp_agentd.supervision.liveness import Liveness
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner
 from ocp_agentd.supervision.types import (
@@ -51,6 +53,7 @@ from ocp_agentd.supervision.types import (
 )
 
 log = logging.getLogger("ocp_agentd.program")
+T = TypeVar("T")
 
 QUICK_EXIT_FLOOR = 1.0  # an exit sooner than this after spawn counts as a quick exit
 
@@ -113,6 +116,7 @@ class Program:
         self._not_ready_reason = "waiting"
         self._abort_start: asyncio.Event | None = None
         self.liveness = Liveness(self.name, self._on_probe, self._on_liveness_failed)
+        self.intent = Intent()
 
     # ---- the one place where state changes ------------------------------------------------
 
@@ -195,9 +199,16 @@ class Program:
 
     # ---- commands -------------------------------------------------------------------------
 
+    # Operator intent (intent.py): each command records what the caller wants before it
+    # waits for the lock; every start re-checks it when its turn comes.
+
     async def start(self) -> ProcessInfo:
+        """A caller's start: RUNNING, or OperationFailed (CANCELLED_BY_STOP when a stop was
+        requested while it waited or ran)."""
+        since = self.intent.start_requested()
+        log.debug("%s: start requested", self.name, extra={"PROGRAM": self.name})
         async with self.lock:
-            return await self._start_locked()
+            return await self._contained("start", self._start_locked(since))
 
     def _interrupt_start(self) -> None:
         """A stop must not wait out a start that may never become ready."""
@@ -205,16 +216,53 @@ class Program:
             self._abort_start.set()
 
     async def stop(self) -> ProcessInfo:
+        """A caller's stop, served at once whatever is queued: the start in progress is
+        interrupted and each queued start ends as cancelled when its turn comes."""
+        self.intent.stop_requested()
+        log.debug("%s: stop requested", self.name, extra={"PROGRAM": self.name})
+        self._cancel_timer()
+        self._restart_pending = False
         self._interrupt_start()
         async with self.lock:
-            await self._stop_locked()
+            await self._contained("stop", self._stop_locked())
             return self.info()
 
     async def restart(self) -> ProcessInfo:
+        self.intent.stop_requested()
+        since = self.intent.start_requested()
+        log.debug("%s: restart requested", self.name, extra={"PROGRAM": self.name})
         self._interrupt_start()
         async with self.lock:
-            await self._stop_locked()
-            return await self._start_locked()
+            await self._contained("restart", self._stop_locked())
+            return await self._contained("restart", self._start_locked(since))
+
+    async def start_planned(self, since: int) -> ProcessInfo:
+        """The daemon's own start (boot, reload), requested at ticket `since`."""
+        log.debug("%s: planned start requested", self.name, extra={"PROGRAM": self.name})
+        async with self.lock:
+            return await self._contained("start", self._start_locked(since))
+
+    async def restart_planned(self, since: int) -> ProcessInfo:
+        """A reload's restart of a changed program, requested at ticket `since`: nothing
+        happens if a caller stopped the program after that."""
+        log.debug("%s: planned restart requested", self.name, extra={"PROGRAM": self.name})
+        async with self.lock:
+            if self.intent.overridden(since):
+                raise OperationFailed(self.name, CANCELLED_BY_STOP)
+            await self._contained("restart", self._stop_locked())
+            return await self._contained("restart", self._start_locked(since))
+
+    async def _contained(self, verb: str, operation: Awaitable[T]) -> T:
+        """Runs one operation; an unexpected exception becomes this program's failure
+        (OperationFailed), logged with its traceback, instead of escaping to the daemon."""
+        try:
+            return await operation
+        except (OperationFailed, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("%s: %s failed unexpectedly", self.name, verb,
+                          extra={"PROGRAM": self.name})
+            raise OperationFailed(self.name, f"{verb} failed: internal error: {exc!r}") from exc
 
     async def send_signal(self, signum: int) -> ProcessInfo:
         """Sends signum to the running instance's tree (SPEC section 12); OperationFailed
@@ -363,17 +411,20 @@ class Program:
             if self.spec.autorestart == "never":
                 self._set_state(State.EXITED, reason)
                 return
+            since = ticket()
             if not was_healthy:
-                self._after_failed_start(reason)
+                self._after_failed_start(reason, since)
                 return
             self.quick_exits = 0
             self._restart_pending = True
             self._set_state(State.BACKOFF, f"{reason}; restarting now")
-        await self._auto_start()
+        await self._auto_start(since)
 
     # ---- internals: starting ----------------------------------------------------------------
 
-    async def _start_locked(self) -> ProcessInfo:
+    async def _start_locked(self, since: int) -> ProcessInfo:
+        if self.intent.overridden(since):
+            raise OperationFailed(self.name, CANCELLED_BY_STOP)
         self._cancel_timer()
         self._restart_pending = False
         if self.alive() and self.state == State.RUNNING:
@@ -383,30 +434,52 @@ class Program:
             await self._stop_locked()
         self.quick_exits = 0
         try:
-            reason = await self._attempt()
+            reason = await self._attempt(since)
         except StartAborted:
             raise OperationFailed(self.name, StartAborted.REASON) from None
         if reason is None:
             return self.info()
-        self._after_failed_start(reason)
+        self._after_failed_start(reason, since)
         raise OperationFailed(self.name, reason)
 
-    async def _attempt(self) -> str | None:
-        """One try at STARTING -> RUNNING. None on success, else why it failed.
-
-        Raises StartAborted when a stop interrupted the start (the instance is ended).
-        """
+    def _spawn_or_why(self) -> Instance | str:
+        """Spawns the program, or says why not: a host problem (naming the key), too few
+        descriptors, or the spawn's own error (naming the file it concerns)."""
+        problems = hostcheck.program_problems(self.spec)
+        if problems:
+            return "; ".join(str(problem) for problem in problems)
+        short = descriptors.shortfall()
+        if short:
+            return short
         try:
-            inst = self._spawn()
+            return self._spawn()
+        except spawn.SpawnRefused as exc:
+            return str(exc)
         except OSError as exc:
-            reason = f"cannot spawn {self.spec.command[0]}: {exc.strerror or exc}"
-            self.last_exit = ExitInfo(None, None, time.time(), reason)
+            what = exc.filename if exc.filename is not None else self.spec.command[0]
+            return f"cannot spawn {self.spec.command[0]}: {what}: {exc.strerror or exc}"
+        except Exception as exc:
+            log.exception("%s: spawn failed unexpectedly", self.name, extra={"PROGRAM": self.name})
+            return f"cannot spawn {self.spec.command[0]}: internal error: {exc!r}"
+
+    async def _attempt(self, since: int) -> str | None:
+        """One try at STARTING -> RUNNING on behalf of the request at ticket `since`. None
+        on success, else why it failed.
+
+        Raises StartAborted when a stop came after `since` (the instance, if any, is ended).
+        """
+        if self.intent.overridden(since):
+            raise StartAborted
+        abort = self._abort_start = asyncio.Event()
+        inst = self._spawn_or_why()
+        if isinstance(inst, str):
+            self._abort_start = None
+            self.last_exit = ExitInfo(None, None, time.time(), inst)
             self._set_state(State.STARTING, "spawning")
-            return reason
+            return inst
         self.instance = inst
         self._set_state(State.STARTING, f"spawned pid {inst.pid}")
         waiter = asyncio.ensure_future(self._wait_ready(inst))
-        abort = self._abort_start = asyncio.Event()
         aborted = asyncio.ensure_future(abort.wait())
         try:
             done, _ = await asyncio.wait(
@@ -421,6 +494,12 @@ class Program:
                     pending.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await pending
+        if waiter in done and waiter.exception() is not None:
+            error = waiter.exception()
+            log.error("%s: readiness check failed unexpectedly", self.name,
+                      exc_info=error, extra={"PROGRAM": self.name})
+            await self._terminate(inst)
+            return f"readiness check failed: internal error: {error!r}"
         if abort.is_set() and not inst.exited.done() and waiter not in done:
             await self._terminate(inst)
             raise StartAborted
@@ -463,7 +542,9 @@ class Program:
         spec = self.spec
         run_id = uuid.uuid4().hex
         popen, handle = spawn.spawn(spec, self._state_dir, run_id)
-        cmdline = read_cmdline(popen.pid) or list(spec.command)
+        # What was started, for people (spawn may exec it through a shell that sets its
+        # descriptor limit, whose argv a read this early could still show).
+        cmdline = list(spec.command)
         now = time.time()
         inst = Instance(handle, cmdline, run_id, now, time.monotonic(), popen)
         self._records.save(
@@ -525,16 +606,16 @@ class Program:
             return
         ran = time.monotonic() - inst.started_mono
         if ran < max(spec.start_seconds, QUICK_EXIT_FLOOR):
-            self._after_failed_start(f"{info.reason} after {ran:.2f}s")
+            self._after_failed_start(f"{info.reason} after {ran:.2f}s", ticket())
             return
         # It will be started again (at once: it had run long enough), so BACKOFF, not
         # EXITED, which means "exited and left so".
         self.quick_exits = 0
         self._restart_pending = True
         self._set_state(State.BACKOFF, f"{info.reason}; restarting now")
-        self._spawn_background(self._auto_start())
+        self._spawn_background(self._auto_start(ticket()))
 
-    def _after_failed_start(self, reason: str) -> None:
+    def _after_failed_start(self, reason: str, since: int) -> None:
         self.quick_exits += 1
         self._records.remove(self.name)
         if self.quick_exits >= self.spec.max_quick_exits:
@@ -544,21 +625,25 @@ class Program:
         self._restart_pending = True
         self._set_state(State.BACKOFF, f"{reason}; next try in {delay:g}s")
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(delay, lambda: self._spawn_background(self._auto_start()))
+        self._timer = loop.call_later(
+            delay, lambda: self._spawn_background(self._auto_start(since))
+        )
 
-    async def _auto_start(self) -> None:
+    async def _auto_start(self, since: int) -> None:
+        """An automatic restart (after an exit or a failed start) on behalf of the request
+        at ticket `since`: a stop requested after that cancels it."""
         async with self.lock:
             self._timer = None
-            if not self._restart_pending:
+            if not self._restart_pending or self.intent.overridden(since):
                 return  # a command acted in the meantime
             self._restart_pending = False
             self.restarts += 1
             try:
-                reason = await self._attempt()
+                reason = await self._attempt(since)
             except StartAborted:
                 return
             if reason is not None:
-                self._after_failed_start(reason)
+                self._after_failed_start(reason, since)
 
     def _spawn_background(self, coro: Any) -> None:
         self._background.spawn(coro, name=f"{self.name}-background")

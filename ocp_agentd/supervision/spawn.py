@@ -12,14 +12,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ocp_agentd import descriptors
 from ocp_agentd.config import ProgramSpec
 from ocp_agentd.supervision import output
-from ocp_agentd.supervision.identity import Handle
+from ocp_agentd.supervision.identity import Handle, starttime_of
 from ocp_agentd.supervision.proctable import (
     MARK_PROGRAM,
     MARK_RUN_ID,
     MARK_STATE_DIR,
-    read_stat,
 )
 
 # Variables of the daemon's own service manager that a child must not inherit.
@@ -32,6 +32,11 @@ PRIVATE_ENV = (
     "LISTEN_FDNAMES",
     "OCP_AGENTD_CONFIG",
 )
+
+
+class SpawnRefused(Exception):
+    """What the host cannot give a program at spawn time; the message names the key
+    (e.g. "programs.web.user: no user 'web' on this host")."""
 
 
 def child_env(spec: ProgramSpec, state_dir: Path, run_id: str) -> dict[str, str]:
@@ -47,11 +52,16 @@ def child_env(spec: ProgramSpec, state_dir: Path, run_id: str) -> dict[str, str]
 def user_kwargs(spec: ProgramSpec, env: dict[str, str]) -> dict[str, Any]:
     """Popen's user/group/extra_groups for spec.user (and HOME, USER, LOGNAME into env).
 
-    Raises KeyError when the user does not exist.
+    Raises SpawnRefused when the user does not exist (deleted since the host check).
     """
     if not spec.user:
         return {}
-    account = pwd.getpwnam(spec.user)
+    try:
+        account = pwd.getpwnam(spec.user)
+    except KeyError:
+        raise SpawnRefused(
+            f"programs.{spec.name}.user: no user {spec.user!r} on this host"
+        ) from None
     env.update(HOME=account.pw_dir, USER=spec.user, LOGNAME=spec.user)
     return {
         "user": account.pw_uid,
@@ -65,17 +75,18 @@ def spawn(
 ) -> tuple[subprocess.Popen[bytes], Handle]:
     """Starts spec.command in a new session with its logs as stdout/stderr.
 
-    Returns the Popen and a Handle pinning the child by pidfd. Raises OSError when the
-    logs cannot be opened safely (safefs.UnsafePath names the path), the
-    command cannot be spawned or the child cannot be pinned (the child is then killed:
-    better no process than a lost one).
+    Returns the Popen and a Handle pinning the child by pidfd. Raises SpawnRefused (see
+    user_kwargs), OSError when the logs cannot be opened safely (safefs.UnsafePath names
+    the path), the command cannot be spawned or the child cannot be pinned (the child is
+    then killed: better no process than a lost one). The child gets the descriptor limit
+    the daemon was started with (descriptors.program_command).
     """
     env = child_env(spec, state_dir, run_id)
     kwargs = user_kwargs(spec, env)
     out, err = output.open_streams(spec)
     try:
         popen = subprocess.Popen(
-            spec.command,
+            descriptors.program_command(spec.command),
             cwd=spec.cwd,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -89,11 +100,10 @@ def spawn(
         os.close(out)
         if err != out:
             os.close(err)
-    entry = read_stat(popen.pid)
     try:
         pidfd = os.pidfd_open(popen.pid)
     except OSError:
         popen.kill()
         popen.wait()
         raise
-    return popen, Handle(popen.pid, entry.starttime if entry else 0, pidfd)
+    return popen, Handle(popen.pid, starttime_of(popen.pid) or 0, pidfd)

@@ -16,6 +16,7 @@ from ocp_agentd.config import ProgramSpec, Settings
 from ocp_agentd.events import EventHub
 from ocp_agentd.supervision import output
 from ocp_agentd.supervision.identity import PidRecords
+from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, ticket
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner, Snapshot
 from ocp_agentd.supervision.program import (
     OperationFailed,
@@ -159,7 +160,7 @@ class Supervisor:
                 out[name] = result
             elif isinstance(result, BaseException):
                 log.error("%s: %s", name, result, exc_info=result)
-                out[name] = OperationFailed(name, f"internal error: {result}")
+                out[name] = OperationFailed(name, f"internal error: {result!r}")
         return out
 
     # ---- life cycle ---------------------------------------------------------------------------
@@ -202,11 +203,13 @@ class Supervisor:
         await self._stop_unknown()
         return BootPlan(to_start, to_restart)
 
-    async def start_pending(self, plan: BootPlan) -> None:
-        """Starts what was not adopted; restarts what was adopted with an older config."""
+    async def start_pending(self, plan: BootPlan, since: int | None = None) -> None:
+        """Starts what was not adopted; restarts what was adopted with an older config.
+        Requested at ticket `since` (default: now): a caller's stop after it wins."""
+        since = ticket() if since is None else since
         await asyncio.gather(
-            *(self._quietly(n, "start") for n in plan.start),
-            *(self._quietly(n, "restart") for n in plan.restart),
+            *(self._quietly(n, "start", since) for n in plan.start),
+            *(self._quietly(n, "restart", since) for n in plan.restart),
         )
 
     def _strays(self, snap: Snapshot, name: str, program: Program) -> list[ProcEntry]:
@@ -226,18 +229,30 @@ class Supervisor:
             ghost = self._make(ProgramSpec(name=name, command=record.cmdline or ["/"]))
             if ghost.adopt(record):
                 log.warning("%s: no longer configured, stopping pid %d", name, record.pid)
-                await ghost.stop()
+                try:
+                    await ghost.stop()
+                except OperationFailed as exc:
+                    log.error("%s", exc)
             ghost.discard_record()
 
-    async def _quietly(self, name: str, verb: Literal["start", "restart"]) -> None:
-        """Starts or restarts name, logging a failure instead of raising it."""
-        program = self.program(name)
+    async def _quietly(self, name: str, verb: Literal["start", "restart"], since: int) -> None:
+        """The daemon's own start or restart of name (boot, reload), requested at ticket
+        `since`: a failure is the program's (its state and log), raised to no caller."""
+        program = self.programs.get(name)
+        if program is None:
+            return  # removed by a later reload
         if verb == "restart":
             log.info("%s: configuration changed since it was started, restarting", name)
         try:
-            await (program.restart() if verb == "restart" else program.start())
+            await (
+                program.restart_planned(since) if verb == "restart"
+                else program.start_planned(since)
+            )
         except OperationFailed as exc:
-            log.error("%s", exc)
+            if exc.reason == CANCELLED_BY_STOP:
+                log.info("%s", exc)
+            else:
+                log.error("%s", exc)
 
     async def shutdown(self) -> None:
         """Stops every program: workers in parallel first, pos_proxy and the rest last."""
@@ -262,13 +277,18 @@ class Supervisor:
         if self._http is not None:
             await self._http.close()
 
-    async def reload(self, settings: Settings) -> dict[str, list[str]]:
-        """Starts added programs, stops removed ones, restarts changed ones."""
+    async def reload(self, settings: Settings, since: int | None = None) -> dict[str, list[str]]:
+        """Starts added programs, stops removed ones, restarts changed ones. `since` is the
+        ticket of the reload's request: a program a caller stopped after it stays stopped."""
+        since = ticket() if since is None else since
         new_specs = {s.name: s for s in _ordered(settings.programs.values())}
         report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
         removed = [n for n in self.programs if n not in new_specs]
         for name in removed:
-            await self.program(name).stop()
+            try:
+                await self.program(name).stop()
+            except OperationFailed as exc:
+                log.error("%s", exc)
             self.programs.pop(name).release()
             report["removed"].append(name)
         restart: list[str] = []
@@ -281,15 +301,19 @@ class Supervisor:
                 needs_restart = current.spec.fingerprint() != spec.fingerprint()
                 current.replace_spec(spec)
                 report["changed"].append(name)
-                if needs_restart and current.state not in (State.STOPPED, State.EXITED):
+                if (
+                    needs_restart
+                    and current.state not in (State.STOPPED, State.EXITED)
+                    and not current.intent.overridden(since)
+                ):
                     restart.append(name)
             else:
                 report["unchanged"].append(name)
         self.programs = {n: self.programs[n] for n in new_specs}
         self.settings = settings
         await asyncio.gather(
-            *(self._quietly(n, "start") for n in report["added"]),
-            *(self._quietly(n, "restart") for n in restart),
+            *(self._quietly(n, "start", since) for n in report["added"]),
+            *(self._quietly(n, "restart", since) for n in restart),
         )
         return report
 
@@ -331,10 +355,21 @@ def _ordered(specs: Any) -> list[ProgramSpec]:
     return [s for s in specs if s.role == "pos_proxy"] + [s for s in specs if s.role != "pos_proxy"]
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Takes the outcome of an operation whose caller may have stopped waiting: a failure
+    then is the program's own (already in its state and log), never an unretrieved one."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None and not isinstance(error, OperationFailed | ProgramNotFound):
+        log.error("operation failed unexpectedly: %r", error, exc_info=error)
+
+
 async def _within(action: Awaitable[T], timeout: float | None, name: str, verb: str) -> T:
     # The operation itself is never cancelled half-way (a stop that sent SIGTERM must finish
     # its job); the caller only stops waiting for it.
     task = asyncio.ensure_future(action)
+    task.add_done_callback(_retrieve)
     if timeout is None:
         return await task
     started = time.monotonic()

@@ -21,6 +21,7 @@ from pydantic import ConfigDict, with_config
 from typing_extensions import TypedDict  # pydantic needs it, not typing's, before 3.12
 
 from ocp_agentd.supervision.identity import Handle
+from ocp_agentd.supervision.intent import CANCELLED_BY_STOP
 
 # Field docstrings become the descriptions in the OpenAPI document; every field is always
 # sent, so each is listed as required even when it has a default.
@@ -50,9 +51,10 @@ class OperationFailed(Exception):
 
 
 class StartAborted(Exception):
-    """A start was interrupted by a stop or restart before the program became ready."""
+    """A start was cancelled by a stop requested after it (intent.py), in progress or
+    still queued."""
 
-    REASON = "start interrupted by a stop"
+    REASON = CANCELLED_BY_STOP
 
 
 class IllegalTransition(RuntimeError):

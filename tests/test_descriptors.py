@@ -1,0 +1,99 @@
+"""Running out of descriptors is an error, not a spin (issue #10, kind 4; SPEC section 11).
+
+The issue's case (1100 programs under `ulimit -n 1024`) scaled down: each program costs the
+daemon a pidfd and a watch per log file while it runs, so 60 programs exhaust a limit of 64.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import psutil
+from harness import DaemonRunner, wait_for
+
+from ocp_agentd.descriptors import reserve_for
+
+SLEEP = ["/bin/sleep", "100000"]
+NO_DEMO = {"programs": {"pos_proxy": None, "ocp_exporter": None, "ob_logtailer": None}}
+ACCEPT_FAILURE = "out of system resource"  # asyncio's own line, once per failed accept
+ACCEPT_REPORT = "the API cannot accept connections"
+CPU_WINDOW = 2.0  # seconds over which the daemon's CPU use is measured
+
+
+def nofile(pid: int) -> tuple[int, int]:
+    return psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE)
+
+
+def settled(runner: DaemonRunner) -> list[dict]:
+    """Every program RUNNING or FATAL (no start left to try)."""
+    records = runner.processes()
+    return records if all(r["state"] in ("RUNNING", "FATAL") for r in records) else []
+
+
+def daemon_cpu_share(runner: DaemonRunner) -> float:
+    """The daemon's CPU use over CPU_WINDOW seconds, as a share of one core."""
+    assert runner.pid is not None
+    return psutil.Process(runner.pid).cpu_percent(interval=CPU_WINDOW) / 100
+
+
+def test_soft_limit_raised_to_hard_and_programs_get_the_old_one(daemon_factory) -> None:
+    runner = daemon_factory({"sleeper": {"command": SLEEP, "start_seconds": 0}},
+                            nofile=(200, 400))
+    pid = runner.wait_state("sleeper", timeout=30)["pid"]
+    assert runner.pid is not None
+    assert nofile(runner.pid) == (400, 400)
+    assert nofile(pid) == (200, 400)
+
+
+def test_many_programs_under_a_low_limit_leave_the_api_answering(daemon_factory) -> None:
+    limit = 64
+    programs = {f"p{i:02d}": {"command": SLEEP, "start_seconds": 0, "backoff_initial": 0.1,
+                              "backoff_max": 0.2} for i in range(60)}
+    runner = daemon_factory(programs, NO_DEMO, nofile=(limit, limit), timeout=30)
+    records = wait_for(lambda: settled(runner), timeout=60, message="every program settled")
+
+    running = [r for r in records if r["state"] == "RUNNING"]
+    fatal = [r for r in records if r["state"] == "FATAL"]
+    assert running and fatal, [r["state"] for r in records]
+    for record in fatal:
+        assert "file descriptors" in record["last_exit"]["reason"], record
+    assert runner.pid is not None
+    held = psutil.Process(runner.pid).num_fds()
+    assert held <= limit - reserve_for(limit) + 1, held
+
+    assert daemon_cpu_share(runner) < 0.5
+    for _ in range(20):
+        assert runner.get("/api/v1/status", timeout=10).status == 200
+    assert runner.log().count(ACCEPT_FAILURE) <= 1
+
+    assert runner.stop() == 0
+    assert runner.leftovers() == []
+
+
+def test_clients_that_exhaust_the_descriptors_make_no_spin(daemon_factory) -> None:
+    limit = 64
+    runner = daemon_factory({}, NO_DEMO, nofile=(limit, limit))
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(limit):
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(str(runner.socket))
+            idle.append(client)
+        # The daemon accepted what its descriptors allow; the rest wait in the backlog.
+        assert runner.pid is not None
+        pid = runner.pid
+        wait_for(lambda: psutil.Process(pid).num_fds() >= limit - 1, timeout=20,
+                 message="the daemon out of descriptors")
+        assert daemon_cpu_share(runner) < 0.5
+        log = runner.log()
+        assert log.count(ACCEPT_FAILURE) <= 1, log.count(ACCEPT_FAILURE)
+        reported = log.count(ACCEPT_REPORT)
+        assert 1 <= reported <= 2, reported  # the condition said, once per interval
+    finally:
+        for client in idle:
+            client.close()
+    began = time.monotonic()
+    wait_for(lambda: runner.get("/api/v1/status", timeout=5).status == 200, timeout=30,
+             message="the API answering again")
+    assert time.monotonic() - began < 30
