@@ -274,6 +274,9 @@ class TaskEngine:
         return await self._reopen(task, "retry")
 
     async def rollback(self, task_id: int) -> TaskInstance:
+        """Undo a FAILED task's done subtasks in reverse (dag.rollback_plan); a task whose
+        rollback failed retries it. TaskError 20004 when the task or a done subtask
+        prohibits rollback, 20003 unless the task is FAILED."""
         task = await self.get(task_id)
         if dag.rollback_prohibited(task):
             raise TaskError(ROLLBACK_PROHIBITED, f"rollback is prohibited for task {task_id}")
@@ -286,6 +289,7 @@ class TaskEngine:
         return await self._reopen(task, "rollback")
 
     async def retry_subtask(self, task_id: int, subtask_id: int) -> TaskInstance:
+        """Run one FAILED subtask of a FAILED task again (its runTime grows by one)."""
         task = await self.get(task_id)
         sub = self._subtask(task, subtask_id)
         self._require_failed(task)
@@ -295,6 +299,7 @@ class TaskEngine:
         return await self._reopen(task, f"retry of subtask {sub.id}")
 
     async def skip_subtask(self, task_id: int, subtask_id: int) -> TaskInstance:
+        """Count one FAILED subtask of a FAILED task as done (operation SKIP) and go on."""
         task = await self.get(task_id)
         sub = self._subtask(task, subtask_id)
         self._require_failed(task)
