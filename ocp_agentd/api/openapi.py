@@ -137,9 +137,11 @@ def _operation(
             }
             for p in route.params
         ]
-    if "body" in shapes:
+    if "body" in shapes and route.body is not None:
+        # An empty body counts as {}: a body is needed only when a field is.
+        needed = any(field.is_required() for field in route.body.model_fields.values())
         operation["requestBody"] = {
-            "required": False,
+            "required": needed,
             "content": {"application/json": {"schema": shapes["body"]}},
         }
     return operation
