@@ -127,6 +127,9 @@ class ApiSection(_Strict):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        problem = self.tcp_problem()
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     @property
@@ -514,6 +517,8 @@ def restart_only_changes(old: Settings, new: Settings) -> list[str]:
             ("agent.state_dir", old.agent.state_dir, new.agent.state_dir),
             ("api.socket", old.api.socket, new.api.socket),
             ("api.tcp", old.api.tcp, new.api.tcp),
+            ("api.socket_group", old.api.socket_group, new.api.socket_group),
+            ("api.tls (on or off)", old.api.tls, new.api.tls),
         )
         if before != after
     ]

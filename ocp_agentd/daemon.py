@@ -13,13 +13,14 @@ import logging
 import logging.handlers
 import os
 import signal
+import ssl
 import sys
 import time
 from pathlib import Path
 
 from aiohttp import web
 
-from ocp_agentd import __version__, descriptors
+from ocp_agentd import __version__, descriptors, safefs
 from ocp_agentd.api import AppContext, create_app, start_api
 from ocp_agentd.api.envelope import host_address
 from ocp_agentd.api.listeners import ApiServer, ApiStartError
@@ -285,6 +286,7 @@ class Daemon:
                 report = await self.supervisor.reload(settings, since)
                 self.settings.programs = settings.programs
                 self.settings.api.tokens = settings.api.tokens
+                self._reload_tls(settings)
             except ConfigError as exc:
                 self.events.reloaded(None, " ".join(str(exc).split()))
                 raise
@@ -295,6 +297,18 @@ class Daemon:
             log.info("reloaded: %s", {k: v for k, v in report.items() if v})
             self.events.reloaded(report)
             return report
+
+    def _reload_tls(self, settings: Settings) -> None:
+        if self.server is None or self.server.tls is None:
+            return
+        try:
+            self.server.reload_tls(settings.api)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("reload: cannot read the TLS files, the old certificate stays: %s", exc)
+            return
+        for key in ("tls_cert", "tls_key", "tls_client_ca"):
+            setattr(self.settings.api, key, getattr(settings.api, key))
+        log.info("reload: TLS certificate re-read from %s", settings.api.tls_cert)
 
     def _set_api_state(self, state: str) -> None:
         if self.ctx is not None:
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILURE
         return EXIT_OK
     for directory in (settings.agent.state_dir, settings.agent.log_dir):
-        problem = check_writable(directory)
+        problem = check_writable(directory) or safefs.check_directory(directory, os.getuid())
         if problem:
             print(f"ocp-agentd: cannot start: {problem}", file=sys.stderr)
             return EXIT_FAILURE

@@ -288,7 +288,7 @@ def test_demo_config_extra_programs_and_overrides(tmp_path):
         },
         overrides={
             "programs": {"ob_logtailer": None, "pos_proxy": {"stop_timeout": 2.5}},
-            "api": {"tcp": "127.0.0.1:41005"},
+            "api": {"tcp": "127.0.0.1:41005", "tokens": [{"name": "t", "sha256": "0" * 64}]},
         },
     )
     settings = load_settings(path)

@@ -262,7 +262,9 @@ def test_a_daemon_that_dies_at_start_is_reported_with_its_log(daemon_factory, tm
 def test_overrides_and_tcp_client(daemon_factory):
     port = free_port()
     runner = daemon_factory(
-        overrides={"api": {"tcp": f"127.0.0.1:{port}"}, "programs": {"ob_logtailer": None}},
+        overrides={"api": {"tcp": f"127.0.0.1:{port}",
+                           "tokens": [{"name": "t", "sha256": "0" * 64}]},
+                   "programs": {"ob_logtailer": None}},
         host_id=9,
     )
     assert runner.status()["host_id"] == 9

@@ -35,7 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from ocp_agentd.api import envelope
-from ocp_agentd.api.auth import AUTH, Authenticator
+from ocp_agentd.api.auth import AUTH, Authenticator, describe_peer
 from ocp_agentd.api.compute import routes as compute_routes
 from ocp_agentd.api.context import APP_CTX, AppContext, app_context
 from ocp_agentd.api.control import routes as control_routes
@@ -49,6 +49,7 @@ from ocp_agentd.api.routes import ROUTE_TABLE, Route, RouteTable
 from ocp_agentd.api.streams import routes as streams_routes
 from ocp_agentd.api.tasks import routes as tasks_routes
 from ocp_agentd.headers import TRACE_HEADER
+from ocp_agentd.logsafe import escape
 
 log = logging.getLogger("ocp_agentd.api")
 
@@ -214,8 +215,8 @@ async def _envelope_middleware(
         raise
     except Exception:
         log.exception(
-            "internal error answering %s %s (trace %s)", request.method, request.path, trace_id,
-            extra={"TRACE_ID": trace_id},
+            "internal error answering %s %s (trace %s)", escape(request.method),
+            escape(request.path), trace_id, extra={"TRACE_ID": trace_id},
         )
         error = ApiError(
             ErrorCode.INTERNAL, f"internal error; the daemon log has the details (trace {trace_id})"
@@ -231,14 +232,28 @@ async def _envelope_middleware(
     seconds = time.monotonic() - request["started"]
     method = request.method if request.method in _KNOWN_METHODS else "other"
     ctx.metrics.observe_request(_route_label(request), method, response.status, seconds)
-    # Actions are an operator's audit trail (journald: TRACE_ID); reads stay at debug.
-    level = logging.DEBUG if request.method in ("GET", "HEAD") else logging.INFO
-    log.log(
-        level,
-        "%s %s -> %s in %.1f ms by %s (trace %s)", request.method, request.path, response.status,
-        seconds * 1000, request.get("caller", "-"), trace_id, extra={"TRACE_ID": trace_id},
-    )
+    _audit(request, response, error, seconds)
     return response
+
+
+def _audit(
+    request: web.Request, response: web.StreamResponse, error: ApiError | None, seconds: float
+) -> None:
+    """The audit line (SPEC section 11): every action and every refused credential at INFO
+    (who, what, traceId, outcome); reads that went through at DEBUG. Caller-controlled
+    values are escaped: no request can start a line of the log."""
+    refused = error is not None and error.code in (ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN)
+    action = request.method not in ("GET", "HEAD", "OPTIONS")
+    outcome = f"{response.status}" if error is None else f"{response.status} code {error.code}"
+    trace_id = request["trace_id"]
+    log.log(
+        logging.INFO if action or refused else logging.DEBUG,
+        "audit: %s %s -> %s in %.1f ms by %s (trace %s)%s",
+        escape(request.method, 16), escape(request.path), outcome, seconds * 1000,
+        request.get("caller") or describe_peer(request), trace_id,
+        ": credential refused" if refused else "",
+        extra={"TRACE_ID": trace_id},
+    )
 
 
 def _from_http(exc: web.HTTPException, request: web.Request) -> ApiError:
@@ -257,8 +272,8 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> ApiError:
     if code is not None:
         return ApiError(code, exc.reason or code.meaning)
     if exc.status >= 500 or exc.status < 400:
-        log.error("unexpected HTTP %s answering %s %s (trace %s)", exc.status, request.method,
-                  request.path, request["trace_id"])
+        log.error("unexpected HTTP %s answering %s %s (trace %s)", exc.status,
+                  escape(request.method, 16), escape(request.path), request["trace_id"])
         return ApiError(ErrorCode.INTERNAL, "internal error; the daemon log has the details")
     return ApiError(ErrorCode.BAD_REQUEST, exc.reason or "bad request", http_status=exc.status)
 
@@ -283,8 +298,10 @@ async def _auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     auth = request.app[AUTH]
+    request["caller"] = f"unauthenticated {describe_peer(request)}"
     caller = auth.authenticate(request)
     request["caller"] = caller.who
+    request["token_name"] = caller.token
     route = _route_of(request)
     if route is None:
         # Unknown route or method: aiohttp's own handler raises 404 or 405.

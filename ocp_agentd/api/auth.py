@@ -22,6 +22,7 @@ from aiohttp import web
 
 from ocp_agentd.api.envelope import ApiError, ErrorCode
 from ocp_agentd.config import PERMISSIONS, ApiSection
+from ocp_agentd.logsafe import escape
 
 ALL_PERMISSIONS = frozenset(PERMISSIONS)
 _PEERCRED = struct.Struct("3i")
@@ -33,6 +34,7 @@ class Caller:
 
     who: str
     permissions: frozenset[str]
+    token: str | None = None  # the token's name, when a token authenticated the caller
 
 
 def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
@@ -44,6 +46,19 @@ def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, gid = _PEERCRED.unpack(raw)
     return pid, uid, gid
+
+
+def describe_peer(request: web.Request) -> str:
+    """Who is at the other end, for the audit line: "uid U pid P" on the unix socket,
+    "address HOST:PORT" on TCP (SPEC section 11)."""
+    peer = peer_credentials(request)
+    if peer is not None:
+        return f"uid {peer[1]} pid {peer[0]}"
+    transport = request.transport
+    address = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"address {address[0]}:{address[1]}"
+    return "address unknown"
 
 
 class Authenticator:
@@ -69,7 +84,7 @@ class Authenticator:
         except KeyError:
             return False
 
-    def _token(self, header: str | None) -> Caller:
+    def _token(self, header: str | None, peer: str) -> Caller:
         scheme, _, token = (header or "").strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
@@ -87,16 +102,17 @@ class Authenticator:
                 found = (spec.name, frozenset(spec.permissions))
         if found is None:
             raise ApiError(ErrorCode.UNAUTHENTICATED, "unknown token")
-        return Caller(f"token {found[0]}", found[1])
+        return Caller(f"token {escape(found[0])} from {peer}", found[1], found[0])
 
     def authenticate(self, request: web.Request) -> Caller:
-        """The caller, or ApiError 1004."""
+        """The caller (``who`` names it for the audit line: peer uid and pid on the socket,
+        token name and peer address otherwise), or ApiError 1004."""
         peer = peer_credentials(request)
         if peer is not None:
             pid, uid, gid = peer
             if self._trusted_peer(uid, gid):
-                return Caller(f"uid {uid} (pid {pid})", ALL_PERMISSIONS)
-        return self._token(request.headers.get("Authorization"))
+                return Caller(f"uid {uid} pid {pid}", ALL_PERMISSIONS)
+        return self._token(request.headers.get("Authorization"), describe_peer(request))
 
     @staticmethod
     def authorize(caller: Caller, permission: str | None) -> None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import resource
 import socket
+import ssl
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +24,15 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from ocp_agentd import safefs
 from ocp_agentd.api import envelope
 from ocp_agentd.api.auth import AUTH
 from ocp_agentd.api.context import APP_CTX
 from ocp_agentd.api.envelope import ApiError, ErrorCode
-from ocp_agentd.config import Settings
+from ocp_agentd.config import ApiSection, Settings
 from ocp_agentd.descriptors import guard_listener
 from ocp_agentd.headers import TRACE_HEADER
+from ocp_agentd.logsafe import escape
 
 log = logging.getLogger("ocp_agentd.api")
 
@@ -59,7 +64,7 @@ class _EnvelopeRequestHandler(RequestHandler):  # type: ignore[type-arg]
         else:
             first_line = (message or "").strip().splitlines()[0:1]
             reason = first_line[0][:200] if first_line else "unreadable"
-            log.debug("rejected a malformed request: %s (trace %s)", reason, trace_id)
+            log.debug("rejected a malformed request: %s (trace %s)", escape(reason), trace_id)
             code = ErrorCode.BODY_TOO_LARGE if status == 413 else ErrorCode.BAD_REQUEST
             error = ApiError(code, f"malformed HTTP request: {reason}", http_status=status)
         body = envelope.error(error, trace_id=trace_id, server=self.server_address, duration_ms=0)
@@ -96,6 +101,14 @@ class ApiServer:
     socket_path: Path
     tcp_address: tuple[str, int] | None
     _socket_identity: tuple[int, int] | None = None
+    tls: ssl.SSLContext | None = None
+
+    def reload_tls(self, api: ApiSection) -> None:
+        """Re-reads the certificate files into the live TLS context (new connections use
+        them). Raises ssl.SSLError or OSError, leaving the context as it was only when the
+        first file fails; a TLS setting turned on or off needs a restart."""
+        if self.tls is not None and api.tls_cert is not None:
+            load_tls(self.tls, api)
 
     async def close(self) -> None:
         """Stops listening and removes the socket file (when it is still ours)."""
@@ -126,29 +139,64 @@ async def _remove_stale_socket(path: Path) -> None:
     raise ApiStartError(f"another process already answers on {path}")
 
 
-def _bind_unix(path: Path, mode: int) -> socket.socket:
-    """A listening unix socket at ``path`` that already has ``mode`` when it appears there.
+def socket_dir_problem(path: Path) -> str | None:
+    """Why the socket's directory cannot be trusted (others could rename the socket and
+    answer in its place), else None. A sticky directory owned by root is accepted."""
+    return safefs.check_directory(path.parent, owner=os.getuid())
 
-    It is bound under a temporary name in the same folder, chmod-ed, then renamed into
-    place, so no one can connect through a looser mode in between.
+
+def _bind_unix(path: Path, mode: int, gid: int = -1) -> socket.socket:
+    """A listening unix socket at ``path`` that has ``mode`` (and group ``gid``, -1 to keep
+    the daemon's) before anyone can reach it.
+
+    The socket is bound inside a fresh 0700 directory made next to ``path`` (no one else
+    can enter it, so the chmod and chown cannot be turned against another file), then
+    renamed into place. Raises safefs.UnsafePath when others can write the directory of
+    ``path``, OSError when binding fails.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{os.getpid()}.sock"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temporary)
+    os.close(safefs.open_directory(path.parent, owner=os.getuid()))
+    private = Path(tempfile.mkdtemp(prefix=".", dir=path.parent))
+    temporary = private / "s"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(temporary))
+        os.chown(temporary, -1, gid, follow_symlinks=False)
         os.chmod(temporary, mode)
         os.rename(temporary, path)
         sock.listen(128)
     except OSError:
         sock.close()
+        raise
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-        raise
+        os.rmdir(private)
     sock.setblocking(False)
     return sock
+
+
+def tls_context(api: ApiSection) -> ssl.SSLContext | None:
+    """The TCP listener's TLS context (TLS 1.2+; a client certificate signed by
+    tls_client_ca required when that is set), or None without tls_cert. Raises
+    ssl.SSLError or OSError when the files cannot be read."""
+    if api.tls_cert is None or api.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_tls(context, api)
+    return context
+
+
+def load_tls(context: ssl.SSLContext, api: ApiSection) -> None:
+    """(Re)reads the certificate, key and client CA into ``context``: connections made
+    afterwards use them (SPEC section 11: certificates are re-read on reload)."""
+    assert api.tls_cert is not None and api.tls_key is not None
+    context.load_cert_chain(api.tls_cert, api.tls_key)
+    if api.tls_client_ca is not None:
+        context.load_verify_locations(cafile=api.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        context.verify_mode = ssl.CERT_NONE
 
 
 def _bind_tcp(host: str, port: int) -> socket.socket:
@@ -188,6 +236,9 @@ class _Counted(asyncio.Protocol):
         self._tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Counted once made: over TLS that is after the handshake, and a failed handshake
+        # never calls connection_lost (its time is bounded by ssl_handshake_timeout).
+        self._site.live += 1
         self._timer = asyncio.get_running_loop().call_later(
             HEADER_SECONDS, transport.abort  # type: ignore[attr-defined]
         )
@@ -226,8 +277,9 @@ class _Refused(asyncio.Protocol):
 class _CappedSite(web.SockSite):
     """A listening socket site that holds at most ``limit`` connections at once."""
 
-    def __init__(self, runner: web.AppRunner, sock: socket.socket, limit: int) -> None:
-        super().__init__(runner, sock)
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, limit: int,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context)
         self.limit = limit
         self.live = 0
         self._warned = False
@@ -241,7 +293,6 @@ class _CappedSite(web.SockSite):
         self._warned = False
         server = self._runner.server
         assert server is not None
-        self.live += 1
         return _Counted(server(), self)
 
     async def start(self) -> None:
@@ -249,7 +300,8 @@ class _CappedSite(web.SockSite):
         # The loop accepts up to `backlog` connections per wake-up before any is refused:
         # a small one keeps that burst of descriptors small too.
         self._server = await asyncio.get_running_loop().create_server(
-            self._protocol, sock=self._sock, backlog=32
+            self._protocol, sock=self._sock, backlog=32, ssl=self._ssl_context,
+            ssl_handshake_timeout=HEADER_SECONDS if self._ssl_context is not None else None,
         )
 
 
@@ -263,9 +315,13 @@ async def start_api(app: web.Application, settings: Settings) -> ApiServer:
     _envelope_protocol_errors(runner, app[APP_CTX].server_address)
     server: ApiServer | None = None
     try:
+        problem = socket_dir_problem(path)
+        if problem is not None:
+            raise ApiStartError(f"api.socket: {problem}")
         await _remove_stale_socket(path)
+        gid = grp.getgrnam(api.socket_group).gr_gid if api.socket_group else -1
         try:
-            unix_sock = _bind_unix(path, api.socket_mode_int)
+            unix_sock = _bind_unix(path, api.socket_mode_int, gid)
         except OSError as exc:
             raise ApiStartError(f"cannot listen on {path}: {exc}") from exc
         st = os.stat(path)
@@ -282,9 +338,15 @@ async def start_api(app: web.Application, settings: Settings) -> ApiServer:
                 raise ApiStartError(f"cannot listen on {api.tcp}: {exc}") from exc
             server.tcp_address = tcp_sock.getsockname()[:2]
             limit = _tcp_connection_limit()
-            await _CappedSite(runner, guard_listener(tcp_sock), limit).start()
-            log.info("API listening on %s:%s (at most %d connections)", *server.tcp_address,
-                     limit)
+            try:
+                server.tls = tls_context(api)
+            except (OSError, ssl.SSLError) as exc:
+                tcp_sock.close()
+                raise ApiStartError(f"api.tls_cert/tls_key/tls_client_ca: {exc}") from exc
+            await _CappedSite(runner, guard_listener(tcp_sock), limit, server.tls).start()
+            log.info("API listening on %s:%s%s (at most %d connections)", *server.tcp_address,
+                     " with TLS" + (" and client certificates" if api.tls_client_ca else "")
+                     if server.tls else "", limit)
     except BaseException:
         if server is not None:
             await server.close()

@@ -63,9 +63,9 @@ async def call(work: Awaitable[Any]) -> Any:
 
 def creator_of(request: web.Request) -> str:
     """Who asked: the token's name on TCP, the user name of a unix socket peer."""
+    if request.get("token_name"):
+        return str(request["token_name"])
     who = str(request.get("caller") or "")
-    if who.startswith("token "):
-        return who.removeprefix("token ")
     if who.startswith("uid "):
         uid = who.split()[1]
         try:
