@@ -46,6 +46,7 @@ from ocp_agentd.supervision.intent import ticket
 from ocp_agentd.supervision.supervisor import BootPlan
 from ocp_agentd.systemd import Notifier, StatusReporter, journal_handler, status_text
 from ocp_agentd.tasks.engine import TaskEngine
+from ocp_agentd.tasks.store import Retention
 from ocp_agentd.ticker import Ticker
 
 log = logging.getLogger("ocp_agentd")
@@ -214,6 +215,8 @@ class Daemon:
             executor=executor,
             logger=logging.getLogger("ocp_agentd.tasks"),
             timeouts=settings.tasks.timeouts,
+            retention=Retention(settings.tasks.keep_days, settings.tasks.keep_max,
+                                settings.tasks.log_max_lines),
         )
 
     async def _shutdown(self) -> int:

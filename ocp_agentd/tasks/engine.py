@@ -46,7 +46,7 @@ from ocp_agentd.tasks.model import (
     TaskStatus,
     iso_now,
 )
-from ocp_agentd.tasks.store import LockHeld, TaskStore
+from ocp_agentd.tasks.store import LockHeld, Retention, TaskStore
 from ocp_agentd.tasks.templates import TEMPLATES
 
 Listener = Callable[[StatusChange], None]
@@ -146,6 +146,7 @@ class TaskEngine:
         *,
         templates: Iterable[Template] | None = None,
         timeouts: dict[str, float] | None = None,
+        retention: Retention | None = None,
     ) -> None:
         if templates is None:
             templates = TEMPLATES
@@ -160,7 +161,7 @@ class TaskEngine:
         }
         self._timeouts = dict(timeouts or {})
         self._client_factory = client_factory
-        self._store = TaskStore(Path(store_path), self.log)
+        self._store = TaskStore(Path(store_path), self.log, retention)
         self._runs: dict[int, _Run] = {}
         self._reopening: set[int] = set()
         self._listeners: list[Listener] = []

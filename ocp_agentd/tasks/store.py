@@ -20,6 +20,8 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,6 +82,37 @@ CREATE INDEX IF NOT EXISTS subtask_logs_by_subtask ON subtask_logs(subtask_id);
 """
 
 
+# PRAGMA user_version of the schema this code writes. A database made before versions
+# existed reads 0 and has SCHEMA (version 1) or nothing at all.
+SCHEMA_VERSION = 2
+# MIGRATIONS[n] takes a database from version n to n + 1, inside one transaction.
+MIGRATIONS: dict[int, str] = {
+    0: SCHEMA,
+    # A subtask log's last row may count the lines dropped past log_max_lines.
+    1: "ALTER TABLE subtask_logs ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0;",
+}
+LINE_MAX_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Retention:
+    """SPEC section 11, task retention: finished tasks older than keep_days or past the
+    newest keep_max are deleted with their subtasks and logs (never a RUNNING task); a
+    subtask keeps at most log_max_lines log lines of at most LINE_MAX_BYTES each."""
+
+    keep_days: float = 30
+    keep_max: int = 1000
+    log_max_lines: int = 2000
+
+
+def _cut(line: str) -> str:
+    raw = line.encode("utf-8", "surrogateescape")
+    if len(raw) <= LINE_MAX_BYTES:
+        return line
+    note = f" ...({len(raw) - LINE_MAX_BYTES + 64} bytes cut)"
+    return raw[: LINE_MAX_BYTES - 64].decode("utf-8", "ignore") + note
+
+
 class LockHeld(Exception):
     """Another RUNNING task holds the lock key."""
 
@@ -90,8 +123,10 @@ class LockHeld(Exception):
 
 
 class TaskStore:
-    def __init__(self, path: Path, logger: logging.Logger | None = None) -> None:
+    def __init__(self, path: Path, logger: logging.Logger | None = None,
+                 retention: Retention | None = None) -> None:
         self.path = Path(path)
+        self.retention = retention or Retention()
         self.log = logger or logging.getLogger("ocp_agentd.tasks.store")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
         self._db: sqlite3.Connection | None = None
@@ -137,7 +172,7 @@ class TaskStore:
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = self._connect()
+            self._connect()
         except sqlite3.DatabaseError as exc:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d%H%M%S')}")
             self.log.error(
@@ -148,7 +183,7 @@ class TaskStore:
                 part = Path(f"{self.path}{suffix}")
                 if part.exists():
                     part.rename(Path(f"{aside}{suffix}"))
-            self._db = self._connect()
+            self._connect()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -160,11 +195,70 @@ class TaskStore:
             result = db.execute("PRAGMA quick_check").fetchone()[0]
             if result != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {result}")
-            db.executescript(SCHEMA)
+            self._migrate(db)
         except sqlite3.DatabaseError:
             db.close()
             raise
+        self._db = db
+        try:
+            self._prune()
+        except sqlite3.Error as exc:  # retention must never keep the tasks from opening
+            self.log.warning("task retention failed: %s", exc)
         return db
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Brings the schema to SCHEMA_VERSION, one version per transaction. Raises
+        sqlite3.DatabaseError for a version newer than this code knows."""
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"task database schema {version} is newer than this daemon's {SCHEMA_VERSION}"
+            )
+        while version < SCHEMA_VERSION:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version + 1}")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            self.log.info("task database %s: schema %d -> %d", self.path, version, version + 1)
+            version += 1
+
+    def _prune(self) -> int:
+        """Deletes finished tasks past the retention (never a RUNNING one); their count."""
+        keep = self.retention
+        db = self.db
+        cutoff = datetime.now(UTC) - timedelta(days=keep.keep_days)
+        doomed = [
+            int(row[0]) for row in db.execute(
+                "SELECT id FROM tasks WHERE status != 'RUNNING' ORDER BY id DESC"
+                " LIMIT -1 OFFSET ?", (keep.keep_max,))
+        ]
+        for row in db.execute(
+            "SELECT id, end_time FROM tasks WHERE status != 'RUNNING' ORDER BY id"
+        ):
+            ended = _parse_time(row[1])
+            if ended is None or ended >= cutoff:
+                break
+            doomed.append(int(row[0]))
+        doomed = sorted(set(doomed))
+        for start in range(0, len(doomed), 500):
+            chunk = doomed[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            with self._transaction() as tx:
+                tx.execute(
+                    f"DELETE FROM subtask_logs WHERE subtask_id IN"
+                    f" (SELECT id FROM subtasks WHERE task_id IN ({marks}))", chunk)
+                tx.execute(f"DELETE FROM subtasks WHERE task_id IN ({marks})", chunk)
+                tx.execute(f"DELETE FROM tasks WHERE id IN ({marks})", chunk)
+        if doomed:
+            self.log.info("task retention: deleted %d finished task(s)", len(doomed))
+        return len(doomed)
 
     # ---- writes ---------------------------------------------------------------
 
@@ -263,16 +357,39 @@ class TaskStore:
                     (str(sub.status), str(sub.operation), sub.run_time, sub.start_time,
                      sub.end_time, sub.id),
                 )
+        if task.status != TaskStatus.RUNNING:
+            try:
+                self._prune()  # a task ended: the oldest may go
+            except sqlite3.Error as exc:
+                self.log.warning("task retention failed: %s", exc)
 
     def append_log(self, subtask_id: int, at: str, line: str) -> None:
         """Queued in order with the state writes; no need to wait for it."""
         self.submit(self._append_log, subtask_id, at, line)
 
     def _append_log(self, subtask_id: int, at: str, line: str) -> None:
-        self.db.execute(
-            "INSERT INTO subtask_logs (subtask_id, at, line) VALUES (?,?,?)",
-            (subtask_id, at, line),
-        )
+        db = self.db
+        limit = self.retention.log_max_lines
+        count = int(db.execute(
+            "SELECT COUNT(*) FROM subtask_logs WHERE subtask_id = ?", (subtask_id,)
+        ).fetchone()[0])
+        if count < limit - 1:
+            db.execute("INSERT INTO subtask_logs (subtask_id, at, line) VALUES (?,?,?)",
+                       (subtask_id, at, _cut(line)))
+            return
+        # The last line counts what did not fit.
+        last = db.execute(
+            "SELECT id, dropped FROM subtask_logs WHERE subtask_id = ? ORDER BY id DESC LIMIT 1",
+            (subtask_id,),
+        ).fetchone()
+        dropped = int(last["dropped"]) + 1 if last is not None and last["dropped"] else 1
+        note = f"{dropped} more line(s) dropped: a subtask log keeps {limit} lines"
+        if dropped == 1:
+            db.execute("INSERT INTO subtask_logs (subtask_id, at, line, dropped)"
+                       " VALUES (?,?,?,?)", (subtask_id, at, note, dropped))
+        else:
+            db.execute("UPDATE subtask_logs SET at = ?, line = ?, dropped = ? WHERE id = ?",
+                       (at, note, dropped, last["id"]))
 
     # ---- reads ----------------------------------------------------------------
 
@@ -343,3 +460,13 @@ class TaskStore:
             for s in subs
         ]
         return task
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.astimezone()
