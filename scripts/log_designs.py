@@ -1,15 +1,17 @@
 """Measures two ways of bounding a program's log at a high output rate.
 
-(a) pipe: the program writes into a pipe; a reader moves bytes with os.splice into the
-    file and rotates by rename exactly at the limit.
+(a) pipe: the program writes into a pipe; a reader (the daemon's log keeper) moves bytes
+    with splice into the file and rotates by rename exactly at the limit.
 (b) file: the program appends to the file itself; an inotify watcher rotates when the
     size passes the limit: copy_file_range of the block-aligned size seen into <log>.1,
     then FALLOC_FL_COLLAPSE_RANGE of that prefix out of the live file (no truncate).
 
 For each: the writer's throughput, the largest disk use seen (live + backups), and the
-bytes lost (written minus kept, counting what rotation deleted). Usage:
+bytes lost (written minus kept; "nan" once rotation deleted a copy: give more --backups
+than rotations to count it). Usage:
 
-    python scripts/log_designs.py [--seconds 3] [--rate-mb 200] [--dir DIR]
+    python scripts/log_designs.py [--seconds 3] [--rate-mb 200] [--max-mib 8] [--backups 2]
+        [--dir DIR]        (a) is ocp_agentd.logkeeper itself, (b) a prototype here
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import time
 from pathlib import Path
 
 from ocp_agentd import linux
+from ocp_agentd.config import ProgramSpec
+from ocp_agentd.supervision import output
 
 MAX_BYTES = 8 * 1024 * 1024
-BACKUPS = 2
+BACKUPS = 2  # --backups; with more backups than rotations, (b) can count its loss
 CHUNK = 64 * 1024
 
 
@@ -68,13 +72,6 @@ class Backups:
                 total += name.stat().st_blocks * 512
         return total
 
-    def kept(self) -> int:
-        return self.deleted + sum(
-            (self.path if i == 0 else Path(f"{self.path}.{i}")).stat().st_size
-            for i in range(BACKUPS + 1)
-            if (self.path if i == 0 else Path(f"{self.path}.{i}")).exists()
-        )
-
 
 def sampler(backups: Backups, stop: threading.Event, peak: list[int]) -> None:
     while not stop.is_set():
@@ -83,41 +80,37 @@ def sampler(backups: Backups, stop: threading.Event, peak: list[int]) -> None:
 
 
 def design_pipe(directory: Path, seconds: float, rate: float) -> dict[str, float]:
+    """(a) as the daemon does it: the writer fills a pipe, ocp_agentd.logkeeper drains it."""
     path = directory / "pipe.log"
     backups = Backups(path)
+    spec = ProgramSpec(name="w", command=["/bin/true"], stdout_log=path, stderr_log=path,
+                       log_max_bytes=MAX_BYTES, log_backups=BACKUPS)
     read_end, write_end = os.pipe()
+    file = output.open_log(path, append=False)
+    keeper = output.start_keeper(spec, None, [{
+        "pipe": read_end, "file": file, "path": str(path), "max_bytes": MAX_BYTES,
+        "backups": BACKUPS}], os.getuid(), os.getgid())
+    os.close(read_end)
+    os.close(file)
     stop = threading.Event()
     peak = [0]
-
-    def reader() -> None:
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        size = 0
-        while True:
-            select.select([read_end], [], [])
-            moved = os.splice(read_end, out, min(1 << 20, MAX_BYTES - size))
-            if moved == 0:
-                break
-            size += moved
-            if size >= MAX_BYTES:
-                os.close(out)
-                backups.shift()
-                os.rename(path, f"{path}.1")
-                out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-                size = 0
-        os.close(out)
-
-    threads = [threading.Thread(target=reader), threading.Thread(
-        target=sampler, args=(backups, stop, peak))]
-    for thread in threads:
-        thread.start()
+    watcher = threading.Thread(target=sampler, args=(backups, stop, peak))
+    watcher.start()
     written, took = writer(write_end, seconds, rate)
     os.close(write_end)
-    threads[0].join()
+    keeper.wait(timeout=60)
     stop.set()
-    threads[1].join()
-    os.close(read_end)
+    watcher.join()
     return {"MB/s": written / took / 1e6, "max disk MiB": peak[0] / 2**20,
-            "lost bytes": written - backups.kept()}
+            "lost bytes": _lost(directory, "pipe.log", written)}
+
+
+def _lost(directory: Path, name: str, written: int) -> float:
+    """Bytes written but not in any file; NaN once rotation deleted the oldest copy."""
+    copies = list(directory.glob(f"{name}.*"))
+    if len(copies) >= BACKUPS:
+        return float("nan")
+    return written - sum(p.stat().st_size for p in directory.glob(f"{name}*"))
 
 
 def design_file(directory: Path, seconds: float, rate: float) -> dict[str, float]:
@@ -162,7 +155,7 @@ def design_file(directory: Path, seconds: float, rate: float) -> dict[str, float
         os.close(fd)
     return {"MB/s": written / took / 1e6,
             "max disk MiB": max(peak[0], at_rotation[0]) / 2**20,
-            "lost bytes": written - backups.kept()}
+            "lost bytes": _lost(directory, "file.log", written)}
 
 
 def main() -> None:
@@ -170,9 +163,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rate-mb", type=float, default=200.0, help="0 = as fast as possible")
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--max-mib", type=int, default=8, help="log_max_bytes in MiB")
+    parser.add_argument("--backups", type=int, default=2, help="log_backups")
     args = parser.parse_args()
+    global MAX_BYTES, BACKUPS
+    MAX_BYTES, BACKUPS = args.max_mib * 2**20, args.backups
     bound = ((BACKUPS + 1) * MAX_BYTES + 16 * 2**20) / 2**20
-    print(f"log_max_bytes {MAX_BYTES // 2**20} MiB, log_backups {BACKUPS}: "
+    print(f"{args.rate_mb or 'unlimited'} MB/s for {args.seconds:g} s, "
+          f"log_max_bytes {MAX_BYTES // 2**20} MiB, log_backups {BACKUPS}: "
           f"bound {bound:.0f} MiB per stream")
     for name, design in (("(a) pipe + splice", design_pipe), ("(b) file + inotify", design_file)):
         with tempfile.TemporaryDirectory(dir=args.dir) as directory:

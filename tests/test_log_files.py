@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from harness import wait_for
 from unixuser import UnixUser, reachable_dir, unix_user
@@ -141,32 +142,52 @@ def test_a_directory_swapped_for_a_link_by_its_owner_is_refused(base, user):
     assert (parent / "real" / "app.log").stat().st_uid == user.uid
 
 
-def test_rotation_under_a_fast_writer_loses_no_byte(tmp_path):
-    """A writer appends numbered lines while the watcher rotates as the size passes."""
+def write_through_keeper(spec: ProgramSpec, script: str) -> None:
+    """Runs ``script`` with its stdout and stderr given by output.open_streams (a real log
+    keeper behind them) and waits for the keeper to have written everything."""
+    out, err = output.open_streams(spec)
+    try:
+        subprocess.run([sys.executable, "-c", script], stdout=out, stderr=err, check=True,
+                       timeout=120)
+    finally:
+        os.close(out)
+        if err != out:
+            os.close(err)
+    keepers = [p for p in psutil.process_iter(["cmdline"])
+               if "ocp_agentd.logkeeper" in " ".join(p.info["cmdline"] or [])
+               and str(spec.stdout_log) in " ".join(p.info["cmdline"] or [])]
+    psutil.wait_procs(keepers, timeout=60)
+
+
+def test_rotation_is_exact_and_loses_no_byte_under_a_fast_writer(tmp_path):
     path = tmp_path / "burst.log"
     spec = ProgramSpec(name="burst", command=["/bin/true"], stdout_log=path, stderr_log=path,
                        log_max_bytes=65536, log_backups=100)
     lines = 40000
-    fd = output.open_log(path)
-    os.close(fd)
-    watcher = output.LogWatcher()
-    try:
-        watcher.watch([spec])
-        writer = subprocess.run(
-            [sys.executable, "-c",
-             f"import os\nfd = os.open({str(path)!r}, os.O_WRONLY | os.O_APPEND)\n"
-             f"for i in range({lines}):\n    os.write(fd, b'%08d %s\\n' % (i, b'.' * 90))\n"],
-            check=True, timeout=60,
-        )
-        assert writer.returncode == 0
-        wait_for(lambda: path.stat().st_size <= 65536 + 4096, message="last rotation")
-    finally:
-        watcher.close()
+    write_through_keeper(spec, (
+        "import os\n"
+        f"for i in range({lines}):\n    os.write(1, b'%08d %s\\n' % (i, b'.' * 90))\n"))
     rotated = sorted(tmp_path.glob("burst.log.*"), key=lambda p: -int(p.suffix[1:]))
-    assert len(rotated) >= 10, "the watcher never rotated"
+    assert len(rotated) == lines * 100 // 65536
+    assert all(p.stat().st_size == 65536 for p in rotated)
     data = b"".join(p.read_bytes() for p in [*rotated, path])
-    numbers = [int(line[:8]) for line in data.splitlines()]
-    assert numbers == list(range(lines))
+    assert [int(line[:8]) for line in data.splitlines()] == list(range(lines))
+
+
+def test_each_stream_stays_within_its_bound_at_any_rate(tmp_path):
+    out_path, err_path = tmp_path / "fast.stdout.log", tmp_path / "fast.stderr.log"
+    spec = ProgramSpec(name="fast", command=["/bin/true"], stdout_log=out_path,
+                       stderr_log=err_path, log_max_bytes=1 << 20, log_backups=2)
+    # 64 MiB on each stream as fast as the interpreter writes.
+    write_through_keeper(spec, (
+        "import os\nblock = b'x' * 65536\n"
+        "for _ in range(1024):\n    os.write(1, block)\n    os.write(2, block)\n"))
+    for path in (out_path, err_path):
+        files = sorted(tmp_path.glob(f"{path.name}*"))
+        assert [p.name for p in files] == [path.name, f"{path.name}.1", f"{path.name}.2"]
+        # Rotated exactly at the limit: the copies hold 1 MiB each, the live file less.
+        sizes = [p.stat().st_size for p in files]
+        assert sizes[1:] == [1 << 20] * 2 and sizes[0] < 1 << 20
 
 
 def test_a_program_whose_log_directory_others_can_write_fails_alone(daemon_factory, base):
@@ -213,3 +234,31 @@ def test_the_program_user_cannot_redirect_a_restart_through_a_link(daemon_factor
     assert str(live) in record["last_exit"]["reason"]
     time.sleep(0)  # the assertions below are about what did not happen
     assert target.read_bytes() == ROOT_CONTENT
+
+
+def test_a_program_keeps_writing_its_log_through_a_daemon_crash(daemon_factory):
+    """The log keeper is no part of the daemon: kill -9 of the daemon leaves the program
+    running (no SIGPIPE) and every line it writes meanwhile lands in its log."""
+    counter = ("i=0; while :; do echo \"tick $i\"; i=$((i+1)); sleep 0.01; done")
+    daemon = daemon_factory(extra_programs={"ticker": {
+        "command": ["/bin/sh", "-c", counter], "start_seconds": 0, "cwd": "/",
+        "log_max_bytes": 4096, "log_backups": 50}})
+    pid = daemon.wait_state("ticker", "RUNNING", timeout=20)["pid"]
+    assert daemon.settings is not None
+    log = daemon.settings.programs["ticker"].stdout_log
+    assert log is not None
+
+    def ticks() -> list[int]:
+        files = sorted(log.parent.glob(f"{log.name}.*"), key=lambda p: -int(p.suffix[1:]))
+        data = b"".join(p.read_bytes() for p in [*files, log])
+        return [int(line.split()[1]) for line in data.splitlines() if line.startswith(b"tick")]
+
+    daemon.kill9()
+    seen = len(ticks())
+    wait_for(lambda: len(ticks()) > seen + 100, timeout=20, message="lines written meanwhile")
+    assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    daemon.start(timeout=20)
+    assert daemon.wait_state("ticker", "RUNNING", timeout=20)["pid"] == pid
+    numbers = ticks()
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    assert numbers[0] == 0

@@ -1,16 +1,19 @@
-"""Program stdout and stderr: files opened safely, rotated by size, or journald.
+"""Program stdout and stderr: log files through a keeper process, or journald.
 
-Files: the program appends to its log itself (the daemon is not in the data path, so a
-program keeps logging while the daemon restarts or is upgraded). The daemon opens and
-rotates each file relative to a descriptor of its directory, never following a link
-(safefs), owned by the program's user with mode 0640; rotated copies keep both.
+Files: the program writes into pipes; a log keeper (ocp_agentd.logkeeper, one process per
+program instance, in a session of its own) moves the bytes into the log files with
+splice(2) and rotates them by rename exactly at log_max_bytes. Each stream therefore takes
+at most (log_backups + 1) * log_max_bytes on disk at any output rate, rotation loses no
+byte, and the keeper outlives a daemon crash, restart or upgrade: the program never writes
+into a pipe nobody reads. The daemon opens each log itself first, relative to a descriptor
+of its directory and never following a link (safefs), owned by the program's user with
+mode 0640; rotated copies keep both (scripts/log_designs.py measures this design against
+programs appending to the files themselves, README Security).
 
-Rotation: the block-aligned size seen is copied into ``<log>.1`` (copy_file_range) and
-then collapsed out of the live file (fallocate FALLOC_FL_COLLAPSE_RANGE, ext4/XFS): bytes
-written meanwhile stay in the live file, so no byte is lost. Where the file system cannot
-collapse, the rest is copied too and the file truncated: what the program writes between
-that copy and the truncate is lost (README, Security). A LogWatcher thread rotates as the
-size passes the limit (inotify), not on a period.
+rotate_if_needed() remains for files a program appends to directly (one started by an
+older daemon and adopted): copy the block-aligned size seen into <log>.1, then collapse it
+out of the live file (fallocate FALLOC_FL_COLLAPSE_RANGE, ext4/XFS), truncating where the
+file system cannot collapse.
 
 Journal: ``log_target = "journal"`` connects stdout and stderr to journald's stream
 socket (systemd-journald.service(8), "Stream logging") with the program's name as
@@ -21,17 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import pwd
-import select
 import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ocp_agentd import descriptors, linux, safefs
+from ocp_agentd import linux, safefs
 from ocp_agentd.config import ProgramSpec
 
 log = logging.getLogger("ocp_agentd.output")
@@ -43,6 +47,9 @@ _STDOUT_PRIORITY = 6
 _STDERR_PRIORITY = 3
 _COPY_CHUNK = 1 << 24
 SLACK_BYTES = 16 * 1024 * 1024
+KEEPER_MARK = "OCP_AGENTD_LOG_KEEPER"
+# The service manager's and the run markers' variables stay with the daemon.
+_NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "OCP_AGENTD_")
 
 
 def owner_of(spec: ProgramSpec) -> tuple[int, int]:
@@ -56,17 +63,20 @@ def owner_of(spec: ProgramSpec) -> tuple[int, int]:
     return account.pw_uid, account.pw_gid
 
 
-def open_log(path: Path, uid: int | None = None, gid: int | None = None) -> int:
-    """An O_APPEND descriptor of the log ``path`` for a program running as uid:gid.
+def open_log(path: Path, uid: int | None = None, gid: int | None = None,
+             append: bool = True) -> int:
+    """A write descriptor (O_APPEND unless ``append`` is False) of the log ``path`` for a
+    program running as uid:gid, created owned uid:gid with mode 0640 when missing.
 
     The directory may belong to uid; anyone else able to write it refuses the open.
     Raises safefs.UnsafePath (an OSError naming the path) or OSError.
     """
     uid = os.getuid() if uid is None else uid
     gid = os.getgid() if gid is None else gid
+    flags = os.O_WRONLY | (os.O_APPEND if append else 0)
     dir_fd = safefs.open_directory(path.parent, owner=uid)
     try:
-        return safefs.open_file(dir_fd, path.name, uid, gid, LOG_MODE)
+        return safefs.open_file(dir_fd, path.name, uid, gid, LOG_MODE, flags)
     except safefs.UnsafePath as exc:
         raise safefs.UnsafePath(path, exc.strerror.split(": ", 1)[-1]) from None
     finally:
@@ -92,9 +102,14 @@ def open_journal_stream(identifier: str, priority: int) -> int:
     return sock.detach()
 
 
-def open_streams(spec: ProgramSpec) -> tuple[int, int]:
+def open_streams(spec: ProgramSpec, state_dir: Path | None = None) -> tuple[int, int]:
     """(stdout, stderr) descriptors for a new process of ``spec``; the same number twice
-    when both go to one file. The caller closes them. Raises OSError."""
+    when both go to one place. The caller closes them once the process has them.
+
+    For files, the logs are opened here (safely, see open_log) and a log keeper is started
+    on them, its environment marked OCP_AGENTD_LOG_KEEPER=<state_dir>:<name>. Raises
+    OSError (safefs.UnsafePath naming a path).
+    """
     if spec.log_target == "journal":
         out = open_journal_stream(spec.name, _STDOUT_PRIORITY)
         try:
@@ -104,14 +119,52 @@ def open_streams(spec: ProgramSpec) -> tuple[int, int]:
             raise
     assert spec.stdout_log is not None and spec.stderr_log is not None
     uid, gid = owner_of(spec)
-    out = open_log(spec.stdout_log, uid, gid)
-    if spec.stderr_log == spec.stdout_log:
-        return out, out
+    paths = [spec.stdout_log]
+    if spec.stderr_log != spec.stdout_log:
+        paths.append(spec.stderr_log)
+    files: list[int] = []
+    pipes: list[tuple[int, int]] = []
     try:
-        return out, open_log(spec.stderr_log, uid, gid)
+        for path in paths:
+            files.append(open_log(path, uid, gid, append=False))
+            pipes.append(os.pipe2(os.O_CLOEXEC))
+        start_keeper(spec, state_dir, [
+            {"pipe": read, "file": file, "path": str(path), "max_bytes": spec.log_max_bytes,
+             "backups": spec.log_backups}
+            for (read, _), file, path in zip(pipes, files, paths, strict=True)
+        ], uid, gid)
     except BaseException:
-        os.close(out)
+        for read, write in pipes:
+            os.close(read)
+            os.close(write)
         raise
+    finally:
+        for fd in files:
+            os.close(fd)
+    for read, _ in pipes:
+        os.close(read)
+    writes = [write for _, write in pipes]
+    return writes[0], writes[-1]
+
+
+def start_keeper(spec: ProgramSpec, state_dir: Path | None, streams: list[dict[str, Any]],
+                 uid: int, gid: int) -> subprocess.Popen[bytes]:
+    """Starts ``python -m ocp_agentd.logkeeper`` on the given descriptors (they stay open
+    here: the caller closes them). Its exit is collected by a thread, so it never lingers
+    as a zombie. Raises OSError when it cannot be started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
+    # Marked apart from the program's processes (it is no part of the program's tree and
+    # ends by itself when the program's last writer does): for people and tools.
+    env[KEEPER_MARK] = f"{state_dir or ''}:{spec.name}"
+    config = {"uid": uid, "gid": gid, "streams": streams}
+    keeper = subprocess.Popen(
+        [sys.executable, "-m", "ocp_agentd.logkeeper", json.dumps(config)],
+        cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        start_new_session=True, close_fds=True,
+        pass_fds=[fd for item in streams for fd in (item["pipe"], item["file"])],
+    )
+    threading.Thread(target=keeper.wait, name=f"keeper-{spec.name}", daemon=True).start()
+    return keeper
 
 
 # --- rotation -----------------------------------------------------------------------------
@@ -199,116 +252,3 @@ def _rotate(dir_fd: int, name: str, live: int, size: int, max_bytes: int, backup
     if lost:
         log.warning("%s: %d byte(s) written during rotation were dropped "
                     "(the file system cannot collapse a range)", name, lost)
-
-
-# --- the watcher --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Watched:
-    path: Path
-    max_bytes: int
-    backups: int
-    uid: int
-    gid: int
-    fd: int  # O_PATH descriptor the inotify watch was added through
-
-
-class LogWatcher:
-    """Rotates program logs as they pass their size (inotify IN_MODIFY), in its own thread.
-
-    ``watch(specs)`` (re)sets the files watched; ``close()`` stops the thread. The size is
-    checked on each wake-up, so a burst costs one fstat per batch of events.
-    """
-
-    def __init__(self) -> None:
-        self._inotify = linux.inotify_init()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._lock = threading.Lock()
-        self._by_wd: dict[int, _Watched] = {}
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="log-watcher", daemon=True)
-        self._thread.start()
-
-    def watch(self, specs: Iterable[ProgramSpec]) -> None:
-        """Watches the log files of ``specs`` that exist (file target only)."""
-        wanted: dict[Path, ProgramSpec] = {}
-        for spec in specs:
-            if spec.log_target != "file" or spec.log_max_bytes <= 0:
-                continue
-            for path in (spec.stdout_log, spec.stderr_log):
-                if path is not None:
-                    wanted.setdefault(path, spec)
-        with self._lock:
-            for wd, item in list(self._by_wd.items()):
-                if item.path not in wanted or _replaced(item):
-                    self._forget(wd)
-            present = {item.path for item in self._by_wd.values()}
-            for path, spec in wanted.items():
-                if path not in present:
-                    self._add(path, spec)
-
-    def _add(self, path: Path, spec: ProgramSpec) -> None:
-        if descriptors.shortfall(need=2):
-            return  # the API's reserve comes first; housekeeping rotates this file instead
-        try:
-            uid, gid = owner_of(spec)
-            dir_fd = safefs.open_directory(path.parent, owner=uid)
-        except (KeyError, OSError):
-            return
-        try:
-            fd = os.open(path.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        except OSError:
-            return
-        finally:
-            os.close(dir_fd)
-        try:
-            wd = linux.inotify_add_watch(self._inotify, f"/proc/self/fd/{fd}", linux.IN_MODIFY)
-        except OSError:
-            os.close(fd)
-            return
-        self._by_wd[wd] = _Watched(path, spec.log_max_bytes, spec.log_backups, uid, gid, fd)
-
-    def _forget(self, wd: int) -> None:
-        item = self._by_wd.pop(wd)
-        with contextlib.suppress(OSError):
-            linux.inotify_rm_watch(self._inotify, wd)
-        os.close(item.fd)
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        self._thread.join(timeout=10)
-        with self._lock:
-            for wd in list(self._by_wd):
-                self._forget(wd)
-        for fd in (self._inotify, self._wake_r, self._wake_w):
-            os.close(fd)
-
-    def _run(self) -> None:
-        while not self._closed:
-            select.select([self._inotify, self._wake_r], [], [])
-            events = linux.inotify_read(self._inotify)
-            with self._lock:
-                due = {wd: self._by_wd[wd] for wd, _ in events if wd in self._by_wd}
-            for item in due.values():
-                self._check(item)
-
-    def _check(self, item: _Watched) -> None:
-        try:
-            if os.fstat(item.fd).st_size <= item.max_bytes:
-                return
-            rotate_if_needed(item.path, item.max_bytes, item.backups, item.uid, item.gid)
-        except OSError as exc:
-            log.warning("cannot rotate %s: %s", item.path, exc)
-
-
-def _replaced(item: _Watched) -> bool:
-    """True when the name now points to another file than the one watched."""
-    try:
-        now = os.stat(item.path, follow_symlinks=False)
-    except OSError:
-        return True
-    was = os.fstat(item.fd)
-    return (now.st_dev, now.st_ino) != (was.st_dev, was.st_ino)

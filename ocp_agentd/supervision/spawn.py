@@ -83,7 +83,7 @@ def spawn(
     """
     env = child_env(spec, state_dir, run_id)
     kwargs = user_kwargs(spec, env)
-    out, err = output.open_streams(spec)
+    out, err = output.open_streams(spec, state_dir)
     try:
         popen = subprocess.Popen(
             descriptors.program_command(spec.command),

@@ -60,7 +60,6 @@ class Supervisor:
         self._listeners: list[Listener] = []
         self._http: aiohttp.ClientSession | None = None
         self.programs: dict[str, Program] = {}
-        self._log_watcher: output.LogWatcher | None = None
         for spec in _ordered(settings.programs.values()):
             self.programs[spec.name] = self._make(spec)
 
@@ -71,8 +70,6 @@ class Supervisor:
 
     def _notify(self, name: str, old: State, new: State, reason: str) -> None:
         self.events.state_changed(name, old, new, reason)
-        if new == State.STARTING:
-            self._watch_logs()
         for callback in self._listeners:
             try:
                 callback(name, old, new)
@@ -269,9 +266,6 @@ class Supervisor:
         """Stops watching; the programs go on running for the next daemon to adopt."""
         for program in self.programs.values():
             program.release()
-        if self._log_watcher is not None:
-            await asyncio.to_thread(self._log_watcher.close)
-            self._log_watcher = None
         if not await asyncio.to_thread(self.records.flush):
             log.error("pid records not all written within 10 s")
         if self._http is not None:
@@ -317,20 +311,11 @@ class Supervisor:
         )
         return report
 
-    def _watch_logs(self) -> None:
-        """Rotation follows each log's size as it grows (a new spawn may mean a new file)."""
-        try:
-            if self._log_watcher is None:
-                self._log_watcher = output.LogWatcher()
-            self._log_watcher.watch(p.spec for p in self.programs.values())
-        except OSError as exc:
-            log.warning("cannot watch the program logs: %s", exc)
-
     async def housekeep(self) -> None:
-        """Rotates program log files that grew past their limit (behind the watcher's back:
-        a file it could not watch, or a size it missed)."""
+        """Rotates program log files that grew past their limit. A log keeper never lets
+        its file pass the limit: this rotates files a program appends to itself (one an
+        older daemon started and this one adopted)."""
         specs = [p.spec for p in self.programs.values() if p.spec.log_target == "file"]
-        self._watch_logs()
 
         def rotate() -> None:
             seen = set()

@@ -1,0 +1,156 @@
+"""The log keeper: one small process per program instance that moves the program's
+stdout and stderr from pipes into its log files and rotates them exactly at the limit.
+
+    python -m ocp_agentd.logkeeper '<json>'
+
+The JSON gives, per stream, the descriptors it inherited: ``pipe`` (the read end of the
+program's stdout or stderr) and ``file`` (the log, opened by the daemon with safefs),
+plus ``path``, ``max_bytes``, ``backups``, and the ``uid``/``gid`` the files belong to.
+
+Bytes move with splice(2) and never more than what is left before ``max_bytes``: the
+live file is renamed to ``<log>.1`` exactly at the limit (the older copies shift up,
+the oldest goes) and a new one is created O_EXCL (safefs), so each stream takes at most
+``(backups + 1) * max_bytes`` on disk whatever the program's rate (a program faster than
+the disk waits on its full pipe) and rotation loses no byte. The keeper is its own
+process in its own session: it outlives a daemon crash, restart or upgrade (the program
+never gets SIGPIPE for it) and ends when every writer of its pipes has closed them.
+When the disk refuses a write, what the pipe holds is read and dropped (the program
+must not block on a full disk) and counted on the keeper's stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import select
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ocp_agentd import safefs
+
+LOG_MODE = 0o640
+PIPE_BYTES = 1 << 20  # the pipe's capacity (F_SETPIPE_SZ); a burst waits here, not in RAM
+_CHUNK = 1 << 20
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+@dataclass
+class Stream:
+    """One pipe drained into one log file."""
+
+    pipe: int
+    file: int
+    path: Path
+    max_bytes: int
+    backups: int
+    uid: int
+    gid: int
+    size: int = 0
+    dropped: int = 0
+
+    def __post_init__(self) -> None:
+        self.size = os.lseek(self.file, 0, os.SEEK_END)
+        os.set_blocking(self.pipe, False)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.pipe, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+    def pump(self) -> bool:
+        """Moves what the pipe holds into the file; False at the end of the stream."""
+        while True:
+            room = self.max_bytes - self.size if self.max_bytes > 0 else _CHUNK
+            if room <= 0:
+                self.rotate()
+                continue
+            try:
+                moved = os.splice(self.pipe, self.file, min(room, _CHUNK), flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    return True
+                return self._drop(exc)
+            if moved == 0:
+                return False
+            self.size += moved
+
+    def _drop(self, exc: OSError) -> bool:
+        try:
+            data = os.read(self.pipe, _CHUNK)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        self.dropped += len(data)
+        print(f"ocp-agentd log keeper: {self.path}: {exc.strerror}; "
+              f"{self.dropped} byte(s) dropped so far", file=sys.stderr, flush=True)
+        return True
+
+    def rotate(self) -> None:
+        """<log> -> <log>.1 (older copies shift up, the oldest goes), then a new <log>.
+
+        Renames never follow links (a planted name is moved or replaced, not written
+        through) and the new file is created O_EXCL. When the directory can no longer
+        be used safely, the live file is emptied instead (bounded, the loss reported).
+        """
+        try:
+            dir_fd = safefs.open_directory(self.path.parent, owner=self.uid)
+        except OSError as exc:
+            self._empty(exc)
+            return
+        name = self.path.name
+        try:
+            if self.backups > 0:
+                for index in range(self.backups - 1, 0, -1):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(f"{name}.{index}", f"{name}.{index + 1}",
+                                  src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                os.rename(name, f"{name}.1", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            else:
+                os.unlink(name, dir_fd=dir_fd)
+            fresh = safefs.create_file(dir_fd, name, self.uid, self.gid, LOG_MODE, os.O_WRONLY)
+        except OSError as exc:
+            self._empty(exc)
+            return
+        finally:
+            os.close(dir_fd)
+        os.close(self.file)
+        self.file = fresh
+        self.size = 0
+
+    def _empty(self, exc: OSError) -> None:
+        print(f"ocp-agentd log keeper: cannot rotate {self.path}: {exc}; emptied it instead "
+              f"({self.size} bytes dropped)", file=sys.stderr, flush=True)
+        os.ftruncate(self.file, 0)
+        os.lseek(self.file, 0, os.SEEK_SET)
+        self.size = 0
+
+
+def run(streams: list[Stream]) -> None:
+    """Pumps until every stream has ended."""
+    live = {stream.pipe: stream for stream in streams}
+    while live:
+        ready, _, _ = select.select(list(live), [], [])
+        for fd in ready:
+            if not live[fd].pump():
+                stream = live.pop(fd)
+                os.close(stream.pipe)
+                os.close(stream.file)
+
+
+def main(argv: list[str]) -> int:
+    config = json.loads(argv[1])
+    streams = [
+        Stream(item["pipe"], item["file"], Path(item["path"]), item["max_bytes"],
+               item["backups"], config["uid"], config["gid"])
+        for item in config["streams"]
+    ]
+    run(streams)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
