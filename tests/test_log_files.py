@@ -8,6 +8,7 @@ root-only file; none makes the daemon write, truncate or read another file.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -262,3 +263,32 @@ def test_a_program_keeps_writing_its_log_through_a_daemon_crash(daemon_factory):
     numbers = ticks()
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
     assert numbers[0] == 0
+
+
+def test_journal_target_speaks_journald_stream_protocol(tmp_path, monkeypatch):
+    """A stand-in for journald's stream socket (no journald runs on the build machine):
+    a listening unix socket at output.JOURNAL_STDOUT's place that records what a program
+    given log_target = "journal" sends: the stream header (identifier = the program's
+    name, priority 6 for stdout, 3 for stderr), then its lines."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    address = tmp_path / "stdout"
+    listener.bind(str(address))
+    listener.listen(4)
+    monkeypatch.setattr(output, "JOURNAL_STDOUT", str(address))
+    spec = ProgramSpec(name="jprog", command=["/bin/true"], log_target="journal")
+    out, err = output.open_streams(spec)
+    try:
+        subprocess.run(["/bin/sh", "-c", "echo to-stdout; echo to-stderr >&2"],
+                       stdout=out, stderr=err, check=True, timeout=30)
+    finally:
+        os.close(out)
+        os.close(err)
+    received = []
+    for _ in range(2):
+        conn, _ = listener.accept()
+        with conn:
+            received.append(b"".join(iter(lambda c=conn: c.recv(4096), b"")).decode())
+    listener.close()
+    assert sorted(received) == sorted([
+        "jprog\n\n6\n0\n0\n0\n0\nto-stdout\n", "jprog\n\n3\n0\n0\n0\n0\nto-stderr\n"])
+    assert not list(tmp_path.glob("*.log"))
