@@ -292,3 +292,17 @@ def test_journal_target_speaks_journald_stream_protocol(tmp_path, monkeypatch):
     assert sorted(received) == sorted([
         "jprog\n\n6\n0\n0\n0\n0\nto-stdout\n", "jprog\n\n3\n0\n0\n0\n0\nto-stderr\n"])
     assert not list(tmp_path.glob("*.log"))
+
+
+def test_the_design_measurement_script_runs(tmp_path):
+    """scripts/log_designs.py (README, Security) at a small size: both designs report."""
+    script = Path(__file__).parent.parent / "scripts" / "log_designs.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--seconds", "0.3", "--rate-mb", "20", "--max-mib", "1",
+         "--backups", "2", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    lines = result.stdout.splitlines()
+    pipe = next(line for line in lines if line.startswith("(a)"))
+    assert "max disk MiB 3.0" in pipe or "max disk MiB 2." in pipe, result.stdout
+    assert any(line.startswith("(b)") for line in lines)
