@@ -7,6 +7,7 @@ root-only file; none makes the daemon write, truncate or read another file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -306,3 +307,20 @@ def test_the_design_measurement_script_runs(tmp_path):
     pipe = next(line for line in lines if line.startswith("(a)"))
     assert "max disk MiB 3.0" in pipe or "max disk MiB 2." in pipe, result.stdout
     assert any(line.startswith("(b)") for line in lines)
+
+
+def test_a_stopped_daemon_leaves_no_log_keeper(daemon_factory):
+    daemon = daemon_factory(wait_running=True)
+
+    def keepers() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                mark = proc.environ().get(output.KEEPER_MARK, "")
+                if mark.startswith(f"{daemon.state_dir}:"):
+                    found.append(proc)
+        return found
+
+    assert len(keepers()) == 3  # one per demo program
+    assert daemon.stop() == 0
+    assert keepers() == []

@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ _STDERR_PRIORITY = 3
 _COPY_CHUNK = 1 << 24
 SLACK_BYTES = 16 * 1024 * 1024
 KEEPER_MARK = "OCP_AGENTD_LOG_KEEPER"
+_keepers: set[subprocess.Popen[bytes]] = set()  # started by this daemon, not yet ended
 # The service manager's and the run markers' variables stay with the daemon.
 _NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "OCP_AGENTD_")
 
@@ -163,8 +165,24 @@ def start_keeper(spec: ProgramSpec, state_dir: Path | None, streams: list[dict[s
         start_new_session=True, close_fds=True,
         pass_fds=[fd for item in streams for fd in (item["pipe"], item["file"])],
     )
-    threading.Thread(target=keeper.wait, name=f"keeper-{spec.name}", daemon=True).start()
+    _keepers.add(keeper)
+
+    def reap() -> None:
+        keeper.wait()
+        _keepers.discard(keeper)
+
+    threading.Thread(target=reap, name=f"keeper-{spec.name}", daemon=True).start()
     return keeper
+
+
+def wait_keepers(timeout: float) -> int:
+    """Waits up to ``timeout`` seconds for the keepers this daemon started to end (each ends
+    once its program's last writer is gone); how many are still running."""
+    deadline = time.monotonic() + timeout
+    for keeper in list(_keepers):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            keeper.wait(max(0.0, deadline - time.monotonic()))
+    return sum(1 for keeper in list(_keepers) if keeper.poll() is None)
 
 
 # --- rotation -----------------------------------------------------------------------------

@@ -260,6 +260,11 @@ class Supervisor:
             for result in results.values():
                 if isinstance(result, OperationFailed):
                     log.error("%s", result)
+        # The log keepers end with their programs' last writers: wait so that a stopped
+        # daemon leaves no process of its own behind.
+        left = await asyncio.to_thread(output.wait_keepers, 10.0)
+        if left:
+            log.warning("%d log keeper(s) still draining a program's output", left)
         await self.close()
 
     async def close(self) -> None:
