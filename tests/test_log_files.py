@@ -270,7 +270,8 @@ def test_journal_target_speaks_journald_stream_protocol(tmp_path, monkeypatch):
     """A stand-in for journald's stream socket (no journald runs on the build machine):
     a listening unix socket at output.JOURNAL_STDOUT's place that records what a program
     given log_target = "journal" sends: the stream header (identifier = the program's
-    name, priority 6 for stdout, 3 for stderr), then its lines."""
+    name, priority 6 for stdout, 3 for stderr), then its lines. tests/e2e checks the same
+    against the real journald of a systemd container."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     address = tmp_path / "stdout"
     listener.bind(str(address))

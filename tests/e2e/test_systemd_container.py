@@ -15,6 +15,7 @@ test removes it again before it compares the file systems.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -209,6 +210,32 @@ def test_upgrade_hands_over_keeping_programs_and_config(scenario):
     assert states and {n: pid for n, (_, pid) in states.items()} == programs
     assert box.path(CONFIG).read_text() == scenario.edited_config
     assert sorted(p.name for p in box.path("/etc/ocp_agentd").iterdir()) == ["config.toml"]
+
+
+def test_journal_target_sends_a_program_s_output_to_journald(scenario):
+    """log_target = "journal" against the container's real journald: each line becomes an
+    entry with SYSLOG_IDENTIFIER = the program's name, stderr at priority 3; no file."""
+    box = scenario.box
+    writer = {"command": ["/bin/sh", "-c", "echo to-journal-out; echo to-journal-err >&2; "
+                          "exec sleep 100000"],
+              "log_target": "journal", "start_seconds": 0.5, "stop_timeout": 5.0}
+    with_writer = {**SECOND, "jwriter": writer}
+    box.put(CONFIG, config(with_writer))
+    box.run("systemctl", "reload", UNIT)
+    scenario.wait("jwriter RUNNING", lambda: scenario.all_running(set(with_writer)))
+
+    def entries() -> dict[str, str] | None:
+        out = box.run("journalctl", "-t", "jwriter", "-o", "json", "--no-pager").stdout
+        found = {json.loads(line)["MESSAGE"]: json.loads(line).get("PRIORITY")
+                 for line in out.splitlines() if line.strip()}
+        return found if {"to-journal-out", "to-journal-err"} <= set(found) else None
+
+    found = scenario.wait("jwriter's lines in the journal", entries)
+    assert found["to-journal-out"] == "6" and found["to-journal-err"] == "3"
+    assert not box.path("/var/log/ocp_agentd/jwriter.stdout.log").exists()
+    box.put(CONFIG, scenario.edited_config)
+    box.run("systemctl", "reload", UNIT)
+    scenario.wait("jwriter gone", lambda: scenario.all_running(set(SECOND)))
 
 
 def test_journal_has_structured_fields(scenario):
