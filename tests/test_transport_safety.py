@@ -10,6 +10,8 @@ import signal
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,24 @@ def test_mtls_refuses_missing_foreign_and_expired_client_certificates(daemon_fac
         assert not reply.startswith(b"HTTP/")  # at most a TLS alert, then the end
     assert https(port, ca[0], good).status == 200
     assert daemon.status()["state"] == "running"
+
+
+def test_ocp_agentctl_talks_to_the_daemon_over_mtls(daemon_factory, tmp_path):
+    pki = Pki(tmp_path / "pki")
+    ca = pki.ca("server-ca")
+    cert, key = pki.leaf("server", ca)
+    clients = pki.ca("client-ca")
+    client = pki.leaf("client", clients, san="DNS:client")
+    port = free_port()
+    daemon_factory(overrides={"api": {
+        "tcp": f"127.0.0.1:{port}", "tokens": TOKENS, "tls_cert": str(cert),
+        "tls_key": str(key), "tls_client_ca": str(clients[0])}}, wait_running=True)
+    base = [sys.executable, "-m", "ocp_agentd.cli", "--url", f"https://127.0.0.1:{port}",
+            "--cacert", str(ca[0]), "--token", TOKEN]
+    ok = subprocess.run([*base, "--cert", str(client[0]), "--key", str(client[1]),
+                         "status", "--json"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert {p["name"] for p in json.loads(ok.stdout)["processes"]} >= {"pos_proxy"}
+    refused = subprocess.run([*base, "status", "--json"], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode != 0
