@@ -54,7 +54,8 @@ def _task(index: int) -> TaskInstance:
     sub = SubtaskInstance(id=0, task_id=0, class_name="X", name="s", description="d",
                           timeout=60, series_id=1)
     return TaskInstance(id=0, name=f"t{index}", template="t", host_id=2, creator="c",
-                        executor="e", start_time=iso_now(), subtasks=[sub])
+                        executor="e", start_time=iso_now(), subtasks=[sub],
+                        context=TaskInstance.new_context(2, False))
 
 
 def test_keep_max_prunes_when_a_task_ends_and_never_a_running_one(tmp_path):
