@@ -145,7 +145,9 @@ class Host:
             if not self.usable:
                 out[key] = f"not enforced: no cgroup ({self.why})"
             elif controller not in self.controllers:
-                out[key] = f"not enforced: the {controller} controller is not available here"
+                out[key] = f"not enforced: the {controller} controller is not available here" + (
+                    f" ({self.why})" if self.why else ""
+                )
             elif key == "memory_high" and not self.limits_v2:
                 out[key] = "not enforced: memory_high needs the cgroup v2 memory controller"
             else:
@@ -167,15 +169,15 @@ class Host:
         )
 
     def prepare(self) -> None:
-        """Makes the base directories and, on v2, enables the controllers for children;
-        on v2-delegated moves the daemon into its leaf first. Raises CgroupError."""
+        """Checks that the tree can be used. On v2 makes the base directory and enables
+        the controllers for its children (v2-delegated: after moving the daemon into its
+        leaf); v1 directories are made with each program's cgroup. Raises CgroupError."""
         assert self.membership is not None
         if self.daemon_leaf is not None:
             _mkdir(self.daemon_leaf)
             _write(self.daemon_leaf / "cgroup.procs", "0")
-        for base in {self.membership, *self.controllers.values()}:
-            _mkdir(base)
         if self.v2 and self.controllers and self.enable_from is not None:
+            _mkdir(self.membership)
             _enable_down_to(self.enable_from, self.membership, sorted(self.controllers))
 
     def remove(self) -> None:
@@ -514,22 +516,72 @@ def detect(
     return Host(Layout.NONE, why="no cgroup filesystem is mounted")
 
 
+def choose(mode: str, state_dir: Path) -> Host:
+    """The host for [agent] cgroup = mode (SPEC section 9), prepared for use.
+
+    "off": no cgroup. "auto": the detected layout, or none (logged) when it cannot be
+    used. "required": the detected layout; raises CgroupError when there is none or it
+    cannot be prepared.
+    """
+    if mode == "off":
+        return Host(Layout.NONE, why='cgroup = "off"')
+    host = detect(state_dir)
+    try:
+        if not host.usable:
+            raise CgroupError(errno.ENOTSUP, host.why)
+        host.prepare()
+    except CgroupError as exc:
+        if mode == "required":
+            raise CgroupError(exc.errno, f'cgroup = "required" but {exc.strerror}') from exc
+        log.warning("no cgroups, process trees from the process table: %s", exc.strerror)
+        return Host(Layout.NONE, why=str(exc.strerror))
+    log.info("%s", "; ".join(host.describe()))
+    return host
+
+
+def check_report(
+    mode: str, state_dir: Path, programs: dict[str, Limits]
+) -> tuple[bool, list[str]]:
+    """What `ocp-agentd --check` says about cgroups: (whether the daemon could start,
+    lines). Names the layout it would use and each limit it could not enforce; creates
+    and moves nothing."""
+    host = Host(Layout.NONE, why='cgroup = "off"') if mode == "off" else detect(state_dir)
+    lines = [f'cgroup = "{mode}"', *("  " + line for line in host.describe())]
+    ok = host.usable or mode != "required"
+    if not ok:
+        lines.append(f'  the daemon would refuse to start: cgroup = "required" but {host.why}')
+    for name, limits in programs.items():
+        for key, how in host.enforcement(limits).items():
+            if how.startswith("not enforced"):
+                lines.append(f"  {name}: {key} {limits.asked()[key]} {how}")
+    return ok, lines
+
+
 def _detect_v2(unified: Mount, own: str, instance: Path, environ: dict[str, str]) -> Host:
     try:
         offered = set((unified.path / "cgroup.controllers").read_text().split())
     except OSError as exc:
         return Host(Layout.NONE, why=f"cannot read {unified.path}/cgroup.controllers: {exc}")
     unit = own.rstrip("/")
-    if unit.endswith("/daemon"):
-        unit = unit.removesuffix("/daemon")  # a daemon restarted in place is already there
+    in_leaf = unit.endswith("/daemon")  # started there by DelegateSubgroup=daemon
+    unit = unit.removesuffix("/daemon")
     unit_dir = unified.path / unit.lstrip("/")
-    if unit and environ.get("INVOCATION_ID") and _delegated(unit_dir):
+    delegated = bool(unit) and bool(environ.get("INVOCATION_ID")) and _delegated(unit_dir)
+    root_writable = os.access(unified.path, os.W_OK)
+    note = ""
+    if delegated and (in_leaf or not root_writable):
         try:
             offered = set((unit_dir / "cgroup.controllers").read_text().split())
         except OSError:
             offered = set()
         base = unit_dir / "programs"
-        controllers = {c: base for c in LIMIT_CONTROLLERS if c in offered}
+        controllers = {c: base for c in LIMIT_CONTROLLERS if c in offered} if in_leaf else {}
+        if not in_leaf:
+            note = (
+                "limits need DelegateSubgroup=daemon in the unit (systemd 254+): systemd "
+                "starts the daemon in the unit's own cgroup, which may not hold a process "
+                "once controllers are enabled below it"
+            )
         return Host(
             Layout.V2_DELEGATED,
             base,
@@ -538,12 +590,25 @@ def _detect_v2(unified: Mount, own: str, instance: Path, environ: dict[str, str]
             limits_v2=True,
             daemon_leaf=unit_dir / "daemon",
             enable_from=unit_dir,
+            why=note,
         )
-    if not os.access(unified.path, os.W_OK):
+    if not root_writable:
         return Host(Layout.NONE, why=f"{unified.path} is not writable and not delegated to us")
+    if delegated:
+        # With controllers enabled in the unit's cgroup, systemd before 254 could not start
+        # the next daemon there while programs run below it (EBUSY, status 219/CGROUP), and
+        # the daemon restarts with its programs running (handover, crash): so the programs
+        # go to the shared tree instead (systemd/systemd#24064, #41278).
+        note = (
+            "the unit's cgroup is delegated but the daemon was started in it (no "
+            "DelegateSubgroup=daemon): programs use the shared tree so that systemd can "
+            "restart the daemon while they run"
+        )
     base = unified.path / instance
     controllers = {c: base for c in LIMIT_CONTROLLERS if c in offered}
-    return Host(Layout.V2, base, True, controllers, limits_v2=True, enable_from=unified.path)
+    return Host(
+        Layout.V2, base, True, controllers, limits_v2=True, enable_from=unified.path, why=note
+    )
 
 
 def _detect_v1(v1: dict[str, Mount], unified: Mount | None, instance: Path) -> Host:
@@ -795,6 +860,8 @@ __all__ = [
     "Limits",
     "ProgramCgroup",
     "Usage",
+    "check_report",
+    "choose",
     "detect",
     "format_bytes",
     "instance_name",
