@@ -7,6 +7,7 @@ Real daemons on this host's cgroups (hybrid: v1 limit controllers, v2 membership
 from __future__ import annotations
 
 import os
+import pwd
 import sys
 from pathlib import Path
 
@@ -124,3 +125,26 @@ def test_a_bad_size_is_named_with_its_key(daemon_factory):
     result = check_config(daemon.config)
     assert result.returncode != 0
     assert "programs.capped.memory_max: expected a size such as 512M" in result.stderr
+
+
+@needs_hybrid
+def test_a_program_of_another_user_is_placed_in_its_cgroup_too(daemon_factory):
+    """The daemon (root) writes the pid into cgroupfs; the program's user needs no right
+    there, and the program itself cannot move out (cgroup.procs is root's)."""
+    program = {
+        "command": ["/bin/sh", "-c", "echo $$ > /sys/fs/cgroup/unified/cgroup.procs; "
+                    "exec /bin/sleep 300"],
+        "user": "nobody",
+        "cwd": "/",
+        "pids_max": 8,
+        "start_seconds": 0.3,
+    }
+    daemon = daemon_factory({"other": program})
+    record = daemon.wait_state("other", "RUNNING", timeout=20)
+    pid = record["pid"]
+    uid = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]
+    assert uid == str(pwd.getpwnam("nobody").pw_uid)
+    assert _cgroup_of(pid).endswith("/other")
+    assert "Permission denied" in daemon.program_log("other", "stderr")
+    done = daemon.ctl("stop", "other")
+    assert done.returncode == 0, done.stderr

@@ -265,10 +265,16 @@ class ProgramCgroup:
                 _write(pids / "pids.max", str(limits.pids_max) if limits.pids_max else "max")
             return
         if memory is not None:
-            _write(
-                memory / "memory.limit_in_bytes",
-                str(limits.memory_max) if limits.memory_max is not None else "-1",
-            )
+            value = str(limits.memory_max) if limits.memory_max is not None else "-1"
+            # Where the kernel accounts swap, bound memory plus swap too: else a host with
+            # swap pages the program out instead of holding it to memory_max. The kernel
+            # wants memsw >= memory at every moment, so memsw is lifted first.
+            memsw = memory / "memory.memsw.limit_in_bytes"
+            if memsw.exists():
+                _write(memsw, "-1")
+            _write(memory / "memory.limit_in_bytes", value)
+            if memsw.exists():
+                _write(memsw, value)
         if cpu is not None:
             _write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
             quota = max(1000, round(limits.cpu_quota * CFS_PERIOD_US)) if limits.cpu_quota else -1
