@@ -92,11 +92,10 @@ async def terminate_cgroup(
 
     Raises OperationFailed when members are left KILL_GRACE seconds after the kill.
     """
-    if not inst.exited.done():
-        inst.handle.send(signum)
-        inst.handle.send(signal.SIGCONT)
     for signo in (signum, signal.SIGCONT):  # a stopped process must see the signal
-        cgroup.signal_all(signo)
+        reached = cgroup.signal_all(signo)
+        if inst.pid not in reached and not inst.exited.done():
+            inst.handle.send(signo)  # a main that left its cgroup (root can) still hears it
     if not await watch.wait_empty(cgroup, stop_timeout):
         log.warning(
             "%s: still running after %gs, killing every process in %s: %s",
