@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -148,3 +150,35 @@ def test_a_program_of_another_user_is_placed_in_its_cgroup_too(daemon_factory):
     assert "Permission denied" in daemon.program_log("other", "stderr")
     done = daemon.ctl("stop", "other")
     assert done.returncode == 0, done.stderr
+
+
+def _without_cgroups(argv: list[str]) -> subprocess.CompletedProcess:
+    """Runs argv in a mount namespace of its own with every cgroup filesystem unmounted:
+    a host without cgroups, as far as the daemon can tell (it reads /proc/self/mountinfo)."""
+    script = 'umount -R /sys/fs/cgroup && exec "$@"'
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh",
+         *argv],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root")
+def test_required_refuses_to_start_without_cgroups_and_auto_carries_on(daemon_factory):
+    daemon = daemon_factory({"capped": {"command": ["/bin/sleep", "60"], "memory_max": "1G"}},
+                            {"agent": {"cgroup": "required"}}, start=False)
+    command = [sys.executable, "-m", "ocp_agentd", "--config", str(daemon.config)]
+    checked = _without_cgroups([*command, "--check"])
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "cgroups: none (no cgroup filesystem is mounted)" in checked.stdout
+    assert 'would refuse to start: cgroup = "required"' in checked.stdout
+    refused = _without_cgroups(command)
+    assert refused.returncode == 1
+    assert 'cannot start: cgroup = "required" but no cgroup filesystem is mounted' in (
+        refused.stderr
+    )
+    assert not daemon.socket.exists()
+    daemon.config.write_text(daemon.config.read_text().replace('"required"', '"auto"'))
+    checked = _without_cgroups([*command, "--check"])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "capped: memory_max 1 GiB not enforced: no cgroup" in checked.stdout

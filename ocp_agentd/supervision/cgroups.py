@@ -639,7 +639,7 @@ def _detect_v1(v1: dict[str, Mount], unified: Mount | None, instance: Path) -> H
                 freezer=name == "freezer",
                 why=why,
             )
-    return Host(Layout.NONE, why="no writable cgroup hierarchy (not root?)")
+    return Host(Layout.NONE, why="no cgroup hierarchy is writable")
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
