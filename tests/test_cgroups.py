@@ -336,3 +336,21 @@ def test_enforcement_names_what_cannot_be_enforced():
     assert got["memory_high"].startswith("not enforced: memory_high needs the cgroup v2")
     assert got["cpu_quota"] == "not enforced: the cpu controller is not available here"
     assert got["pids_max"] == "not enforced: the pids controller is not available here"
+
+
+@needs_root
+@needs_hybrid
+def test_a_cpu_quota_set_while_running_moves_every_member_into_the_v1_cpu_cgroup(host):
+    cg = host.open("late")
+    cg.create(Limits())
+    proc = spawn_in(cg, ["/bin/sh", "-c", "/bin/sleep 300 & exec /bin/sleep 300"])
+    try:
+        members = wait_for(lambda: len(cg.members()) == 2 and cg.members(), 10, "two members")
+        cpu_procs = cg.dirs["cpu"] / "cgroup.procs"
+        assert not set(members) & {int(p) for p in cpu_procs.read_text().split()}
+        cg.apply(Limits(cpu_quota=0.3))
+        assert {int(p) for p in cpu_procs.read_text().split()} == set(members)
+        assert (cg.dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "30000"
+    finally:
+        cg.kill()
+        proc.wait(10)

@@ -398,6 +398,7 @@ class Program:
             handle, record.cmdline, record.run_id, record.started_at, started_mono, popen=None
         )
         self.restarts = record.restarts
+        self.apply_limits()  # the config may have changed while no daemon ran
         self._watch(self.instance)
         self._set_state(State.RUNNING, f"adopted pid {record.pid}")
         return True
