@@ -79,6 +79,12 @@ def test_a_program_that_daemonizes_while_starting_leaves_nothing_behind(
     done = daemon.ctl("stop", "forker")
     assert done.returncode == 0, done.stderr
     assert sleeps(seconds) == []
+    # The orphaned sleeps came back to the daemon (child subreaper), which reaped them.
+    wait_for(lambda: not zombies_of(daemon.pid), 10, "no zombie child of the daemon")
+
+
+def zombies_of(pid: int) -> list[psutil.Process]:
+    return [c for c in psutil.Process(pid).children() if c.status() == psutil.STATUS_ZOMBIE]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -211,3 +217,26 @@ def test_reload_removal_and_a_crash_while_running_end_the_whole_tree(daemon_fact
     daemon.send_signal(signal.SIGHUP)
     wait_for(lambda: "kept" not in {p["name"] for p in daemon.processes()}, 15, "removal")
     wait_for(lambda: not sleeps(seconds), 10, "the removed program's child ended")
+
+
+def test_without_cgroups_an_orphan_comes_back_to_the_daemon_and_is_reaped(daemon_factory):
+    """cgroup = "off": a grandchild that left the session and wiped its environment is out
+    of the process table's reach (nothing the kernel keeps ties it to the program; that
+    is what cgroups are for), but as the daemon is a child subreaper it becomes the
+    daemon's child rather than init's, and is reaped by the daemon when it ends."""
+    seconds = unique_seconds()
+    program = {
+        "command": ["/bin/sh", "-c", f"env -i setsid /bin/sleep {seconds} & exit 0"],
+        "autorestart": "never",
+        "start_seconds": 0,
+    }
+    daemon = daemon_factory({"vanisher": program}, {"agent": {"cgroup": "off"}})
+    try:
+        orphan = wait_for(lambda: sleeps(seconds), 20, "the orphan")[0]
+        assert orphan.ppid() == daemon.pid
+        orphan.kill()
+        wait_for(lambda: not psutil.pid_exists(orphan.pid), 10, "the orphan reaped")
+        assert zombies_of(daemon.pid) == []
+    finally:
+        for proc in sleeps(seconds):
+            proc.kill()

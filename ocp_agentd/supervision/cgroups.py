@@ -316,7 +316,8 @@ class ProgramCgroup:
         return [int(line) for line in raw.split()]
 
     def contains(self, pid: int) -> bool:
-        """Whether pid is in this cgroup now, read from /proc/PID/cgroup (cheap, one file)."""
+        """Whether pid is in this cgroup now: v2 from /proc/PID/cgroup (one small file),
+        v1 from the cgroup's member list."""
         return pid in self.members() if not self.v2 else _in_v2_cgroup(pid, self.membership)
 
     def populated(self) -> bool:
