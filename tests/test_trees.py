@@ -219,16 +219,23 @@ def test_reload_removal_and_a_crash_while_running_end_the_whole_tree(daemon_fact
     wait_for(lambda: not sleeps(seconds), 10, "the removed program's child ended")
 
 
-def test_without_cgroups_an_orphan_comes_back_to_the_daemon_and_is_reaped(daemon_factory):
+def test_without_cgroups_an_orphan_comes_back_to_the_daemon_and_is_reaped(
+    daemon_factory, tmp_path
+):
     """cgroup = "off": a grandchild that left the session and wiped its environment is out
     of the process table's reach (nothing the kernel keeps ties it to the program; that
     is what cgroups are for), but as the daemon is a child subreaper it becomes the
     daemon's child rather than init's, and is reaped by the daemon when it ends."""
     seconds = unique_seconds()
+    ready = tmp_path / "escaped"
+    os.mkfifo(ready)
+    # The main exits only once the grandchild has left its session and environment.
+    escape = f"env -i setsid /bin/sh -c 'echo > {ready}; exec /bin/sleep {seconds}' &"
     program = {
-        "command": ["/bin/sh", "-c", f"env -i setsid /bin/sleep {seconds} & exit 0"],
+        "command": ["/bin/sh", "-c", f"{escape} read x < {ready}; exit 0"],
         "autorestart": "never",
         "start_seconds": 0,
+        "max_quick_exits": 1,
     }
     daemon = daemon_factory({"vanisher": program}, {"agent": {"cgroup": "off"}})
     try:
