@@ -41,8 +41,10 @@ from ocp_agentd.hostcheck import host_problems
 from ocp_agentd.logformat import line_formatter, writes_log_file
 from ocp_agentd.logqueue import handlers_off_the_loop
 from ocp_agentd.preflight import check_writable, take_instance_lock
-from ocp_agentd.supervision import Supervisor
+from ocp_agentd.supervision import Supervisor, cgroups
+from ocp_agentd.supervision.cgroups import CgroupError
 from ocp_agentd.supervision.intent import ticket
+from ocp_agentd.supervision.program import limits_of
 from ocp_agentd.supervision.supervisor import BootPlan
 from ocp_agentd.systemd import Notifier, StatusReporter, journal_handler, status_text
 from ocp_agentd.tasks.engine import TaskEngine
@@ -338,13 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     problems = host_problems(settings)
     if args.check:
         print(summary(settings, path))
+        could_start, lines = cgroups.check_report(
+            settings.agent.cgroup,
+            settings.agent.state_dir,
+            {name: limits_of(spec) for name, spec in settings.programs.items()},
+        )
+        print("\n".join(lines))
         if problems:
             # A valid file that this host cannot run as it is (exit 1; an invalid file is 2).
             print(f"ocp-agentd: {path} cannot run on this host:", file=sys.stderr)
             for problem in problems:
                 print(f"  {problem}", file=sys.stderr)
             return EXIT_FAILURE
-        return EXIT_OK
+        return EXIT_OK if could_start else EXIT_FAILURE
     for directory in (settings.agent.state_dir, settings.agent.log_dir):
         problem = check_writable(directory) or safefs.check_directory(directory, os.getuid())
         if problem:
@@ -362,7 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     if limits.raised:
         log.info("descriptor limit raised from %d to %d (programs keep %d; %d kept for the API)",
                  limits.inherited[0], limits.soft, limits.inherited[0], limits.reserve)
-    daemon = Daemon(settings, path)
+    try:
+        daemon = Daemon(settings, path)
+    except CgroupError as exc:
+        print(f"ocp-agentd: cannot start: {exc.strerror}", file=sys.stderr)
+        log.error("cannot start: %s", exc.strerror)
+        os.close(lock_fd)
+        return EXIT_FAILURE
     try:
         return asyncio.run(daemon.run())
     except Exception as exc:

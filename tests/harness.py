@@ -54,6 +54,10 @@ Running the daemon
         `python -m ocp_agentd --check --config path`, output captured as text.
     kill_marked(name, value, timeout=10.0) -> list[int]
         SIGKILLs every process whose environment has name=value; returns their pids.
+    remove_cgroups(state_dir) -> None
+        Kills what is in the program cgroups of the daemon of state_dir and removes them
+        (DaemonRunner.cleanup calls it: a process that rewrote its environment has no
+        marker, but it cannot leave its cgroup).
 
 Fixtures (tests/conftest.py)
     daemon_factory(extra_programs=None, overrides=None, *, start=True, host_id=2,
@@ -93,6 +97,7 @@ import psutil
 
 from ocp_agentd.config import ConfigError, Settings, load_settings
 from ocp_agentd.demo.config import demo_command, write_demo_config
+from ocp_agentd.supervision import cgroups
 
 __all__ = [
     "HARNESS_ENV",
@@ -108,6 +113,7 @@ __all__ = [
     "free_port_block",
     "kill_marked",
     "marked_processes",
+    "remove_cgroups",
     "wait_for",
     "write_demo_config",
 ]
@@ -578,7 +584,30 @@ class DaemonRunner:
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
-        return _kill_all(self.leftovers, 15.0)
+        killed = _kill_all(self.leftovers, 15.0)
+        if self.state_dir is not None:
+            remove_cgroups(self.state_dir)
+        return killed
+
+
+def remove_cgroups(state_dir: Path) -> None:
+    """Kills whatever is in the program cgroups of the daemon of state_dir (a process
+    that rewrote its environment has no marker) and removes those cgroups."""
+    host = cgroups.detect(state_dir)
+    if not host.usable or host.layout == cgroups.Layout.V2_DELEGATED:
+        return
+    assert host.membership is not None
+    bases = [host.membership, *host.controllers.values()]
+    if not any(base.exists() for base in bases):
+        return
+    names = {p.name for base in bases if base.exists() for p in base.iterdir() if p.is_dir()}
+    for name in names:
+        program = host.open(name)
+        if program.membership.exists():
+            program.kill()
+            wait_for(lambda program=program: not program.members(), 15, f"{name} empty")
+        program.remove()
+    host.remove()
 
 
 def short_socket_dir() -> Path:

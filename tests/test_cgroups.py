@@ -283,37 +283,42 @@ def test_v2_controller_files_written_and_read(tmp_path):
 
 def test_detect_chooses_the_delegated_v2_layout_and_prepares_it(tmp_path):
     """A pure v2 host under systemd with Delegate=yes, as a directory laid out as
-    cgroupfs (this host is hybrid). prepare() moves the daemon to <unit>/daemon and enables
-    the controllers for <unit>/programs' children."""
+    cgroupfs (this host is hybrid). Started in <unit>/daemon (DelegateSubgroup=daemon),
+    programs go to <unit>/programs with the controllers enabled; started in the unit's own
+    cgroup, they go to the shared tree, since systemd could not restart the daemon into a
+    cgroup with controllers enabled below it."""
     root = tmp_path / "fs"
     unit = root / "system.slice" / "ocp-agentd.service"
-    unit.mkdir(parents=True)
+    for path in (unit / "daemon", unit / "programs"):
+        path.mkdir(parents=True)
+        for name in ("cgroup.procs", "cgroup.subtree_control"):
+            (path / name).write_text("")
     (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     (unit / "cgroup.controllers").write_text("cpu memory pids\n")
     for name in ("cgroup.procs", "cgroup.subtree_control"):
         (unit / name).write_text("")
     mounts = [cgroups.Mount(root, True, frozenset())]
+    systemd = {"INVOCATION_ID": "x"}
     found = cgroups.detect(tmp_path / "state", mounts=mounts,
-                           own={"": "/system.slice/ocp-agentd.service"},
-                           environ={"INVOCATION_ID": "x"})
+                           own={"": "/system.slice/ocp-agentd.service/daemon"}, environ=systemd)
     assert found.layout == Layout.V2_DELEGATED
     assert found.membership == unit / "programs"
     assert found.daemon_leaf == unit / "daemon"
     assert sorted(found.controllers) == ["cpu", "memory", "pids"]
-    for path in (unit / "daemon", unit / "programs"):
-        path.mkdir()
-        for name in ("cgroup.procs", "cgroup.subtree_control"):
-            (path / name).write_text("")
     found.prepare()
     assert (unit / "daemon" / "cgroup.procs").read_text() == "0"
     assert (unit / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
     assert (unit / "programs" / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
     assert (root / "cgroup.subtree_control").exists() is False
-    # Not under systemd: the shared ocp_agentd/<instance> tree instead.
+    shared = root / "ocp_agentd" / cgroups.instance_name(tmp_path / "state")
+    in_unit = cgroups.detect(tmp_path / "state", mounts=mounts,
+                             own={"": "/system.slice/ocp-agentd.service"}, environ=systemd)
+    assert in_unit.layout == Layout.V2
+    assert in_unit.membership == shared
+    assert "DelegateSubgroup=daemon" in in_unit.why
     plain = cgroups.detect(tmp_path / "state", mounts=mounts, own={"": "/user.slice"},
                            environ={})
-    assert plain.layout == Layout.V2
-    assert plain.membership == root / "ocp_agentd" / cgroups.instance_name(tmp_path / "state")
+    assert plain.layout == Layout.V2 and plain.membership == shared and not plain.why
 
 
 def test_two_state_dirs_never_share_an_instance(tmp_path):
@@ -331,3 +336,21 @@ def test_enforcement_names_what_cannot_be_enforced():
     assert got["memory_high"].startswith("not enforced: memory_high needs the cgroup v2")
     assert got["cpu_quota"] == "not enforced: the cpu controller is not available here"
     assert got["pids_max"] == "not enforced: the pids controller is not available here"
+
+
+@needs_root
+@needs_hybrid
+def test_a_cpu_quota_set_while_running_moves_every_member_into_the_v1_cpu_cgroup(host):
+    cg = host.open("late")
+    cg.create(Limits())
+    proc = spawn_in(cg, ["/bin/sh", "-c", "/bin/sleep 300 & exec /bin/sleep 300"])
+    try:
+        members = wait_for(lambda: len(cg.members()) == 2 and cg.members(), 10, "two members")
+        cpu_procs = cg.dirs["cpu"] / "cgroup.procs"
+        assert not set(members) & {int(p) for p in cpu_procs.read_text().split()}
+        cg.apply(Limits(cpu_quota=0.3))
+        assert {int(p) for p in cpu_procs.read_text().split()} == set(members)
+        assert (cg.dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "30000"
+    finally:
+        cg.kill()
+        proc.wait(10)

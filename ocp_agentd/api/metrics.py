@@ -15,6 +15,10 @@ Program metrics are read from the supervisor at scrape time (nothing to keep in 
   ``node_systemd_unit_start_time_seconds``): ``time() - start_time`` is the uptime
 - ``ocp_agentd_program_liveness_failures_total{program}``: failed liveness probes (SPEC
   section 10), for the programs that have a liveness probe
+- ``ocp_agentd_program_cpu_seconds_total{program}``, ``ocp_agentd_program_memory_bytes
+  {program}``: from the program's cgroup, else its main process (SPEC section 9); absent
+  while unknown
+- ``ocp_agentd_program_oom_kills_total{program}``: OOM kills in its cgroup
 
 API metrics come from the app's middleware (:meth:`AgentMetrics.observe_request`), with
 the label names of Prometheus' own HTTP metrics: ``handler`` (the route template),
@@ -103,9 +107,26 @@ class _SupervisorCollector:
             "Failed liveness probes of the program since the daemon started it",
             labels=["program"],
         )
+        cpu = CounterMetricFamily(
+            "ocp_agentd_program_cpu_seconds", "CPU time used by the program's processes",
+            labels=["program"],
+        )
+        memory = GaugeMetricFamily(
+            "ocp_agentd_program_memory_bytes", "Memory in use by the program's processes",
+            labels=["program"],
+        )
+        oom = CounterMetricFamily(
+            "ocp_agentd_program_oom_kills", "Processes of the program ended by the OOM killer",
+            labels=["program"],
+        )
         for info in supervisor.infos():
             if info.liveness is not None:
                 liveness.add_metric([info.name], info.liveness["failures_total"])
+            if info.cpu_seconds is not None:
+                cpu.add_metric([info.name], info.cpu_seconds)
+            if info.memory_bytes is not None:
+                memory.add_metric([info.name], info.memory_bytes)
+            oom.add_metric([info.name], info.oom_kills)
             current = State(info.state)
             up.add_metric([info.name], 1 if current == State.RUNNING else 0)
             for candidate in State:
@@ -117,6 +138,9 @@ class _SupervisorCollector:
         yield restarts
         yield start_time
         yield liveness
+        yield cpu
+        yield memory
+        yield oom
 
 
 class AgentMetrics:

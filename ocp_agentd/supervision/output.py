@@ -38,6 +38,7 @@ from typing import Any
 
 from ocp_agentd import linux, safefs
 from ocp_agentd.config import ProgramSpec
+from ocp_agentd.supervision.subreaper import REAPER
 
 log = logging.getLogger("ocp_agentd.output")
 
@@ -166,10 +167,12 @@ def start_keeper(spec: ProgramSpec, state_dir: Path | None, streams: list[dict[s
         pass_fds=[fd for item in streams for fd in (item["pipe"], item["file"])],
     )
     _keepers.add(keeper)
+    REAPER.claim(keeper.pid)  # its exit is this thread's to collect, not the subreaper's
 
     def reap() -> None:
         keeper.wait()
         _keepers.discard(keeper)
+        REAPER.release(keeper.pid)
 
     threading.Thread(target=reap, name=f"keeper-{spec.name}", daemon=True).start()
     return keeper

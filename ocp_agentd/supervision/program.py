@@ -24,11 +24,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import psutil
 
 from ocp_agentd import descriptors, hostcheck
 from ocp_agentd.background import Tasks
 from ocp_agentd.config import ProgramSpec
 from ocp_agentd.supervision import probes, spawn, tree
+from ocp_agentd.supervision.cgroups import (
+    CgroupError,
+    EmptyWatch,
+    Host,
+    Layout,
+    Limits,
+    ProgramCgroup,
+    Usage,
+    format_bytes,
+)
 from ocp_agentd.supervision.identity import (
     PidRecord,
     PidRecords,
@@ -39,6 +50,7 @@ from ocp_agentd.supervision.identity import (
 from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, Intent, ticket
 from ocp_agentd.supervision.liveness import Liveness
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner
+from ocp_agentd.supervision.subreaper import REAPER
 from ocp_agentd.supervision.types import (
     Check,
     ExitInfo,
@@ -56,6 +68,7 @@ log = logging.getLogger("ocp_agentd.program")
 T = TypeVar("T")
 
 QUICK_EXIT_FLOOR = 1.0  # an exit sooner than this after spawn counts as a quick exit
+USAGE_TTL = 1.0  # seconds a usage reading is served again (status and metrics ask often)
 
 # The legal moves of Program._set_state; staying in a state is always allowed.
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -94,6 +107,8 @@ class Program:
         scanner: Scanner,
         http: Callable[[], aiohttp.ClientSession],
         on_transition: Callable[[str, State, State, str], None],
+        host: Host | None = None,
+        watch: EmptyWatch | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -117,6 +132,15 @@ class Program:
         self._abort_start: asyncio.Event | None = None
         self.liveness = Liveness(self.name, self._on_probe, self._on_liveness_failed)
         self.intent = Intent()
+        # SPEC section 9: with a cgroup the tree is its members; else the process table.
+        self.host = host or Host(Layout.NONE, why="not configured")
+        self.watch = watch or EmptyWatch()
+        self.cgroup: ProgramCgroup | None = (
+            self.host.open(spec.name) if self.host.usable else None
+        )
+        self.oom_kills = 0
+        self._oom_seen = 0
+        self._usage: tuple[float, Usage] | None = None
 
     # ---- the one place where state changes ------------------------------------------------
 
@@ -176,6 +200,10 @@ class Program:
             user=spec.user or _current_user(),
             log_files=[str(spec.stdout_log), str(spec.stderr_log)],
             liveness=self.liveness.as_dict() if spec.liveness else None,
+            cgroup=self.cgroup.path if self.cgroup is not None else None,
+            limits=self.host.enforcement(self.limits),
+            oom_kills=self.oom_kills,
+            **self._usage_fields(),
         )
 
     def record(self) -> dict[str, Any]:
@@ -192,7 +220,34 @@ class Program:
         record = dict(cached[2])
         if cached[1] is not None:
             record["uptime"] = int((time.monotonic() - cached[1]) * 1000) / 1000
+        record.update(self._usage_fields())
         return record
+
+    @property
+    def limits(self) -> Limits:
+        """The spec's resource limits (SPEC section 9)."""
+        return limits_of(self.spec)
+
+    def usage(self) -> Usage:
+        """CPU seconds and memory bytes: the cgroup's counters when the program has one,
+        else the main process's (CPU time including the children it has waited for,
+        times(2); resident memory of the main alone). Read at most every USAGE_TTL s."""
+        now = time.monotonic()
+        if self._usage is not None and now - self._usage[0] < USAGE_TTL:
+            return self._usage[1]
+        usage = Usage(None, None)
+        inst = self.instance
+        if self.cgroup is not None and self.cgroup.membership.exists():
+            usage = self.cgroup.usage()
+        elif inst is not None and not inst.exited.done():
+            usage = _process_usage(inst.pid)
+        self._usage = (now, usage)
+        return usage
+
+    def _usage_fields(self) -> dict[str, Any]:
+        usage = self.usage()
+        cpu = None if usage.cpu_seconds is None else round(usage.cpu_seconds, 3)
+        return {"cpu_seconds": cpu, "memory_bytes": usage.memory_bytes}
 
     def alive(self) -> bool:
         return self.instance is not None and not self.instance.exited.done()
@@ -271,7 +326,12 @@ class Program:
         inst = self.instance
         if self.state != State.RUNNING or inst is None or inst.exited.done():
             raise OperationFailed(self.name, f"not running (state {self.state})")
-        if await tree.signal_tree(inst, self._scanner, signum) == 0:
+        if self.cgroup is not None and self.cgroup.membership.exists():
+            # The tree is the cgroup's members (the main is one of them).
+            reached = len(self.cgroup.signal_all(signum)) or int(inst.handle.send(signum))
+        else:
+            reached = await tree.signal_tree(inst, self._scanner, signum)
+        if reached == 0:
             raise OperationFailed(self.name, "not running (its process is gone)")
         log.info("%s: sent %s to its process tree (pid %d)", self.name,
                  signal.Signals(signum).name, inst.pid, extra={"PROGRAM": self.name})
@@ -320,8 +380,16 @@ class Program:
     # ---- adoption ---------------------------------------------------------------------------
 
     def adopt(self, record: PidRecord) -> bool:
-        """Takes over a process an earlier daemon started, if it is still exactly that one."""
-        handle = pin(record.pid, record.starttime, record.cmdline)
+        """Takes over a process an earlier daemon started, if it is still exactly that one:
+        the recorded pid and start time, and (with a cgroup) a member of the program's
+        cgroup; a program may rewrite its title and environment (SPEC section 3)."""
+        if self.cgroup is not None:
+            handle = pin(record.pid, record.starttime)
+            if handle is not None and not self.cgroup.contains(record.pid):
+                handle.close()
+                handle = None
+        else:
+            handle = pin(record.pid, record.starttime, record.cmdline)
         if handle is None:
             self._records.remove(self.name)
             return False
@@ -330,6 +398,7 @@ class Program:
             handle, record.cmdline, record.run_id, record.started_at, started_mono, popen=None
         )
         self.restarts = record.restarts
+        self.apply_limits()  # the config may have changed while no daemon ran
         self._watch(self.instance)
         self._set_state(State.RUNNING, f"adopted pid {record.pid}")
         return True
@@ -471,7 +540,11 @@ class Program:
         if self.intent.overridden(since):
             raise StartAborted
         abort = self._abort_start = asyncio.Event()
-        inst = self._spawn_or_why()
+        why = await self._prepare_cgroup_or_why()
+        if self.intent.overridden(since):
+            self._abort_start = None
+            raise StartAborted
+        inst = why if why is not None else self._spawn_or_why()
         if isinstance(inst, str):
             self._abort_start = None
             self.last_exit = ExitInfo(None, None, time.time(), inst)
@@ -538,12 +611,57 @@ class Program:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
+    async def _prepare_cgroup_or_why(self) -> str | None:
+        """_prepare_cgroup, or why it failed."""
+        try:
+            await self._prepare_cgroup()
+        except (CgroupError, OperationFailed) as exc:
+            why = exc.strerror if isinstance(exc, CgroupError) else exc.reason
+            return f"cannot prepare the cgroup: {why}"
+        return None
+
+    async def _prepare_cgroup(self) -> None:
+        """Makes the cgroup with the spec's limits; what is still in it (left by an
+        instance an earlier daemon ran) is ended first, so it holds one instance only."""
+        cgroup = self.cgroup
+        if cgroup is None:
+            return
+        if cgroup.membership.exists() and cgroup.populated():
+            log.warning(
+                "%s: ending %d process(es) left in %s before starting",
+                self.name,
+                len(cgroup.members()),
+                cgroup.path,
+                extra={"PROGRAM": self.name},
+            )
+            await tree.end_cgroup(
+                self.name, cgroup, self.watch, self.spec.signal_number, self.spec.stop_timeout
+            )
+        cgroup.create(self.limits)
+        self._oom_seen = cgroup.oom_kills()
+
+    def apply_limits(self) -> None:
+        """Writes the spec's limits to the live cgroup (a reload that changed only them)."""
+        if self.cgroup is not None and self.cgroup.membership.exists():
+            try:
+                self.cgroup.apply(self.limits)
+            except CgroupError as exc:
+                log.error("%s: cannot apply limits: %s", self.name, exc)
+
+    def remove_cgroup(self) -> None:
+        """Removes the (empty) cgroup: the program is stopped and leaves the config or
+        the daemon shuts down."""
+        if self.cgroup is not None:
+            self.cgroup.remove()
+
     def _spawn(self) -> Instance:
         spec = self.spec
         run_id = uuid.uuid4().hex
-        popen, handle = spawn.spawn(spec, self._state_dir, run_id)
-        # What was started, for people (spawn may exec it through a shell that sets its
-        # descriptor limit, whose argv a read this early could still show).
+        popen, handle = spawn.spawn(spec, self._state_dir, run_id, self.cgroup)
+        REAPER.claim(popen.pid)
+        # What was started, for people (spawn may exec it through a shell that holds it
+        # until it is in its cgroup or sets its descriptor limit, whose argv a read this
+        # early could still show).
         cmdline = list(spec.command)
         now = time.time()
         inst = Instance(handle, cmdline, run_id, now, time.monotonic(), popen)
@@ -575,13 +693,22 @@ class Program:
             return
         code: int | None = None
         signame: str | None = None
-        if inst.popen is not None and self.state != State.STOPPING:
+        ending = self.state != State.STOPPING and self.instance is inst
+        if inst.popen is not None and ending:
             # Still a zombie: its pid, and so its process group id, cannot be reused yet.
             # Whatever it left in its group goes with it, so no orphan outlives the program.
             with contextlib.suppress(OSError):
                 os.killpg(inst.pid, signal.SIGKILL)
+        if ending and self.cgroup is not None:
+            # Every exit ends the whole tree, in STARTING too: all that is left in the
+            # cgroup (setsid grandchildren included) dies with the main.
+            try:
+                self.cgroup.kill()
+            except CgroupError as exc:
+                log.error("%s: %s", self.name, exc, extra={"PROGRAM": self.name})
         if inst.popen is not None:
             rc = inst.popen.poll()
+            REAPER.release(inst.pid)
             if rc is not None and rc < 0:
                 signame = _signal_name(-rc)
             else:
@@ -589,15 +716,31 @@ class Program:
             reason = f"killed by {signame}" if signame else f"exit code {code}"
         else:
             reason = "exited (adopted, exit status unknown)"
+        if self._count_oom_kills() and signame == "SIGKILL":
+            limit = self.spec.memory_max
+            reason = "killed by the OOM killer" + (
+                f" (memory_max {format_bytes(limit)})" if limit is not None else ""
+            )
         inst.handle.close()
         info = ExitInfo(code, signame, time.time(), reason)
         inst.exited.set_result(info)
+        if ending and self.cgroup is None:
+            self._sweep_later(inst)
         if self.state == State.RUNNING and self.instance is inst:
             self._on_unexpected_exit(inst, info)
 
+    def _count_oom_kills(self) -> int:
+        """OOM kills in the cgroup since the last look (added to self.oom_kills)."""
+        if self.cgroup is None:
+            return 0
+        seen = self.cgroup.oom_kills()
+        new = max(0, seen - self._oom_seen)
+        self._oom_seen = seen
+        self.oom_kills += new
+        return new
+
     def _on_unexpected_exit(self, inst: Instance, info: ExitInfo) -> None:
         self.last_exit = info
-        self._sweep_later(inst)
         spec = self.spec
         wanted = spec.autorestart == "always" or (spec.autorestart == "on-failure" and info.failed)
         if not wanted:
@@ -649,7 +792,7 @@ class Program:
         self._background.spawn(coro, name=f"{self.name}-background")
 
     def _sweep_later(self, inst: Instance) -> None:
-        """After an unexpected exit, ends what is left of that instance's tree."""
+        """After an exit (without a cgroup), ends what is left of that instance's tree."""
         self._spawn_background(tree.sweep(self.name, inst, self._scanner))
 
     # ---- internals: stopping ----------------------------------------------------------------
@@ -664,6 +807,8 @@ class Program:
         self._restart_pending = False
         inst = self.instance
         if inst is None or inst.exited.done():
+            # The main is gone, but what it started may not be (a daemonizing program).
+            await self._end_leftovers(inst)
             self._records.remove(self.name)
             self._set_state(State.STOPPED, "stopped")
             return
@@ -673,13 +818,73 @@ class Program:
         self._set_state(State.STOPPED, "stopped")
 
     async def _terminate(self, inst: Instance) -> None:
+        if self.cgroup is not None and self.cgroup.membership.exists():
+            await tree.terminate_cgroup(
+                self.name,
+                inst,
+                self.cgroup,
+                self.watch,
+                self.spec.signal_number,
+                self.spec.stop_timeout,
+            )
+            return
         await tree.terminate(
             self.name, inst, self._scanner, self.spec.signal_number, self.spec.stop_timeout
         )
 
+    async def _end_leftovers(self, inst: Instance | None) -> None:
+        """Ends what is left of a program whose main has exited: the cgroup's members, or
+        (without one) the last instance's tree from the process table."""
+        if self.cgroup is not None:
+            if self.cgroup.membership.exists() and self.cgroup.populated():
+                await tree.end_cgroup(
+                    self.name,
+                    self.cgroup,
+                    self.watch,
+                    self.spec.signal_number,
+                    self.spec.stop_timeout,
+                )
+        elif inst is not None:
+            await tree.sweep(self.name, inst, self._scanner)
+
+    async def end_cgroup_strays(self) -> None:
+        """Ends what is in the cgroup while no instance is watched (left by an instance
+        that died while no daemon ran): stop_signal, stop_timeout, then the kill."""
+        if self.cgroup is None or self.alive():
+            return
+        if self.cgroup.membership.exists() and self.cgroup.populated():
+            log.warning(
+                "%s: ending %s left in %s by an instance no daemon watched",
+                self.name,
+                self.cgroup.members(),
+                self.cgroup.path,
+                extra={"PROGRAM": self.name},
+            )
+            await tree.end_cgroup(
+                self.name, self.cgroup, self.watch, self.spec.signal_number,
+                self.spec.stop_timeout,
+            )
+
     async def end_strays(self, strays: list[ProcEntry]) -> None:
         """Ends processes of this program that no watched instance owns (tree.end_strays)."""
         await tree.end_strays(strays, self.spec.signal_number, self.spec.stop_timeout)
+
+
+def limits_of(spec: ProgramSpec) -> Limits:
+    """A program spec's resource limits (SPEC section 9) for the cgroup layer."""
+    return Limits(spec.cpu_quota, spec.memory_max, spec.memory_high, spec.pids_max)
+
+
+def _process_usage(pid: int) -> Usage:
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            times = proc.cpu_times()
+            rss = proc.memory_info().rss
+    except psutil.Error:
+        return Usage(None, None)
+    cpu = times.user + times.system + times.children_user + times.children_system
+    return Usage(cpu, rss)
 
 
 def _signal_name(signum: int) -> str:

@@ -9,7 +9,8 @@ become the daemon's children, so the daemon must wait(2) for them or they stay z
 Direct children are reaped by their owners (subprocess.Popen.poll for a program's main
 process, asyncio's child watcher for a subprocess of the daemon's own): reaping one of
 those here would steal its exit status. So an exited child is reaped here only if it is
-not claimed (claim() is called for every program main spawned) and it is not in the
+not claimed (claim() is called for every program main and log keeper spawned; both
+start sessions of their own) and it is not in the
 daemon's own session (a program starts a session of its own and its descendants can
 never rejoin the daemon's, while the daemon's helper subprocesses stay in it).
 """
@@ -73,9 +74,13 @@ class Reaper:
         self._claimed.add(pid)
 
     def release(self, pid: int) -> None:
-        """The owner has reaped pid; look again for orphans it may have hidden."""
+        """The owner has reaped pid; look again for orphans it may have hidden. Safe to
+        call from any thread."""
         self._claimed.discard(pid)
-        self.reap_soon()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self.reap_soon)
 
     def install(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Becomes the subreaper and reaps on every SIGCHLD of this event loop."""

@@ -14,7 +14,7 @@ import aiohttp
 
 from ocp_agentd.config import ProgramSpec, Settings
 from ocp_agentd.events import EventHub
-from ocp_agentd.supervision import output
+from ocp_agentd.supervision import cgroups, output
 from ocp_agentd.supervision.identity import PidRecords
 from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, ticket
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner, Snapshot
@@ -25,6 +25,7 @@ from ocp_agentd.supervision.program import (
     State,
     VerifyResult,
 )
+from ocp_agentd.supervision.subreaper import REAPER
 
 log = logging.getLogger("ocp_agentd.supervisor")
 T = TypeVar("T")
@@ -57,6 +58,9 @@ class Supervisor:
         self.state_dir = settings.agent.state_dir
         self.records = PidRecords(self.state_dir / "pids")
         self.scanner = Scanner()
+        # Raises CgroupError for cgroup = "required" on a host without usable cgroups.
+        self.host = cgroups.choose(settings.agent.cgroup, self.state_dir)
+        self.watch = cgroups.EmptyWatch()
         self._listeners: list[Listener] = []
         self._http: aiohttp.ClientSession | None = None
         self.programs: dict[str, Program] = {}
@@ -82,9 +86,20 @@ class Supervisor:
         return self._http
 
     def _make(self, spec: ProgramSpec) -> Program:
-        return Program(
-            spec, self.state_dir, self.records, self.scanner, self._session, self._notify
+        program = Program(
+            spec,
+            self.state_dir,
+            self.records,
+            self.scanner,
+            self._session,
+            self._notify,
+            self.host,
+            self.watch,
         )
+        for key, how in program.info().limits.items():
+            if how.startswith("not enforced"):
+                log.warning("%s: %s %s", spec.name, key, how)
+        return program
 
     # ---- lookup -----------------------------------------------------------------------------
 
@@ -165,6 +180,7 @@ class Supervisor:
     async def adopt(self) -> BootPlan:
         """Takes over what still runs (quick: nothing is started here)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        REAPER.install()
         snap = await self.scanner.snapshot()
         to_start: list[str] = []
         to_restart: list[str] = []
@@ -193,6 +209,7 @@ class Supervisor:
                     [e.pid for e in strays],
                 )
                 await program.end_strays(strays)
+            await program.end_cgroup_strays()
             if adopted and record is not None and record.fingerprint != program.spec.fingerprint():
                 to_restart.append(name)
             elif not adopted:
@@ -216,7 +233,8 @@ class Supervisor:
                 if mark.run_id != keep]
 
     async def _stop_unknown(self) -> None:
-        """Programs recorded by an earlier daemon but gone from the config are stopped."""
+        """Programs recorded by an earlier daemon but gone from the config are stopped,
+        and so is whatever is left in the cgroup of a program gone from the config."""
         for name in self.records.names():
             if name in self.programs:
                 continue
@@ -231,6 +249,17 @@ class Supervisor:
                 except OperationFailed as exc:
                     log.error("%s", exc)
             ghost.discard_record()
+        if self.host.usable and self.host.membership is not None:
+            try:
+                names = [p.name for p in self.host.membership.iterdir() if p.is_dir()]
+            except OSError:
+                names = []
+            for name in names:
+                if name in self.programs:
+                    continue
+                ghost = self._make(ProgramSpec(name=name, command=["/"]))
+                await ghost.end_cgroup_strays()
+                ghost.remove_cgroup()
 
     async def _quietly(self, name: str, verb: Literal["start", "restart"], since: int) -> None:
         """The daemon's own start or restart of name (boot, reload), requested at ticket
@@ -265,6 +294,8 @@ class Supervisor:
         left = await asyncio.to_thread(output.wait_keepers, 10.0)
         if left:
             log.warning("%d log keeper(s) still draining a program's output", left)
+        for program in self.programs.values():
+            program.remove_cgroup()
         await self.close()
 
     async def close(self) -> None:
@@ -273,6 +304,10 @@ class Supervisor:
             program.release()
         if not await asyncio.to_thread(self.records.flush):
             log.error("pid records not all written within 10 s")
+        self.watch.close()
+        REAPER.uninstall()
+        if self.host.usable:
+            self.host.remove()  # only what is empty: running programs keep theirs
         if self._http is not None:
             await self._http.close()
 
@@ -288,7 +323,9 @@ class Supervisor:
                 await self.program(name).stop()
             except OperationFailed as exc:
                 log.error("%s", exc)
-            self.programs.pop(name).release()
+            gone = self.programs.pop(name)
+            gone.release()
+            gone.remove_cgroup()
             report["removed"].append(name)
         restart: list[str] = []
         for name, spec in new_specs.items():
@@ -299,6 +336,7 @@ class Supervisor:
             elif current.spec != spec:
                 needs_restart = current.spec.fingerprint() != spec.fingerprint()
                 current.replace_spec(spec)
+                current.apply_limits()
                 report["changed"].append(name)
                 if (
                     needs_restart

@@ -1,8 +1,12 @@
-"""Ending a program's process tree: signal, wait on pidfds, escalate to SIGKILL.
+"""Ending a program's process tree: signal, wait, escalate to SIGKILL.
 
-The tree of an instance is its main process, its process group and every process that
-carries its run marker (proctable.Snapshot.tree). Each member is pinned by a pidfd before
-it is signalled, so a recycled pid of a stranger is never hit (pidfd_open(2)).
+With a cgroup (SPEC section 9) the tree is exactly the cgroup's members: the stop signal
+goes to each, the final kill is the cgroup's (cgroups.ProgramCgroup.kill) and "gone" is
+the cgroup becoming empty, as an event. Without one (the fallback of SPEC section 3) the
+tree of an instance is its main process, its process group and every process that carries
+its run marker (proctable.Snapshot.tree), found by a scan of the process table. Either
+way each process is pinned by a pidfd before it is signalled, so a recycled pid of a
+stranger is never hit (pidfd_open(2)).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import signal
 import time
 
+from ocp_agentd.supervision.cgroups import EmptyWatch, ProgramCgroup
 from ocp_agentd.supervision.identity import Handle, pin
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner
 from ocp_agentd.supervision.types import Instance, OperationFailed
@@ -72,6 +77,71 @@ async def terminate(
     late = snap.tree(inst.pid, inst.run_id)
     if late:
         await end_processes(late, signal.SIGKILL, KILL_GRACE)
+
+
+async def terminate_cgroup(
+    name: str,
+    inst: Instance,
+    cgroup: ProgramCgroup,
+    watch: EmptyWatch,
+    signum: int,
+    stop_timeout: float,
+) -> None:
+    """signum to every member of the cgroup, stop_timeout seconds for it to empty, then
+    the cgroup's kill. Returns once the cgroup is empty and the main's exit is seen.
+
+    Raises OperationFailed when members are left KILL_GRACE seconds after the kill.
+    """
+    for signo in (signum, signal.SIGCONT):  # a stopped process must see the signal
+        reached = cgroup.signal_all(signo)
+        if inst.pid not in reached and not inst.exited.done():
+            inst.handle.send(signo)  # a main that left its cgroup (root can) still hears it
+    if not await watch.wait_empty(cgroup, stop_timeout):
+        log.warning(
+            "%s: still running after %gs, killing every process in %s: %s",
+            name,
+            stop_timeout,
+            cgroup.path,
+            cgroup.members(),
+            extra={"PROGRAM": name},
+        )
+        await end_cgroup(name, cgroup, watch)
+    await _seen_exit(name, inst)
+
+
+async def end_cgroup(
+    name: str,
+    cgroup: ProgramCgroup,
+    watch: EmptyWatch,
+    signum: int | None = None,
+    stop_timeout: float = 0.0,
+) -> None:
+    """Ends every process in cgroup: signum first and up to stop_timeout seconds when
+    signum is given, then the cgroup's kill. Raises OperationFailed if members are left
+    KILL_GRACE seconds after the kill."""
+    if signum is not None:
+        cgroup.signal_all(signum)
+        cgroup.signal_all(signal.SIGCONT)
+        if await watch.wait_empty(cgroup, stop_timeout):
+            return
+    cgroup.kill()
+    if not await watch.wait_empty(cgroup, KILL_GRACE):
+        raise OperationFailed(name, f"processes survived SIGKILL: {cgroup.members()}")
+
+
+async def _seen_exit(name: str, inst: Instance) -> None:
+    # The cgroup empties when the main has exited; its pidfd callback may run a moment
+    # later. A main that moved itself out of the cgroup (root can) is killed by its pidfd.
+    for attempt in range(2):
+        if not inst.exited.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(inst.exited), KILL_GRACE / 2)
+        if inst.exited.done():
+            return
+        if attempt == 0:
+            log.warning("%s: pid %d left its cgroup, killing it", name, inst.pid)
+            inst.handle.send(signal.SIGKILL)
+    raise OperationFailed(name, f"pid {inst.pid} left its cgroup and survived SIGKILL")
 
 
 async def sweep(name: str, inst: Instance, scanner: Scanner) -> None:

@@ -176,6 +176,18 @@ class ProcessInfo:
     """Its stdout and stderr logs."""
     liveness: LivenessStatus | None = None
     """Its liveness probing (SPEC section 10); null when no probe is configured."""
+    cgroup: str | None = None
+    """Its cgroup (SPEC section 9), a path under /sys/fs/cgroup; null without one."""
+    limits: dict[str, str] = field(default_factory=dict)
+    """Each limit set in the config, as enforced (e.g. "512 MiB (memory.max)") or
+    "not enforced: <why>"."""
+    cpu_seconds: float | None = None
+    """CPU time its processes used: the cgroup's, else the main process's (with the
+    children it waited for); null when unknown."""
+    memory_bytes: int | None = None
+    """Memory its processes use now: the cgroup's, else the main process's resident set."""
+    oom_kills: int = 0
+    """Processes of it the OOM killer ended since the daemon started."""
 
     def as_dict(self) -> dict[str, Any]:
         """The record as JSON values, one key per field in declared order."""

@@ -249,6 +249,18 @@ def test_journal_has_structured_fields(scenario):
     assert "6" in priorities  # INFO mapped to journald's priority
 
 
+def test_programs_run_in_cgroups_of_their_own(scenario):
+    """Delegate=yes: each program in its own cgroup (SPEC section 9), as the record says."""
+    box = scenario.box
+    records = {p["name"]: p for p in scenario.status()["processes"]}
+    for name, pid in scenario.program_pids().items():
+        lines = box.run("cat", f"/proc/{pid}/cgroup").stdout.splitlines()
+        unified = [line[3:] for line in lines if line.startswith("0::")]
+        assert unified and unified[0].endswith(f"/{name}"), (name, lines)
+        assert records[name]["cgroup"].endswith(unified[0]), (records[name], unified)
+    log(f"programs' cgroups: {sorted(p['cgroup'] for p in records.values())}")
+
+
 def test_stop_leaves_no_program(scenario):
     box = scenario.box
     box.run("systemctl", "stop", UNIT, timeout=120)
