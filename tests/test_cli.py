@@ -161,3 +161,27 @@ def test_start_all_failure_names_the_program(failing_daemon: DaemonRunner) -> No
     result = failing_daemon.ctl("start", "failer")
     assert result.returncode == 1 and "failer" in result.stderr
     assert failing_daemon.process("ocp_exporter")["state"] == "RUNNING"
+
+
+def test_status_long_shows_each_programs_details(demo_daemon: DaemonRunner) -> None:
+    """status -l NAME: the record's command, user, cgroup, limits, usage, liveness and logs,
+    each from the daemon's own answer."""
+    record = demo_daemon.process("ocp_exporter")
+    result = demo_daemon.ctl("status", "-l", "ocp_exporter")
+    assert result.returncode == 0, result.stderr
+    details = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("  ") and line.strip():
+            label, _, text = line.strip().partition(" ")
+            details[label] = text  # "last exit" files under "last"
+    assert "ocp_exporter:" in result.stdout
+    assert details["command"].strip() == " ".join(record["command"])
+    assert details["user"].strip() == record["user"]
+    assert details["cgroup"].strip() == (record["cgroup"] or
+                                         "- (process tree from the process table)")
+    assert ("OOM kills" in details["usage"]) and ("memory" in details["usage"])
+    assert record["log_files"][0] in details["logs"]
+    if record.get("liveness"):
+        assert "failures in a row" in details["liveness"]
+    else:
+        assert details["liveness"].strip() == "no probe configured"

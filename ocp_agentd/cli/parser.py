@@ -140,6 +140,10 @@ def build_parser(common_in_commands: bool = True) -> argparse.ArgumentParser:
     status.add_argument("--names", dest="names_only", action="store_true",
                         help="print only the program names, one a line, for scripts and "
                         "shell completion (default: the table)")
+    status.add_argument("-l", "--long", action="store_true",
+                        help="after the table, each program's command, user, cgroup, "
+                        "limits, CPU and memory use, last liveness probe, log files and "
+                        "last exit in full (default: the table alone)")
 
     for action, summary in (
             ("start", "start a program (or every worker) and wait until RUNNING"),

@@ -44,6 +44,50 @@ def print_processes(out: Output, records: list[dict[str, Any]]) -> None:
     out.table(PROCESS_HEADERS, (process_row(r) for r in records), coloured=(2,))
 
 
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1048576:.1f} MiB"
+
+
+def _liveness(value: dict[str, Any] | None) -> str:
+    if not value:
+        return "no probe configured"
+    probe = value.get("last_probe")
+    last = "no probe yet"
+    if probe:
+        verdict = "ok" if probe.get("ok") else "FAILED"
+        last = f"last probe {verdict} at {clock(probe.get('at'))} ({probe.get('detail')})"
+    return (f"{last}; {value.get('consecutive_failures', 0)} failures in a row, "
+            f"{value.get('failures_total', 0)} in all")
+
+
+def process_details(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The long form of one process record (``status -l``): (label, text) pairs."""
+    limits = record.get("limits") or {}
+    cpu = record.get("cpu_seconds")
+    exit_reason = (record.get("last_exit") or {}).get("reason")
+    return [
+        ("command", " ".join(record.get("command") or [])),
+        ("user", str(record.get("user") or "-")),
+        ("cgroup", str(record.get("cgroup") or "- (process tree from the process table)")),
+        ("limits", ", ".join(f"{k} {v}" for k, v in limits.items()) or "none"),
+        ("usage", f"cpu {'-' if cpu is None else f'{cpu:.2f} s'}, memory "
+                  f"{_mib(record.get('memory_bytes'))}, "
+                  f"{record.get('oom_kills', 0)} OOM kills"),
+        ("liveness", _liveness(record.get("liveness"))),
+        ("logs", ", ".join(record.get("log_files") or []) or "-"),
+        ("last exit", f"{last_exit(record.get('last_exit'))}"
+                      + (f" ({exit_reason})" if exit_reason else "")),
+    ]
+
+
+def print_details(out: Output, records: list[dict[str, Any]]) -> None:
+    for record in records:
+        out.line()
+        out.line(f"{record.get('name')}:")
+        for label, text in process_details(record):
+            out.line(f"  {label:<10} {text}")
+
+
 def unknown(name: str, names: list[str]) -> ApiError:
     """2001 naming the valid programs (the daemon's message names only the bad one)."""
     return ApiError(PROCESS_NOT_FOUND,
@@ -89,6 +133,8 @@ def cmd_status(args: argparse.Namespace, api: Transport, out: Output) -> int:
                      f"({status.get('programs')} programs: {counts or 'none'})")
             out.line()
         print_processes(out, processes)
+        if args.long:
+            print_details(out, processes)
 
     out.data({"daemon": status, "processes": processes}, human)
     return EXIT_OK
