@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import DaemonRunner, demo_command, free_port
+from harness import DaemonRunner, demo_command, free_port, wait_for
 
 CTL = Path(sys.executable).parent / "ocp-agentctl"
 PROGRAMS = ["pos_proxy", "ocp_exporter", "ob_logtailer"]
@@ -185,3 +185,41 @@ def test_status_long_shows_each_programs_details(demo_daemon: DaemonRunner) -> N
         assert "failures in a row" in details["liveness"]
     else:
         assert details["liveness"].strip() == "no probe configured"
+
+
+def test_a_config_being_edited_does_not_lock_the_operator_out(
+    demo_daemon: DaemonRunner, tmp_path: Path
+) -> None:
+    """A syntax error elsewhere in the file: the socket still comes from its [api] table,
+    with a warning; a broken [api] table itself: exit 2 with the --socket hint."""
+    text = demo_daemon.config.read_text()
+    edited = tmp_path / "edited.toml"
+    edited.write_text(text + "\nthis is [not toml\n")
+    result = ctl("--config", str(edited), "status", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["daemon"]["pid"] == demo_daemon.pid
+    assert "does not parse" in result.stderr and "last" in result.stderr
+
+    broken = tmp_path / "broken.toml"
+    broken.write_text(text.replace("[api]", "[api]\nsocket = \"unterminated", 1))
+    result = ctl("--config", str(broken), "status")
+    assert result.returncode == 2
+    assert "cannot parse" in result.stderr and "--socket" in result.stderr
+
+
+def test_signal_names_and_numbers(demo_daemon: DaemonRunner) -> None:
+    """signal takes names in any case, with or without SIG, and numbers; anything else is a
+    usage error (exit 2) said by the client, before the daemon is asked."""
+    result = demo_daemon.ctl("signal", "1", "ocp_exporter")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("sent SIGHUP to ocp_exporter")
+    tailer = demo_daemon.process("ob_logtailer")["pid"]
+    result = demo_daemon.ctl("signal", "sighup", "ob_logtailer")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: "SIGHUP: re-opened" in demo_daemon.ctl("logs", "ob_logtailer").stdout,
+             timeout=20, message="the tailer to log the HUP")
+    assert demo_daemon.process("ob_logtailer")["pid"] == tailer  # HUP is not a stop
+    for bad in ("FOO", "999", "SIG_DFL"):
+        result = demo_daemon.ctl("signal", bad, "ocp_exporter")
+        assert result.returncode == 2, (bad, result.stdout, result.stderr)
+        assert "no signal" in result.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -203,8 +204,10 @@ def test_stop_during_a_probe_cancels_it_and_never_restarts(world: World) -> None
     world.add("app", ["/bin/sleep", "1000"], liveness=live)
 
     def probing() -> list[psutil.Process]:
-        return [p for p in psutil.process_iter(["cmdline"])
-                if p.info["cmdline"] and p.info["cmdline"][-1] == f"4{token}"]
+        # A killed probe may stay a zombie until it is reaped: dead is what counts here.
+        return [p for p in psutil.process_iter(["cmdline", "status"])
+                if p.info["cmdline"] and p.info["cmdline"][-1] == f"4{token}"
+                and p.info["status"] != psutil.STATUS_ZOMBIE]
 
     async def body(sup: Supervisor) -> None:
         await until(probing, 5, "a probe in flight")
@@ -317,6 +320,13 @@ def test_wedged_demo_exporter_is_restarted_and_reported(daemon_factory) -> None:
     metrics = daemon.get("/metrics").text
     line = 'ocp_agentd_program_liveness_failures_total{program="ocp_exporter"}'
     assert any(m.startswith(line) and float(m.split()[-1]) >= 2 for m in metrics.splitlines())
+    # Each failed probe is an event too (SPEC section 12), naming the probe and why.
+    probe_events = daemon.ctl("--json", "events", "--last", "1000", "--kind", "probe",
+                              "--count", "2")
+    assert probe_events.returncode == 0, probe_events.stderr
+    events = [json.loads(line) for line in probe_events.stdout.splitlines()]
+    assert [e["program"] for e in events] == ["ocp_exporter", "ocp_exporter"]
+    assert all(e["probe"].startswith("http_get http://") and e["reason"] for e in events)
 
 
 def test_daemon_runs_an_exec_probe_in_the_program_cwd_with_its_env(

@@ -27,9 +27,30 @@ class Found:
     """The socket, and how it was chosen, e.g. ``api.socket of /etc/ocp_agentd/config.toml``
     (said when the daemon does not answer there)."""
 
-    def __init__(self, socket: Path, how: str) -> None:
+    def __init__(self, socket: Path, how: str, warning: str = "") -> None:
         self.socket = socket
         self.how = how
+        self.warning = warning  # for stderr: the socket was found despite a damaged file
+
+
+def _api_table(text: str) -> dict[str, object] | None:
+    """The ``[api]`` table of a config that does not parse as a whole (being edited):
+    its own lines parsed alone; None when they do not parse either."""
+    lines: list[str] = []
+    inside = False
+    for line in text.splitlines():
+        header = line.strip()
+        if header.startswith("["):
+            inside = header == "[api]"
+            continue
+        if inside:
+            lines.append(line)
+    if not lines:
+        return None
+    try:
+        return tomllib.loads("\n".join(lines))
+    except ValueError:
+        return None
 
 
 def find_socket(config: str | None) -> Found:
@@ -44,24 +65,40 @@ def find_socket(config: str | None) -> Found:
         path, named = Path(os.environ[CONFIG_ENV]), f"${CONFIG_ENV}"
     else:
         path, named = DEFAULT_CONFIG, ""
+    warning = ""
     try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
+        text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         if named:
             raise ConfigMissing(
                 f"configuration file {path} (from {named}) does not exist") from None
         return Found(DEFAULT_SOCKET, f"the default socket, as {path} does not exist")
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         if named:
             raise ConfigMissing(f"cannot read configuration file {path} (from {named}): "
-                                f"{getattr(exc, 'strerror', None) or exc}") from None
+                                f"{exc.strerror or exc}") from None
         return Found(DEFAULT_SOCKET, f"the default socket, as {path} cannot be read")
+    try:
+        data = tomllib.loads(text)
+    except ValueError as exc:
+        # A file half-way through an edit must not lock the operator out of the daemon,
+        # which still runs on the configuration it read last.
+        api_table = _api_table(text)
+        if api_table is None:
+            if named:
+                raise ConfigMissing(
+                    f"cannot parse configuration file {path} (from {named}): {exc}; "
+                    "name the daemon's socket with --socket") from None
+            return Found(DEFAULT_SOCKET, f"the default socket, as {path} does not parse")
+        data = {"api": api_table}
+        warning = (f"warning: {path} does not parse ({exc}); the daemon keeps running on "
+                   "the configuration it read last (ocp-agentd --check names the problem)")
     api = data.get("api")
     value = api.get("socket") if isinstance(api, dict) else None
     if not isinstance(value, str) or not value:
-        return Found(DEFAULT_SOCKET, f"the default socket, as {path} sets no api.socket")
+        return Found(DEFAULT_SOCKET, f"the default socket, as {path} sets no api.socket",
+                     warning)
     socket_path = Path(value)
     if not socket_path.is_absolute():
         socket_path = (path.resolve().parent / socket_path).resolve()
-    return Found(socket_path, f"api.socket of {path}")
+    return Found(socket_path, f"api.socket of {path}", warning)

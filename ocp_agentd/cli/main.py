@@ -46,6 +46,8 @@ def _target(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[
     if socket_path:
         return Target(socket_path=Path(socket_path), token=token), "--socket"
     found = find_socket(getattr(args, "config", None))
+    if found.warning:
+        print(f"ocp-agentctl: {found.warning}", file=sys.stderr)
     return Target(socket_path=found.socket, token=token), found.how
 
 

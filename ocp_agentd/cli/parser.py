@@ -203,7 +203,8 @@ def build_parser(common_in_commands: bool = True) -> argparse.ArgumentParser:
         commands, "signal", parents, "send a signal to a program",
         "Send a signal to a running program's process tree (e.g. HUP to re-open its logs). "
         "Exit 1 when the program is not running.", programs.cmd_signal)
-    signal.add_argument("signal", metavar="SIG", help="a signal name: HUP, USR1, TERM, ...")
+    signal.add_argument("signal", metavar="SIG", type=programs.signal_name,
+                        help="a signal name or number: HUP, SIGUSR1, term, 9, ...")
     signal.add_argument("name", metavar="NAME", help="a program name")
 
     _command(commands, "version", parents, "the client's and the daemon's versions",

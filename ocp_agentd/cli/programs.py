@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import signal
 import sys
 from typing import Any
 from urllib.parse import quote
@@ -225,20 +226,33 @@ def cmd_logs(args: argparse.Namespace, api: Transport, out: Output) -> int:
 
 
 def signal_name(text: str) -> str:
-    """``hup``, ``SIGHUP`` -> ``HUP`` (the names ``stop_signal`` takes)."""
+    """``hup``, ``SIGHUP``, ``1`` -> ``HUP`` (the names ``stop_signal`` takes). Raises
+    argparse.ArgumentTypeError for anything that names no signal (a usage error, exit 2)."""
     name = text.strip().upper()
-    return name[3:] if name.startswith("SIG") else name
+    if name.isdigit():
+        try:
+            name = signal.Signals(int(name)).name
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"no signal number {text}") from None
+    name = name[3:] if name.startswith("SIG") else name
+    if name not in _SIGNALS:
+        raise argparse.ArgumentTypeError(
+            f"no signal named {text!r}; e.g. HUP, USR1, USR2, TERM, INT, KILL")
+    return name
+
+
+_SIGNALS = {s.name[3:] for s in signal.Signals if s.name.startswith("SIG")
+            and not s.name.startswith(("SIG_", "SIGRT"))}
 
 
 def cmd_signal(args: argparse.Namespace, api: Transport, out: Output) -> int:
     try:
-        record = api.request("POST", path_of(args.name, "signal"),
-                             {"signal": signal_name(args.signal)})
+        record = api.request("POST", path_of(args.name, "signal"), {"signal": args.signal})
     except ApiError as exc:
         raise with_names(api, exc, args.name) from None
 
     def human() -> None:
-        out.line(f"sent SIG{signal_name(args.signal)} to {record['name']} "
+        out.line(f"sent SIG{args.signal} to {record['name']} "
                  f"(pid {record.get('pid')})")
 
     out.data(record, human)

@@ -2,7 +2,8 @@
 
     python -m ocp_agentd.demo.logtailer [--interval 5]
 
-Sleeps between lines, so it costs no CPU when idle. Exits with status 0 on SIGTERM.
+Sleeps between lines, so it costs no CPU when idle. Exits with status 0 on SIGTERM; SIGHUP
+is logged and ignored.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ def _stop(signum, frame):
     raise SystemExit(0)
 
 
+def _reopen(signum, frame):
+    log(NAME, "SIGHUP: re-opened observer.log")  # as real tailers do: HUP is not a stop
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=NAME, description=__doc__.splitlines()[0])
     parser.add_argument("--interval", type=float, default=5.0)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, _reopen)
     log(NAME, f"starting (a line every {args.interval}s)")
     tailed = 0
     while True:

@@ -109,6 +109,7 @@ class Program:
         on_transition: Callable[[str, State, State, str], None],
         host: Host | None = None,
         watch: EmptyWatch | None = None,
+        on_probe_failed: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -123,6 +124,7 @@ class Program:
         self._scanner = scanner
         self._http = http
         self._on_transition = on_transition
+        self._on_probe_failed = on_probe_failed
         self._timer: asyncio.TimerHandle | None = None
         # record()'s dict between state changes: (spec, started_mono or None, dict).
         self._record_cache: tuple[Any, float | None, dict[str, Any]] | None = None
@@ -456,6 +458,15 @@ class Program:
 
     def _on_probe(self, result: ProbeResult) -> None:
         self._record_cache = None  # the status record shows the last probe
+        check = self.spec.liveness
+        if not result.ok and check is not None and self._on_probe_failed is not None:
+            if check.http_get:
+                probe = f"http_get {check.http_get}"
+            elif check.tcp_connect:
+                probe = f"tcp_connect {check.tcp_connect}"
+            else:
+                probe = "exec " + " ".join(check.exec or [])
+            self._on_probe_failed(self.name, probe, result.detail)
 
     def _on_liveness_failed(self, detail: str, was_healthy: bool) -> None:
         inst = self.instance

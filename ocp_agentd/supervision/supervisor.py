@@ -95,6 +95,7 @@ class Supervisor:
             self._notify,
             self.host,
             self.watch,
+            self.events.probe_failed,
         )
         for key, how in program.info().limits.items():
             if how.startswith("not enforced"):
