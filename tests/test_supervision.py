@@ -120,6 +120,9 @@ def test_start_stop_restart_one_program(world: World) -> None:
         info = await sup.stop("w1")
         assert info.state == State.STOPPED and info.pid is None
         assert not psutil.pid_exists(first) or psutil.Process(first).status() == "zombie"
+        # The last exit beside STOPPED is the stop's, not an older one's.
+        assert info.last_exit is not None
+        assert info.last_exit["reason"].startswith("stopped on request (")
         info = await sup.start("w1")
         assert info.state == State.RUNNING
         second = info.pid

@@ -825,6 +825,12 @@ class Program:
             return
         self._set_state(State.STOPPING, f"sending SIG{self.spec.stop_signal}")
         await self._terminate(inst)
+        if inst.exited.done():
+            # The last exit is this one: an older crash shown beside STOPPED misleads.
+            ended = inst.exited.result()
+            self.last_exit = ExitInfo(
+                ended.code, ended.signal, ended.at, f"stopped on request ({ended.reason})"
+            )
         self._records.remove(self.name)
         self._set_state(State.STOPPED, "stopped")
 
