@@ -52,6 +52,7 @@ class Plan:
     crash_n: int
     crash_kills: int  # per turn
     crash_turns: int
+    crash_min_age: float  # seconds a program runs before it is killed
     single_n: int  # N of the one-off figures: start-up, CLI, idle, RSS
     startup_reps: int
     cli_reps: int
@@ -73,6 +74,7 @@ FULL = Plan(
     crash_n=50,
     crash_kills=5,
     crash_turns=4,
+    crash_min_age=1.5,
     single_n=50,
     startup_reps=5,
     cli_reps=7,
@@ -89,10 +91,11 @@ QUICK = Plan(
     reps={10: 3},
     status_seconds=1.0,
     crash_n=10,
-    crash_kills=3,
+    crash_kills=2,
     crash_turns=2,
+    crash_min_age=1.0,
     single_n=10,
-    startup_reps=1,
+    startup_reps=0,
     cli_reps=1,
     idle_seconds=2.0,
     peers=("supervisord",),
@@ -195,7 +198,8 @@ def run_phase(
         figures.cycle(targets, reps, watcher, samples, plan.status_seconds / reps)
         if n == plan.crash_n and crowd == 0:
             log(f"{phase}: crash to new pid, {plan.crash_kills} x {plan.crash_turns} turns")
-            figures.crash(targets, plan.crash_kills, plan.crash_turns, watcher, samples)
+            figures.crash(targets, plan.crash_kills, plan.crash_turns, watcher, samples,
+                          plan.crash_min_age)
         if n == plan.single_n and crowd == 0:
             running = {t.label: figures.start_programs(t, watcher) for t in launched(targets)}
             log(f"{phase}: CLI status x{plan.cli_reps}")
@@ -281,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     run_phase(plan, n, plan.extra, workdir, reaper, watcher, results)
             finally:
                 crowd.stop()
-        run_startup(plan, workdir, reaper, results)
+        if plan.startup_reps:
+            run_startup(plan, workdir, reaper, results)
         if plan.seed_reps:
             run_seed(plan, workdir, reaper, results)
         if plan.systemd_sizes and not args.no_systemd:
