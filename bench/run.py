@@ -59,6 +59,7 @@ class Plan:
     idle_seconds: float
     peers: tuple[str, ...]  # supervisord, supervisord+poll, circus
     poll_sizes: tuple[int, ...] = ()  # N at which supervisord+poll is measured too
+    cgroup_off_sizes: tuple[int, ...] = ()  # N at which ocp-agentd runs with cgroup = "off" too
     systemd_sizes: tuple[int, ...] = ()
     systemd_reps: int = 3
     seed_reps: int = 0
@@ -67,7 +68,7 @@ class Plan:
 
 FULL = Plan(
     sizes=(10, 50, 200, 500, 1000),
-    crowded=(50, 200, 1000),
+    crowded=(10, 50, 200, 500, 1000),
     extra=1000,
     reps={10: 5, 50: 5, 200: 3, 500: 3, 1000: 2},
     status_seconds=2.0,
@@ -81,6 +82,7 @@ FULL = Plan(
     idle_seconds=30.0,
     peers=("supervisord", "supervisord+poll", "circus"),
     poll_sizes=(10, 50, 200),
+    cgroup_off_sizes=(10, 50, 200),
     systemd_sizes=(10, 50, 200),
     seed_reps=10,
 )
@@ -161,6 +163,9 @@ def make_targets(plan: Plan, workdir: Path, n: int, reaper: Reaper) -> list[Targ
         workdir / f"agentd-{n}", n, reaper, os.environ[PYTHON_ENV], [os.environ[CTL_ENV]]
     )
     targets: list[Target] = [agentd]
+    if n in plan.cgroup_off_sizes:
+        targets.append(Agentd(workdir / f"agentd-nocg-{n}", n, reaper, os.environ[PYTHON_ENV],
+                              [os.environ[CTL_ENV]], cgroup="off"))
     quiet = Supervisord(workdir / f"supervisord-{n}", n, reaper, PEERS_VENV)
     if "supervisord" in plan.peers or "supervisord+poll" in plan.peers:
         targets.append(quiet)
