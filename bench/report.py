@@ -13,9 +13,10 @@ from pathlib import Path
 from bench.figures import Samples, median, new_samples, p95
 
 AGENTD, FLOOR, SYSTEMD = "ocp-agentd", "floor", "systemd"
+NO_CGROUP = "ocp-agentd, cgroup off"  # the same daemon with [agent] cgroup = "off"
 SUPERVISORD, POLLED, CIRCUS = "supervisord", "supervisord+poll", "circus"
 PEERS = (SUPERVISORD, POLLED, CIRCUS, SYSTEMD)
-COLUMNS = (AGENTD, SUPERVISORD, POLLED, CIRCUS, SYSTEMD, FLOOR)
+COLUMNS = (AGENTD, NO_CGROUP, SUPERVISORD, POLLED, CIRCUS, SYSTEMD, FLOOR)
 
 
 @dataclass(frozen=True, order=True)
@@ -225,6 +226,7 @@ def goals(results: Results) -> list[Goal]:
             "CPU per restart all (supervisor process)", phase, fmt(a, "s"),
             _peers_text(peers, "s"), fmt(floor, "s"), f"{fmt_ratio(_ratio(a, sup))} supervisord",
             "≤ supervisord", None if a is None or sup is None else a <= sup))
+    out += cgroup_goals(results)
     out += container_goals(results)
     out += seed_goals(results)
     return out
@@ -249,6 +251,25 @@ def seed_goals(results: Results) -> list[Goal]:
     return out
 
 
+def cgroup_goals(results: Results) -> list[Goal]:
+    """Issue 12's goal: with cgroups, stop all's pids-gone time at N=200 does not grow with
+    the host's process count (1,000 extra idle processes against none)."""
+    out: list[Goal] = []
+    for label in (AGENTD, NO_CGROUP):
+        quiet = results.value(Phase(200), label, "stop.gone")
+        crowded = [p for p in results.sorted_phases() if p.n == 200 and p.crowd]
+        busy = results.value(crowded[0], label, "stop.gone") if crowded else None
+        if quiet is None or busy is None:
+            continue
+        growth = busy / quiet
+        out.append(Goal(
+            f"stop all, pids gone: +{crowded[0].crowd:,} idle processes against none "
+            f"({label})", crowded[0], f"{fmt(busy, 's')} against {fmt(quiet, 's')}", "—",
+            "—", f"{growth:.2f}x", "does not grow (≤ 1.2x)" if label == AGENTD else "—",
+            growth <= 1.2 if label == AGENTD else None))
+    return out
+
+
 def container_goals(results: Results) -> list[Goal]:
     """ocp-agentd against systemd, both in the Debian 12 container on the same programs."""
     out: list[Goal] = []
@@ -267,11 +288,15 @@ def container_goals(results: Results) -> list[Goal]:
             s = peers.get(SYSTEMD)
             if a is None or s is None:
                 continue
-            limit = 0.5 if metric in ("restart.new", "cli") else 1.0
+            if metric == "cli":  # the issue's target is against supervisorctl; shown here
+                target, met = "— (beside supervisorctl's target)", None
+            elif metric == "restart.new":
+                target, met = "≤ 1/2 systemd", a <= s / 2
+            else:
+                target, met = "≤ systemd", a <= s
             out.append(Goal(
                 figure, phase, fmt(a, unit), _peers_text(peers, unit), "—",
-                f"{fmt_ratio(_ratio(a, s))} systemd",
-                "≤ 1/2 systemd" if limit < 1 else "≤ systemd", a <= limit * s))
+                f"{fmt_ratio(_ratio(a, s))} systemd", target, met))
     return out
 
 

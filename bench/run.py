@@ -52,12 +52,14 @@ class Plan:
     crash_n: int
     crash_kills: int  # per turn
     crash_turns: int
+    crash_min_age: float  # seconds a program runs before it is killed
     single_n: int  # N of the one-off figures: start-up, CLI, idle, RSS
     startup_reps: int
     cli_reps: int
     idle_seconds: float
     peers: tuple[str, ...]  # supervisord, supervisord+poll, circus
     poll_sizes: tuple[int, ...] = ()  # N at which supervisord+poll is measured too
+    cgroup_off_sizes: tuple[int, ...] = ()  # N at which ocp-agentd runs with cgroup = "off" too
     systemd_sizes: tuple[int, ...] = ()
     systemd_reps: int = 3
     seed_reps: int = 0
@@ -66,19 +68,21 @@ class Plan:
 
 FULL = Plan(
     sizes=(10, 50, 200, 500, 1000),
-    crowded=(50, 200, 1000),
+    crowded=(10, 50, 200, 500, 1000),
     extra=1000,
     reps={10: 5, 50: 5, 200: 3, 500: 3, 1000: 2},
     status_seconds=2.0,
     crash_n=50,
     crash_kills=5,
     crash_turns=4,
+    crash_min_age=1.5,
     single_n=50,
     startup_reps=5,
     cli_reps=7,
     idle_seconds=30.0,
     peers=("supervisord", "supervisord+poll", "circus"),
     poll_sizes=(10, 50, 200),
+    cgroup_off_sizes=(10, 50, 200),
     systemd_sizes=(10, 50, 200),
     seed_reps=10,
 )
@@ -89,10 +93,11 @@ QUICK = Plan(
     reps={10: 3},
     status_seconds=1.0,
     crash_n=10,
-    crash_kills=3,
+    crash_kills=2,
     crash_turns=2,
+    crash_min_age=1.0,
     single_n=10,
-    startup_reps=1,
+    startup_reps=0,
     cli_reps=1,
     idle_seconds=2.0,
     peers=("supervisord",),
@@ -158,6 +163,9 @@ def make_targets(plan: Plan, workdir: Path, n: int, reaper: Reaper) -> list[Targ
         workdir / f"agentd-{n}", n, reaper, os.environ[PYTHON_ENV], [os.environ[CTL_ENV]]
     )
     targets: list[Target] = [agentd]
+    if n in plan.cgroup_off_sizes:
+        targets.append(Agentd(workdir / f"agentd-nocg-{n}", n, reaper, os.environ[PYTHON_ENV],
+                              [os.environ[CTL_ENV]], cgroup="off"))
     quiet = Supervisord(workdir / f"supervisord-{n}", n, reaper, PEERS_VENV)
     if "supervisord" in plan.peers or "supervisord+poll" in plan.peers:
         targets.append(quiet)
@@ -195,7 +203,8 @@ def run_phase(
         figures.cycle(targets, reps, watcher, samples, plan.status_seconds / reps)
         if n == plan.crash_n and crowd == 0:
             log(f"{phase}: crash to new pid, {plan.crash_kills} x {plan.crash_turns} turns")
-            figures.crash(targets, plan.crash_kills, plan.crash_turns, watcher, samples)
+            figures.crash(targets, plan.crash_kills, plan.crash_turns, watcher, samples,
+                          plan.crash_min_age)
         if n == plan.single_n and crowd == 0:
             running = {t.label: figures.start_programs(t, watcher) for t in launched(targets)}
             log(f"{phase}: CLI status x{plan.cli_reps}")
@@ -281,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                     run_phase(plan, n, plan.extra, workdir, reaper, watcher, results)
             finally:
                 crowd.stop()
-        run_startup(plan, workdir, reaper, results)
+        if plan.startup_reps:
+            run_startup(plan, workdir, reaper, results)
         if plan.seed_reps:
             run_seed(plan, workdir, reaper, results)
         if plan.systemd_sizes and not args.no_systemd:

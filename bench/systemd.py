@@ -126,7 +126,7 @@ def run_inside(sizes: list[int], reps: int, seconds: float, idle_seconds: float,
     watcher = Watcher()
     reaper = Reaper(secrets.token_hex(8))
     workdir = Path(tempfile.mkdtemp(prefix="ocp-bench-"))
-    ctl = [sys.executable, "-c", "import sys; from ocp_agentd.cli import main; sys.exit(main())"]
+    ctl = [sys.executable, "-m", "ocp_agentd.cli"]  # what the ocp-agentctl script runs
     results = Results()
     try:
         for n in sizes:

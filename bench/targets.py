@@ -177,10 +177,13 @@ class Agentd(Target):
 
     def __init__(
         self, workdir: Path, n: int, reaper: Reaper, python: str, ctl: list[str] | None = None,
-        host_id: int = 1,
+        host_id: int = 1, cgroup: str | None = None,
     ) -> None:
         super().__init__(workdir, n, reaper)
         self.python = python
+        self.cgroup = cgroup  # [agent] cgroup (SPEC section 9); None: the default
+        if cgroup is not None:
+            self.label = f"{Agentd.label}, cgroup {cgroup}"
         self.ctl = ctl
         self.host_id = host_id
         self.socket = workdir / "agentd.sock"
@@ -195,6 +198,7 @@ class Agentd(Target):
             f"install_home = {_toml(str(self.workdir))}",
             f"state_dir = {_toml(str(self.workdir / 'state'))}",
             f"log_dir = {_toml(str(logs))}",
+            *([f"cgroup = {_toml(self.cgroup)}"] if self.cgroup is not None else []),
             "",
             "[api]",
             f"socket = {_toml(str(self.socket))}",

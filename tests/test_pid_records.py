@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 from ocp_agentd.supervision.identity import PidRecord, PidRecords
@@ -60,3 +61,33 @@ def test_unreadable_record_is_ignored_and_removed(tmp_path: Path) -> None:
     assert records.load("a") is None
     assert records.flush()
     assert not (tmp_path / "pids" / "a.json").exists()
+
+
+
+class HeldWriter(PidRecords):
+    """PidRecords whose writer stops inside _write until released (to look mid-write)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def _write(self, name: str, data: bytes) -> None:
+        self.entered.set()
+        self.release.wait(10)
+        super()._write(name, data)
+
+
+def test_a_record_being_written_is_still_seen(tmp_path: Path) -> None:
+    records = HeldWriter(tmp_path / "pids")
+    records.save(_record("a", 10))
+    try:
+        assert records.entered.wait(10)  # taken by the writer, not yet on disk
+        assert not (tmp_path / "pids" / "a.json").exists()
+        assert records.load("a") == _record("a", 10)
+        assert records.names() == ["a"]
+        assert not records.flush(timeout=0.05)  # not on disk yet
+    finally:
+        records.release.set()
+    assert records.flush()
+    assert (tmp_path / "pids" / "a.json").exists()
