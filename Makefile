@@ -28,8 +28,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The fast suite mostly waits on daemons and programs, so it runs on TEST_WORKERS pytest-xdist
+# workers (tests are independent: free ports, tmp dirs, uuid names); TEST_WORKERS=0 runs it
+# in this process. Tests marked xdist_group share one worker.
+TEST_WORKERS ?= 3
 test: $(STAMP) lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) -m bench.run

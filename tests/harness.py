@@ -314,6 +314,14 @@ def marked_processes(markers: Iterable[tuple[str, str]]) -> list[psutil.Process]
     return found
 
 
+def _dead_or_zombie(proc: psutil.Process) -> bool:
+    """Whether nothing is left to kill of proc (reaping a zombie is its parent's job)."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _kill_all(find: Callable[[], list[psutil.Process]], timeout: float) -> list[int]:
     """SIGKILLs what find() returns, again and again (forks race us) until none is left."""
     killed: set[int] = set()
@@ -326,7 +334,11 @@ def _kill_all(find: Callable[[], list[psutil.Process]], timeout: float) -> list[
             with contextlib.suppress(psutil.Error):
                 proc.kill()
                 killed.add(proc.pid)
-        psutil.wait_procs(procs, timeout=1.0)
+        # Not psutil.wait_procs: a killed program whose parent died is reparented and may
+        # stay a zombie for a while, and wait_procs would wait out its whole timeout on it.
+        with contextlib.suppress(WaitTimeout):
+            wait_for(lambda procs=procs: all(_dead_or_zombie(p) for p in procs), 1.0,
+                     "the killed processes to die", interval=0.01)
         if time.monotonic() >= deadline:
             left = [p.pid for p in find()]
             if left:

@@ -170,6 +170,16 @@ def gone(proc: psutil.Process) -> bool:
 # --- killing by environment marker --------------------------------------------------------
 
 
+def _announced_pids(output: str) -> dict[str, int] | None:
+    """{role: pid} of misbehave setsid-grandchild once parent, child and grandchild spoke."""
+    pids = {}
+    for line in output.splitlines():
+        words = line.split()
+        if len(words) >= 4 and words[:2] == ["misbehave", "setsid-grandchild"]:
+            pids[words[2]] = int(words[3].removeprefix("pid="))
+    return pids if set(pids) == {"parent", "child", "grandchild"} else None
+
+
 def test_kill_marked_kills_a_whole_tree_even_after_setsid(tmp_path):
     marker = uuid.uuid4().hex
     out = tmp_path / "out"
@@ -182,9 +192,11 @@ def test_kill_marked_kills_a_whole_tree_even_after_setsid(tmp_path):
             start_new_session=True,
         )
     try:
-        wait_for(lambda: "grandchild" in out.read_text(), 10, "grandchild started")
+        # Each process announces itself ("misbehave setsid-grandchild <role> pid=N ..."); the
+        # parent may announce before the grandchild exists, so wait for all three roles.
+        announced = wait_for(lambda: _announced_pids(out.read_text()), 10, "all three announced")
         tree = marked_processes([(STATE_ENV, marker)])
-        assert len(tree) == 3
+        assert sorted(p.pid for p in tree) == sorted(announced.values())
         assert sorted(kill_marked(STATE_ENV, marker)) == sorted(p.pid for p in tree)
         proc.wait(5)
         assert not marked_processes([(STATE_ENV, marker)])

@@ -136,6 +136,10 @@ def test_hanging_command_probe_is_killed_with_its_group_at_timeout() -> None:
         await until(lambda: len(marked_processes([("PROBE_TEST_MARK", mark)])) >= 3, 5,
                     "the probe and its children")
         result = await task
+        # SIGKILL is sent to the group at the timeout; the children take a moment to die
+        # (longer on a loaded machine), so wait on that with a deadline.
+        await until(lambda: not marked_processes([("PROBE_TEST_MARK", mark)]), 10,
+                    "the probe's group to die")
         return result, marked_processes([("PROBE_TEST_MARK", mark)])
 
     try:
