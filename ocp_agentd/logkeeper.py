@@ -1,5 +1,5 @@
-"""The log keeper: one small process per program instance that moves the program's
-stdout and stderr from pipes into its log files and rotates them exactly at the limit.
+"""The log keeper: one small process per program that moves the program's stdout and
+stderr from pipes into its log files and rotates them exactly at the limit.
 
     python -m ocp_agentd.logkeeper '<json>'
 
@@ -13,7 +13,9 @@ the oldest goes) and a new one is created O_EXCL (safefs), so each stream takes 
 ``(backups + 1) * max_bytes`` on disk whatever the program's rate (a program faster than
 the disk waits on its full pipe) and rotation loses no byte. The keeper is its own
 process in its own session: it outlives a daemon crash, restart or upgrade (the program
-never gets SIGPIPE for it) and ends when every writer of its pipes has closed them.
+never gets SIGPIPE for it) and ends when every writer of its pipes has closed them (the
+daemon keeps a copy of the write ends while the program is configured, so the keeper
+serves every instance of the program).
 When the disk refuses a write, what the pipe holds is read and dropped (the program
 must not block on a full disk) and counted on the keeper's stderr.
 """
@@ -111,7 +113,7 @@ class Stream:
                 os.rename(name, f"{name}.1", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             else:
                 os.unlink(name, dir_fd=dir_fd)
-            fresh = safefs.create_file(dir_fd, name, self.uid, self.gid, LOG_MODE, os.O_WRONLY)
+            fresh = self._fresh(dir_fd, name)
         except OSError as exc:
             self._empty(exc)
             return
@@ -119,7 +121,18 @@ class Stream:
             os.close(dir_fd)
         os.close(self.file)
         self.file = fresh
-        self.size = 0
+        self.size = os.lseek(fresh, 0, os.SEEK_END)
+
+    def _fresh(self, dir_fd: int, name: str) -> int:
+        """The new live file; one the daemon created in between (it opens the log before a
+        spawn) is taken as it is, when it is a safe one (safefs.open_existing)."""
+        try:
+            return safefs.create_file(dir_fd, name, self.uid, self.gid, LOG_MODE, os.O_WRONLY)
+        except FileExistsError:
+            fd = safefs.open_existing(dir_fd, name, {0, self.uid}, os.O_WRONLY)
+            if fd is None:
+                raise
+            return fd
 
     def _empty(self, exc: OSError) -> None:
         print(f"ocp-agentd log keeper: cannot rotate {self.path}: {exc}; emptied it instead "

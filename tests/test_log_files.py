@@ -155,6 +155,7 @@ def write_through_keeper(spec: ProgramSpec, script: str) -> None:
         os.close(out)
         if err != out:
             os.close(err)
+        output.close_streams(spec.name)  # the daemon's copies: the keeper ends after the script
     keepers = [p for p in psutil.process_iter(["cmdline"])
                if "ocp_agentd.logkeeper" in " ".join(p.info["cmdline"] or [])
                and str(spec.stdout_log) in " ".join(p.info["cmdline"] or [])]

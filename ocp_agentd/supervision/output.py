@@ -1,8 +1,11 @@
 """Program stdout and stderr: log files through a keeper process, or journald.
 
 Files: the program writes into pipes; a log keeper (ocp_agentd.logkeeper, one process per
-program instance, in a session of its own) moves the bytes into the log files with
-splice(2) and rotates them by rename exactly at log_max_bytes. Each stream therefore takes
+program, in a session of its own) moves the bytes into the log files with splice(2) and
+rotates them by rename exactly at log_max_bytes. The daemon keeps the write ends of the
+pipes while the program is configured and gives them to each new instance, so a restart
+costs no new keeper; a program adopted after a daemon crash keeps the keeper it was
+started with until its first restart, which starts a new one. Each stream therefore takes
 at most (log_backups + 1) * log_max_bytes on disk at any output rate, rotation loses no
 byte, and the keeper outlives a daemon crash, restart or upgrade: the program never writes
 into a pipe nobody reads. The daemon opens each log itself first, relative to a descriptor
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +113,16 @@ def open_streams(spec: ProgramSpec, state_dir: Path | None = None) -> tuple[int,
     """(stdout, stderr) descriptors for a new process of ``spec``; the same number twice
     when both go to one place. The caller closes them once the process has them.
 
-    For files, the logs are opened here (safely, see open_log) and a log keeper is started
-    on them, its environment marked OCP_AGENTD_LOG_KEEPER=<state_dir>:<name>. Raises
-    OSError (safefs.UnsafePath naming a path).
+    For files, the program's log keeper is reused while it runs on the same log settings
+    and still writes the files found at the logs' paths: the descriptors are copies of the
+    write ends of its pipes, which this daemon keeps until close_streams(). Otherwise the
+    logs are opened here (safely, see open_log: a planted link refuses every start, a
+    reused keeper's included) and a new keeper is started on them, its environment marked
+    OCP_AGENTD_LOG_KEEPER=<state_dir>:<name>; the previous one ends once the processes
+    still holding its pipes are gone. Raises OSError (safefs.UnsafePath naming a path).
     """
     if spec.log_target == "journal":
+        close_streams(spec.name, state_dir)
         out = open_journal_stream(spec.name, _STDOUT_PRIORITY)
         try:
             return out, open_journal_stream(spec.name, _STDERR_PRIORITY)
@@ -125,13 +134,74 @@ def open_streams(spec: ProgramSpec, state_dir: Path | None = None) -> tuple[int,
     paths = [spec.stdout_log]
     if spec.stderr_log != spec.stdout_log:
         paths.append(spec.stderr_log)
+    settings = (tuple(paths), spec.log_max_bytes, spec.log_backups, uid, gid)
+    key = (str(state_dir or ""), spec.name)
     files: list[int] = []
-    pipes: list[tuple[int, int]] = []
     try:
         for path in paths:
             files.append(open_log(path, uid, gid, append=False))
+        held = _held.get(key)
+        if held is not None and held.serves(settings, files):
+            return held.copies()
+        close_streams(spec.name, state_dir)
+        _held[key] = _start_held(spec, state_dir, settings, files)
+    finally:
+        for fd in files:
+            os.close(fd)
+    return _held[key].copies()
+
+
+@dataclass
+class _Held:
+    """A program's log keeper and the write ends of its pipes, kept by this daemon while
+    the program is configured so that each new instance writes to the same keeper."""
+
+    keeper: subprocess.Popen[bytes]
+    writes: list[int]  # one per log file, in the order of settings' paths
+    settings: tuple[Any, ...]  # (paths, max_bytes, backups, uid, gid) it was started with
+
+    def serves(self, settings: tuple[Any, ...], files: list[int]) -> bool:
+        """Whether the keeper runs, on these settings, writing the files now at the logs'
+        paths (given open): a log deleted or renamed by someone else gets a new keeper."""
+        if settings != self.settings or not _running(self.keeper):
+            return False
+        held = _open_files(self.keeper.pid)
+        for fd in files:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) not in held:
+                return False
+        return True
+
+    def copies(self) -> tuple[int, int]:
+        """New descriptors of the write ends for a new process: (stdout, stderr), the same
+        number twice when both go to one file."""
+        out = os.dup(self.writes[0])
+        if len(self.writes) == 1:
+            return out, out
+        try:
+            return out, os.dup(self.writes[1])
+        except BaseException:
+            os.close(out)
+            raise
+
+    def close(self) -> None:
+        for fd in self.writes:
+            os.close(fd)
+        self.writes = []
+
+
+_held: dict[tuple[str, str], _Held] = {}  # (state_dir, program name) -> its keeper
+
+
+def _start_held(spec: ProgramSpec, state_dir: Path | None, settings: tuple[Any, ...],
+                files: list[int]) -> _Held:
+    paths = settings[0]
+    uid, gid = settings[3], settings[4]
+    pipes: list[tuple[int, int]] = []
+    try:
+        for _ in paths:
             pipes.append(os.pipe2(os.O_CLOEXEC))
-        start_keeper(spec, state_dir, [
+        keeper = start_keeper(spec, state_dir, [
             {"pipe": read, "file": file, "path": str(path), "max_bytes": spec.log_max_bytes,
              "backups": spec.log_backups}
             for (read, _), file, path in zip(pipes, files, paths, strict=True)
@@ -141,13 +211,55 @@ def open_streams(spec: ProgramSpec, state_dir: Path | None = None) -> tuple[int,
             os.close(read)
             os.close(write)
         raise
-    finally:
-        for fd in files:
-            os.close(fd)
     for read, _ in pipes:
         os.close(read)
-    writes = [write for _, write in pipes]
-    return writes[0], writes[-1]
+    return _Held(keeper, [write for _, write in pipes], settings)
+
+
+def _running(keeper: subprocess.Popen[bytes]) -> bool:
+    """Whether the keeper has not exited (not even as a zombie its thread has yet to reap).
+    Popen.poll() cannot tell: it answers None while another thread waits."""
+    if keeper.returncode is not None:
+        return False
+    try:
+        ended = os.waitid(os.P_PID, keeper.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False  # reaped already
+    return ended is None
+
+
+def _open_files(pid: int) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every file process ``pid`` has open; empty when unreadable."""
+    found = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for name in names:
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/{pid}/fd/{name}")
+            found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def close_streams(name: str, state_dir: Path | None = None) -> None:
+    """Closes this daemon's copies of program ``name``'s log pipes: its keeper ends once
+    the program's processes have closed theirs. For a program leaving the config, a log
+    target or file that changed, and the daemon's exit."""
+    held = _held.pop((str(state_dir or ""), name), None)
+    if held is not None:
+        held.close()
+
+
+def close_all_streams() -> None:
+    """close_streams() of every program (the daemon is about to exit)."""
+    while _held:
+        _held.popitem()[1].close()
+
+
+def kept_descriptors() -> int:
+    """How many pipe write ends this daemon keeps for the log keepers (descriptors.py)."""
+    return sum(len(held.writes) for held in _held.values())
 
 
 def start_keeper(spec: ProgramSpec, state_dir: Path | None, streams: list[dict[str, Any]],

@@ -290,8 +290,10 @@ class Supervisor:
             for result in results.values():
                 if isinstance(result, OperationFailed):
                     log.error("%s", result)
-        # The log keepers end with their programs' last writers: wait so that a stopped
-        # daemon leaves no process of its own behind.
+        # The log keepers end with their programs' last writers (the daemon's copies of
+        # the pipes, closed here, included): wait so that a stopped daemon leaves no
+        # process of its own behind.
+        output.close_all_streams()
         left = await asyncio.to_thread(output.wait_keepers, 10.0)
         if left:
             log.warning("%d log keeper(s) still draining a program's output", left)
@@ -303,6 +305,7 @@ class Supervisor:
         """Stops watching; the programs go on running for the next daemon to adopt."""
         for program in self.programs.values():
             program.release()
+        output.close_all_streams()  # a running program keeps its keeper through its pipes
         if not await asyncio.to_thread(self.records.flush):
             log.error("pid records not all written within 10 s")
         self.watch.close()
@@ -327,6 +330,7 @@ class Supervisor:
             gone = self.programs.pop(name)
             gone.release()
             gone.remove_cgroup()
+            output.close_streams(name, self.state_dir)  # its log keeper ends with it
             report["removed"].append(name)
         restart: list[str] = []
         for name, spec in new_specs.items():
