@@ -1,0 +1,157 @@
+"""One log keeper per program, not per instance (README, Security: "Bounded program logs").
+
+The daemon keeps the write ends of a program's log pipes while the program is configured
+and gives them to each new instance, so restarts reuse the keeper and its log goes on
+without a gap; a reload that removes the program, the daemon's exit, or a restart after
+the daemon was killed (the new daemon has no write ends of the old pipes) end it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+from pathlib import Path
+
+import psutil
+from harness import DaemonRunner, wait_for
+
+from ocp_agentd.supervision import output
+
+NO_DEMO = {"programs": {"pos_proxy": None, "ocp_exporter": None, "ob_logtailer": None}}
+# One "start <pid>" line, then "tick <pid> <n>" lines numbered from 0, 100 a second.
+TICKER = ('echo "start $$"; i=0; '
+          'while :; do echo "tick $$ $i"; i=$((i+1)); sleep 0.01; done')
+SLEEPER = {"command": ["/bin/sleep", "100000"], "start_seconds": 0}
+
+
+def ticker(max_bytes: int = 1024) -> dict:
+    """A program that logs numbered lines; small files, so the log rotates meanwhile."""
+    return {"command": ["/bin/sh", "-c", TICKER], "start_seconds": 0, "cwd": "/",
+            "log_max_bytes": max_bytes, "log_backups": 100}
+
+
+def keepers(runner: DaemonRunner, name: str | None = None) -> list[psutil.Process]:
+    """Live (not zombie) log keepers of the daemon's state dir; of one program if named."""
+    wanted = f"{runner.state_dir}:{name}" if name else f"{runner.state_dir}:"
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            mark = proc.environ().get(output.KEEPER_MARK, "")
+            if (mark == wanted if name else mark.startswith(wanted)) and (
+                proc.status() != psutil.STATUS_ZOMBIE
+            ):
+                found.append(proc)
+    return found
+
+
+def one_keeper(runner: DaemonRunner, name: str) -> int:
+    """The pid of the program's only keeper, once there is exactly one."""
+    found = wait_for(lambda: (k := keepers(runner, name)) and len(k) == 1 and k,
+                     timeout=20, message=f"one keeper of {name}")
+    return found[0].pid
+
+
+def log_lines(runner: DaemonRunner, name: str) -> list[bytes]:
+    """Every line of the program's stdout log, rotated copies first (oldest first)."""
+    assert runner.settings is not None
+    log = runner.settings.programs[name].stdout_log
+    assert log is not None
+    copies = sorted(log.parent.glob(f"{log.name}.*"), key=lambda p: -int(p.suffix[1:]))
+    return b"".join(p.read_bytes() for p in [*copies, log]).splitlines()
+
+
+def ticks_of(runner: DaemonRunner, name: str, pid: int) -> int:
+    return sum(1 for line in log_lines(runner, name) if line.startswith(b"tick %d " % pid))
+
+
+def assert_continuous(lines: list[bytes], pids: list[int]) -> None:
+    """The log holds each instance in turn: its start line, then ticks 0, 1, 2... with no
+    line lost or out of place, the instances in the order they ran."""
+    runs: list[tuple[int, list[int]]] = []
+    for line in lines:
+        start = re.fullmatch(rb"start (\d+)", line)
+        tick = re.fullmatch(rb"tick (\d+) (\d+)", line)
+        if start:
+            runs.append((int(start[1]), []))
+        else:
+            assert tick and runs and int(tick[1]) == runs[-1][0], (line, runs[-1:])
+            runs[-1][1].append(int(tick[2]))
+    assert [pid for pid, _ in runs] == pids
+    for pid, numbers in runs:
+        assert numbers == list(range(len(numbers))), pid
+
+
+def restart(runner: DaemonRunner, name: str, old_pid: int) -> int:
+    runner.post(f"/api/v1/processes/{name}/restart").check()
+    return wait_for(lambda: (r := runner.process(name))["state"] == "RUNNING"
+                    and r["pid"] != old_pid and r["pid"], timeout=20,
+                    message=f"{name} running again")
+
+
+def test_restarts_keep_one_keeper_and_a_continuous_log(daemon_factory):
+    runner = daemon_factory({"ticker": ticker()}, NO_DEMO)
+    pids = [runner.wait_state("ticker", "RUNNING", timeout=20)["pid"]]
+    keeper = one_keeper(runner, "ticker")
+    for _ in range(3):
+        wait_for(lambda: ticks_of(runner, "ticker", pids[-1]) >= 50, timeout=20,
+                 message="the instance's lines")
+        pids.append(restart(runner, "ticker", pids[-1]))
+        assert [k.pid for k in keepers(runner, "ticker")] == [keeper]
+    wait_for(lambda: ticks_of(runner, "ticker", pids[-1]) >= 50, timeout=20,
+             message="the last instance's lines")
+    assert [k.pid for k in keepers(runner, "ticker")] == [keeper]
+    assert_continuous(log_lines(runner, "ticker"), pids)
+    assert runner.settings is not None
+    log = runner.settings.programs["ticker"].stdout_log
+    assert log is not None and Path(f"{log}.2").exists()  # it rotated meanwhile
+
+
+def test_a_reload_that_removes_the_program_ends_its_keeper(daemon_factory):
+    runner = daemon_factory({"kept": SLEEPER, "doomed": SLEEPER}, NO_DEMO)
+    for name in ("kept", "doomed"):
+        runner.wait_state(name, "RUNNING", timeout=20)
+    kept, doomed = one_keeper(runner, "kept"), one_keeper(runner, "doomed")
+    text = runner.config.read_text()
+    cut = text.index("[programs.doomed]")
+    end = text.find("\n[", cut)
+    runner.config.write_text(text[:cut] + (text[end + 1:] if end != -1 else ""))
+    runner.send_signal(signal.SIGHUP)
+    wait_for(lambda: "doomed" not in {p["name"] for p in runner.processes()}, timeout=20,
+             message="the program removed")
+    wait_for(lambda: not keepers(runner, "doomed"), timeout=20, message="its keeper ended")
+    assert not psutil.pid_exists(doomed) or psutil.Process(doomed).status() == "zombie"
+    assert [k.pid for k in keepers(runner, "kept")] == [kept]
+
+
+def test_a_stopped_daemon_leaves_no_keeper_after_restarts(daemon_factory):
+    runner = daemon_factory({"ticker": ticker(), "sleeper": SLEEPER}, NO_DEMO)
+    pid = runner.wait_state("ticker", "RUNNING", timeout=20)["pid"]
+    runner.wait_state("sleeper", "RUNNING", timeout=20)
+    restart(runner, "ticker", pid)
+    assert len(keepers(runner)) == 2
+    assert runner.stop() == 0
+    assert keepers(runner) == []
+
+
+def test_after_a_daemon_kill_the_first_restart_leaves_a_single_keeper(daemon_factory):
+    """After kill -9 the program keeps logging through the keeper it was started with; the
+    next daemon has no write ends of those pipes, so the program's first restart starts a
+    new keeper, and the old one ends with the old instance."""
+    runner = daemon_factory({"ticker": ticker(4096)}, NO_DEMO)
+    pid = runner.wait_state("ticker", "RUNNING", timeout=20)["pid"]
+    old_keeper = one_keeper(runner, "ticker")
+    runner.kill9()
+    seen = ticks_of(runner, "ticker", pid)
+    wait_for(lambda: ticks_of(runner, "ticker", pid) > seen + 50, timeout=20,
+             message="lines written while no daemon runs")
+    runner.start(timeout=20)
+    assert runner.wait_state("ticker", "RUNNING", timeout=20)["pid"] == pid  # adopted
+    assert [k.pid for k in keepers(runner, "ticker")] == [old_keeper]
+    new_pid = restart(runner, "ticker", pid)
+    new_keeper = one_keeper(runner, "ticker")
+    assert new_keeper != old_keeper
+    wait_for(lambda: ticks_of(runner, "ticker", new_pid) >= 50, timeout=20,
+             message="the new instance's lines")
+    assert [k.pid for k in keepers(runner, "ticker")] == [new_keeper]
+    assert_continuous(log_lines(runner, "ticker"), [pid, new_pid])
