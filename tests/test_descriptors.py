@@ -1,8 +1,8 @@
 """Running out of descriptors is an error, not a spin (issue #10, kind 4; SPEC section 11).
 
 The issue's case (1100 programs under `ulimit -n 1024`) scaled down: each program costs the
-daemon a pidfd while it runs (its log keeper holds its logs), and each spawn ten for a
-moment, so 60 programs exhaust a limit of 64.
+daemon a pidfd while it runs and the write ends of its two log pipes (kept for its log
+keeper), and each spawn ten for a moment, so 60 programs exhaust a limit of 64.
 """
 
 from __future__ import annotations

@@ -257,11 +257,6 @@ def close_all_streams() -> None:
         _held.popitem()[1].close()
 
 
-def kept_descriptors() -> int:
-    """How many pipe write ends this daemon keeps for the log keepers (descriptors.py)."""
-    return sum(len(held.writes) for held in _held.values())
-
-
 def start_keeper(spec: ProgramSpec, state_dir: Path | None, streams: list[dict[str, Any]],
                  uid: int, gid: int) -> subprocess.Popen[bytes]:
     """Starts ``python -m ocp_agentd.logkeeper`` on the given descriptors (they stay open
