@@ -155,3 +155,16 @@ def test_after_a_daemon_kill_the_first_restart_leaves_a_single_keeper(daemon_fac
              message="the new instance's lines")
     assert [k.pid for k in keepers(runner, "ticker")] == [new_keeper]
     assert_continuous(log_lines(runner, "ticker"), [pid, new_pid])
+
+
+def test_a_stopped_daemon_waits_for_the_keeper_of_an_adopted_program(daemon_factory):
+    """The keeper of a program adopted after a crash was started by the earlier daemon: a
+    stop of the new one still leaves no keeper behind."""
+    runner = daemon_factory({"sleeper": SLEEPER}, NO_DEMO)
+    pid = runner.wait_state("sleeper", "RUNNING", timeout=20)["pid"]
+    one_keeper(runner, "sleeper")
+    runner.kill9()
+    runner.start(timeout=20)
+    assert runner.wait_state("sleeper", "RUNNING", timeout=20)["pid"] == pid
+    assert runner.stop() == 0
+    assert keepers(runner) == []

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from ocp_agentd import linux, safefs
 from ocp_agentd.config import ProgramSpec
 from ocp_agentd.supervision.subreaper import REAPER
@@ -285,14 +287,34 @@ def start_keeper(spec: ProgramSpec, state_dir: Path | None, streams: list[dict[s
     return keeper
 
 
-def wait_keepers(timeout: float) -> int:
+def wait_keepers(timeout: float, state_dir: Path | None = None) -> int:
     """Waits up to ``timeout`` seconds for the keepers this daemon started to end (each ends
-    once its program's last writer is gone); how many are still running."""
+    once its program's last writer is gone) and, given ``state_dir``, for those an earlier
+    daemon on it started (the keepers of programs adopted after a crash, found by their
+    mark); how many are still running."""
     deadline = time.monotonic() + timeout
     for keeper in list(_keepers):
         with contextlib.suppress(subprocess.TimeoutExpired):
             keeper.wait(max(0.0, deadline - time.monotonic()))
-    return sum(1 for keeper in list(_keepers) if keeper.poll() is None)
+    left = sum(1 for keeper in list(_keepers) if keeper.returncode is None)
+    if state_dir is None:
+        return left
+    earlier = [proc for proc in _marked_keepers(state_dir)
+               if proc.pid not in {keeper.pid for keeper in _keepers}]
+    _, alive = psutil.wait_procs(earlier, timeout=max(0.0, deadline - time.monotonic()))
+    return left + len(alive)
+
+
+def _marked_keepers(state_dir: Path) -> list[psutil.Process]:
+    """Running keepers whose mark names ``state_dir`` (start_keeper's KEEPER_MARK)."""
+    prefix = f"{state_dir}:"
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if (proc.environ().get(KEEPER_MARK, "").startswith(prefix)
+                    and proc.status() != psutil.STATUS_ZOMBIE):
+                found.append(proc)
+    return found
 
 
 # --- rotation -----------------------------------------------------------------------------

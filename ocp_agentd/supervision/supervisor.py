@@ -294,7 +294,7 @@ class Supervisor:
         # the pipes, closed here, included): wait so that a stopped daemon leaves no
         # process of its own behind.
         output.close_all_streams()
-        left = await asyncio.to_thread(output.wait_keepers, 10.0)
+        left = await asyncio.to_thread(output.wait_keepers, 10.0, self.state_dir)
         if left:
             log.warning("%d log keeper(s) still draining a program's output", left)
         for program in self.programs.values():
