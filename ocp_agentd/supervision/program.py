@@ -20,6 +20,7 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,6 +49,7 @@ from ocp_agentd.supervision.identity import (
     read_cmdline,
 )
 from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, Intent, ticket
+from ocp_agentd.supervision.intent_records import IntentRecord, IntentRecords
 from ocp_agentd.supervision.liveness import Liveness
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner
 from ocp_agentd.supervision.subreaper import REAPER
@@ -72,7 +74,8 @@ USAGE_TTL = 1.0  # seconds a usage reading is served again (status and metrics a
 
 # The legal moves of Program._set_state; staying in a state is always allowed.
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.STOPPED: frozenset({State.STARTING, State.RUNNING}),
+    # STOPPED -> EXITED only at boot: an exit left so before the daemon restarted stays so.
+    State.STOPPED: frozenset({State.STARTING, State.RUNNING, State.EXITED}),
     State.STARTING: frozenset(
         {State.RUNNING, State.BACKOFF, State.FATAL, State.STOPPING, State.STOPPED}
     ),
@@ -110,6 +113,7 @@ class Program:
         host: Host | None = None,
         watch: EmptyWatch | None = None,
         on_probe_failed: Callable[[str, str, str], None] | None = None,
+        intents: IntentRecords | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -134,6 +138,8 @@ class Program:
         self._abort_start: asyncio.Event | None = None
         self.liveness = Liveness(self.name, self._on_probe, self._on_liveness_failed)
         self.intent = Intent()
+        # What the caller wants, kept for the next daemon of this boot (None: memory only).
+        self._intents = intents
         # SPEC section 9: with a cgroup the tree is its members; else the process table.
         self.host = host or Host(Layout.NONE, why="not configured")
         self.watch = watch or EmptyWatch()
@@ -263,6 +269,7 @@ class Program:
         """A caller's start: RUNNING, or OperationFailed (CANCELLED_BY_STOP when a stop was
         requested while it waited or ran)."""
         since = self.intent.start_requested()
+        self._forget_left_so()
         log.debug("%s: start requested", self.name, extra={"PROGRAM": self.name})
         async with self.lock:
             return await self._contained("start", self._start_locked(since))
@@ -272,10 +279,14 @@ class Program:
         if self._abort_start is not None:
             self._abort_start.set()
 
-    async def stop(self) -> ProcessInfo:
+    async def stop(self, remember: bool = True) -> ProcessInfo:
         """A caller's stop, served at once whatever is queued: the start in progress is
-        interrupted and each queued start ends as cancelled when its turn comes."""
+        interrupted and each queued start ends as cancelled when its turn comes. With
+        `remember` (a caller's stop) the next daemon of this boot leaves it stopped too;
+        the daemon's own stops (shutdown, a program gone from the config) pass False."""
         self.intent.stop_requested()
+        if remember and self._intents is not None:
+            self._intents.save(self.name, "STOPPED", "stopped on request")
         log.debug("%s: stop requested", self.name, extra={"PROGRAM": self.name})
         self._cancel_timer()
         self._restart_pending = False
@@ -287,11 +298,36 @@ class Program:
     async def restart(self) -> ProcessInfo:
         self.intent.stop_requested()
         since = self.intent.start_requested()
+        self._forget_left_so()
         log.debug("%s: restart requested", self.name, extra={"PROGRAM": self.name})
         self._interrupt_start()
         async with self.lock:
             await self._contained("restart", self._stop_locked())
             return await self._contained("restart", self._start_locked(since))
+
+    def _forget_left_so(self) -> None:
+        if self._intents is not None:
+            self._intents.remove(self.name)
+
+    def _remember_exit(self, reason: str) -> None:
+        """An exit left so (autorestart) stays so for the next daemon of this boot."""
+        if self._intents is not None:
+            self._intents.save(self.name, "EXITED", reason)
+
+    def left_so(self, record: IntentRecord) -> None:
+        """At boot, before anything is started: the program stays as a caller or its exit
+        left it under the daemon before (intent_records.py). STOPPED: desired STOPPED, so
+        no start of the daemon's own goes ahead; EXITED: the state EXITED, as it was."""
+        when = datetime.fromtimestamp(record.at, UTC).isoformat(timespec="seconds")
+        if record.state == "STOPPED":
+            self.intent.stop_requested()
+            log.info(
+                "%s: left stopped, as requested at %s before the daemon restarted",
+                self.name, when, extra={"PROGRAM": self.name},
+            )
+            return
+        self.last_exit = ExitInfo(None, None, record.at, record.reason)
+        self._set_state(State.EXITED, f"left exited at {when} before the daemon restarted")
 
     async def start_planned(self, since: int) -> ProcessInfo:
         """The daemon's own start (boot, reload), requested at ticket `since`."""
@@ -489,6 +525,7 @@ class Program:
             )
             self._records.remove(self.name)
             if self.spec.autorestart == "never":
+                self._remember_exit(reason)
                 self._set_state(State.EXITED, reason)
                 return
             since = ticket()
@@ -756,6 +793,7 @@ class Program:
         wanted = spec.autorestart == "always" or (spec.autorestart == "on-failure" and info.failed)
         if not wanted:
             self._records.remove(self.name)
+            self._remember_exit(info.reason)
             self._set_state(State.EXITED, info.reason)
             return
         ran = time.monotonic() - inst.started_mono

@@ -7,7 +7,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import aiohttp
@@ -17,6 +17,7 @@ from ocp_agentd.events import EventHub
 from ocp_agentd.supervision import cgroups, output
 from ocp_agentd.supervision.identity import PidRecords
 from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, ticket
+from ocp_agentd.supervision.intent_records import IntentRecords
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner, Snapshot
 from ocp_agentd.supervision.program import (
     OperationFailed,
@@ -36,6 +37,8 @@ Listener = Callable[[str, State, State], None]
 class BootPlan:
     start: list[str]
     restart: list[str]
+    # Adopted, but stopped on request before the daemon restarted (the stop was cut short).
+    stop: list[str] = field(default_factory=list)
 
 
 class ProgramNotFound(KeyError):
@@ -57,6 +60,7 @@ class Supervisor:
         self.events = events if events is not None else EventHub()
         self.state_dir = settings.agent.state_dir
         self.records = PidRecords(self.state_dir / "pids")
+        self.intents = IntentRecords(self.state_dir / "intent")
         self.scanner = Scanner()
         # Raises CgroupError for cgroup = "required" on a host without usable cgroups.
         self.host = cgroups.choose(settings.agent.cgroup, self.state_dir)
@@ -96,6 +100,7 @@ class Supervisor:
             self.host,
             self.watch,
             self.events.probe_failed,
+            self.intents,
         )
         for key, how in program.info().limits.items():
             if how.startswith("not enforced"):
@@ -185,8 +190,11 @@ class Supervisor:
         snap = await self.scanner.snapshot()
         to_start: list[str] = []
         to_restart: list[str] = []
+        to_stop: list[str] = []
         state_dir = str(self.state_dir)
         for name, program in self.programs.items():
+            left = self.intents.load(name)
+            spec_fingerprint = program.spec.fingerprint()
             record = self.records.load(name)
             adopted = record is not None and program.adopt(record)
             if not adopted:
@@ -211,12 +219,20 @@ class Supervisor:
                 )
                 await program.end_strays(strays)
             await program.end_cgroup_strays()
-            if adopted and record is not None and record.fingerprint != program.spec.fingerprint():
+            if left is not None and (left.state == "STOPPED" or not adopted):
+                # Operator intent wins (SPEC section 12): stopped on request, or an exit
+                # autorestart left so, stays so under the next daemon of this boot.
+                program.left_so(left)
+                if adopted:
+                    to_stop.append(name)
+            elif adopted and record is not None and record.fingerprint != spec_fingerprint:
                 to_restart.append(name)
             elif not adopted:
                 to_start.append(name)
+            if left is not None and left.state == "EXITED" and adopted:
+                self.intents.remove(name)  # it runs: the record is older than its start
         await self._stop_unknown()
-        return BootPlan(to_start, to_restart)
+        return BootPlan(to_start, to_restart, to_stop)
 
     async def start_pending(self, plan: BootPlan, since: int | None = None) -> None:
         """Starts what was not adopted; restarts what was adopted with an older config.
@@ -225,7 +241,19 @@ class Supervisor:
         await asyncio.gather(
             *(self._quietly(n, "start", since) for n in plan.start),
             *(self._quietly(n, "restart", since) for n in plan.restart),
+            *(self._finish_stop(n) for n in plan.stop),
         )
+
+    async def _finish_stop(self, name: str) -> None:
+        """Ends a stop requested of the daemon before, which it did not live to finish."""
+        program = self.programs.get(name)
+        if program is None or program.intent.desired != "STOPPED":
+            return  # removed by a reload, or started by a caller since
+        log.info("%s: finishing the stop requested before the daemon restarted", name)
+        try:
+            await program.stop(remember=False)
+        except OperationFailed as exc:
+            log.error("%s", exc)
 
     def _strays(self, snap: Snapshot, name: str, program: Program) -> list[ProcEntry]:
         """Marked processes of this program outside the adopted instance's run."""
@@ -246,10 +274,13 @@ class Supervisor:
             if ghost.adopt(record):
                 log.warning("%s: no longer configured, stopping pid %d", name, record.pid)
                 try:
-                    await ghost.stop()
+                    await ghost.stop(remember=False)
                 except OperationFailed as exc:
                     log.error("%s", exc)
             ghost.discard_record()
+        for name in self.intents.names():
+            if name not in self.programs:
+                self.intents.remove(name)
         if self.host.usable and self.host.membership is not None:
             try:
                 names = [p.name for p in self.host.membership.iterdir() if p.is_dir()]
@@ -286,7 +317,8 @@ class Supervisor:
         first = self.workers()
         last = [n for n in self.names() if n not in first]
         for group in (first, last):
-            results = await self._each(group, lambda n: self.program(n).stop())
+            # The daemon's own stop: what a caller stopped before stays recorded so.
+            results = await self._each(group, lambda n: self.program(n).stop(remember=False))
             for result in results.values():
                 if isinstance(result, OperationFailed):
                     log.error("%s", result)
@@ -324,9 +356,10 @@ class Supervisor:
         removed = [n for n in self.programs if n not in new_specs]
         for name in removed:
             try:
-                await self.program(name).stop()
+                await self.program(name).stop(remember=False)
             except OperationFailed as exc:
                 log.error("%s", exc)
+            self.intents.remove(name)
             gone = self.programs.pop(name)
             gone.release()
             gone.remove_cgroup()
