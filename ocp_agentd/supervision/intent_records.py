@@ -7,21 +7,25 @@ record names the kernel boot it was written in (/proc/sys/kernel/random/boot_id,
 a record of another boot is ignored and removed, as ``systemctl stop`` does not outlive a
 reboot either.
 
-Written at once, on the caller's path, before the operation waits for anything: the file is
-a few dozen bytes on the daemon's own state directory (one open, write, rename; no fsync, as
-a power loss is a reboot and ends the record's meaning anyway), so a stop that was answered
-survives a kill -9 a moment later. Files are opened with O_NOFOLLOW and replaced with
-rename(2), which replaces a link in the way instead of following it.
+Handed to one writer thread the moment the operation is requested (save_soon and
+remove_soon, in the order requested), and awaited before the operation answers, so an
+answered stop survives a kill -9 a moment later. Off the event loop because a rename over an
+existing file makes ext4 write the new file's blocks first (auto_da_alloc): measured at
+about 1.7 ms here, 4 ms under load. No fsync: a power loss is a reboot, which ends the
+record's meaning anyway. Files are opened with O_NOFOLLOW and replaced with rename(2), which
+replaces a link in the way instead of following it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -61,6 +65,23 @@ class IntentRecords:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        # One thread: the changes reach the disk in the order they were requested.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intent-records")
+
+    def save_soon(self, name: str, state: LeftState, reason: str = "") -> asyncio.Future[None]:
+        """save() in the writer thread; the future is done once it is on disk (or failed,
+        logged). Call from the event loop."""
+        return asyncio.get_running_loop().run_in_executor(
+            self._writer, self.save, name, state, reason
+        )
+
+    def remove_soon(self, name: str) -> asyncio.Future[None]:
+        """remove() in the writer thread, after every change requested before it."""
+        return asyncio.get_running_loop().run_in_executor(self._writer, self.remove, name)
+
+    async def flush(self) -> None:
+        """Waits until every change requested so far is on disk."""
+        await asyncio.get_running_loop().run_in_executor(self._writer, lambda: None)
 
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}.json"

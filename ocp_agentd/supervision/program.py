@@ -269,10 +269,12 @@ class Program:
         """A caller's start: RUNNING, or OperationFailed (CANCELLED_BY_STOP when a stop was
         requested while it waited or ran)."""
         since = self.intent.start_requested()
-        self._forget_left_so()
+        forgotten = self._forget_left_so()
         log.debug("%s: start requested", self.name, extra={"PROGRAM": self.name})
         async with self.lock:
-            return await self._contained("start", self._start_locked(since))
+            info = await self._contained("start", self._start_locked(since))
+        await forgotten
+        return info
 
     def _interrupt_start(self) -> None:
         """A stop must not wait out a start that may never become ready."""
@@ -285,34 +287,46 @@ class Program:
         `remember` (a caller's stop) the next daemon of this boot leaves it stopped too;
         the daemon's own stops (shutdown, a program gone from the config) pass False."""
         self.intent.stop_requested()
-        if remember and self._intents is not None:
-            self._intents.save(self.name, "STOPPED", "stopped on request")
+        recorded = (
+            self._intents.save_soon(self.name, "STOPPED", "stopped on request")
+            if remember and self._intents is not None
+            else None
+        )
         log.debug("%s: stop requested", self.name, extra={"PROGRAM": self.name})
         self._cancel_timer()
         self._restart_pending = False
         self._interrupt_start()
         async with self.lock:
             await self._contained("stop", self._stop_locked())
-            return self.info()
+            info = self.info()
+        if recorded is not None:
+            await recorded  # answered only once the next daemon would see it
+        return info
 
     async def restart(self) -> ProcessInfo:
         self.intent.stop_requested()
         since = self.intent.start_requested()
-        self._forget_left_so()
+        forgotten = self._forget_left_so()
         log.debug("%s: restart requested", self.name, extra={"PROGRAM": self.name})
         self._interrupt_start()
         async with self.lock:
             await self._contained("restart", self._stop_locked())
-            return await self._contained("restart", self._start_locked(since))
+            info = await self._contained("restart", self._start_locked(since))
+        await forgotten
+        return info
 
-    def _forget_left_so(self) -> None:
-        if self._intents is not None:
-            self._intents.remove(self.name)
+    def _forget_left_so(self) -> asyncio.Future[None]:
+        """A start or restart removes the record (intent_records.py); done once on disk."""
+        if self._intents is None:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return self._intents.remove_soon(self.name)
 
     def _remember_exit(self, reason: str) -> None:
         """An exit left so (autorestart) stays so for the next daemon of this boot."""
         if self._intents is not None:
-            self._intents.save(self.name, "EXITED", reason)
+            self._intents.save_soon(self.name, "EXITED", reason)
 
     def left_so(self, record: IntentRecord) -> None:
         """At boot, before anything is started: the program stays as a caller or its exit

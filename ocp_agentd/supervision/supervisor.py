@@ -340,6 +340,7 @@ class Supervisor:
         output.close_all_streams()  # a running program keeps its keeper through its pipes
         if not await asyncio.to_thread(self.records.flush):
             log.error("pid records not all written within 10 s")
+        await self.intents.flush()
         self.watch.close()
         REAPER.uninstall()
         if self.host.usable:
@@ -359,7 +360,7 @@ class Supervisor:
                 await self.program(name).stop(remember=False)
             except OperationFailed as exc:
                 log.error("%s", exc)
-            self.intents.remove(name)
+            self.intents.remove_soon(name)
             gone = self.programs.pop(name)
             gone.release()
             gone.remove_cgroup()
