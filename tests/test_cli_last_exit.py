@@ -25,6 +25,10 @@ AT = datetime.now().astimezone().replace(hour=6, minute=37, second=27).isoformat
       "reason": "cannot spawn /x: No such file or directory"},
      "cannot spawn /x: No such file or directory at 06:37:27"),
     ({"code": 0, "signal": None, "at": None, "reason": ""}, "exit 0"),
+    ({"code": 0, "signal": None, "at": AT, "reason": "stopped on request (exit code 0)"},
+     "exit 0 at 06:37:27"),
+    ({"code": None, "signal": "SIGTERM", "at": AT,
+      "reason": "stopped on request (killed by SIGTERM)"}, "killed by SIGTERM at 06:37:27"),
     (None, "-"),
 ])
 def test_last_exit_names_the_oom_killer_and_liveness(record, shown) -> None:

@@ -127,20 +127,21 @@ def last_exit(value: dict[str, Any] | None) -> str:
 
     The record's ``reason`` replaces the short form when it says more than the exit status
     or signal does: ``killed by the OOM killer (memory_max 60 MiB) at 06:37:27`` rather than
-    ``killed by SIGKILL``, ``liveness failed: tcp_connect 8080 refused at ...``."""
+    ``killed by SIGKILL``, ``liveness failed: tcp_connect 8080 refused at ...``. A reason
+    that only wraps the plain one (``stopped on request (exit code 0)``) keeps the short
+    form."""
     if not value:
         return "-"
     reason = str(value.get("reason") or "")
     if value.get("signal"):
         what = f"killed by {value['signal']}"
-        plain = (what,)
+        plain = what
     elif value.get("code") is not None:
         what = f"exit {value['code']}"
-        plain = (what, f"exit code {value['code']}")
+        plain = f"exit code {value['code']}"
     else:
-        what = reason or "exited"
-        plain = (what,)
-    if reason and reason not in plain:
-        what = reason
+        what = plain = reason or "exited"
+    if plain not in reason:
+        what = reason or what
     when = clock(value.get("at"))
     return f"{what} at {when}" if when else what
