@@ -25,8 +25,12 @@ are kept, so a reader can start with the recent past (``subscribe(last=N)``) or 
 after the last id it saw (``subscribe(after=ID)``: the SSE ``Last-Event-ID``) without a gap.
 
 Publishing never blocks and never fails the publisher: a subscriber that falls
-``QUEUE_LIMIT`` events behind is dropped (its stream ends with a ``lost`` event) rather
-than slowing the daemon. Publish from the event loop's thread, or from any thread once the
+``QUEUE_LIMIT`` events behind (besides its replay of kept events) is dropped, its stream
+ending with a ``lost`` event saying it lagged, rather than slowing the daemon or holding
+the events for it (as a Kubernetes API watcher or an etcd watch that falls behind is
+ended). At most ``MAX_SUBSCRIBERS`` subscriptions are open at once; past that
+:meth:`EventHub.subscribe` raises :class:`TooManySubscribers`. So the hub's memory is
+bounded whatever its readers do. Publish from the event loop's thread, or from any thread once the
 hub has seen its loop (a subscription or an earlier publish on it).
 """
 
@@ -37,14 +41,24 @@ import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 log = logging.getLogger("ocp_agentd.events")
 
 KINDS = ("state", "probe", "reload", "task", "subtask")
-QUEUE_LIMIT = 10_000
+# Events a subscriber may be behind before it is dropped. A flapping program makes a few
+# events a second, so a reader that keeps up never comes near; one that does not read
+# holds at most this many references (about 150 KiB of events at worst).
+QUEUE_LIMIT = 256
+# Subscriptions open at once: ocp-agentctl events sessions, an OCP server's watcher and a
+# few scripts use a handful; a caller opening hundreds that never read cannot grow the
+# daemon without bound (each one also holds a connection and its buffers).
+MAX_SUBSCRIBERS = 64
+# Log followers (``GET .../logs?follow=1``) open at once, counted here because they too
+# live until the hub closes: each holds a connection and an open log file descriptor.
+MAX_FOLLOWERS = 64
 KEEP = 1000
 LOST = "lost"
 
@@ -54,27 +68,33 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+class TooManySubscribers(Exception):
+    """``MAX_SUBSCRIBERS`` subscriptions are open already; the message says so."""
+
+
 class Subscription:
     """One reader's queue of events; iterate with ``async for`` until :meth:`close`.
 
     After an overflow the iteration yields one ``{"kind": "lost", ...}`` event and ends.
     """
 
-    def __init__(self, hub: EventHub) -> None:
+    def __init__(self, hub: EventHub, replayed: int = 0) -> None:
         self._hub = hub
         self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        # The replay (at most KEEP events, held by the hub anyway) does not count as lag.
+        self._limit = QUEUE_LIMIT + replayed
         self.dropped = 0
         self.closed = False
 
     def _offer(self, event: dict[str, Any]) -> None:
         if self.closed:
             return
-        if self._queue.qsize() >= QUEUE_LIMIT:
+        if self._queue.qsize() >= self._limit:
             self.dropped += 1
             self.closed = True
             self._queue.put_nowait({"time": now_iso(), "kind": LOST,
-                                    "reason": f"this reader fell {QUEUE_LIMIT} events behind; "
-                                    "reconnect to go on"})
+                                    "reason": f"this reader lagged {QUEUE_LIMIT} events behind "
+                                    "and was disconnected; reconnect (Last-Event-ID) to go on"})
             self._queue.put_nowait(None)
             self._hub._forget(self)
             return
@@ -111,18 +131,24 @@ class EventHub:
         self.published = 0
         self.closed = False
         self._recent: deque[dict[str, Any]] = deque(maxlen=KEEP)
+        self.followers = 0
 
     # ---- reading ------------------------------------------------------------------------
 
     def subscribe(self, last: int = 0, after: int | None = None) -> Subscription:
         """A new subscription (call from the loop): first the ``last`` most recent kept
-        events, or those kept with an id above ``after``; then every event from now on."""
+        events, or those kept with an id above ``after``; then every event from now on.
+        Raises TooManySubscribers when ``MAX_SUBSCRIBERS`` are open."""
         self._remember_loop()
-        subscription = Subscription(self)
+        if len(self._subscribers) >= MAX_SUBSCRIBERS:
+            raise TooManySubscribers(f"{len(self._subscribers)} event streams are open, the "
+                                     f"most this daemon serves at once; close one or retry "
+                                     "later")
         if after is not None:
             replay = [e for e in self._recent if e["id"] > after]
         else:
             replay = list(self._recent)[-last:] if last > 0 else []
+        subscription = Subscription(self, len(replay))
         for event in replay:
             subscription._offer(event)
         if self.closed:
@@ -137,6 +163,19 @@ class EventHub:
         self.closed = True
         for subscription in list(self._subscribers):
             subscription.close()
+
+    @contextlib.contextmanager
+    def following(self) -> Iterator[None]:
+        """Holds one of the ``MAX_FOLLOWERS`` log follower places for the ``with`` block.
+        Raises TooManySubscribers when all are taken."""
+        if self.followers >= MAX_FOLLOWERS:
+            raise TooManySubscribers(f"{self.followers} log followers are open, the most "
+                                     "this daemon serves at once; close one or retry later")
+        self.followers += 1
+        try:
+            yield
+        finally:
+            self.followers -= 1
 
     @property
     def subscribers(self) -> int:

@@ -228,6 +228,9 @@ async def _envelope_middleware(
         ))
         if error.code == ErrorCode.METHOD_NOT_ALLOWED and "allow" in request:
             response.headers["Allow"] = request["allow"]
+        if error.code == ErrorCode.UNAUTHENTICATED:
+            # A caller without credentials keeps no connection (and no TCP slot) open.
+            response.force_close()
     response.headers[TRACE_HEADER] = trace_id
     seconds = time.monotonic() - request["started"]
     method = request.method if request.method in _KNOWN_METHODS else "other"

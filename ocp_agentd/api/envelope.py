@@ -18,6 +18,14 @@ for daemon bugs (operators alert on it) and 2003 for the operation lock. 409 Con
 "the program's state did not allow the request to succeed"; the message carries the
 supervisor's reason and ``target`` the program name. stop-all and start-all answer 2004
 with one ``subErrors`` entry per failed program.
+
+A second is ours too: **1007 "too many streams" (HTTP 429)**. The daemon serves at most
+64 event streams and 64 log followers at once (``events.MAX_SUBSCRIBERS``,
+``events.MAX_FOLLOWERS``); one more is refused rather than letting callers that never read
+grow the daemon's memory without bound. 429 Too Many Requests (RFC 6585 section 4) is what
+the Kubernetes API server answers when its concurrency limits are reached: the request was
+well formed and may succeed later, which none of the table's codes says (2003 is the
+operation lock, whose task id clients read from ``target``; 5000 is a daemon bug).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ class ErrorCode(IntEnum):
     UNAUTHENTICATED = 1004
     FORBIDDEN = 1005
     INVALID_CONFIG = 1006
+    TOO_MANY_STREAMS = 1007
     HOST_NOT_FOUND = 2000
     PROCESS_NOT_FOUND = 2001
     PROCESS_NOT_OPERABLE = 2002
@@ -76,6 +85,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHENTICATED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.INVALID_CONFIG: 400,
+    ErrorCode.TOO_MANY_STREAMS: 429,
     ErrorCode.HOST_NOT_FOUND: 404,
     ErrorCode.PROCESS_NOT_FOUND: 404,
     ErrorCode.PROCESS_NOT_OPERABLE: 400,
@@ -96,6 +106,8 @@ _MEANING: dict[ErrorCode, str] = {
     ErrorCode.FORBIDDEN: "credentials lack the permission",
     ErrorCode.INVALID_CONFIG: "invalid configuration (reload): each bad key named, nothing "
     "changed",
+    ErrorCode.TOO_MANY_STREAMS: "too many event streams or log followers open at once; "
+    "close one or retry later",
     ErrorCode.HOST_NOT_FOUND: "host not found (hostId is not this host)",
     ErrorCode.PROCESS_NOT_FOUND: "process not found",
     ErrorCode.PROCESS_NOT_OPERABLE: "process not operable",

@@ -8,8 +8,10 @@ and header deadline (which wraps aiohttp's protocol objects).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import grp
+import ipaddress
 import logging
 import os
 import resource
@@ -210,9 +212,17 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
 # connect and send nothing cannot use up the daemon's file descriptors (programs could no
 # longer be spawned or watched, and the unix socket would stop answering).
 MAX_TCP_CONNECTIONS = 256
-# A TCP client has this long to send its first request's headers, so slow clients (a byte
-# a second) cannot keep those connections, and so every other TCP caller, out for long.
-HEADER_SECONDS = 10.0
+# A TCP client has this long to send its first request's headers (every client sends them
+# with the connection; 3 s leaves room for a busy host), so slow or silent clients (a byte
+# a second) cannot keep connections, and so every other TCP caller, out for long.
+HEADER_SECONDS = 3.0
+# The TLS handshake's own deadline (before a connection counts against the cap).
+TLS_HANDSHAKE_SECONDS = 10.0
+# Connections one peer address may hold while they have not sent their first request's
+# headers (so have not authenticated). Loopback peers are exempt: every local client is
+# 127.0.0.1, and a local user capping it would lock out the local callers; for them (and
+# for many addresses) a full table closes the oldest of these connections instead.
+MAX_PENDING_PER_PEER = 32
 # An idle keep-alive connection is closed after this long (aiohttp's default is 75 s), so
 # clients that make one request and then sit on the connection hold a slot briefly.
 KEEPALIVE_SECONDS = 15.0
@@ -225,31 +235,78 @@ def _tcp_connection_limit() -> int:
     return max(8, min(MAX_TCP_CONNECTIONS, soft // 4))
 
 
+def peer_key(peername: Any) -> str | None:
+    """The address a per-peer cap counts ``peername`` (a socket's ``getpeername()``) under:
+    the IPv4 address, or the /64 network of an IPv6 one (one host usually holds a whole
+    /64); None for loopback and anything unparsable (not capped per peer)."""
+    try:
+        address = ipaddress.ip_address(peername[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class _Counted(asyncio.Protocol):
     """Passes everything to aiohttp's handler; tells the site when the connection ends and
-    drops it when its first request's headers are not complete within HEADER_SECONDS."""
+    drops it when its first request's headers are not complete within HEADER_SECONDS.
+
+    Until those headers are complete the connection is *pending*: the site may close it
+    to make room (:meth:`evict`), and counts it against its peer's MAX_PENDING_PER_PEER.
+    """
 
     def __init__(self, inner: asyncio.Protocol, site: _CappedSite) -> None:
         self._inner = inner
         self._site = site
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""
+        self._transport: asyncio.BaseTransport | None = None
+        self._counted = False
+        self.peer: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Counted once made: over TLS that is after the handshake, and a failed handshake
         # never calls connection_lost (its time is bounded by ssl_handshake_timeout).
-        self._site.live += 1
+        self.peer = peer_key(transport.get_extra_info("peername"))
+        if not self._site.admit(self):
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self._transport = transport
+        self._counted = True
         self._timer = asyncio.get_running_loop().call_later(
             HEADER_SECONDS, transport.abort  # type: ignore[attr-defined]
         )
         self._inner.connection_made(transport)
 
+    def evict(self) -> None:
+        """Closes this pending connection to make room for a new one; its slot is free at
+        once."""
+        self._release()
+        if self._transport is not None:
+            self._transport.abort()  # type: ignore[attr-defined]
+
+    def _headers_done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._site.settled(self)
+
+    def _release(self) -> None:
+        self._headers_done()
+        if self._counted:
+            self._counted = False
+            self._site.live -= 1
+
     def data_received(self, data: bytes) -> None:
         if self._timer is not None:
             seen = self._tail + data
             if b"\r\n\r\n" in seen:
-                self._timer.cancel()
-                self._timer = None
+                self._headers_done()
             self._tail = seen[-3:]
         self._inner.data_received(data)
 
@@ -263,10 +320,9 @@ class _Counted(asyncio.Protocol):
         self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._site.live -= 1
-        self._inner.connection_lost(exc)
+        self._release()
+        if self._transport is not None:
+            self._inner.connection_lost(exc)
 
 
 class _Refused(asyncio.Protocol):
@@ -275,17 +331,27 @@ class _Refused(asyncio.Protocol):
 
 
 class _CappedSite(web.SockSite):
-    """A listening socket site that holds at most ``limit`` connections at once."""
+    """A listening socket site that holds at most ``limit`` connections at once.
+
+    When it is full, a new connection closes the oldest connection that has not yet sent
+    its first request's headers (so a caller that sends its request at once is served even
+    while slow clients hold every slot), and is refused only when no such one is left. A
+    non-loopback peer holds at most MAX_PENDING_PER_PEER of those pending connections.
+    """
 
     def __init__(self, runner: web.AppRunner, sock: socket.socket, limit: int,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(runner, sock, ssl_context=ssl_context)
         self.limit = limit
         self.live = 0
+        # Pending connections, oldest first (dicts keep insertion order).
+        self.pending: dict[_Counted, None] = {}
+        self.pending_by_peer: collections.Counter[str] = collections.Counter()
+        self.evicted = 0
         self._warned = False
 
     def _protocol(self) -> asyncio.Protocol:
-        if self.live >= self.limit:
+        if self.live >= self.limit and not self._evict_oldest():
             if not self._warned:
                 log.warning("API: %d TCP connections open, refusing more", self.live)
             self._warned = True
@@ -295,13 +361,41 @@ class _CappedSite(web.SockSite):
         assert server is not None
         return _Counted(server(), self)
 
+    def _evict_oldest(self) -> bool:
+        for connection in self.pending:
+            connection.evict()
+            self.evicted += 1
+            return True
+        return False
+
+    def admit(self, connection: _Counted) -> bool:
+        """Counts a new connection in, pending; False (not counted) when its peer holds
+        MAX_PENDING_PER_PEER pending connections already."""
+        if connection.peer is not None:
+            if self.pending_by_peer[connection.peer] >= MAX_PENDING_PER_PEER:
+                return False
+            self.pending_by_peer[connection.peer] += 1
+        self.pending[connection] = None
+        self.live += 1
+        return True
+
+    def settled(self, connection: _Counted) -> None:
+        """``connection`` is pending no more (its headers came, or it ended)."""
+        if connection not in self.pending:
+            return
+        del self.pending[connection]
+        if connection.peer is not None:
+            self.pending_by_peer[connection.peer] -= 1
+            if not self.pending_by_peer[connection.peer]:
+                del self.pending_by_peer[connection.peer]
+
     async def start(self) -> None:
         await web.BaseSite.start(self)
         # The loop accepts up to `backlog` connections per wake-up before any is refused:
         # a small one keeps that burst of descriptors small too.
         self._server = await asyncio.get_running_loop().create_server(
             self._protocol, sock=self._sock, backlog=32, ssl=self._ssl_context,
-            ssl_handshake_timeout=HEADER_SECONDS if self._ssl_context is not None else None,
+            ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS if self._ssl_context else None,
         )
 
 

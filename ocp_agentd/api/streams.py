@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,14 @@ from aiohttp import web
 from ocp_agentd.api.context import app_context
 from ocp_agentd.api.envelope import ApiError, ErrorCode
 from ocp_agentd.api.routes import Param, Route
+from ocp_agentd.events import KEEP, MAX_FOLLOWERS, MAX_SUBSCRIBERS, QUEUE_LIMIT, TooManySubscribers
 from ocp_agentd.headers import TRACE_HEADER
 from ocp_agentd.logtail import LogFile, NotALogFile
 from ocp_agentd.supervision import ProgramNotFound, output
 
 KEEPALIVE_SECONDS = 15.0
+# How often a quiet event stream looks whether its client is still connected (seconds).
+GONE_CHECK_SECONDS = 1.0
 MAX_TAIL = 100_000
 
 
@@ -74,6 +78,19 @@ def _log_file(request: web.Request, name: str, stream: str) -> tuple[Path, int |
     return Path(stdout if stream == "stdout" else stderr), owner
 
 
+@contextlib.contextmanager
+def _place(held: contextlib.AbstractContextManager[None]) -> Iterator[None]:
+    """Enters ``held`` (a stream place of the hub), answering 429/1007 when all are taken."""
+    try:
+        held.__enter__()
+    except TooManySubscribers as exc:
+        raise ApiError(ErrorCode.TOO_MANY_STREAMS, str(exc)) from None
+    try:
+        yield
+    finally:
+        held.__exit__(None, None, None)
+
+
 async def process_logs(request: web.Request) -> web.StreamResponse:
     params = request["params"]
     path, owner = _log_file(request, params["name"], params["stream"])
@@ -88,7 +105,7 @@ async def process_logs(request: web.Request) -> web.StreamResponse:
             return response
         raise ApiError(ErrorCode.BAD_REQUEST, exc.strerror or str(exc),
                        target="name") from None
-    with log:
+    with log, _place(hub.following() if params["follow"] else contextlib.nullcontext()):
         response = await _start(request, "text/plain; charset=utf-8")
         try:
             first = log.tail(params["tail"])
@@ -127,21 +144,31 @@ def _last_event_id(request: web.Request) -> int | None:
 async def events(request: web.Request) -> web.StreamResponse:
     hub = app_context(request).events
     # Subscribed before the headers go out: nothing after them is missed.
-    subscription = hub.subscribe(last=request["params"]["last"],
-                                 after=_last_event_id(request))
+    try:
+        subscription = hub.subscribe(last=request["params"]["last"],
+                                     after=_last_event_id(request))
+    except TooManySubscribers as exc:
+        raise ApiError(ErrorCode.TOO_MANY_STREAMS, str(exc)) from None
     with subscription:
         response = await _start(request, "text/event-stream")
         try:
             await response.write(b": ocp-agentd events\n\n")
+            keepalive = asyncio.get_running_loop().time() + KEEPALIVE_SECONDS
             while True:
                 try:
-                    event = await asyncio.wait_for(subscription.get(), KEEPALIVE_SECONDS)
+                    event = await asyncio.wait_for(subscription.get(), GONE_CHECK_SECONDS)
                 except TimeoutError:
-                    await response.write(b": keep-alive\n\n")
+                    # A client that went away frees its place now, not at the next write.
+                    if _gone(request):
+                        break
+                    if asyncio.get_running_loop().time() >= keepalive:
+                        await response.write(b": keep-alive\n\n")
+                        keepalive = asyncio.get_running_loop().time() + KEEPALIVE_SECONDS
                     continue
                 if event is None:
                     break
                 await response.write(sse(event))
+                keepalive = asyncio.get_running_loop().time() + KEEPALIVE_SECONDS
             await response.write_eof()
         except ConnectionError:
             pass  # the client went away
@@ -158,7 +185,8 @@ def routes() -> list[Route]:
               operation_id="getProcessLogs",
               description="text/plain, chunked. With follow=1 the answer goes on (across "
               "log rotation, by rename or by copy and truncate) until the client closes "
-              "the connection or the daemon stops.",
+              f"the connection or the daemon stops. At most {MAX_FOLLOWERS} followers are "
+              "open at once; one more is answered 429/1007.",
               params=(_NAME,
                       Param("stream", "query", "string", enum=("stdout", "stderr"),
                             default="stdout", description="Which log"),
@@ -167,7 +195,8 @@ def routes() -> list[Route]:
                             "file)"),
                       Param("follow", "query", "boolean", default=False,
                             description="Keep streaming new output")),
-              errors=(ErrorCode.PROCESS_NOT_FOUND,), tags=("processes",), raw=True,
+              errors=(ErrorCode.PROCESS_NOT_FOUND, ErrorCode.TOO_MANY_STREAMS),
+              tags=("processes",), raw=True,
               content_type="text/plain"),
         Route("GET", "/api/v1/events", events, "HOST_VIEWER",
               "The daemon's events as server-sent events", operation_id="streamEvents",
@@ -175,11 +204,13 @@ def routes() -> list[Route]:
               "for each program state change, probe failure, reload, task and subtask "
               "status change: 'event: <kind>' and 'data: <one-line JSON>' with time, kind "
               "(state, probe, reload, task, subtask), program or task/subtask, from, to, "
-              "reason; each with its 'id:'. The last 1,000 events are kept: last=N starts "
+              f"reason; each with its 'id:'. The last {KEEP:,} events are kept: last=N starts "
               "with the N most recent, a Last-Event-ID header with those after it. A "
-              "reader that falls 10,000 events behind gets a 'lost' event and the stream "
-              "ends.",
+              f"reader that falls {QUEUE_LIMIT} events behind gets a 'lost' event and the "
+              f"stream ends. At most {MAX_SUBSCRIBERS} streams are open at once; one more "
+              "is answered 429/1007.",
               params=(Param("last", "query", "integer", minimum=0, maximum=1000, default=0,
                             description="Start with the N most recent events"),),
-              tags=("processes",), raw=True, content_type="text/event-stream"),
+              errors=(ErrorCode.TOO_MANY_STREAMS,), tags=("processes",), raw=True,
+              content_type="text/event-stream"),
     ]

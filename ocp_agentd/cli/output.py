@@ -123,14 +123,25 @@ def clock(timestamp: str | None, millis: bool = False, now: datetime | None = No
 
 def last_exit(value: dict[str, Any] | None) -> str:
     """A program's last exit, said once: ``exit 1 at 04:19:28``, ``killed by SIGKILL at
-    04:19:28``, ``cannot spawn /x: No such file or directory at 04:19:28``."""
+    04:19:28``, ``cannot spawn /x: No such file or directory at 04:19:28``.
+
+    The record's ``reason`` replaces the short form when it says more than the exit status
+    or signal does: ``killed by the OOM killer (memory_max 60 MiB) at 06:37:27`` rather than
+    ``killed by SIGKILL``, ``liveness failed: tcp_connect 8080 refused at ...``. A reason
+    that only wraps the plain one (``stopped on request (exit code 0)``) keeps the short
+    form."""
     if not value:
         return "-"
+    reason = str(value.get("reason") or "")
     if value.get("signal"):
         what = f"killed by {value['signal']}"
+        plain = what
     elif value.get("code") is not None:
         what = f"exit {value['code']}"
+        plain = f"exit code {value['code']}"
     else:
-        what = str(value.get("reason") or "exited")
+        what = plain = reason or "exited"
+    if plain not in reason:
+        what = reason or what
     when = clock(value.get("at"))
     return f"{what} at {when}" if when else what

@@ -14,6 +14,7 @@ import aiohttp
 
 from ocp_agentd.config import ProgramSpec, Settings
 from ocp_agentd.events import EventHub
+from ocp_agentd.repeats import Once
 from ocp_agentd.supervision import cgroups, output
 from ocp_agentd.supervision.identity import PidRecords
 from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, ticket
@@ -68,6 +69,8 @@ class Supervisor:
         self._listeners: list[Listener] = []
         self._http: aiohttp.ClientSession | None = None
         self.programs: dict[str, Program] = {}
+        # Housekeeping meets a planted FIFO or a missing user every pass: said once.
+        self._rotate_problems = Once(log)
         for spec in _ordered(settings.programs.values()):
             self.programs[spec.name] = self._make(spec)
 
@@ -412,7 +415,10 @@ class Supervisor:
                             path, spec.log_max_bytes, spec.log_backups, uid, gid
                         )
                     except (KeyError, OSError) as exc:
-                        log.warning("cannot rotate %s: %s", path, exc)
+                        self._rotate_problems.problem(path, f"cannot rotate {path}: {exc}")
+                    else:
+                        self._rotate_problems.solved(path, f"rotating {path} again")
+            self._rotate_problems.forget_all_but(seen)
 
         await asyncio.to_thread(rotate)
 

@@ -261,7 +261,8 @@ def test_slow_clients_do_not_block_others(target, figures):
         stop.set()
         for thread in slowpokes:
             thread.join(10)
-    assert sent[0] >= 20 * 3, "the slow clients did not get going"
+    # Each sends a byte a second until the 3 s header deadline drops it.
+    assert sent[0] >= 20 * 2, "the slow clients did not get going"
     latencies.sort()
     figures["slow clients"] = 20
     figures["requests served meanwhile"] = len(latencies)
@@ -456,8 +457,9 @@ def test_no_token_in_the_logs(target):
 
 
 def test_slow_clients_filling_every_tcp_slot_are_dropped(daemon_factory, figures):
-    """More slow clients than TCP connections allowed (256): other TCP callers are turned
-    away only until the slow ones miss the 10 s header deadline and are dropped."""
+    """More slow clients than TCP connections allowed (256): a caller that sends its
+    request at once makes room by closing the oldest slow one, and the slow ones are
+    dropped at the 3 s header deadline."""
     port = free_port()
     runner = daemon_factory(
         overrides={"api": {"tcp": f"127.0.0.1:{port}",

@@ -1,0 +1,79 @@
+"""Housekeeping says a rotation problem it cannot fix once, not every 15 s."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from test_supervision import World, kill_marked, remove_cgroups
+
+from ocp_agentd.repeats import Once
+from ocp_agentd.supervision import Supervisor
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    w = World(tmp_path)
+    yield w
+    kill_marked(w.state)
+    remove_cgroups(w.state)
+
+
+def _rotate_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "cannot rotate" in r.getMessage()]
+
+
+def test_planted_fifo_and_missing_user_are_said_once(world: World,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    logs = world.tmp / "log"
+    logs.mkdir()
+    fifo = logs / "planted.out"
+    os.mkfifo(fifo)
+    ghost = f"nouser-{uuid.uuid4().hex[:8]}"
+    # Neither program is started: housekeeping rotates the logs of every configured one.
+    world.add("planted", ["/bin/sleep", "1000"], stdout_log=str(fifo), log_max_bytes=1024)
+    world.add("ghost", ["/bin/sleep", "1000"], user=ghost, log_max_bytes=1024)
+
+    async def main() -> None:
+        sup = Supervisor(world.settings())
+        try:
+            with caplog.at_level(logging.INFO, logger="ocp_agentd.supervisor"):
+                for _ in range(4):
+                    await sup.housekeep()
+                said = _rotate_warnings(caplog)
+                assert len([m for m in said if str(fifo) in m]) == 1, said
+                assert len([m for m in said if "ghost" in m]) == 2, said  # its two logs
+                assert len(said) == 3, said
+                # The condition goes away: said so once, and a new one is said again.
+                fifo.unlink()
+                fifo.write_bytes(b"")
+                caplog.clear()
+                await sup.housekeep()
+                assert any("rotating" in r.getMessage() and str(fifo) in r.getMessage()
+                           for r in caplog.records), caplog.records
+                os.unlink(fifo)
+                os.mkfifo(fifo)
+                await sup.housekeep()
+                assert len([m for m in _rotate_warnings(caplog) if str(fifo) in m]) == 1
+        finally:
+            await sup.shutdown()
+
+    asyncio.run(main())
+
+
+def test_once_says_a_standing_problem_again_after_the_repeat_interval(
+        caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger(f"test.once.{uuid.uuid4().hex}")
+    once = Once(log, repeat=0.0)
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        assert once.problem("k", "bad")
+        assert once.problem("k", "bad")  # repeat=0: due again at once
+    hourly = Once(log)
+    assert hourly.problem("k", "bad") and not hourly.problem("k", "bad")
+    assert hourly.problem("k", "worse")  # a changed message is said
+    assert hourly.solved("k", "fine") and not hourly.solved("k", "fine")
