@@ -197,3 +197,32 @@ def test_the_command_line_stays_standard_library() -> None:
                       or _within(imp.target, "ocp_agentd.cli")
                       or (imp.target == "ocp_agentd" and imp.name in ("__version__", "cli")))]
     assert wrong == []
+
+
+DOC = PACKAGE_DIR.parent / "docs" / "architecture.md"
+
+
+def _documented_modules() -> set[str]:
+    """The module map of docs/architecture.md (its first code block) as paths relative to
+    the package: ``  name.py`` at the top, ``    name.py`` inside the last ``  dir/``."""
+    block = DOC.read_text(encoding="utf-8").split("```")[1]
+    found: set[str] = set()
+    folder = ""
+    for line in block.splitlines():
+        entry = line.split()[0] if line.strip() else ""
+        if line.startswith("  ") and not line.startswith("   ") and entry.endswith("/"):
+            folder = entry
+        elif line.startswith("    ") and not line.startswith("     ") and entry.endswith(".py"):
+            found.add(folder + entry)
+        elif line.startswith("  ") and not line.startswith("   ") and entry.endswith(".py"):
+            found.add(entry)
+    return found
+
+
+def test_the_module_map_names_every_module() -> None:
+    """Every module of the package has its line in docs/architecture.md, and the map names
+    no module that is gone (cli/ and demo/ are described as a whole)."""
+    modules = {str(path.relative_to(PACKAGE_DIR)) for path in PACKAGE_DIR.rglob("*.py")
+               if path.name not in ("__init__.py", "__main__.py")
+               and path.relative_to(PACKAGE_DIR).parts[0] not in ("cli", "demo")}
+    assert _documented_modules() == modules
