@@ -4,7 +4,8 @@ Every module of the package is parsed with ``ast`` (nothing is imported), and it
 are checked against the layers: arrows point down (``supervision`` knows neither the API
 nor the tasks; the tasks reach processes only through the control API), the API uses
 ``supervision`` through the package's public names, ``ocp-agentctl`` stays standard-library
-only, and ``daemon.py`` alone wires the parts together.
+only, ``aiohttp.web`` belongs to ``api/``, and ``daemon.py`` alone wires the parts
+together.
 """
 
 from __future__ import annotations
@@ -185,6 +186,13 @@ def test_daemon_alone_wires() -> None:
     daemon_calls = {node.func.id for node in ast.walk(TREES["ocp_agentd.daemon"])
                     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
     assert daemon_calls >= WIRED_PARTS
+
+
+def test_aiohttp_web_is_imported_at_run_time_only_by_the_api() -> None:
+    wrong = [str(imp) for imp in IMPORTS
+             if not imp.typing_only and not _within(imp.module, "ocp_agentd.api")
+             and _reaches(imp, "aiohttp.web")]
+    assert wrong == []
 
 
 def test_the_command_line_stays_standard_library() -> None:
