@@ -17,8 +17,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from ocp_agentd import __version__, descriptors, safefs
 from ocp_agentd.api import AppContext, create_app, start_api
@@ -37,7 +36,7 @@ from ocp_agentd.config import (
     summary,
 )
 from ocp_agentd.events import EventHub, TaskEvents
-from ocp_agentd.hostcheck import host_problems
+from ocp_agentd.hostcheck import HostProblem, host_problems
 from ocp_agentd.logformat import line_formatter, writes_log_file
 from ocp_agentd.logqueue import handlers_off_the_loop
 from ocp_agentd.preflight import check_writable, take_instance_lock
@@ -50,6 +49,9 @@ from ocp_agentd.systemd import Notifier, StatusReporter, journal_handler, status
 from ocp_agentd.tasks.engine import TaskEngine
 from ocp_agentd.tasks.store import Retention
 from ocp_agentd.ticker import Ticker
+
+if TYPE_CHECKING:  # the api package alone imports aiohttp.web at run time
+    from aiohttp import web
 
 log = logging.getLogger("ocp_agentd")
 
@@ -339,31 +341,57 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     problems = host_problems(settings)
     if args.check:
-        print(summary(settings, path))
-        could_start, lines = cgroups.check_report(
-            settings.agent.cgroup,
-            settings.agent.state_dir,
-            {name: limits_of(spec) for name, spec in settings.programs.items()},
-        )
-        print("\n".join(lines))
-        if problems:
-            # A valid file that this host cannot run as it is (exit 1; an invalid file is 2).
-            print(f"ocp-agentd: {path} cannot run on this host:", file=sys.stderr)
-            for problem in problems:
-                print(f"  {problem}", file=sys.stderr)
-            return EXIT_FAILURE
-        return EXIT_OK if could_start else EXIT_FAILURE
-    for directory in (settings.agent.state_dir, settings.agent.log_dir):
-        problem = check_writable(directory) or safefs.check_directory(directory, os.getuid())
-        if problem:
-            print(f"ocp-agentd: cannot start: {problem}", file=sys.stderr)
-            return EXIT_FAILURE
+        return _report_check(settings, path, problems)
     try:
-        lock_fd = take_instance_lock(settings.agent.state_dir)
+        lock_fd = _claim_host(settings)
     except (OSError, RuntimeError) as exc:
         print(f"ocp-agentd: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    setup_logging(settings, args.log_level)
+    try:
+        return _run(settings, path, args.log_level, problems)
+    finally:
+        os.close(lock_fd)
+
+
+def _report_check(settings: Settings, path: Path, problems: list[HostProblem]) -> int:
+    """``--check``: the configuration's summary and what cgroups can enforce here on
+    stdout, what this host lacks on stderr.
+
+    Answers EXIT_OK, or EXIT_FAILURE for a valid file that this host cannot run as it is
+    (an invalid file never gets here: it is EXIT_CONFIG)."""
+    print(summary(settings, path))
+    could_start, lines = cgroups.check_report(
+        settings.agent.cgroup,
+        settings.agent.state_dir,
+        {name: limits_of(spec) for name, spec in settings.programs.items()},
+    )
+    print("\n".join(lines))
+    if problems:
+        print(f"ocp-agentd: {path} cannot run on this host:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK if could_start else EXIT_FAILURE
+
+
+def _claim_host(settings: Settings) -> int:
+    """Checks that the state and log directories are writable and that no one but root
+    can change them (safefs), then takes the instance lock.
+
+    Answers the lock's descriptor (held until the daemon exits). Raises RuntimeError
+    naming the directory and what is wrong with it, or what take_instance_lock raises
+    (OSError; RuntimeError when another daemon holds the lock)."""
+    for directory in (settings.agent.state_dir, settings.agent.log_dir):
+        problem = check_writable(directory) or safefs.check_directory(directory, os.getuid())
+        if problem:
+            raise RuntimeError(problem)
+    return take_instance_lock(settings.agent.state_dir)
+
+
+def _run(settings: Settings, path: Path, log_level: str, problems: list[HostProblem]) -> int:
+    """Logging and the descriptor limit set up, then the daemon until it stops; answers
+    its exit status (EXIT_FAILURE when it cannot start or run)."""
+    setup_logging(settings, log_level)
     for problem in problems:
         log.error("%s (that program cannot start until this is fixed)", problem)
     limits = descriptors.raise_nofile_limit()
@@ -375,7 +403,6 @@ def main(argv: list[str] | None = None) -> int:
     except CgroupError as exc:
         print(f"ocp-agentd: cannot start: {exc.strerror}", file=sys.stderr)
         log.error("cannot start: %s", exc.strerror)
-        os.close(lock_fd)
         return EXIT_FAILURE
     try:
         return asyncio.run(daemon.run())
@@ -383,5 +410,3 @@ def main(argv: list[str] | None = None) -> int:
         # Programs keep running (as after a crash); the next daemon adopts them.
         log.error("cannot run: %s", exc, exc_info=not isinstance(exc, OSError | ApiStartError))
         return EXIT_FAILURE
-    finally:
-        os.close(lock_fd)

@@ -67,57 +67,82 @@ def open_directory(
     path = Path(path)
     if not path.is_absolute():
         raise UnsafePath(path, "not an absolute path")
-    pending = list(path.parts[1:])
-    current = os.open("/", _DIR_FLAGS)
-    where = Path("/")
-    links = 0
+    walk = _Walk(path)
     try:
-        while pending:
-            name = pending.pop(0)
+        while walk.pending:
+            name = walk.pending.pop(0)
             if name in ("", "."):
                 continue
             if name == "..":
                 raise UnsafePath(path, "'..' is not allowed")
-            try:
-                st = os.stat(name, dir_fd=current, follow_symlinks=False)
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, create_mode, dir_fd=current)
-                    os.chmod(name, create_mode, dir_fd=current, follow_symlinks=False)
-                st = os.stat(name, dir_fd=current, follow_symlinks=False)
+            st = _stat_or_create(name, walk.current, create_mode)
             if stat.S_ISLNK(st.st_mode):
-                links += 1
-                parent = os.fstat(current)
-                if links > _MAX_LINKS:
-                    raise UnsafePath(path, "too many levels of symbolic links")
-                if st.st_uid != 0 or writers_problem(parent, None) is not None:
-                    raise UnsafePath(
-                        where / name, "is a symbolic link that root did not make; refusing it"
-                    )
-                target = os.readlink(name, dir_fd=current)
-                pending = list(Path(target).parts) + pending
-                if target.startswith("/"):
-                    pending = pending[1:]
-                    os.close(current)
-                    current = os.open("/", _DIR_FLAGS)
-                    where = Path("/")
-                continue
-            try:
-                child = os.open(name, _DIR_FLAGS, dir_fd=current)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafePath(where / name, "changed while being opened") from None
-                raise
-            os.close(current)
-            current = child
-            where = where / name
-            problem = writers_problem(os.fstat(current), owner)
-            if problem is not None:
-                raise UnsafePath(where, f"directory {problem}; refusing to use it")
+                walk.follow_link(name, st)
+            else:
+                walk.descend(name, owner)
     except BaseException:
-        os.close(current)
+        os.close(walk.current)
         raise
-    return current
+    return walk.current
+
+
+def _stat_or_create(name: str, dir_fd: int, create_mode: int) -> os.stat_result:
+    """lstat of ``name`` in ``dir_fd``, after creating it as a directory if it is missing."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, create_mode, dir_fd=dir_fd)
+            os.chmod(name, create_mode, dir_fd=dir_fd, follow_symlinks=False)
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+class _Walk:
+    """Where open_directory's walk is: the directory reached (an open descriptor, owned
+    by the walk), its path, and the components still to go."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pending = list(path.parts[1:])
+        self.current = os.open("/", _DIR_FLAGS)
+        self.where = Path("/")
+        self.links = 0
+
+    def follow_link(self, name: str, st: os.stat_result) -> None:
+        """Puts the target of the symbolic link ``name`` (lstat ``st``) before the
+        components still to go, if root made the link; else raises UnsafePath."""
+        self.links += 1
+        parent = os.fstat(self.current)
+        if self.links > _MAX_LINKS:
+            raise UnsafePath(self.path, "too many levels of symbolic links")
+        if st.st_uid != 0 or writers_problem(parent, None) is not None:
+            raise UnsafePath(
+                self.where / name, "is a symbolic link that root did not make; refusing it"
+            )
+        target = os.readlink(name, dir_fd=self.current)
+        self.pending = list(Path(target).parts) + self.pending
+        if target.startswith("/"):
+            self.pending = self.pending[1:]
+            self._move_to(os.open("/", _DIR_FLAGS), Path("/"))
+
+    def descend(self, name: str, owner: int | None) -> None:
+        """Opens the directory ``name`` and moves there; raises UnsafePath if it changed
+        into something else meanwhile or if others than root and ``owner`` can write it."""
+        try:
+            child = os.open(name, _DIR_FLAGS, dir_fd=self.current)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafePath(self.where / name, "changed while being opened") from None
+            raise
+        self._move_to(child, self.where / name)
+        problem = writers_problem(os.fstat(self.current), owner)
+        if problem is not None:
+            raise UnsafePath(self.where, f"directory {problem}; refusing to use it")
+
+    def _move_to(self, fd: int, where: Path) -> None:
+        os.close(self.current)
+        self.current = fd
+        self.where = where
 
 
 def check_directory(path: str | Path, owner: int | None = None) -> str | None:

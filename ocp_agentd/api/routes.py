@@ -7,7 +7,6 @@ How to add routes (e.g. ``api/compute.py``, ``api/tasks.py``)::
 
     from ocp_agentd.api.context import app_context
     from ocp_agentd.api.envelope import ApiError, ErrorCode
-from ocp_agentd.api.models import RequestModel
     from ocp_agentd.api.models import HostAgent, OperationBody
     from ocp_agentd.api.routes import Param, Route
 

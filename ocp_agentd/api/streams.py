@@ -30,7 +30,7 @@ from ocp_agentd.api.routes import Param, Route
 from ocp_agentd.events import KEEP, MAX_FOLLOWERS, MAX_SUBSCRIBERS, QUEUE_LIMIT, TooManySubscribers
 from ocp_agentd.headers import TRACE_HEADER
 from ocp_agentd.logtail import LogFile, NotALogFile
-from ocp_agentd.supervision import ProgramNotFound, output
+from ocp_agentd.supervision import ProgramNotFound, owner_of
 
 KEEPALIVE_SECONDS = 15.0
 # How often a quiet event stream looks whether its client is still connected (seconds).
@@ -73,7 +73,7 @@ def _log_file(request: web.Request, name: str, stream: str) -> tuple[Path, int |
     owner = None
     if spec is not None:
         with contextlib.suppress(KeyError):  # a user that is gone owns nothing here
-            owner = output.owner_of(spec)[0]
+            owner = owner_of(spec)[0]
     stdout, stderr = info.log_files[0], info.log_files[-1]
     return Path(stdout if stream == "stdout" else stderr), owner
 

@@ -59,25 +59,12 @@ def find_socket(config: str | None) -> Found:
     override = os.environ.get(SOCKET_ENV)
     if override:
         return Found(Path(override), f"the socket comes from ${SOCKET_ENV}")
-    if config:
-        path, named = Path(config), "--config"
-    elif os.environ.get(CONFIG_ENV):
-        path, named = Path(os.environ[CONFIG_ENV]), f"${CONFIG_ENV}"
-    else:
-        path, named = DEFAULT_CONFIG, ""
-    warning = ""
+    path, named = _config_path(config)
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        if named:
-            raise ConfigMissing(
-                f"configuration file {path} (from {named}) does not exist") from None
-        return Found(DEFAULT_SOCKET, f"the default socket, as {path} does not exist")
     except OSError as exc:
-        if named:
-            raise ConfigMissing(f"cannot read configuration file {path} (from {named}): "
-                                f"{exc.strerror or exc}") from None
-        return Found(DEFAULT_SOCKET, f"the default socket, as {path} cannot be read")
+        return _unreadable(path, named, exc)
+    warning = ""
     try:
         data = tomllib.loads(text)
     except ValueError as exc:
@@ -85,14 +72,49 @@ def find_socket(config: str | None) -> Found:
         # which still runs on the configuration it read last.
         api_table = _api_table(text)
         if api_table is None:
-            if named:
-                raise ConfigMissing(
-                    f"cannot parse configuration file {path} (from {named}): {exc}; "
-                    "name the daemon's socket with --socket") from None
-            return Found(DEFAULT_SOCKET, f"the default socket, as {path} does not parse")
+            return _unparsable(path, named, exc)
         data = {"api": api_table}
         warning = (f"warning: {path} does not parse ({exc}); the daemon keeps running on "
                    "the configuration it read last (ocp-agentd --check names the problem)")
+    return _socket_of(path, data, warning)
+
+
+def _config_path(config: str | None) -> tuple[Path, str]:
+    """The config's path and what named it (``--config``, ``$OCP_AGENTD_CONFIG``, or ""
+    for the default)."""
+    if config:
+        return Path(config), "--config"
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]), f"${CONFIG_ENV}"
+    return DEFAULT_CONFIG, ""
+
+
+def _unreadable(path: Path, named: str, exc: OSError) -> Found:
+    """The default socket when the default config cannot be read; ConfigMissing for a
+    config that was named."""
+    missing = isinstance(exc, FileNotFoundError)
+    if named and missing:
+        raise ConfigMissing(f"configuration file {path} (from {named}) does not exist") from None
+    if named:
+        raise ConfigMissing(f"cannot read configuration file {path} (from {named}): "
+                            f"{exc.strerror or exc}") from None
+    why = "does not exist" if missing else "cannot be read"
+    return Found(DEFAULT_SOCKET, f"the default socket, as {path} {why}")
+
+
+def _unparsable(path: Path, named: str, exc: ValueError) -> Found:
+    """The default socket when the default config does not parse, not even its [api]
+    table; ConfigMissing for a config that was named."""
+    if named:
+        raise ConfigMissing(
+            f"cannot parse configuration file {path} (from {named}): {exc}; "
+            "name the daemon's socket with --socket") from None
+    return Found(DEFAULT_SOCKET, f"the default socket, as {path} does not parse")
+
+
+def _socket_of(path: Path, data: dict[str, object], warning: str) -> Found:
+    """``api.socket`` of the parsed config at ``path`` (relative to the file's folder),
+    else the default socket."""
     api = data.get("api")
     value = api.get("socket") if isinstance(api, dict) else None
     if not isinstance(value, str) or not value:

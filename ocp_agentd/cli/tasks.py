@@ -12,6 +12,7 @@ import argparse
 import http.client
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ocp_agentd.cli.output import Output
@@ -134,24 +135,31 @@ def follow(api: Transport, out: Output, task: dict[str, Any],
 
     for sub in task["subtasks"]:
         show(sub["id"], sub["status"])
-    ended = task["status"] in FINAL
-    try:
-        for event in _task_events(stream, task["id"], started + timeout):
-            if event.get("kind") == "subtask" and event.get("to"):
-                show(int(event["subtask"]), str(event["to"]))
-            elif event.get("kind") == "task" and event.get("to") in FINAL:
-                ended = True
-                break
-    except (OSError, http.client.HTTPException) as exc:
-        raise Unavailable(f"the event stream of ocp-agentd broke: {exc}") from None
-    finally:
-        stream.close()
+    ended = _watch(stream, task["id"], started + timeout, show) or task["status"] in FINAL
     final = api.request("GET", f"{TASKS}/{task['id']}")
     for sub in final["subtasks"]:
         show(sub["id"], sub["status"])
     if not ended and final["status"] not in FINAL:
         out.error(f"task {task['id']} still RUNNING after {timeout:g}s; stopped following")
     return dict(final)
+
+
+def _watch(stream: http.client.HTTPResponse, task_id: int, deadline: float,
+           show: Callable[[int, str], None]) -> bool:
+    """Passes each subtask change of the task to ``show`` until the task ends (answers True)
+    or the stream ends or the deadline (monotonic) passes (answers False); closes the stream.
+    Raises Unavailable if the stream breaks."""
+    try:
+        for event in _task_events(stream, task_id, deadline):
+            if event.get("kind") == "subtask" and event.get("to"):
+                show(int(event["subtask"]), str(event["to"]))
+            elif event.get("kind") == "task" and event.get("to") in FINAL:
+                return True
+    except (OSError, http.client.HTTPException) as exc:
+        raise Unavailable(f"the event stream of ocp-agentd broke: {exc}") from None
+    finally:
+        stream.close()
+    return False
 
 
 def _task_events(stream: http.client.HTTPResponse, task_id: int, deadline: float) -> Any:

@@ -11,6 +11,7 @@ next time, answers again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -58,6 +59,45 @@ def _answer(routes: Routes, method: str, path: str) -> Reply:
         return json_reply({"error": repr(exc)}, 500)
 
 
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
+    """Reads a request's head (10 s per line); answers (method, path without the query),
+    or ("", "") for a request line that is not one."""
+    request = (await asyncio.wait_for(reader.readline(), 10)).decode("latin-1")
+    while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+        pass  # headers are not needed
+    parts = request.split()
+    return (parts[0], parts[1].split("?")[0]) if len(parts) >= 2 else ("", "")
+
+
+async def _handle(
+    name: str,
+    routes: Routes,
+    stop: asyncio.Event,
+    answering: asyncio.Event,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """Answers one connection, once ``answering`` is set (it is clear while wedged)."""
+    try:
+        method, path = await _read_request(reader)
+        await answering.wait()
+        if stop.is_set():
+            return  # released by the stop, not by the end of a wedge
+        status, content_type, body = _answer(routes, method, path)
+        head = (
+            f"HTTP/1.0 {status} {_REASONS.get(status, 'Error')}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + (b"" if method == "HEAD" else body))
+        await writer.drain()
+        log(name, f"{method} {path} {status}")
+    except (TimeoutError, ConnectionError, UnicodeDecodeError):
+        pass
+    finally:
+        writer.close()
+
+
 async def _serve(
     name: str, host: str, port: int, routes: Routes, delay: float, wedge_signal: int | None
 ) -> int:
@@ -89,29 +129,7 @@ async def _serve(
         except TimeoutError:
             pass
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = (await asyncio.wait_for(reader.readline(), 10)).decode("latin-1")
-            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
-                pass  # headers are not needed
-            await answering.wait()
-            if stop.is_set():
-                return  # released by the stop, not by the end of a wedge
-            parts = request.split()
-            method, path = (parts[0], parts[1].split("?")[0]) if len(parts) >= 2 else ("", "")
-            status, content_type, body = _answer(routes, method, path)
-            head = (
-                f"HTTP/1.0 {status} {_REASONS.get(status, 'Error')}\r\n"
-                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + (b"" if method == "HEAD" else body))
-            await writer.drain()
-            log(name, f"{method} {path} {status}")
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
-        finally:
-            writer.close()
+    handle = functools.partial(_handle, name, routes, stop, answering)
 
     try:
         server = await asyncio.start_server(handle, host, port)

@@ -1,5 +1,6 @@
 """Process supervision: knows processes, nothing of HTTP or tasks."""
 
+from ocp_agentd.supervision.output import owner_of
 from ocp_agentd.supervision.supervisor import ProgramNotFound, Supervisor
 from ocp_agentd.supervision.types import (
     Check,
@@ -21,4 +22,5 @@ __all__ = [
     "State",
     "Supervisor",
     "VerifyResult",
+    "owner_of",
 ]

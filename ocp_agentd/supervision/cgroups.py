@@ -252,43 +252,36 @@ class ProgramCgroup:
 
     def apply(self, limits: Limits) -> None:
         """Writes every limit, "no limit" included, so a reload can lift one."""
+        if self.limits_v2:
+            self._apply_v2(limits)
+        else:
+            self._apply_v1(limits)
+        pids = self.dirs.get("pids")
+        if pids is not None:
+            _write(pids / "pids.max", str(limits.pids_max) if limits.pids_max else "max")
+
+    def _apply_v2(self, limits: Limits) -> None:
         memory = self.dirs.get("memory")
         cpu = self.dirs.get("cpu")
-        pids = self.dirs.get("pids")
-        if self.limits_v2:
-            if memory is not None:
-                _write(memory / "memory.max", _v2_value(limits.memory_max))
-                _write(memory / "memory.high", _v2_value(limits.memory_high))
-            if cpu is not None:
-                quota = (
-                    str(max(1000, round(limits.cpu_quota * CFS_PERIOD_US)))
-                    if limits.cpu_quota
-                    else "max"
-                )
-                _write(cpu / "cpu.max", f"{quota} {CFS_PERIOD_US}")
-            if pids is not None:
-                _write(pids / "pids.max", str(limits.pids_max) if limits.pids_max else "max")
-            return
         if memory is not None:
-            value = str(limits.memory_max) if limits.memory_max is not None else "-1"
-            # Where the kernel accounts swap, bound memory plus swap too: else a host with
-            # swap pages the program out instead of holding it to memory_max. The kernel
-            # wants memsw >= memory at every moment, so memsw is lifted first.
-            memsw = memory / "memory.memsw.limit_in_bytes"
-            if memsw.exists():
-                _write(memsw, "-1")
-            _write(memory / "memory.limit_in_bytes", value)
-            if memsw.exists():
-                _write(memsw, value)
+            _write(memory / "memory.max", _v2_value(limits.memory_max))
+            _write(memory / "memory.high", _v2_value(limits.memory_high))
+        if cpu is not None:
+            quota = _cfs_quota_us(limits.cpu_quota)
+            _write(cpu / "cpu.max", f"{quota if quota is not None else 'max'} {CFS_PERIOD_US}")
+
+    def _apply_v1(self, limits: Limits) -> None:
+        memory = self.dirs.get("memory")
+        cpu = self.dirs.get("cpu")
+        if memory is not None:
+            _write_v1_memory(memory, limits.memory_max)
         if cpu is not None:
             _write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
-            quota = max(1000, round(limits.cpu_quota * CFS_PERIOD_US)) if limits.cpu_quota else -1
-            _write(cpu / "cpu.cfs_quota_us", str(quota))
+            quota = _cfs_quota_us(limits.cpu_quota)
+            _write(cpu / "cpu.cfs_quota_us", str(quota if quota is not None else -1))
             if limits.cpu_quota and not self.cpu_in_use:
                 self.cpu_in_use = True
                 self._join(cpu)
-        if pids is not None:
-            _write(pids / "pids.max", str(limits.pids_max) if limits.pids_max else "max")
 
     def _join(self, directory: Path) -> None:
         """Moves every member into directory (a quota set while the program runs); again
@@ -848,6 +841,26 @@ def _write(path: Path, value: str) -> None:
         raise CgroupError(exc.errno, f"cannot write {value!r} to {path}: {exc.strerror}") from exc
     finally:
         os.close(fd)
+
+
+def _cfs_quota_us(cpu_quota: float) -> int | None:
+    """The CFS quota per CFS_PERIOD_US for ``cpu_quota`` CPUs (at least 1000 µs, the
+    kernel's minimum), or None for no limit."""
+    return max(1000, round(cpu_quota * CFS_PERIOD_US)) if cpu_quota else None
+
+
+def _write_v1_memory(memory: Path, memory_max: int | None) -> None:
+    """memory.limit_in_bytes of a v1 memory cgroup, and memsw where the kernel has it."""
+    value = str(memory_max) if memory_max is not None else "-1"
+    # Where the kernel accounts swap, bound memory plus swap too: else a host with swap
+    # pages the program out instead of holding it to memory_max. The kernel wants
+    # memsw >= memory at every moment, so memsw is lifted first.
+    memsw = memory / "memory.memsw.limit_in_bytes"
+    if memsw.exists():
+        _write(memsw, "-1")
+    _write(memory / "memory.limit_in_bytes", value)
+    if memsw.exists():
+        _write(memsw, value)
 
 
 def _v2_value(value: int | None) -> str:
