@@ -191,51 +191,55 @@ class Supervisor:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         REAPER.install()
         snap = await self.scanner.snapshot()
-        to_start: list[str] = []
-        to_restart: list[str] = []
-        to_stop: list[str] = []
-        state_dir = str(self.state_dir)
+        plan = BootPlan([], [], [])
         for name, program in self.programs.items():
             left = self.intents.load(name)
             spec_fingerprint = program.spec.fingerprint()
             record = self.records.load(name)
             adopted = record is not None and program.adopt(record)
             if not adopted:
-                mains = snap.marked_mains(state_dir, name)
-                for entry in mains:
-                    marker = snap.markers[entry.pid]
-                    if not program.alive() and program.adopt_unrecorded(entry, marker.run_id):
-                        adopted = True
-                        log.warning(
-                            "%s: adopted pid %d found by its marker (no usable record)",
-                            name,
-                            entry.pid,
-                        )
-            strays = self._strays(snap, name, program)
-            if strays:
-                log.warning(
-                    "%s: ending %d process(es) of no watched instance (left by an instance "
-                    "that died unwatched, or a second instance): %s",
-                    name,
-                    len(strays),
-                    [e.pid for e in strays],
-                )
-                await program.end_strays(strays)
-            await program.end_cgroup_strays()
+                adopted = self._adopt_by_marker(snap, name, program)
+            await self._end_strays(snap, name, program)
             if left is not None and (left.state == "STOPPED" or not adopted):
                 # Operator intent wins (SPEC section 12): stopped on request, or an exit
                 # autorestart left so, stays so under the next daemon of this boot.
                 program.left_so(left)
                 if adopted:
-                    to_stop.append(name)
+                    plan.stop.append(name)
             elif adopted and record is not None and record.fingerprint != spec_fingerprint:
-                to_restart.append(name)
+                plan.restart.append(name)
             elif not adopted:
-                to_start.append(name)
+                plan.start.append(name)
             if left is not None and left.state == "EXITED" and adopted:
                 self.intents.remove(name)  # it runs: the record is older than its start
         await self._stop_unknown()
-        return BootPlan(to_start, to_restart, to_stop)
+        return plan
+
+    def _adopt_by_marker(self, snap: Snapshot, name: str, program: Program) -> bool:
+        """Adopts a marked main process of name when no usable pid record names one."""
+        adopted = False
+        for entry in snap.marked_mains(str(self.state_dir), name):
+            marker = snap.markers[entry.pid]
+            if not program.alive() and program.adopt_unrecorded(entry, marker.run_id):
+                adopted = True
+                log.warning(
+                    "%s: adopted pid %d found by its marker (no usable record)", name, entry.pid
+                )
+        return adopted
+
+    async def _end_strays(self, snap: Snapshot, name: str, program: Program) -> None:
+        """Ends what of name runs outside its adopted instance, in the table or its cgroup."""
+        strays = self._strays(snap, name, program)
+        if strays:
+            log.warning(
+                "%s: ending %d process(es) of no watched instance (left by an instance "
+                "that died unwatched, or a second instance): %s",
+                name,
+                len(strays),
+                [e.pid for e in strays],
+            )
+            await program.end_strays(strays)
+        await program.end_cgroup_strays()
 
     async def start_pending(self, plan: BootPlan, since: int | None = None) -> None:
         """Starts what was not adopted; restarts what was adopted with an older config.
@@ -268,33 +272,39 @@ class Supervisor:
         """Programs recorded by an earlier daemon but gone from the config are stopped,
         and so is whatever is left in the cgroup of a program gone from the config."""
         for name in self.records.names():
-            if name in self.programs:
-                continue
-            record = self.records.load(name)
-            if record is None:
-                continue
-            ghost = self._make(ProgramSpec(name=name, command=record.cmdline or ["/"]))
-            if ghost.adopt(record):
-                log.warning("%s: no longer configured, stopping pid %d", name, record.pid)
-                try:
-                    await ghost.stop(remember=False)
-                except OperationFailed as exc:
-                    log.error("%s", exc)
-            ghost.discard_record()
+            if name not in self.programs:
+                await self._stop_recorded_ghost(name)
         for name in self.intents.names():
             if name not in self.programs:
                 self.intents.remove(name)
-        if self.host.usable and self.host.membership is not None:
-            try:
-                names = [p.name for p in self.host.membership.iterdir() if p.is_dir()]
-            except OSError:
-                names = []
-            for name in names:
-                if name in self.programs:
-                    continue
+        for name in self._cgroup_names():
+            if name not in self.programs:
                 ghost = self._make(ProgramSpec(name=name, command=["/"]))
                 await ghost.end_cgroup_strays()
                 ghost.remove_cgroup()
+
+    async def _stop_recorded_ghost(self, name: str) -> None:
+        """Stops the recorded process of a program gone from the config; drops its record."""
+        record = self.records.load(name)
+        if record is None:
+            return
+        ghost = self._make(ProgramSpec(name=name, command=record.cmdline or ["/"]))
+        if ghost.adopt(record):
+            log.warning("%s: no longer configured, stopping pid %d", name, record.pid)
+            try:
+                await ghost.stop(remember=False)
+            except OperationFailed as exc:
+                log.error("%s", exc)
+        ghost.discard_record()
+
+    def _cgroup_names(self) -> list[str]:
+        """The programs that have a cgroup of this daemon's instance on the host."""
+        if not self.host.usable or self.host.membership is None:
+            return []
+        try:
+            return [p.name for p in self.host.membership.iterdir() if p.is_dir()]
+        except OSError:
+            return []
 
     async def _quietly(self, name: str, verb: Literal["start", "restart"], since: int) -> None:
         """The daemon's own start or restart of name (boot, reload), requested at ticket
