@@ -1,10 +1,12 @@
-"""Linux calls the standard library does not wrap: inotify(7) and fallocate(2) ranges.
+"""Linux calls the standard library does not wrap: inotify(7), fallocate(2) ranges and
+capabilities(7) (prctl(2), capset(2)).
 
-Both go through libc with ctypes; each raises OSError with the C errno on failure.
+All go through libc with ctypes; each raises OSError with the C errno on failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -13,6 +15,10 @@ import struct
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+_libc.capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
 # <linux/falloc.h>
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -30,6 +36,27 @@ IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 
 _EVENT = struct.Struct("iIII")
+
+# <linux/capability.h>, <linux/prctl.h>
+CAP_CHOWN = 0
+CAP_DAC_OVERRIDE = 1
+CAP_FOWNER = 3
+CAP_SETPCAP = 8
+CAP_SYS_RESOURCE = 24
+_CAPABILITY_VERSION_3 = 0x20080522
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
 
 
 def _check(result: int) -> int:
@@ -78,3 +105,39 @@ def inotify_read(fd: int) -> list[tuple[int, int]]:
         events.append((wd, mask))
         offset += _EVENT.size + name_len
     return events
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as file:
+            return int(file.read())
+    except (OSError, ValueError):
+        return 40  # CAP_CHECKPOINT_RESTORE, the last one of Linux 5.9+
+
+
+def keep_only_capabilities(keep: set[int]) -> None:
+    """Reduces this process to the capabilities in ``keep`` (numbers of capabilities(7)),
+    for good: each other one leaves the bounding set (prctl PR_CAPBSET_DROP, while
+    CAP_SETPCAP is still held; skipped without it), the ambient set is emptied, and the
+    effective and permitted sets become ``keep`` & what was permitted, the inheritable
+    set empty (capset(2), version 3). Then PR_SET_NO_NEW_PRIVS, so no exec can gain any
+    back. A process without capabilities (not root) just gets PR_SET_NO_NEW_PRIVS.
+    Raises OSError when capget/capset or prctl fails."""
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data))
+    permitted = data[0].permitted | (data[1].permitted << 32)
+    if permitted >> CAP_SETPCAP & 1:
+        for cap in range(_last_cap() + 1):
+            if cap not in keep:
+                _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0))
+    with contextlib.suppress(OSError):  # EINVAL before Linux 4.3: no ambient set to clear
+        _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0))
+    mask = permitted & sum(1 << cap for cap in keep)
+    for index in range(2):
+        part = mask >> (32 * index) & 0xFFFFFFFF
+        data[index].effective = data[index].permitted = part
+        data[index].inheritable = 0
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    _check(_libc.capset(ctypes.byref(header), data))
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))

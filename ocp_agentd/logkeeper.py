@@ -18,6 +18,12 @@ daemon keeps a copy of the write ends while the program is configured, so the ke
 serves every instance of the program).
 When the disk refuses a write, what the pipe holds is read and dropped (the program
 must not block on a full disk) and counted on the keeper's stderr.
+
+Before it reads any pipe the keeper keeps only the capabilities rotation needs
+(KEPT_CAPABILITIES) and sets no_new_privs: its writes are charged to the file owner's
+quota and cannot use the root-reserved blocks (no CAP_SYS_RESOURCE). A live file with
+more than one link (someone hard-linked it to keep it past rotation) is reported once on
+the keeper's stderr and rotated at once, so the keeper stops feeding the linked inode.
 """
 
 from __future__ import annotations
@@ -29,14 +35,20 @@ import json
 import os
 import select
 import sys
+import time
 from pathlib import Path
 
-from ocp_agentd import safefs
+from ocp_agentd import linux, safefs
 
 LOG_MODE = 0o640
 PIPE_BYTES = 1 << 20  # the pipe's capacity (F_SETPIPE_SZ); a burst waits here, not in RAM
 _CHUNK = 1 << 20
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+LINK_CHECK_SECONDS = 0.5  # how often a pumping stream looks at its live file's link count
+# Rotation creates the new live file and gives it to the program's user (CAP_CHOWN), and
+# renames, unlinks and creates in a log directory that user may own (CAP_DAC_OVERRIDE);
+# every other capability is dropped, CAP_SYS_RESOURCE first of all.
+KEPT_CAPABILITIES = {linux.CAP_CHOWN, linux.CAP_DAC_OVERRIDE}
 
 
 class Stream:
@@ -53,6 +65,7 @@ class Stream:
         self.uid = uid
         self.gid = gid
         self.dropped = 0
+        self.next_link_check = 0.0
         self.size = os.lseek(self.file, 0, os.SEEK_END)
         os.set_blocking(self.pipe, False)
         with contextlib.suppress(OSError):
@@ -62,7 +75,7 @@ class Stream:
         """Moves what the pipe holds into the file; False at the end of the stream."""
         while True:
             room = self.max_bytes - self.size if self.max_bytes > 0 else _CHUNK
-            if room <= 0:
+            if room <= 0 or self._linked():
                 self.rotate()
                 continue
             try:
@@ -76,6 +89,21 @@ class Stream:
             if moved == 0:
                 return False
             self.size += moved
+
+    def _linked(self) -> bool:
+        """True (reported once on stderr) when the live file has gained a hard link: its
+        owner may keep that inode past rotation, so it must not be fed any further. Looked
+        at every LINK_CHECK_SECONDS while the stream pumps (one fstat)."""
+        now = time.monotonic()
+        if now < self.next_link_check:
+            return False
+        self.next_link_check = now + LINK_CHECK_SECONDS
+        links = os.fstat(self.file).st_nlink
+        if links <= 1:
+            return False
+        print(f"ocp-agentd log keeper: {self.path} has {links} links (someone linked the live "
+              f"file); rotating to a new file", file=sys.stderr, flush=True)
+        return True
 
     def _drop(self, exc: OSError) -> bool:
         try:
@@ -153,6 +181,7 @@ def run(streams: list[Stream]) -> None:
 
 
 def main(argv: list[str]) -> int:
+    linux.keep_only_capabilities(KEPT_CAPABILITIES)
     config = json.loads(argv[1])
     streams = [
         Stream(item["pipe"], item["file"], Path(item["path"]), item["max_bytes"],

@@ -182,8 +182,10 @@ def create_file(dir_fd: int, name: str, uid: int, gid: int, mode: int = 0o640,
     fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                  dir_fd=dir_fd)
     try:
-        os.fchown(fd, uid, gid)
+        # The mode first, while the file is still the caller's: after the chown, root
+        # would need CAP_FOWNER for it, which the log keeper does not keep.
         os.fchmod(fd, mode)  # whatever the umask took away
+        os.fchown(fd, uid, gid)
     except BaseException:
         os.close(fd)
         raise
