@@ -68,7 +68,7 @@ class Plan:
 
 FULL = Plan(
     sizes=(10, 50, 200, 500, 1000),
-    crowded=(10, 50, 200, 500, 1000),
+    crowded=(50, 200, 500, 1000),
     extra=1000,
     reps={10: 5, 50: 5, 200: 3, 500: 3, 1000: 2},
     status_seconds=2.0,
