@@ -86,6 +86,27 @@ FULL = Plan(
     systemd_sizes=(10, 50, 200),
     seed_reps=10,
 )
+# The full matrix in less time: for a machine that others share, or a deadline.
+REDUCED = Plan(
+    sizes=(10, 50, 200, 1000),
+    crowded=(200,),
+    extra=1000,
+    reps={10: 3, 50: 3, 200: 3, 1000: 2},
+    status_seconds=2.0,
+    crash_n=50,
+    crash_kills=4,
+    crash_turns=2,
+    crash_min_age=1.5,
+    single_n=50,
+    startup_reps=3,
+    cli_reps=5,
+    idle_seconds=20.0,
+    peers=("supervisord", "supervisord+poll", "circus"),
+    poll_sizes=(10, 50, 200),
+    cgroup_off_sizes=(50, 200),
+    systemd_sizes=(10, 50, 200),
+    seed_reps=5,
+)
 QUICK = Plan(
     sizes=(10,),
     crowded=(),
@@ -245,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized run; fails on regression")
+    parser.add_argument("--reduced", action="store_true",
+                        help="fewer sizes and repetitions (about half the full run's time)")
     parser.add_argument("--out", type=Path, help="markdown results file to write")
     parser.add_argument("--json", type=Path, help="every sample, as JSON, to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -254,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reexec_in_peers_venv(argv)
 
-    plan = QUICK if args.quick else FULL
+    plan = QUICK if args.quick else REDUCED if args.reduced else FULL
     if args.sizes:
         sizes = tuple(int(x) for x in args.sizes.split(","))
         plan = Plan(**{**plan.__dict__, "sizes": sizes,
@@ -266,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (None if args.quick else BENCH_DIR / "RESULTS.md")
 
     watcher = Watcher()  # forked first: before any client library starts a thread
-    env_lines = report.environment(REPO, versions(), "quick" if args.quick else "full")
+    mode = "quick" if args.quick else "reduced" if args.reduced else "full"
+    env_lines = report.environment(REPO, versions(), mode)
     reaper = Reaper(secrets.token_hex(8))
     workdir = Path(tempfile.mkdtemp(prefix="ocp-bench-"))
     results = report.Results()
