@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="comma-separated N, instead of the plan's")
     parser.add_argument("--crowded", help="comma-separated N to run with extra idle processes")
     parser.add_argument("--no-systemd", action="store_true", help="skip the container part")
+    parser.add_argument("--systemd-sizes", help="comma-separated N for the container part")
     args = parser.parse_args(argv)
     reexec_in_peers_venv(argv)
 
@@ -286,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.crowded is not None:
         crowded = tuple(int(x) for x in args.crowded.split(",") if x)
         plan = Plan(**{**plan.__dict__, "crowded": crowded, "extra": plan.extra or 1000})
+    if args.systemd_sizes:
+        plan = Plan(**{**plan.__dict__,
+                       "systemd_sizes": tuple(int(x) for x in args.systemd_sizes.split(","))})
     out = args.out or (None if args.quick else BENCH_DIR / "RESULTS.md")
 
     watcher = Watcher()  # forked first: before any client library starts a thread
