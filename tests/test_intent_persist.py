@@ -121,6 +121,10 @@ def test_an_exit_left_so_stays_exited_after_kill9_of_the_daemon(daemon_factory) 
     pid = runner.process("once")["pid"]
     os.kill(pid, signal.SIGKILL)  # it ends by itself, as far as the daemon knows
     runner.wait_state("once", "EXITED")
+    # An exit nobody asked for is recorded by the writer thread a moment after the state
+    # change (no caller waits for it): the daemon is killed once the record is on disk.
+    wait_for(lambda: (record_dir(runner) / "once.json").exists(), timeout=10,
+             message="the exit recorded")
     runner.kill9()
     runner.start()
     wait_booted(runner)
