@@ -165,6 +165,9 @@ def test_cancelled_command_probe_kills_its_group() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        # SIGKILL reaches the group at the cancel; the children take a moment to die.
+        await until(lambda: not marked_processes([("PROBE_TEST_MARK", mark)]), 10,
+                    "the probe's group to die")
         return marked_processes([("PROBE_TEST_MARK", mark)])
 
     try:
