@@ -86,13 +86,24 @@ def test_the_record_names_the_cgroup_the_limits_and_the_usage(daemon_factory):
     assert quota.read_text().strip() == "50000"
 
 
-def test_usage_without_cgroups_comes_from_the_main_process(daemon_factory):
-    daemon = daemon_factory({"spinner": {"command": SPIN, "start_seconds": 0.2}},
-                            {"agent": {"cgroup": "off"}})
-    record = daemon.wait_state("spinner", "RUNNING", timeout=20)
+def test_usage_without_cgroups_is_summed_over_the_whole_tree(daemon_factory):
+    """cgroup = "off": the main is an idle shell; a child holds 96 MiB and spins. The
+    record and /metrics count the child (SPEC section 9: "else from the process tree")."""
+    child = "import time\nb = b'x' * (96 << 20)\nwhile True: time.sleep(0.001) or sum(range(999))"
+    program = {
+        "command": ["/bin/sh", "-c", f"{sys.executable} -c \"{child}\" & wait"],
+        "start_seconds": 0.2,
+    }
+    daemon = daemon_factory({"family": program}, {"agent": {"cgroup": "off"}})
+    record = daemon.wait_state("family", "RUNNING", timeout=20)
     assert record["cgroup"] is None
-    wait_for(lambda: (daemon.process("spinner")["cpu_seconds"] or 0) > 0.05, 20, "CPU time")
-    assert daemon.process("spinner")["memory_bytes"] > 1 << 20
+    wait_for(lambda: (daemon.process("family")["memory_bytes"] or 0) > 90 << 20, 20,
+             "the child's memory in the program's figure")
+    wait_for(lambda: (daemon.process("family")["cpu_seconds"] or 0) > 0.2, 20,
+             "the child's CPU time in the program's figure")
+    text = scrape(daemon)
+    assert value(text, "ocp_agentd_program_memory_bytes", program="family") > 90 << 20
+    assert value(text, "ocp_agentd_program_cpu_seconds_total", program="family") > 0.2
 
 
 def test_check_prints_the_mode_and_every_limit_it_cannot_enforce(daemon_factory):

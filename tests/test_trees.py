@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 from pathlib import Path
 
 import psutil
@@ -248,4 +249,110 @@ def test_without_cgroups_an_orphan_comes_back_to_the_daemon_and_is_reaped(
         wait_for(lambda: not zombies_of(daemon.pid), 10, "no zombie left below the daemon")
     finally:
         for proc in sleeps(seconds):
+            proc.kill()
+
+
+def _cmdline_has(text: str) -> list[psutil.Process]:
+    return _matching(lambda cmd: any(text in part for part in cmd))
+
+
+def test_without_cgroups_an_escaped_grandchild_seen_in_the_tree_is_stopped_with_it(
+    daemon_factory, tmp_path
+):
+    """cgroup = "off": a grandchild calls setsid and runs with an empty environment (no
+    run marker), then its parent exits, so it becomes the daemon's child (the daemon is a
+    child subreaper) with nothing tying it to the program. A sample of the tree saw it
+    while its parent lived (its 64 MiB show in the program's memory): by that pid and
+    start time it is still the program's, counted in its usage and stopped with it."""
+    seconds = unique_seconds()
+    release = tmp_path / "release"
+    os.mkfifo(release)
+    hog = f"import time; b = b'x' * (64 << 20); time.sleep({seconds})"
+    script = tmp_path / "escape.sh"
+    script.write_text(
+        f'env -i setsid {sys.executable} -c "{hog}" &\n'
+        f"read x < {release}\n"
+        "exit 0\n"
+    )
+    program = {
+        "command": ["/bin/sh", "-c", f"/bin/sh {script} & exec /bin/sleep {seconds}"],
+        "start_seconds": 0.2,
+    }
+    daemon = daemon_factory({"escaper": program}, {"agent": {"cgroup": "off"}})
+    try:
+        daemon.wait_state("escaper", "RUNNING", timeout=20)
+        wait_for(lambda: (daemon.process("escaper")["memory_bytes"] or 0) > 60 << 20, 20,
+                 "the grandchild in the program's figures")
+        hidden = _cmdline_has(hog)[0]
+        assert b"OCP_AGENTD" not in Path(f"/proc/{hidden.pid}/environ").read_bytes()
+        with open(release, "w") as fifo:
+            fifo.write("go\n")
+        wait_for(lambda: hidden.ppid() == daemon.pid, 10, "the grandchild orphaned")
+        done = daemon.ctl("stop", "escaper")
+        assert done.returncode == 0, done.stderr
+        assert not hidden.is_running() or hidden.status() == psutil.STATUS_ZOMBIE
+        assert sleeps(seconds) == []
+    finally:
+        for proc in _cmdline_has(hog):
+            proc.kill()
+
+
+def _vanisher(tmp_path: Path, seconds: int) -> dict:
+    """A program whose grandchild leaves its session and environment at once, before any
+    sample can see it, and whose main then exits: an orphan no record attributes."""
+    ready = tmp_path / f"escaped-{seconds}"
+    os.mkfifo(ready)
+    escape = f"env -i setsid /bin/sh -c 'echo > {ready}; exec /bin/sleep {seconds}' &"
+    return {
+        "command": ["/bin/sh", "-c", f"{escape} read x < {ready}; exit 0"],
+        "autorestart": "never",
+        "start_seconds": 0,
+        "max_quick_exits": 1,
+    }
+
+
+def test_without_cgroups_shutdown_ends_an_orphan_no_record_attributes(
+    daemon_factory, tmp_path
+):
+    seconds = unique_seconds()
+    daemon = daemon_factory({"vanisher": _vanisher(tmp_path, seconds)},
+                            {"agent": {"cgroup": "off"}})
+    try:
+        orphan = wait_for(lambda: sleeps(seconds), 20, "the orphan")[0]
+        assert orphan.ppid() == daemon.pid
+        assert daemon.stop() == 0
+        assert sleeps(seconds) == []
+        assert "ending 1 orphaned process(es) of no running program" in daemon.log()
+    finally:
+        for proc in sleeps(seconds):
+            proc.kill()
+
+
+def test_without_cgroups_stop_all_ends_orphans_but_not_a_running_programs(
+    daemon_factory, tmp_path
+):
+    """stop-all (the workers; pos_proxy keeps running) ends the unattributed orphan, but
+    not a process of pos_proxy that also came to the daemon: pos_proxy still runs."""
+    seconds = unique_seconds()
+    release = tmp_path / "release"
+    os.mkfifo(release)
+    # pos_proxy's helper: a double fork whose middle exits at once, in pos_proxy's session.
+    proxy = {
+        "role": "pos_proxy",
+        "command": ["/bin/sh", "-c",
+                    f"(/bin/sleep {seconds + 1} &) ; exec /bin/sleep {seconds + 2}"],
+        "start_seconds": 0.2,
+    }
+    daemon = daemon_factory({"vanisher": _vanisher(tmp_path, seconds), "proxy": proxy},
+                            {"agent": {"cgroup": "off"}, "programs": {"pos_proxy": None}})
+    try:
+        orphan = wait_for(lambda: sleeps(seconds), 20, "the orphan")[0]
+        helper = wait_for(lambda: sleeps(seconds + 1), 20, "pos_proxy's helper")[0]
+        assert orphan.ppid() == daemon.pid and helper.ppid() == daemon.pid
+        done = daemon.ctl("stop", "all")
+        assert done.returncode == 0, done.stderr
+        assert sleeps(seconds) == []
+        assert helper.is_running() and daemon.process("proxy")["state"] == "RUNNING"
+    finally:
+        for proc in sleeps(seconds) + sleeps(seconds + 1) + sleeps(seconds + 2):
             proc.kill()

@@ -3,7 +3,15 @@ the markers the daemon puts into every program's environment.
 
 A program's tree is its descendants, the members of its process group and session, and
 every process that still carries its run marker (a grandchild that called setsid and was
-reparented to init keeps its environment, so it is found too).
+reparented to init keeps its environment, so it is found too). Each stat line also gives a
+process's CPU time and resident memory, so the same read serves the usage of programs
+without a cgroup (treeusage.py).
+
+A Scanner also keeps the Lineage: the pid and start time of every process it has seen in
+each instance's tree. A grandchild that calls setsid and empties its environment carries
+nothing that ties it to its program once its parent has exited (it is then a child of the
+daemon, the subreaper); if any snapshot saw it in the tree before that, the lineage still
+names its instance, and Snapshot.tree includes it for as long as that same process lives.
 """
 
 from __future__ import annotations
@@ -27,6 +35,16 @@ class ProcEntry:
     sid: int
     starttime: int  # clock ticks since boot: with pid, the identity of a process
     zombie: bool
+    # proc(5) stat utime + stime + cutime + cstime: CPU time of the process and of the
+    # children it has waited for, in clock ticks.
+    cpu_ticks: int = 0
+    rss_pages: int = 0  # proc(5) stat rss: resident pages
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(pid, start time): names one process for its whole life (a reused pid has a
+        later start time)."""
+        return (self.pid, self.starttime)
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,9 @@ class _Index:
 class Snapshot:
     entries: dict[int, ProcEntry] = field(default_factory=dict)
     markers: dict[int, Marker] = field(default_factory=dict)
+    # The Scanner's lineage (None for a snapshot taken outside a Scanner): tree() adds the
+    # processes it remembers of the instance and remembers what it finds.
+    lineage: Lineage | None = field(default=None, repr=False, compare=False)
     # Built on the first tree(): stop-all over 50 programs asks 100 trees of one snapshot,
     # and three passes over every process of the host for each were a quarter of its time.
     _index: _Index | None = field(default=None, repr=False, compare=False)
@@ -71,7 +92,10 @@ class Snapshot:
         return self._index
 
     def tree(self, root: int, run_id: str) -> list[ProcEntry]:
-        """Every live process that belongs to the instance rooted at `root`."""
+        """Every live process that belongs to the instance rooted at `root` (pid) with run
+        marker `run_id`: descendants, group and session members, marked processes and,
+        with a lineage, processes seen in this instance's tree before (same pid and start
+        time). Sorted by pid; zombies left out."""
         found: set[int] = set()
         index = self._indexed()
         root_entry = self.entries.get(root)
@@ -86,11 +110,21 @@ class Snapshot:
                 stack.extend(children.get(pid, ()))
             found.update(index.by_group.get(root, ()))
         found.update(index.by_run.get(run_id, ()))
-        return [
+        if self.lineage is not None:
+            found.update(self.lineage.survivors(run_id, self))
+        members = [
             self.entries[pid]
             for pid in sorted(found)
             if pid in self.entries and not self.entries[pid].zombie
         ]
+        if self.lineage is not None:
+            self.lineage.remember(run_id, members)
+        return members
+
+    def alive(self, pid: int, starttime: int) -> bool:
+        """Whether this snapshot lists the process pid with that start time, not a zombie."""
+        entry = self.entries.get(pid)
+        return entry is not None and entry.starttime == starttime and not entry.zombie
 
     def marked(self, state_dir: str, program: str) -> list[tuple[ProcEntry, Marker]]:
         """The live processes marked as `program` of the daemon of `state_dir`."""
@@ -133,6 +167,8 @@ def read_stat(pid: int) -> ProcEntry | None:
             sid=int(fields[3]),
             starttime=int(fields[19]),
             zombie=fields[0] in (b"Z", b"X"),
+            cpu_ticks=int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14]),
+            rss_pages=int(fields[21]),
         )
     except (IndexError, ValueError):
         return None
@@ -187,16 +223,67 @@ def take_snapshot(with_markers: bool = True) -> Snapshot:
     return snap
 
 
+class Lineage:
+    """The pid and start time of every process seen in each instance's tree, kept while
+    that process lives.
+
+    Identity is (pid, start time), never the pid alone: a pid the kernel gave to another
+    process since has a later start time and is not matched, so a stranger is never
+    attributed (and tree.py pins every process by a pidfd, checking the start time again,
+    before it signals). The record lives in the daemon's memory only: a daemon that
+    restarts starts with an empty one.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, dict[int, int]] = {}  # run_id -> pid -> starttime
+
+    def remember(self, run_id: str, members: list[ProcEntry]) -> None:
+        """Notes members as seen in run_id's tree."""
+        if not members:
+            return
+        seen = self._seen.setdefault(run_id, {})
+        for entry in members:
+            seen[entry.pid] = entry.starttime
+
+    def survivors(self, run_id: str, snap: Snapshot) -> list[int]:
+        """The pids of run_id's remembered processes that snap shows alive, same start time."""
+        seen = self._seen.get(run_id)
+        if not seen:
+            return []
+        return [pid for pid, start in seen.items() if snap.alive(pid, start)]
+
+    def owner(self, entry: ProcEntry) -> str | None:
+        """The run_id in whose tree this very process (pid and start time) was seen."""
+        for run_id, seen in self._seen.items():
+            if seen.get(entry.pid) == entry.starttime:
+                return run_id
+        return None
+
+    def prune(self, snap: Snapshot) -> None:
+        """Forgets every process snap does not show alive (ended, or its pid reused)."""
+        for run_id in list(self._seen):
+            seen = self._seen[run_id]
+            for pid in [p for p, start in seen.items() if not snap.alive(p, start)]:
+                del seen[pid]
+            if not seen:
+                del self._seen[run_id]
+
+    def __len__(self) -> int:
+        return sum(len(seen) for seen in self._seen.values())
+
+
 class Scanner:
     """Shares one /proc read among everyone who asks while it runs.
 
     A caller always gets a snapshot taken after it asked; stop-all over fifty programs
-    then costs one or two scans instead of fifty.
+    then costs one or two scans instead of fifty. Every snapshot it hands out carries its
+    lineage (pruned to what that snapshot shows alive).
     """
 
     def __init__(self) -> None:
         self._next: asyncio.Future[Snapshot] | None = None
         self._running = False
+        self.lineage = Lineage()
 
     async def snapshot(self) -> Snapshot:
         if self._next is None:
@@ -215,6 +302,8 @@ class Scanner:
                 except Exception as exc:  # pragma: no cover - /proc unreadable
                     waiter.set_exception(exc)
                 else:
+                    self.lineage.prune(snap)
+                    snap.lineage = self.lineage
                     waiter.set_result(snap)
         finally:
             self._running = False

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-import psutil
 
 from ocp_agentd import descriptors, hostcheck
 from ocp_agentd.background import Tasks
@@ -53,6 +52,7 @@ from ocp_agentd.supervision.intent_records import IntentRecord, IntentRecords
 from ocp_agentd.supervision.liveness import Liveness
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner
 from ocp_agentd.supervision.subreaper import REAPER
+from ocp_agentd.supervision.treeusage import TreeUsage
 from ocp_agentd.supervision.types import (
     Check,
     ExitInfo,
@@ -114,6 +114,7 @@ class Program:
         watch: EmptyWatch | None = None,
         on_probe_failed: Callable[[str, str, str], None] | None = None,
         intents: IntentRecords | None = None,
+        tree_usage: TreeUsage | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -149,6 +150,8 @@ class Program:
         self.oom_kills = 0
         self._oom_seen = 0
         self._usage: tuple[float, Usage] | None = None
+        # Without a cgroup, the figures summed over the tree by the supervisor's sampler.
+        self._tree_usage = tree_usage
 
     # ---- the one place where state changes ------------------------------------------------
 
@@ -238,8 +241,8 @@ class Program:
 
     def usage(self) -> Usage:
         """CPU seconds and memory bytes: the cgroup's counters when the program has one,
-        else the main process's (CPU time including the children it has waited for,
-        times(2); resident memory of the main alone). Read at most every USAGE_TTL s."""
+        else the process tree's, summed by the sampler (treeusage.py; never a /proc read
+        here); None where there is neither. Read at most every USAGE_TTL s."""
         now = time.monotonic()
         if self._usage is not None and now - self._usage[0] < USAGE_TTL:
             return self._usage[1]
@@ -247,8 +250,8 @@ class Program:
         inst = self.instance
         if self.cgroup is not None and self.cgroup.membership.exists():
             usage = self.cgroup.usage()
-        elif inst is not None and not inst.exited.done():
-            usage = _process_usage(inst.pid)
+        elif inst is not None and not inst.exited.done() and self._tree_usage is not None:
+            usage = self._tree_usage.usage(inst)
         self._usage = (now, usage)
         return usage
 
@@ -942,18 +945,6 @@ class Program:
 def limits_of(spec: ProgramSpec) -> Limits:
     """A program spec's resource limits (SPEC section 9) for the cgroup layer."""
     return Limits(spec.cpu_quota, spec.memory_max, spec.memory_high, spec.pids_max)
-
-
-def _process_usage(pid: int) -> Usage:
-    try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            times = proc.cpu_times()
-            rss = proc.memory_info().rss
-    except psutil.Error:
-        return Usage(None, None)
-    cpu = times.user + times.system + times.children_user + times.children_system
-    return Usage(cpu, rss)
 
 
 def _signal_name(signum: int) -> str:

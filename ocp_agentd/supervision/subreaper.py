@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 
-from ocp_agentd.supervision.proctable import read_stat
+from ocp_agentd.supervision.proctable import ProcEntry, Snapshot, read_stat
 
 log = logging.getLogger("ocp_agentd.subreaper")
 
@@ -164,6 +164,20 @@ class Reaper:
                     count += 1
         self.reaped += count
         return count
+
+    def orphans(self, snap: Snapshot) -> list[ProcEntry]:
+        """The live processes of snap that came to this process as orphans: its children
+        that nobody claimed (no program's main process, log keeper or probe) and that are
+        outside its own session (not one of its own helper subprocesses)."""
+        own = os.getpid()
+        return [
+            entry
+            for entry in snap.entries.values()
+            if entry.ppid == own
+            and not entry.zombie
+            and entry.pid not in self._claimed
+            and entry.sid != self._own_sid
+        ]
 
     def _reapable(self, pid: int) -> bool:
         if pid in self._claimed:

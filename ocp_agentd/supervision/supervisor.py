@@ -15,7 +15,7 @@ import aiohttp
 from ocp_agentd.config import ProgramSpec, Settings
 from ocp_agentd.events import EventHub
 from ocp_agentd.repeats import Once
-from ocp_agentd.supervision import cgroups, output
+from ocp_agentd.supervision import cgroups, output, tree
 from ocp_agentd.supervision.identity import PidRecords
 from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, ticket
 from ocp_agentd.supervision.intent_records import IntentRecords
@@ -28,6 +28,8 @@ from ocp_agentd.supervision.program import (
     VerifyResult,
 )
 from ocp_agentd.supervision.subreaper import REAPER
+from ocp_agentd.supervision.treeusage import TreeUsage
+from ocp_agentd.supervision.types import Instance
 
 log = logging.getLogger("ocp_agentd.supervisor")
 T = TypeVar("T")
@@ -66,6 +68,8 @@ class Supervisor:
         # Raises CgroupError for cgroup = "required" on a host without usable cgroups.
         self.host = cgroups.choose(settings.agent.cgroup, self.state_dir)
         self.watch = cgroups.EmptyWatch()
+        # Usage and lineage of the programs without a cgroup (SPEC section 9), sampled.
+        self.tree_usage = TreeUsage(self.scanner, self._bare_instances)
         self._listeners: list[Listener] = []
         self._http: aiohttp.ClientSession | None = None
         self.programs: dict[str, Program] = {}
@@ -104,6 +108,7 @@ class Supervisor:
             self.watch,
             self.events.probe_failed,
             self.intents,
+            self.tree_usage,
         )
         for key, how in program.info().limits.items():
             if how.startswith("not enforced"):
@@ -133,6 +138,13 @@ class Supervisor:
     def process_records(self) -> list[dict[str, Any]]:
         """Every program's info as the JSON of SPEC section 6 (the status answers' hot path)."""
         return [p.record() for p in self.programs.values()]
+
+    def _bare_instances(self) -> list[Instance]:
+        """The live instances of programs without a cgroup (their trees come from /proc)."""
+        return [
+            p.instance for p in self.programs.values()
+            if p.cgroup is None and p.instance is not None and p.alive()
+        ]
 
     def counts(self) -> dict[str, int]:
         counted = Counter(str(p.state) for p in self.programs.values())
@@ -164,7 +176,20 @@ class Supervisor:
     async def stop_all(
         self, timeout: float | None = None
     ) -> dict[str, ProcessInfo | OperationFailed]:
-        return await self._each(self.workers(), lambda n: self.stop(n, timeout))
+        """Stops every worker; then ends the orphans no running program owns."""
+        results = await self._each(self.workers(), lambda n: self.stop(n, timeout))
+        await self._end_orphans()
+        return results
+
+    async def _end_orphans(self) -> None:
+        """Ends the orphans the daemon inherited that belong to no running program (a
+        setsid grandchild without its environment escapes the process table's trees;
+        SPEC section 9, "where no cgroup can be had")."""
+        running = [
+            (p.instance, p.cgroup) for p in self.programs.values()
+            if p.instance is not None and p.alive()
+        ]
+        await tree.end_orphans(self.scanner, running)
 
     async def verify_all(self) -> dict[str, VerifyResult]:
         names = self.names()
@@ -190,6 +215,7 @@ class Supervisor:
         """Takes over what still runs (quick: nothing is started here)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         REAPER.install()
+        self.tree_usage.start()
         snap = await self.scanner.snapshot()
         plan = BootPlan([], [], [])
         for name, program in self.programs.items():
@@ -335,6 +361,8 @@ class Supervisor:
             for result in results.values():
                 if isinstance(result, OperationFailed):
                     log.error("%s", result)
+        # Before the log keepers: an orphan may hold a program's output pipe open.
+        await self._end_orphans()
         # The log keepers end with their programs' last writers (the daemon's copies of
         # the pipes, closed here, included): wait so that a stopped daemon leaves no
         # process of its own behind.
@@ -355,6 +383,7 @@ class Supervisor:
             log.error("pid records not all written within 10 s")
         await self.intents.flush()
         self.watch.close()
+        await self.tree_usage.stop()
         REAPER.uninstall()
         if self.host.usable:
             self.host.remove()  # only what is empty: running programs keep theirs

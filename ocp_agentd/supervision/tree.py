@@ -18,9 +18,10 @@ import os
 import signal
 import time
 
-from ocp_agentd.supervision.cgroups import EmptyWatch, ProgramCgroup
+from ocp_agentd.supervision.cgroups import CgroupError, EmptyWatch, ProgramCgroup
 from ocp_agentd.supervision.identity import Handle, pin
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner
+from ocp_agentd.supervision.subreaper import REAPER
 from ocp_agentd.supervision.types import Instance, OperationFailed
 
 log = logging.getLogger("ocp_agentd.program")
@@ -237,6 +238,52 @@ async def wait_gone(inst: Instance, handles: list[Handle], timeout: float) -> bo
         if not inst.exited.done():
             return False
     return await wait_handles(handles, max(0.0, deadline - time.monotonic()))
+
+
+async def end_orphans(
+    scanner: Scanner,
+    running: list[tuple[Instance, ProgramCgroup | None]],
+    grace: float = KILL_GRACE,
+) -> list[int]:
+    """Ends the orphans the daemon inherited (subreaper.Reaper.orphans) that belong to no
+    running instance: SIGTERM, up to grace seconds, then SIGKILL. For stop-all and the
+    daemon's shutdown, after the programs' own stops.
+
+    `running` holds each instance still running with its cgroup (None: none): an orphan
+    in such a cgroup, or in such an instance's tree (descendant, group or session member,
+    run marker, or seen in that tree before: proctable.Lineage), is left alone. Every
+    orphan is pinned by a pidfd with its start time before it is signalled. Returns the
+    pids signalled.
+    """
+    snap = await scanner.snapshot()
+    orphans = REAPER.orphans(snap)
+    if not orphans:
+        return []
+    keep: set[int] = set()
+    for inst, cgroup in running:
+        if cgroup is not None:
+            with contextlib.suppress(CgroupError):
+                keep.update(cgroup.members())
+        keep.update(entry.pid for entry in snap.tree(inst.pid, inst.run_id))
+    strays = [entry for entry in orphans if entry.pid not in keep]
+    if not strays:
+        return []
+    log.warning(
+        "ending %d orphaned process(es) of no running program: %s",
+        len(strays),
+        [entry.pid for entry in strays],
+    )
+    handles = pin_all(strays)
+    for handle in handles:
+        handle.send(signal.SIGTERM)
+        handle.send(signal.SIGCONT)
+    if not await wait_handles(handles, grace):
+        for handle in handles:
+            handle.send(signal.SIGKILL)
+        await wait_handles(handles, KILL_GRACE)
+    for handle in handles:
+        handle.close()
+    return [handle.pid for handle in handles]
 
 
 async def signal_tree(inst: Instance, scanner: Scanner, signum: int) -> int:
