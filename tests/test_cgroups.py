@@ -85,12 +85,16 @@ def test_v1_memory_max_ends_a_big_allocation_by_oom_kill(host):
     cg = host.open("hog")
     cg.create(Limits(memory_max=64 << 20))
     assert (cg.dirs["memory"] / "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
-    before = cg.oom_kills()
+    before = cg.oom_reading()
+    assert before.kills is not None  # this kernel (4.13+) keeps the count
     proc = spawn_in(cg, [sys.executable, "-c", "b = b'x' * (300 << 20); print(len(b))"],
                     stdout=subprocess.PIPE)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, out)
-    assert cg.oom_kills() == before + 1
+    assert cg.oom_kills() == before.kills + 1
+    after = cg.oom_reading()
+    assert after.failcnt is not None  # read from the real files (its value: kernel's choice)
+    assert cgroups.oom_news(before, after, sigkilled=True) == cgroups.OomNews(1)
 
 
 @needs_root
@@ -279,6 +283,40 @@ def test_v2_controller_files_written_and_read(tmp_path):
     assert host.enforcement(Limits(memory_high=1 << 30)) == {
         "memory_high": "1 GiB (memory.high)"
     }
+
+
+def v1_memory_without_oom_kill(directory: Path) -> ProgramCgroup:
+    """A directory shaped like a v1 memory cgroup of a kernel before 4.13, whose
+    memory.oom_control has no oom_kill line: no such kernel can run here (this one is far
+    newer), so plain files stand in for the kernel's. The reading code is the same
+    ProgramCgroup.oom_reading that reads real cgroups (the v1 OOM test above)."""
+    directory.mkdir(parents=True)
+    (directory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\n")
+    (directory / "memory.failcnt").write_text("0\n")
+    (directory / "memory.limit_in_bytes").write_text(f"{64 << 20}\n")
+    (directory / "cgroup.procs").write_text("")
+    return ProgramCgroup("old", directory, False, {"memory": directory})
+
+
+def test_v1_without_an_oom_kill_counter_infers_the_kill_and_says_so(tmp_path):
+    cg = v1_memory_without_oom_kill(tmp_path / "memory" / "old")
+    before = cg.oom_reading()
+    assert before == cgroups.OomReading(None, 0, False)
+    assert cg.oom_kills() == 0
+    # The limit was hit three times and the main then died of SIGKILL: likely the OOM killer.
+    (cg.membership / "memory.failcnt").write_text("3\n")
+    after = cg.oom_reading()
+    news = cgroups.oom_news(before, after, sigkilled=True)
+    assert news == cgroups.OomNews(
+        1, exact=False, evidence="no oom_kill counter on this kernel; memory.failcnt rose by 3"
+    )
+    # An exit by another signal, or a SIGKILL without the limit reached, is no OOM kill.
+    assert cgroups.oom_news(before, after, sigkilled=False).count == 0
+    assert cgroups.oom_news(after, after, sigkilled=True).count == 0
+    # Out of memory right now (under_oom 1) counts too, without a failcnt change.
+    (cg.membership / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 1\n")
+    news = cgroups.oom_news(after, cg.oom_reading(), sigkilled=True)
+    assert news.count == 1 and "under_oom 1" in news.evidence
 
 
 def test_detect_chooses_the_delegated_v2_layout_and_prepares_it(tmp_path):

@@ -6,18 +6,24 @@ Real daemons on this host's cgroups (hybrid: v1 limit controllers, v2 membership
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from harness import check_config, wait_for
 from test_api_metrics import scrape, value
+from test_cgroups import v1_memory_without_oom_kill
 
-from ocp_agentd.supervision import cgroups
+from ocp_agentd.config import ProgramSpec, Settings
+from ocp_agentd.supervision import Supervisor, cgroups
 
 HOST = cgroups.detect(Path("/nonexistent"))
 needs_hybrid = pytest.mark.skipif(
@@ -104,6 +110,65 @@ def test_usage_without_cgroups_is_summed_over_the_whole_tree(daemon_factory):
     text = scrape(daemon)
     assert value(text, "ocp_agentd_program_memory_bytes", program="family") > 90 << 20
     assert value(text, "ocp_agentd_program_cpu_seconds_total", program="family") > 0.2
+
+
+@needs_hybrid
+def test_a_sigkill_at_the_limit_on_a_kernel_without_an_oom_count_is_reported_as_likely(
+    tmp_path,
+):
+    """A kernel before 4.13 keeps no oom_kill count in v1 memory.oom_control. Its memory
+    cgroup is stood in for by plain files (v1_memory_without_oom_kill: no such kernel can
+    run here); membership is this host's real unified tree, the program a real process.
+    SIGKILLed after memory.failcnt rose, its exit is reported as a likely OOM kill, the
+    evidence named, and counted."""
+    settings = Settings(
+        agent={"state_dir": str(tmp_path / "state"), "log_dir": str(tmp_path / "log"),
+               "install_home": str(tmp_path), "cgroup": "off"},
+        api={"socket": str(tmp_path / "run" / "agentd.sock")},
+        programs={"old": ProgramSpec(command=["/bin/sleep", "300"], memory_max="64M",
+                                     autorestart="never", start_seconds=0)},
+    )
+    settings.resolve_paths(tmp_path)
+    real = cgroups.detect(tmp_path / "state")
+    assert real.membership is not None
+    standin = tmp_path / "v1-memory"
+    v1_memory_without_oom_kill(standin / "old")
+    host = cgroups.Host(cgroups.Layout.HYBRID, real.membership, True, {"memory": standin})
+
+    async def scenario() -> tuple[dict, int]:
+        sup = Supervisor(settings)
+        program = sup.program("old")
+        program.host, program.cgroup = host, host.open("old")
+        try:
+            await sup.start_pending(await sup.adopt())
+            assert program.state == "RUNNING" and program.instance is not None
+            (standin / "old" / "memory.failcnt").write_text("7\n")
+            os.kill(program.instance.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while program.state != "EXITED":
+                assert time.monotonic() < deadline, program.state
+                await asyncio.sleep(0.01)
+            assert program.last_exit is not None
+            return program.last_exit.as_dict(), program.oom_kills
+        finally:
+            await sup.shutdown()
+
+    try:
+        last_exit, kills = asyncio.run(scenario())
+    finally:
+        cgroup = host.open("old")
+        with contextlib.suppress(OSError):
+            cgroup.kill()
+        wait_for(lambda: not cgroup.members(), 10, "the cgroup empty")
+        with contextlib.suppress(FileNotFoundError):
+            cgroup.membership.rmdir()
+        host.remove()
+    assert last_exit["signal"] == "SIGKILL"
+    assert last_exit["reason"] == (
+        "killed by SIGKILL, likely by the OOM killer (memory_max 64 MiB; no oom_kill "
+        "counter on this kernel; memory.failcnt rose by 7)"
+    )
+    assert kills == 1
 
 
 def test_check_prints_the_mode_and_every_limit_it_cannot_enforce(daemon_factory):

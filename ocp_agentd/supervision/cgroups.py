@@ -191,6 +191,57 @@ class Host:
                 path.rmdir()
 
 
+@dataclass(frozen=True)
+class OomReading:
+    """One look at a memory cgroup's OOM figures.
+
+    kills: the kernel's count of OOM kills in the cgroup (v2 memory.events oom_kill, v1
+    memory.oom_control oom_kill), None where the kernel keeps none (v1 before Linux 4.13,
+    or no memory controller). failcnt (v1 memory.failcnt): how often the usage reached the
+    limit (memory.failcnt plus memory.memsw.failcnt where swap is accounted); under_oom
+    (v1 memory.oom_control): the cgroup is out of memory right now.
+    """
+
+    kills: int | None
+    failcnt: int | None = None
+    under_oom: bool = False
+
+
+@dataclass(frozen=True)
+class OomNews:
+    """OOM kills between two readings. exact: from the kernel's counter; else inferred
+    (count 0 or 1) and evidence says from what."""
+
+    count: int
+    exact: bool = True
+    evidence: str = ""
+
+
+def oom_news(before: OomReading, after: OomReading, sigkilled: bool) -> OomNews:
+    """The OOM kills between two readings of one cgroup.
+
+    With the kernel's counter: its difference. Without it (cgroup v1 before Linux 4.13,
+    whose memory.oom_control has no oom_kill line): one inferred kill when the process
+    looked at was ended by SIGKILL and the cgroup hit its limit meanwhile (memory.failcnt
+    rose) or is out of memory now (under_oom 1); the OOM killer's signal is SIGKILL
+    (mm/oom_kill.c). That is an inference, not a count: a SIGKILL from elsewhere while
+    the program also hit its limit reads the same, and evidence says so.
+    """
+    if after.kills is not None:
+        return OomNews(max(0, after.kills - (before.kills or 0)))
+    if not sigkilled:
+        return OomNews(0, exact=False)
+    rose = (
+        after.failcnt - before.failcnt
+        if after.failcnt is not None and before.failcnt is not None
+        else 0
+    )
+    if rose <= 0 and not after.under_oom:
+        return OomNews(0, exact=False)
+    seen = f"memory.failcnt rose by {rose}" if rose > 0 else "memory.oom_control under_oom 1"
+    return OomNews(1, exact=False, evidence=f"no oom_kill counter on this kernel; {seen}")
+
+
 @dataclass
 class Usage:
     """cpu_seconds: CPU time used by the cgroup since it was made (user + system);
@@ -390,20 +441,38 @@ class ProgramCgroup:
         return True
 
     def oom_kills(self) -> int:
-        """How many processes the OOM killer ended in this cgroup since it was made.
+        """How many processes the OOM killer ended in this cgroup since it was made, by
+        the kernel's counter (oom_reading); 0 when there is no counter or no memory
+        controller."""
+        return self.oom_reading().kills or 0
 
-        v2: memory.events "oom_kill"; v1: memory.oom_control "oom_kill" (kernel 4.13+).
-        0 when there is no memory controller.
+    def oom_reading(self) -> OomReading:
+        """What the memory controller says about the OOM killer now (see OomReading).
+
+        v2: memory.events "oom_kill". v1: memory.oom_control "oom_kill" (kernel 4.13+),
+        and for kernels without that line, memory.failcnt and memory.oom_control
+        "under_oom" (cgroup-v1/memory.rst, sections 5.4 and 10). No memory controller:
+        OomReading(None).
         """
         memory = self.dirs.get("memory")
         if memory is None:
-            return 0
-        filename = "memory.events" if self.limits_v2 else "memory.oom_control"
+            return OomReading(None)
+        if self.limits_v2:
+            try:
+                events = _keyed((memory / "memory.events").read_text())
+            except OSError:
+                return OomReading(None)
+            return OomReading(events.get("oom_kill"))
         try:
-            text = (memory / filename).read_text()
+            control = _keyed((memory / "memory.oom_control").read_text())
         except OSError:
-            return 0
-        return _keyed(text).get("oom_kill", 0)
+            control = {}
+        failcnt: int | None = None
+        # Both counters: with memsw limited too (_write_v1_memory) a charge may fail on it.
+        for filename in ("memory.failcnt", "memory.memsw.failcnt"):
+            with contextlib.suppress(OSError, ValueError):
+                failcnt = (failcnt or 0) + int((memory / filename).read_text())
+        return OomReading(control.get("oom_kill"), failcnt, control.get("under_oom", 0) == 1)
 
     def usage(self) -> Usage:
         """CPU seconds used and memory bytes charged, from the cgroup's own counters.
@@ -901,6 +970,8 @@ __all__ = [
     "Host",
     "Layout",
     "Limits",
+    "OomNews",
+    "OomReading",
     "ProgramCgroup",
     "Usage",
     "check_report",
@@ -908,4 +979,5 @@ __all__ = [
     "detect",
     "format_bytes",
     "instance_name",
+    "oom_news",
 ]

@@ -36,9 +36,12 @@ from ocp_agentd.supervision.cgroups import (
     Host,
     Layout,
     Limits,
+    OomNews,
+    OomReading,
     ProgramCgroup,
     Usage,
     format_bytes,
+    oom_news,
 )
 from ocp_agentd.supervision.identity import (
     PidRecord,
@@ -148,7 +151,7 @@ class Program:
             self.host.open(spec.name) if self.host.usable else None
         )
         self.oom_kills = 0
-        self._oom_seen = 0
+        self._oom_seen = OomReading(None)
         self._usage: tuple[float, Usage] | None = None
         # Without a cgroup, the figures summed over the tree by the supervisor's sampler.
         self._tree_usage = tree_usage
@@ -703,7 +706,7 @@ class Program:
                 self.name, cgroup, self.watch, self.spec.signal_number, self.spec.stop_timeout
             )
         cgroup.create(self.limits)
-        self._oom_seen = cgroup.oom_kills()
+        self._oom_seen = cgroup.oom_reading()
 
     def apply_limits(self) -> None:
         """Writes the spec's limits to the live cgroup (a reload that changed only them)."""
@@ -781,11 +784,7 @@ class Program:
             reason = f"killed by {signame}" if signame else f"exit code {code}"
         else:
             reason = "exited (adopted, exit status unknown)"
-        if self._count_oom_kills() and signame == "SIGKILL":
-            limit = self.spec.memory_max
-            reason = "killed by the OOM killer" + (
-                f" (memory_max {format_bytes(limit)})" if limit is not None else ""
-            )
+        reason = self._oom_reason(signame) or reason
         inst.handle.close()
         info = ExitInfo(code, signame, time.time(), reason)
         inst.exited.set_result(info)
@@ -794,15 +793,31 @@ class Program:
         if self.state == State.RUNNING and self.instance is inst:
             self._on_unexpected_exit(inst, info)
 
-    def _count_oom_kills(self) -> int:
-        """OOM kills in the cgroup since the last look (added to self.oom_kills)."""
+    def _oom_reason(self, signame: str | None) -> str | None:
+        """The exit's reason when the OOM killer ended it (counted), else None. Where the
+        kernel keeps no OOM count the verdict is an inference and says so (SPEC 9)."""
+        oom = self._count_oom_kills(signame == "SIGKILL")
+        if not oom.count or signame != "SIGKILL":
+            return None
+        limit = self.spec.memory_max
+        notes = [f"memory_max {format_bytes(limit)}"] if limit is not None else []
+        if not oom.exact:
+            notes.append(oom.evidence)
+        text = "killed by the OOM killer" if oom.exact else (
+            "killed by SIGKILL, likely by the OOM killer"
+        )
+        return text + (f" ({'; '.join(notes)})" if notes else "")
+
+    def _count_oom_kills(self, sigkilled: bool) -> OomNews:
+        """OOM kills in the cgroup since the last look (added to self.oom_kills); inferred
+        where the kernel keeps no count (cgroups.oom_news)."""
         if self.cgroup is None:
-            return 0
-        seen = self.cgroup.oom_kills()
-        new = max(0, seen - self._oom_seen)
+            return OomNews(0)
+        seen = self.cgroup.oom_reading()
+        news = oom_news(self._oom_seen, seen, sigkilled)
         self._oom_seen = seen
-        self.oom_kills += new
-        return new
+        self.oom_kills += news.count
+        return news
 
     def _on_unexpected_exit(self, inst: Instance, info: ExitInfo) -> None:
         self.last_exit = info
