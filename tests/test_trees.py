@@ -10,9 +10,11 @@ argument or title.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 from harness import wait_for, write_demo_config
 
 from ocp_agentd.supervision import cgroups
+from ocp_agentd.supervision.proctable import Lineage, Snapshot, take_snapshot
 
 CGROUPS = cgroups.detect(Path("/nonexistent")).usable and os.geteuid() == 0
 MODES = [
@@ -356,3 +359,27 @@ def test_without_cgroups_stop_all_ends_orphans_but_not_a_running_programs(
     finally:
         for proc in sleeps(seconds) + sleeps(seconds + 1) + sleeps(seconds + 2):
             proc.kill()
+
+
+def test_the_lineage_names_a_process_by_pid_and_start_time_never_a_reused_pid():
+    """A remembered process is matched only while the same pid has the same start time.
+    The kernel cannot be made to hand a live pid to another process on demand, so the
+    reuse is stood in for by the same snapshot entry with a later start time (what /proc
+    shows after a reuse); the first part reads a real process."""
+    proc = subprocess.Popen(["/bin/sleep", str(unique_seconds())])
+    try:
+        snap = take_snapshot(with_markers=False)
+        entry = snap.entries[proc.pid]
+        lineage = Lineage()
+        lineage.remember("run-a", [entry])
+        assert lineage.survivors("run-a", snap) == [proc.pid]
+        assert lineage.owner(entry) == "run-a"
+        reused = dataclasses.replace(entry, starttime=entry.starttime + 1)
+        after = Snapshot(entries={**snap.entries, proc.pid: reused})
+        assert lineage.survivors("run-a", after) == []
+        assert lineage.owner(reused) is None
+        lineage.prune(after)
+        assert len(lineage) == 0 and lineage.owner(entry) is None
+    finally:
+        proc.kill()
+        proc.wait()
