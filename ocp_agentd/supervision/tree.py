@@ -20,7 +20,7 @@ import time
 
 from ocp_agentd.supervision.cgroups import CgroupError, EmptyWatch, ProgramCgroup
 from ocp_agentd.supervision.identity import Handle, pin
-from ocp_agentd.supervision.proctable import ProcEntry, Scanner
+from ocp_agentd.supervision.proctable import ProcEntry, Scanner, take_snapshot
 from ocp_agentd.supervision.subreaper import REAPER
 from ocp_agentd.supervision.types import Instance, OperationFailed
 
@@ -255,16 +255,18 @@ async def end_orphans(
     orphan is pinned by a pidfd with its start time before it is signalled. Returns the
     pids signalled.
     """
-    snap = await scanner.snapshot()
-    orphans = REAPER.orphans(snap)
+    # First the parents alone (no environments read); the trees only if there are orphans.
+    orphans = REAPER.orphans(await asyncio.to_thread(take_snapshot, False))
     if not orphans:
         return []
     keep: set[int] = set()
+    snap = await scanner.snapshot() if running else None
     for inst, cgroup in running:
         if cgroup is not None:
             with contextlib.suppress(CgroupError):
                 keep.update(cgroup.members())
-        keep.update(entry.pid for entry in snap.tree(inst.pid, inst.run_id))
+        if snap is not None:
+            keep.update(entry.pid for entry in snap.tree(inst.pid, inst.run_id))
     strays = [entry for entry in orphans if entry.pid not in keep]
     if not strays:
         return []
