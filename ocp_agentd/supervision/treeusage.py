@@ -103,11 +103,9 @@ class TreeUsage:
             if gap > 0:
                 await asyncio.sleep(gap)
             try:
-                snap = await self._scanner.snapshot()
-            except OSError as exc:  # pragma: no cover - /proc unreadable
-                log.warning("cannot read the process table: %s", exc)
-                continue
-            self.sample(snap)
+                self.sample(await self._scanner.snapshot())
+            except Exception:  # a failed sample must not end sampling (nor go unretrieved)
+                log.exception("cannot sample the programs' process trees")
 
     def sample(self, snap: Snapshot) -> None:
         """Recomputes every root's figures from snap (and drops those of ended roots)."""
