@@ -3,11 +3,11 @@ process tree (SPEC section 9: "from the cgroup when there is one, else from the 
 tree").
 
 Status is the daemon's fastest answer, so a status never reads /proc: it reads the figures
-kept here (a dictionary lookup). They come from one process-table snapshot
-(proctable.Scanner, the read stops share) taken every SAMPLE_SECONDS while a program
-without a cgroup runs, and sooner, at most once per MIN_GAP_SECONDS, when a status asks
-about an instance that has no figure yet. A figure is thus at most SAMPLE_SECONDS old. The
-same snapshots keep the lineage of every tree fresh (proctable.Lineage), so a process
+kept here (a dictionary lookup). They come from one process-table read
+(proctable.Scanner.sample: every stat line, few environments) every SAMPLE_SECONDS while a
+program without a cgroup runs, and sooner, at most once per MIN_GAP_SECONDS, when a status
+asks about an instance that has no figure yet. A figure is thus at most SAMPLE_SECONDS
+old. The same reads keep the lineage of every tree fresh (proctable.Lineage), so a process
 that escapes its tree later is still attributed to its program if it lived through one
 sample inside it.
 
@@ -103,7 +103,7 @@ class TreeUsage:
             if gap > 0:
                 await asyncio.sleep(gap)
             try:
-                self.sample(await self._scanner.snapshot())
+                self.sample(await self._scanner.sample())
             except Exception:  # a failed sample must not end sampling (nor go unretrieved)
                 log.exception("cannot sample the programs' process trees")
 
