@@ -185,10 +185,12 @@ class Supervisor:
         """Ends the orphans the daemon inherited that belong to no running program (a
         setsid grandchild without its environment escapes the process table's trees;
         SPEC section 9, "where no cgroup can be had")."""
-        running = [
-            (p.instance, p.cgroup) for p in self.programs.values()
-            if p.instance is not None and p.alive()
-        ]
+        def running() -> list[tuple[Instance, cgroups.ProgramCgroup | None]]:
+            return [
+                (p.instance, p.cgroup) for p in self.programs.values()
+                if p.instance is not None and p.alive()
+            ]
+
         await tree.end_orphans(self.scanner, running)
 
     async def verify_all(self) -> dict[str, VerifyResult]:

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from ocp_agentd.supervision.cgroups import CgroupError, EmptyWatch, ProgramCgroup
 from ocp_agentd.supervision.identity import Handle, pin
@@ -242,30 +243,32 @@ async def wait_gone(inst: Instance, handles: list[Handle], timeout: float) -> bo
 
 async def end_orphans(
     scanner: Scanner,
-    running: list[tuple[Instance, ProgramCgroup | None]],
+    running: Callable[[], list[tuple[Instance, ProgramCgroup | None]]],
     grace: float = KILL_GRACE,
 ) -> list[int]:
     """Ends the orphans the daemon inherited (subreaper.Reaper.orphans) that belong to no
     running instance: SIGTERM, up to grace seconds, then SIGKILL. For stop-all and the
     daemon's shutdown, after the programs' own stops.
 
-    `running` holds each instance still running with its cgroup (None: none): an orphan
-    in such a cgroup, or in such an instance's tree (descendant, group or session member,
-    run marker, or seen in that tree before: proctable.Lineage), is left alone. Every
-    orphan is pinned by a pidfd with its start time before it is signalled. Returns the
-    pids signalled.
+    running() answers each instance still running with its cgroup (None: none); it is
+    asked after the orphans are listed, so a program started meanwhile counts as running.
+    An orphan in such a cgroup, or (without one) in such an instance's tree (descendant,
+    group or session member, run marker, or seen in that tree before: proctable.Lineage),
+    is left alone. Every orphan is pinned by a pidfd with its start time before it is
+    signalled. Returns the pids signalled.
     """
     # First the parents alone (no environments read); the trees only if there are orphans.
     orphans = REAPER.orphans(await asyncio.to_thread(take_snapshot, False))
     if not orphans:
         return []
     keep: set[int] = set()
-    snap = await scanner.snapshot() if running else None
-    for inst, cgroup in running:
+    alive = running()
+    snap = await scanner.snapshot() if any(cg is None for _, cg in alive) else None
+    for inst, cgroup in alive:
         if cgroup is not None:
             with contextlib.suppress(CgroupError):
                 keep.update(cgroup.members())
-        if snap is not None:
+        elif snap is not None:
             keep.update(entry.pid for entry in snap.tree(inst.pid, inst.run_id))
     strays = [entry for entry in orphans if entry.pid not in keep]
     if not strays:
