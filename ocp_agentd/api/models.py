@@ -214,6 +214,11 @@ class PageInfo(OcpModel):
 
 
 class Page(OcpModel, Generic[T]):
+    # No field of a page has a docstring; and reading them for a parametrized page
+    # (Page[TaskInstance]) makes pydantic search every frame of the import stack for the
+    # class's source, about 40 ms of the daemon's start-up.
+    model_config = ConfigDict(use_attribute_docstrings=False)
+
     contents: list[T]
     page: PageInfo
 
