@@ -55,7 +55,8 @@ class RequestModel(BaseModel):
     strict mode), no unknown fields, finite numbers."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
-                              use_attribute_docstrings=True)
+                              use_attribute_docstrings=True,
+                              defer_build=True)  # built on the first body, not at import
 
 
 class AllBody(RequestModel):
