@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import struct
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# glibc's soname (Debian, RHEL and the others this is packaged for). Not
+# ctypes.util.find_library("c"): it runs /sbin/ldconfig -p in a subprocess to find this
+# same name, and importing ctypes.util costs 2 MiB of resident memory in every log keeper.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,

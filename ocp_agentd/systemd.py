@@ -9,24 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
-
-try:  # systemd-python is a dependency; the raw datagram path keeps us working without it.
-    from systemd import daemon as _sd_daemon
-    from systemd import journal as _sd_journal
-except ImportError:  # pragma: no cover - only when the C extension is missing
-    _sd_daemon = None
-    _sd_journal = None
+from types import ModuleType
 
 log = logging.getLogger(__name__)
 
 # Attributes of log records that become journal fields of the same name.
 STRUCTURED_FIELDS = ("PROGRAM", "TASK_ID", "TRACE_ID")
+
+
+@functools.cache
+def _systemd_python() -> tuple[ModuleType | None, ModuleType | None]:
+    """(systemd.daemon, systemd.journal) of systemd-python, or (None, None) when its C
+    extension is missing (the raw datagram path then keeps notify working)."""
+    # Imported on first use, not with this module: a daemon that systemd did not start
+    # never needs them, and they cost about 1 MiB of resident memory.
+    try:
+        from systemd import daemon, journal
+    except ImportError:  # pragma: no cover - only when the C extension is missing
+        return None, None
+    return daemon, journal
 
 
 def _raw_notify(address: str, message: str) -> bool:
@@ -55,8 +63,9 @@ class Notifier:
             return False
         message = "\n".join(line.replace("\n", " ") for line in lines)
         try:
-            if _sd_daemon is not None and self._env is os.environ:
-                return bool(_sd_daemon.notify(message))
+            sd_daemon = _systemd_python()[0] if self._env is os.environ else None
+            if sd_daemon is not None:
+                return bool(sd_daemon.notify(message))
             return _raw_notify(address, message)
         except OSError as exc:  # a vanished socket must never take the daemon down
             log.debug("sd_notify failed: %s", exc)
@@ -115,9 +124,10 @@ class JournalHandler(logging.Handler):
         super().__init__(level)
         self.identifier = identifier
         if sender is None:
-            if _sd_journal is None:  # pragma: no cover
+            sd_journal = _systemd_python()[1]
+            if sd_journal is None:  # pragma: no cover
                 raise RuntimeError("systemd-python is not installed")
-            sender = _sd_journal.send
+            sender = sd_journal.send
         self._send = sender
 
     @staticmethod
@@ -164,7 +174,7 @@ def journal_handler(
     env: Mapping[str, str] | None = None, identifier: str = "ocp-agentd"
 ) -> logging.Handler | None:
     """A journald handler when started by systemd, else None (log to stderr then)."""
-    if not under_systemd(env) or _sd_journal is None:
+    if not under_systemd(env) or _systemd_python()[1] is None:
         return None
     if not os.path.exists("/run/systemd/journal/socket"):
         return None

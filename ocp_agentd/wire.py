@@ -27,5 +27,7 @@ class OcpModel(BaseModel):
         validate_by_alias=True,
         serialize_by_alias=True,
         json_schema_serialization_defaults_required=True,
-        use_attribute_docstrings=True,
+        # Validators and serializers are built on first use, not at import: the daemon
+        # answers its first request before any OCP shape is needed.
+        defer_build=True,
     )

@@ -17,9 +17,13 @@ Where the shapes live:
   coercion: ``"5"`` is not a number, ``1`` is not a boolean) and values out of range are
   answered 1000 with the field in ``target`` (:func:`parse_body`).
 
-How to add a field: add it, typed and with a docstring (its description), to the one
-shape that holds it (e.g. ProcessInfo for the process record, then set it in
-Program.info()). Nothing else: the answer and the document follow.
+How to add a field: add it, typed and with its description, to the one shape that holds
+it (e.g. ProcessInfo for the process record, then set it in Program.info()). Nothing
+else: the answer and the document follow. The description is the attribute's docstring
+in the dataclasses and TypedDicts of supervision/types.py (pydantic reads those only when
+the document is built), and ``Field(description=...)`` in the pydantic models (OcpModel,
+RequestModel): reading attribute docstrings means finding each class's source, which
+pydantic does at class creation, so at import: about 30 ms of the daemon's start-up.
 
 How to add a route: write the handler, declare its shapes here (or reuse one), and add
 ``Route(..., body=TheRequestModel, data=TheAnswerShape, operation_id="verbNoun")`` to its
@@ -55,28 +59,30 @@ class RequestModel(BaseModel):
     strict mode), no unknown fields, finite numbers."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
-                              use_attribute_docstrings=True)
+                              defer_build=True)  # built on the first body, not at import
 
 
 class AllBody(RequestModel):
     """Body of start-all and stop-all (optional)."""
 
-    timeout: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT)
-    """Seconds to wait for the outcome; absent or null: the program's start/stop_timeout."""
+    timeout: float | None = Field(
+        default=None, gt=0, le=MAX_TIMEOUT,
+        description="Seconds to wait for the outcome; absent or null: the program's "
+        "start/stop_timeout.",
+    )
 
 
 class OperationBody(AllBody):
     """Body of a program's start, stop and restart (optional)."""
 
-    force: bool = False
-    """Act on a program that is not operable (e.g. pos_proxy)."""
+    force: bool = Field(default=False,
+                        description="Act on a program that is not operable (e.g. pos_proxy).")
 
 
 class SignalBody(RequestModel):
     """Body of a program's signal."""
 
-    signal: SignalName
-    """A signal name without SIG, e.g. HUP."""
+    signal: SignalName = Field(description="A signal name without SIG, e.g. HUP.")
 
 
 def parse_body(model: type[RequestModel], text: str) -> RequestModel:
@@ -166,18 +172,14 @@ class AgentStatus(StrEnum):
 class HostAgentProcess(OcpModel):
     """One OCP Agent process of the host (the daemon itself is listed first)."""
 
-    id: int
-    """Stable per program name."""
+    id: int = Field(description="Stable per program name.")
     host_id: int
-    alias: str
-    """The program name."""
+    alias: str = Field(description="The program name.")
     pid: int | None
     user: str
     start_command: str
-    ports: str
-    """Comma-separated TCP ports."""
-    elapsed_time: int
-    """Seconds running; 0 when stopped."""
+    ports: str = Field(description="Comma-separated TCP ports.")
+    elapsed_time: int = Field(description="Seconds running; 0 when stopped.")
     last_active_time: str | None
     status: AgentStatus
     operable: bool
@@ -206,8 +208,7 @@ T = TypeVar("T")
 
 
 class PageInfo(OcpModel):
-    number: int
-    """The page number, from 1."""
+    number: int = Field(description="The page number, from 1.")
     size: int
     total_elements: int
     total_pages: int
@@ -234,5 +235,4 @@ class HostAgentProcessPage(Page[HostAgentProcess]):
 
 
 class SubtaskLog(OcpModel):
-    log: str
-    """One line per step: "<RFC 3339 time> <what happened>"."""
+    log: str = Field(description='One line per step: "<RFC 3339 time> <what happened>".')

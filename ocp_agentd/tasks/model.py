@@ -59,23 +59,21 @@ class SubtaskInstance(OcpModel):
 
     class_name: str
     description: str
-    downstreams: list[int] = Field(default_factory=list)
-    """Ids of the subtasks that wait for this one."""
+    downstreams: list[int] = Field(default_factory=list,
+                                   description="Ids of the subtasks that wait for this one.")
     id: int
     name: str
     node_type: str = "JAVA_TASK"
     operation: Operation = Operation.EXECUTE
     parallel_idx: int = -1
     prohibit_rollback: bool = False
-    run_time: int = 1
-    """How many times it has been run (a retry adds one)."""
-    series_id: int
-    """Its index in the task's template."""
+    run_time: int = Field(default=1,
+                          description="How many times it has been run (a retry adds one).")
+    series_id: int = Field(description="Its index in the task's template.")
     status: SubtaskStatus = SubtaskStatus.PENDING
-    timeout: int
-    """Seconds one run may take."""
-    upstreams: list[int] = Field(default_factory=list)
-    """Ids of the subtasks it waits for."""
+    timeout: int = Field(description="Seconds one run may take.")
+    upstreams: list[int] = Field(default_factory=list,
+                                 description="Ids of the subtasks it waits for.")
     task_id: int = Field(exclude=True)
     start_time: str | None = Field(default=None, exclude=True)
     end_time: str | None = Field(default=None, exclude=True)
@@ -101,8 +99,7 @@ class TaskInstance(OcpModel):
 
     context: TaskContext
     creator: str
-    executor: str
-    """The address of the host that runs it."""
+    executor: str = Field(description="The address of the host that runs it.")
     host_id: int
     id: int
     name: str

@@ -1,0 +1,81 @@
+"""What loading the daemon does, and what it leaves for later (the start-up of #16).
+
+Loading ``ocp_agentd.daemon`` is most of the daemon's start-up (bench/ measures it); these
+tests keep out of it what start-up does not need: building the validators of the OCP
+shapes and request bodies (built on first use), finding the source of model classes for
+attribute docstrings, and systemd-python outside systemd. Each check runs in a fresh
+interpreter, as the daemon does; none of them is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+# Runs in a fresh interpreter; prints one JSON object.
+_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    from pydantic._internal import _docs_extraction, _fields
+
+    looked_up = []
+    _original = _fields.extract_docstrings_from_cls
+
+    def _recording(cls, *args, **kwargs):
+        looked_up.append(f"{cls.__module__}.{cls.__qualname__}")
+        return _original(cls, *args, **kwargs)
+
+    _fields.extract_docstrings_from_cls = _recording
+
+    import ocp_agentd.__main__  # what ocp-agentd and python -m ocp_agentd load
+    from pydantic import BaseModel
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    # A generic model's own class (Page, not Page[TaskInstance]) is built when it is
+    # parametrized, whatever defer_build says: a fraction of a millisecond.
+    own = [c for c in subclasses(BaseModel) if c.__module__.startswith("ocp_agentd.")
+           and not c.__pydantic_generic_metadata__["parameters"]]
+    print(json.dumps({
+        "built": sorted(f"{c.__module__}.{c.__qualname__}" for c in own
+                        if c.__pydantic_complete__),
+        "docstrings_looked_up": looked_up,
+        "systemd_modules": sorted(m for m in sys.modules
+                                  if m == "systemd" or m.startswith("systemd.")),
+    }))
+    """
+)
+
+
+def _load_daemon() -> dict[str, list[str]]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID")}
+    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                          env=env, timeout=120, check=True)
+    return json.loads(done.stdout)
+
+
+def test_loading_the_daemon_builds_only_the_configuration_models() -> None:
+    """The OCP shapes (wire.OcpModel) and request bodies (RequestModel) are
+    ``defer_build``: their validators are built by their first use, not at import."""
+    loaded = _load_daemon()
+    assert loaded["built"], "no model of the daemon was found: the probe is broken"
+    assert all(name.startswith("ocp_agentd.config.") for name in loaded["built"]), (
+        loaded["built"]
+    )
+
+
+def test_loading_the_daemon_reads_no_model_source_for_docstrings() -> None:
+    """use_attribute_docstrings on a BaseModel makes pydantic find and parse the class's
+    source at import (~30 ms of start-up); BaseModel descriptions are Field(description=)."""
+    assert _load_daemon()["docstrings_looked_up"] == []
+
+
+def test_outside_systemd_the_daemon_does_not_load_systemd_python() -> None:
+    assert _load_daemon()["systemd_modules"] == []
