@@ -440,28 +440,6 @@ class ProgramCgroup:
                 log.warning("cannot remove cgroup %s: %s", path, exc.strerror)
 
 
-# ---- spawning into a cgroup ---------------------------------------------------------------------
-
-# Why this has no window: the child is a shell that runs only builtins (read, [, exec)
-# until the daemon has written its pid into every cgroup.procs of the program and then
-# sent "go" on its stdin; it forks nothing before that, and the program's first instruction
-# runs after the exec that follows. Every process the program ever forks inherits the
-# cgroups. If the daemon dies before "go", read sees end of file and the shell exits
-# without running the program. The alternatives are worse: Popen's preexec_fn runs Python
-# in the forked child of a threaded daemon (the daemon uses worker threads), which can
-# deadlock on a lock another thread held at fork time; clone3(CLONE_INTO_CGROUP) covers the
-# v2 tree only, not the v1 controllers of a hybrid host, and Python does not expose it.
-# Switching to the program's user happens in Popen's C code before the shell runs; the
-# daemon, still root, does the writing, so the user needs no right on cgroupfs.
-_HOLD_SCRIPT = 'read -r go && [ "$go" = go ] && exec "$0" "$@" </dev/null; exit 127'
-GO = b"go\n"
-
-
-def held_command(command: list[str]) -> list[str]:
-    """argv that waits for GO on stdin, then execs command with stdin from /dev/null."""
-    return ["/bin/sh", "-c", _HOLD_SCRIPT, *command]
-
-
 # ---- detection ------------------------------------------------------------------------------
 
 
