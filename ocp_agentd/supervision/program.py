@@ -98,6 +98,9 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 
+# Descriptors beyond the API's reserve that must be free for a standby to be made.
+STANDBY_HEADROOM = 64
+
 class Program:
     """One configured program and its running instance (at most one).
 
@@ -464,7 +467,6 @@ class Program:
         self.apply_limits()  # the config may have changed while no daemon ran
         self._watch(self.instance)
         self._set_state(State.RUNNING, f"adopted pid {record.pid}")
-        self._prepare_standby()
         return True
 
     def _in_a_slot(self, pid: int) -> bool:
@@ -610,9 +612,6 @@ class Program:
         problems = hostcheck.program_problems(self.spec)
         if problems:
             return "; ".join(str(problem) for problem in problems)
-        short = descriptors.shortfall()
-        if short:
-            return short
         standby = self._take_standby()
         if standby is not None:
             return standby
@@ -621,6 +620,10 @@ class Program:
             raise StartAborted
         if why is not None:
             return why
+        # Spawns waiting for their cgroup move hold descriptors too (spawn.in_flight).
+        short = descriptors.shortfall(descriptors.SPAWN_COST * (spawn.in_flight() + 1))
+        if short:
+            return short
         try:
             return await self._spawn()
         except spawn.SpawnRefused as exc:
@@ -766,16 +769,19 @@ class Program:
     async def _spawn(self) -> Instance:
         spec = self.spec
         run_id = uuid.uuid4().hex
-        popen = spawn.start_process(spec, self._state_dir, run_id, held=self.cgroup is not None)
-        REAPER.claim(popen.pid)
-        try:
-            if self.cgroup is not None:
-                await spawn.finish_in_thread(spawn.release_into, popen, self.cgroup)
-            handle = spawn.pin(popen)
-        except BaseException:
-            spawn.end_child(popen)
-            REAPER.release(popen.pid)
-            raise
+        with spawn.counted():
+            popen = spawn.start_process(
+                spec, self._state_dir, run_id, held=self.cgroup is not None
+            )
+            REAPER.claim(popen.pid)
+            try:
+                if self.cgroup is not None:
+                    await spawn.finish_in_thread(spawn.release_into, popen, self.cgroup)
+                handle = spawn.pin(popen)
+            except BaseException:
+                spawn.end_child(popen)
+                REAPER.release(popen.pid)
+                raise
         return self._begin(popen, handle, run_id)
 
     def _take_standby(self) -> Instance | None:
@@ -791,8 +797,14 @@ class Program:
         return self._begin(standby.popen, standby.handle, standby.run_id)
 
     def _prepare_standby(self) -> None:
-        """Makes the next standby in the background (standby.py), with cgroups only."""
-        if self.standbys is not None and self.standbys.waiting is None:
+        """Makes the next standby in the background (standby.py), with cgroups only, and
+        only while descriptors are plentiful: it holds two (its GO pipe and its pidfd),
+        and a program's start must never fail for a standby's sake."""
+        if (
+            self.standbys is not None
+            and self.standbys.waiting is None
+            and descriptors.shortfall(STANDBY_HEADROOM) is None
+        ):
             self._spawn_background(
                 self.standbys.prepare(self.spec, self._state_dir, uuid.uuid4().hex, self.limits)
             )

@@ -12,7 +12,7 @@ import errno
 import os
 import pwd
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,10 @@ _HELD_TITLE = ": ocp-agentd held start;"
 # The variables that carry a held command's argv (hold()); unset before the exec.
 _ARG_PREFIX = "OCP_AGENTD_ARGV_"
 _EXPORT_PREFIX = "OCP_AGENTD_AT_EXEC_"
+
+
+# Spawns between start_process and their release (counted()), for descriptor accounting.
+_in_flight = 0
 
 
 class SpawnRefused(Exception):
@@ -240,3 +244,19 @@ async def finish_in_thread(work: Callable[..., None], *args: object) -> None:
         with contextlib.suppress(Exception):
             await future
         raise
+
+
+def in_flight() -> int:
+    """How many spawns are under way (counted()): each holds descriptors meanwhile."""
+    return _in_flight
+
+
+@contextlib.contextmanager
+def counted() -> Iterator[None]:
+    """Counts a spawn as under way for its duration (in_flight())."""
+    global _in_flight
+    _in_flight += 1
+    try:
+        yield
+    finally:
+        _in_flight -= 1
