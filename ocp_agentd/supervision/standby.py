@@ -36,6 +36,11 @@ from ocp_agentd.supervision.subreaper import REAPER
 
 log = logging.getLogger("ocp_agentd.program")
 
+# Seconds between a start and the making of the next standby: programs started together
+# (start-all, a restart task) get theirs once the starts are done, not in their way; a
+# program that exits sooner than this restarts after a backoff anyway.
+PREPARE_DELAY = 0.5
+
 # The second slot of a program's cgroup: "<name>" and "<name>.b" (program names hold no
 # dot, config.py, so no program's slot can be another's).
 SECOND_SLOT = ".b"
@@ -79,15 +84,19 @@ class Standbys:
     async def prepare(
         self, spec: ProgramSpec, state_dir: Path, run_id: str, limits: Limits
     ) -> None:
-        """Makes a standby for spec in the spare slot (emptying it first: what is left
-        there is an ended instance or a stale standby). Failures are logged at debug
-        level and leave no standby: starts then take the ordinary path."""
+        """After PREPARE_DELAY seconds, makes a standby for spec in the spare slot
+        (emptying it first: what is left there is an ended instance or a stale standby).
+        Failures are logged at debug level and leave no standby: starts then take the
+        ordinary path. A discard() meanwhile cancels it."""
         if self.waiting is not None or self._preparing:
             return
         generation = self._generation
         self._preparing = True
         popen: subprocess.Popen[bytes] | None = None
         try:
+            await asyncio.sleep(PREPARE_DELAY)
+            if generation != self._generation:
+                return
             slot = self.spare
             if slot.membership.exists() and slot.populated():
                 await tree.end_cgroup(self.name, slot, self._watch)
@@ -156,12 +165,31 @@ class Standbys:
 
 
 def _end(popen: subprocess.Popen[bytes], handle: Handle | None) -> None:
-    """Kills and reaps a held shell (it ran none of the program's code)."""
-    spawn.end_child(popen)
+    """Kills a held shell (it ran none of the program's code) and reaps it: at once when
+    it is already gone, else when its pidfd says it exited (the loop does not wait)."""
     if popen.stdin is not None:
         with contextlib.suppress(OSError):
             popen.stdin.close()
         popen.stdin = None
+    if popen.returncode is None:
+        with contextlib.suppress(OSError):
+            popen.kill()
+    if handle is None or popen.poll() is not None:
+        if popen.returncode is None:
+            popen.wait()
+        _forget(popen, handle)
+        return
+    loop = asyncio.get_running_loop()
+
+    def reap() -> None:
+        loop.remove_reader(handle.pidfd)
+        popen.wait()  # its pidfd is readable: it has exited, so this does not block
+        _forget(popen, handle)
+
+    loop.add_reader(handle.pidfd, reap)
+
+
+def _forget(popen: subprocess.Popen[bytes], handle: Handle | None) -> None:
     REAPER.release(popen.pid)
     if handle is not None:
         handle.close()
