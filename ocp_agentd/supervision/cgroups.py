@@ -323,10 +323,10 @@ class ProgramCgroup:
             return "populated 1" in text
         return bool(self.members())
 
-    def signal_all(self, signum: int) -> list[int]:
-        """Sends signum to every member, each pinned by a pidfd and checked still to be a
-        member after pinning (so a pid reused in between is never hit). Returns the pids
-        signalled."""
+    def signal_all(self, signum: int, *then: int) -> list[int]:
+        """Sends signum, then each of `then`, to every member, each pinned by a pidfd and
+        checked still to be a member after pinning (so a pid reused in between is never
+        hit). Returns the pids signalled."""
         sent = []
         for pid in self.members():
             try:
@@ -335,7 +335,8 @@ class ProgramCgroup:
                 continue
             try:
                 if self.contains(pid):
-                    signal.pidfd_send_signal(pidfd, signum)
+                    for signo in (signum, *then):
+                        signal.pidfd_send_signal(pidfd, signo)
                     sent.append(pid)
             except ProcessLookupError:
                 pass
