@@ -121,6 +121,27 @@ def _read(path: str) -> bytes | None:
         return None
 
 
+def _settled_pids() -> set[int]:
+    """The pids that exist now and will not become a new program: all but the shells.
+
+    A new program is a pid that runs the program's argv now and did not at arming. It is
+    usually a pid forked after the arming, but a shell that exists already may exec the
+    program later (ocp-agentd keeps a program's next main waiting as a held /bin/sh, a
+    standby), so shells stay candidates.
+    """
+    settled = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        argv0 = (_read(f"/proc/{entry}/cmdline") or b"").split(b"\0", 1)[0]
+        if os.path.basename(argv0) not in _SHELLS:
+            settled.add(int(entry))
+    return settled
+
+
+_SHELLS = {b"sh", b"dash", b"bash"}
+
+
 def _drain(events: socket.socket) -> None:
     with contextlib.suppress(BlockingIOError, InterruptedError):
         while True:
@@ -148,7 +169,7 @@ class _Watch:
         if events is not None and new:
             _drain(events)
             self.poller.register(events.fileno(), select.POLLIN)
-        self.known = {int(p) for p in os.listdir("/proc") if p.isdigit()} if new else set()
+        self.known = _settled_pids() if new else set()
         self.ours: list[int] = []
         self.settled: set[int] = set()  # new pids that run the program for someone else
         self.scan_time = 0.0

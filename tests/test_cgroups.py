@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from harness import wait_for
 
-from ocp_agentd.supervision import cgroups
-from ocp_agentd.supervision.cgroups import GO, Host, Layout, Limits, ProgramCgroup
+from ocp_agentd.supervision import cgroups, spawn
+from ocp_agentd.supervision.cgroups import Host, Layout, Limits, ProgramCgroup
 
 HOST = cgroups.detect(Path("/nonexistent"))
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups are made as root")
@@ -60,15 +60,14 @@ def host(tmp_path) -> Iterator[Host]:
 
 
 def spawn_in(cg: ProgramCgroup, argv: list[str], **kwargs) -> subprocess.Popen[bytes]:
-    """Starts argv inside cg with the daemon's hand-over (held_command, place, GO)."""
+    """Starts argv inside cg with the daemon's hand-over (spawn.hold, place, release)."""
+    held, carried = spawn.hold(argv)
+    env = {**kwargs.pop("env", os.environ), **carried}
     proc = subprocess.Popen(
-        cgroups.held_command(argv), stdin=subprocess.PIPE, start_new_session=True, **kwargs
+        held, stdin=subprocess.PIPE, start_new_session=True, env=env, **kwargs
     )
-    assert proc.stdin is not None
     cg.place(proc.pid)
-    proc.stdin.write(GO)
-    proc.stdin.close()
-    proc.stdin = None
+    spawn.release(proc)
     return proc
 
 

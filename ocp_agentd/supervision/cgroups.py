@@ -374,10 +374,10 @@ class ProgramCgroup:
             return "populated 1" in text
         return bool(self.members())
 
-    def signal_all(self, signum: int) -> list[int]:
-        """Sends signum to every member, each pinned by a pidfd and checked still to be a
-        member after pinning (so a pid reused in between is never hit). Returns the pids
-        signalled."""
+    def signal_all(self, signum: int, *then: int) -> list[int]:
+        """Sends signum, then each of `then`, to every member, each pinned by a pidfd and
+        checked still to be a member after pinning (so a pid reused in between is never
+        hit). Returns the pids signalled."""
         sent = []
         for pid in self.members():
             try:
@@ -386,7 +386,8 @@ class ProgramCgroup:
                 continue
             try:
                 if self.contains(pid):
-                    signal.pidfd_send_signal(pidfd, signum)
+                    for signo in (signum, *then):
+                        signal.pidfd_send_signal(pidfd, signo)
                     sent.append(pid)
             except ProcessLookupError:
                 pass
@@ -507,28 +508,6 @@ class ProgramCgroup:
                 pass
             except OSError as exc:
                 log.warning("cannot remove cgroup %s: %s", path, exc.strerror)
-
-
-# ---- spawning into a cgroup ---------------------------------------------------------------------
-
-# Why this has no window: the child is a shell that runs only builtins (read, [, exec)
-# until the daemon has written its pid into every cgroup.procs of the program and then
-# sent "go" on its stdin; it forks nothing before that, and the program's first instruction
-# runs after the exec that follows. Every process the program ever forks inherits the
-# cgroups. If the daemon dies before "go", read sees end of file and the shell exits
-# without running the program. The alternatives are worse: Popen's preexec_fn runs Python
-# in the forked child of a threaded daemon (the daemon uses worker threads), which can
-# deadlock on a lock another thread held at fork time; clone3(CLONE_INTO_CGROUP) covers the
-# v2 tree only, not the v1 controllers of a hybrid host, and Python does not expose it.
-# Switching to the program's user happens in Popen's C code before the shell runs; the
-# daemon, still root, does the writing, so the user needs no right on cgroupfs.
-_HOLD_SCRIPT = 'read -r go && [ "$go" = go ] && exec "$0" "$@" </dev/null; exit 127'
-GO = b"go\n"
-
-
-def held_command(command: list[str]) -> list[str]:
-    """argv that waits for GO on stdin, then execs command with stdin from /dev/null."""
-    return ["/bin/sh", "-c", _HOLD_SCRIPT, *command]
 
 
 # ---- detection ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import logging
 import os
 import pwd
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ from ocp_agentd.supervision.cgroups import (
     oom_news,
 )
 from ocp_agentd.supervision.identity import (
+    Handle,
     PidRecord,
     PidRecords,
     create_time,
@@ -54,6 +56,7 @@ from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, Intent, ticket
 from ocp_agentd.supervision.intent_records import IntentRecord, IntentRecords
 from ocp_agentd.supervision.liveness import Liveness
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner
+from ocp_agentd.supervision.standby import SECOND_SLOT, Standbys
 from ocp_agentd.supervision.subreaper import REAPER
 from ocp_agentd.supervision.treeusage import TreeUsage
 from ocp_agentd.supervision.types import (
@@ -97,6 +100,9 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.FATAL: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
 }
 
+
+# Descriptors beyond the API's reserve that must be free for a standby to be made.
+STANDBY_HEADROOM = 64
 
 class Program:
     """One configured program and its running instance (at most one).
@@ -149,6 +155,12 @@ class Program:
         self.watch = watch or EmptyWatch()
         self.cgroup: ProgramCgroup | None = (
             self.host.open(spec.name) if self.host.usable else None
+        )
+        # The next main, waiting in the other cgroup slot (standby.py).
+        self.standbys: Standbys | None = (
+            Standbys(self.name, self.host.open(spec.name + SECOND_SLOT), self.watch)
+            if self.cgroup is not None
+            else None
         )
         self.oom_kills = 0
         self._oom_seen = OomReading(None)
@@ -293,6 +305,8 @@ class Program:
         `remember` (a caller's stop) the next daemon of this boot leaves it stopped too;
         the daemon's own stops (shutdown, a program gone from the config) pass False."""
         self.intent.stop_requested()
+        if self.standbys is not None:
+            self.standbys.discard()
         recorded = (
             self._intents.save_soon(self.name, "STOPPED", "stopped on request")
             if remember and self._intents is not None
@@ -443,7 +457,7 @@ class Program:
         cgroup; a program may rewrite its title and environment (SPEC section 3)."""
         if self.cgroup is not None:
             handle = pin(record.pid, record.starttime)
-            if handle is not None and not self.cgroup.contains(record.pid):
+            if handle is not None and not self._in_a_slot(record.pid):
                 handle.close()
                 handle = None
         else:
@@ -461,11 +475,22 @@ class Program:
         self._set_state(State.RUNNING, f"adopted pid {record.pid}")
         return True
 
+    def _in_a_slot(self, pid: int) -> bool:
+        """Whether pid is in one of the program's cgroup slots; the one it is in becomes
+        the current slot (the other the spare)."""
+        assert self.cgroup is not None
+        if self.cgroup.contains(pid):
+            return True
+        if self.standbys is not None and self.standbys.spare.contains(pid):
+            self.cgroup, self.standbys.spare = self.standbys.spare, self.cgroup
+            return True
+        return False
+
     def adopt_unrecorded(self, entry: ProcEntry, run_id: str) -> bool:
         """Takes over a marked process for which no readable record exists."""
         cmdline = read_cmdline(entry.pid)
-        if cmdline is None:
-            return False
+        if cmdline is None or spawn.is_held(cmdline):
+            return False  # gone, or an earlier daemon's standby: a stray, not a main
         record = PidRecord(
             self.name,
             entry.pid,
@@ -487,6 +512,8 @@ class Program:
         self._cancel_timer()
         self._restart_pending = False
         self._background.cancel()
+        if self.standbys is not None:
+            self.standbys.discard()
         if self.instance is not None:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self.instance.handle.pidfd)
@@ -500,6 +527,10 @@ class Program:
         once (starts, changes or stops) while the program runs."""
         before = self.spec.liveness
         self.spec = spec
+        if self.standbys is not None:
+            self.standbys.discard()  # made from the old spec (limits included)
+            if self.state == State.RUNNING:
+                self._prepare_standby()
         if spec.liveness != before and self.state == State.RUNNING:
             self._follow_liveness()
 
@@ -579,17 +610,28 @@ class Program:
         self._after_failed_start(reason, since)
         raise OperationFailed(self.name, reason)
 
-    def _spawn_or_why(self) -> Instance | str:
-        """Spawns the program, or says why not: a host problem (naming the key), too few
-        descriptors, or the spawn's own error (naming the file it concerns)."""
+    async def _spawn_or_why(self, since: int) -> Instance | str:
+        """Spawns the program (its standby when there is one), or says why not: a host
+        problem (naming the key), too few descriptors, the cgroup, or the spawn's own
+        error (naming the file it concerns). Raises StartAborted when a stop came after
+        `since` while the cgroup was prepared."""
         problems = hostcheck.program_problems(self.spec)
         if problems:
             return "; ".join(str(problem) for problem in problems)
-        short = descriptors.shortfall()
+        standby = self._take_standby()
+        if standby is not None:
+            return standby
+        why = await self._prepare_cgroup_or_why()
+        if self.intent.overridden(since):
+            raise StartAborted
+        if why is not None:
+            return why
+        # Spawns waiting for their cgroup move hold descriptors too (spawn.in_flight).
+        short = descriptors.shortfall(descriptors.SPAWN_COST * (spawn.in_flight() + 1))
         if short:
             return short
         try:
-            return self._spawn()
+            return await self._spawn()
         except spawn.SpawnRefused as exc:
             return str(exc)
         except OSError as exc:
@@ -608,11 +650,11 @@ class Program:
         if self.intent.overridden(since):
             raise StartAborted
         abort = self._abort_start = asyncio.Event()
-        why = await self._prepare_cgroup_or_why()
-        if self.intent.overridden(since):
+        try:
+            inst = await self._spawn_or_why(since)
+        except StartAborted:
             self._abort_start = None
-            raise StartAborted
-        inst = why if why is not None else self._spawn_or_why()
+            raise
         if isinstance(inst, str):
             self._abort_start = None
             self.last_exit = ExitInfo(None, None, time.time(), inst)
@@ -650,6 +692,7 @@ class Program:
             return f"exited during start: {info.reason}"
         if waiter in done:
             self._set_state(State.RUNNING, "ready")
+            self._prepare_standby()
             return None
         why = self._not_ready_reason
         await self._terminate(inst)
@@ -710,6 +753,10 @@ class Program:
 
     def apply_limits(self) -> None:
         """Writes the spec's limits to the live cgroup (a reload that changed only them)."""
+        if self.standbys is not None and self.standbys.waiting is not None:
+            self.standbys.discard()  # its slot has the old limits
+            if self.state == State.RUNNING:
+                self._prepare_standby()
         if self.cgroup is not None and self.cgroup.membership.exists():
             try:
                 self.cgroup.apply(self.limits)
@@ -719,14 +766,58 @@ class Program:
     def remove_cgroup(self) -> None:
         """Removes the (empty) cgroup: the program is stopped and leaves the config or
         the daemon shuts down."""
+        if self.standbys is not None:
+            self.standbys.discard()
+            self.standbys.spare.remove()
         if self.cgroup is not None:
             self.cgroup.remove()
 
-    def _spawn(self) -> Instance:
+    async def _spawn(self) -> Instance:
         spec = self.spec
         run_id = uuid.uuid4().hex
-        popen, handle = spawn.spawn(spec, self._state_dir, run_id, self.cgroup)
-        REAPER.claim(popen.pid)
+        with spawn.counted():
+            popen = spawn.start_process(
+                spec, self._state_dir, run_id, held=self.cgroup is not None
+            )
+            REAPER.claim(popen.pid)
+            try:
+                if self.cgroup is not None:
+                    await spawn.finish_in_thread(spawn.release_into, popen, self.cgroup)
+                handle = spawn.pin(popen)
+            except BaseException:
+                spawn.end_child(popen)
+                REAPER.release(popen.pid)
+                raise
+        return self._begin(popen, handle, run_id)
+
+    def _take_standby(self) -> Instance | None:
+        """The program's standby, released into the program, as the new instance (the
+        cgroup slots swap: standby.py); None when there is none fit to use."""
+        if self.standbys is None or self.cgroup is None:
+            return None
+        standby = self.standbys.take(self.spec, self._state_dir, self.cgroup)
+        if standby is None:
+            return None
+        self.cgroup = standby.cgroup
+        self._oom_seen = self.cgroup.oom_kills()
+        return self._begin(standby.popen, standby.handle, standby.run_id)
+
+    def _prepare_standby(self) -> None:
+        """Makes the next standby in the background (standby.py), with cgroups only, and
+        only while descriptors are plentiful: it holds two (its GO pipe and its pidfd),
+        and a program's start must never fail for a standby's sake."""
+        if (
+            self.standbys is not None
+            and self.standbys.waiting is None
+            and descriptors.shortfall(STANDBY_HEADROOM) is None
+        ):
+            self._spawn_background(
+                self.standbys.prepare(self.spec, self._state_dir, uuid.uuid4().hex, self.limits)
+            )
+
+    def _begin(self, popen: subprocess.Popen[bytes], handle: Handle, run_id: str) -> Instance:
+        """The instance of a main just released: recorded (pid record) and watched."""
+        spec = self.spec
         # What was started, for people (spawn may exec it through a shell that holds it
         # until it is in its cgroup or sets its descriptor limit, whose argv a read this
         # early could still show).
@@ -935,22 +1026,27 @@ class Program:
             await tree.sweep(self.name, inst, self._scanner)
 
     async def end_cgroup_strays(self) -> None:
-        """Ends what is in the cgroup while no instance is watched (left by an instance
-        that died while no daemon ran): stop_signal, stop_timeout, then the kill."""
-        if self.cgroup is None or self.alive():
+        """Ends what is in the program's cgroup slots outside its watched instance and its
+        standby (left by an instance that died while no daemon ran, or a standby of an
+        earlier daemon): stop_signal, stop_timeout, then the kill."""
+        if self.cgroup is None:
             return
-        if self.cgroup.membership.exists() and self.cgroup.populated():
-            log.warning(
-                "%s: ending %s left in %s by an instance no daemon watched",
-                self.name,
-                self.cgroup.members(),
-                self.cgroup.path,
-                extra={"PROGRAM": self.name},
-            )
-            await tree.end_cgroup(
-                self.name, self.cgroup, self.watch, self.spec.signal_number,
-                self.spec.stop_timeout,
-            )
+        slots = [] if self.alive() else [self.cgroup]
+        if self.standbys is not None and not self.standbys.busy:
+            slots.append(self.standbys.spare)
+        for slot in slots:
+            if slot.membership.exists() and slot.populated():
+                log.warning(
+                    "%s: ending %s left in %s by an instance no daemon watched",
+                    self.name,
+                    slot.members(),
+                    slot.path,
+                    extra={"PROGRAM": self.name},
+                )
+                await tree.end_cgroup(
+                    self.name, slot, self.watch, self.spec.signal_number,
+                    self.spec.stop_timeout,
+                )
 
     async def end_strays(self, strays: list[ProcEntry]) -> None:
         """Ends processes of this program that no watched instance owns (tree.end_strays)."""

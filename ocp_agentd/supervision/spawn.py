@@ -6,17 +6,20 @@ the program's env, and the run markers (proctable.MARK_*) by which its tree is f
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import os
 import pwd
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ocp_agentd import descriptors
 from ocp_agentd.config import ProgramSpec
 from ocp_agentd.supervision import output
-from ocp_agentd.supervision.cgroups import GO, CgroupError, ProgramCgroup, held_command
+from ocp_agentd.supervision.cgroups import CgroupError, ProgramCgroup
 from ocp_agentd.supervision.identity import Handle, starttime_of
 from ocp_agentd.supervision.proctable import (
     MARK_PROGRAM,
@@ -34,6 +37,19 @@ PRIVATE_ENV = (
     "LISTEN_FDNAMES",
     "OCP_AGENTD_CONFIG",
 )
+
+
+# What a held process reads on stdin before it execs the program (hold()).
+GO = b"go\n"
+# How a held shell's script begins, so ps shows what it is (and is_held() knows it).
+_HELD_TITLE = ": ocp-agentd held start;"
+# The variables that carry a held command's argv (hold()); unset before the exec.
+_ARG_PREFIX = "OCP_AGENTD_ARGV_"
+_EXPORT_PREFIX = "OCP_AGENTD_AT_EXEC_"
+
+
+# Spawns between start_process and their release (counted()), for descriptor accounting.
+_in_flight = 0
 
 
 class SpawnRefused(Exception):
@@ -72,37 +88,88 @@ def user_kwargs(spec: ProgramSpec, env: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def spawn(
-    spec: ProgramSpec, state_dir: Path, run_id: str, cgroup: ProgramCgroup | None = None
-) -> tuple[subprocess.Popen[bytes], Handle]:
-    """Starts spec.command in a new session with its logs as stdout/stderr, inside cgroup
-    when one is given (before the program's first instruction: cgroups.held_command).
+# Why this has no window: the child is a shell that runs only builtins (read, [, exec)
+# until the daemon has written its pid into every cgroup.procs of the program and then
+# sent "go" on its stdin; it forks nothing before that, and the program's first instruction
+# runs after the exec that follows. Every process the program ever forks inherits the
+# cgroups. If the daemon dies before "go", read sees end of file and the shell exits
+# without running the program. The alternatives are worse: Popen's preexec_fn runs Python
+# in the forked child of a threaded daemon (the daemon uses worker threads), which can
+# deadlock on a lock another thread held at fork time; clone3(CLONE_INTO_CGROUP) covers the
+# v2 tree only, not the v1 controllers of a hybrid host, and Python does not expose it.
+# Switching to the program's user happens in Popen's C code before the shell runs; the
+# daemon, still root, does the writing, so the user needs no right on cgroupfs.
+def hold(
+    command: list[str], at_exec: dict[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """argv and environment additions for a shell that waits for GO on stdin, then
+    execs command (stdin from /dev/null; exit status 127 on end of file instead), with
+    the variables of `at_exec` (names are shell identifiers) exported just before.
 
-    Returns the Popen and a Handle pinning the child by pidfd. Raises SpawnRefused (see
-    user_kwargs), OSError when the logs cannot be opened safely (safefs.UnsafePath names
-    the path), the command cannot be spawned, cannot be placed in its cgroup or the child
-    cannot be pinned (the child is then killed: better no process than a lost one). The
-    child gets the descriptor limit the daemon was started with
-    (descriptors.program_command).
+    The daemon, still root, moves the waiting shell into the program's cgroup and only
+    then writes GO, so the program's first instruction already runs there and the user
+    needs no right on cgroupfs. The command and `at_exec` travel under other names and
+    are unset before the exec: a waiting shell neither looks like the program to ps or
+    ``pgrep -f`` nor carries its run markers (a standby may wait a long time and is not
+    an instance: standby.py).
+    """
+    at_exec = at_exec or {}
+    names = [f"{_ARG_PREFIX}{index}" for index in range(len(command))]
+    carried = dict(zip(names, command, strict=True))
+    exports = []
+    for name, value in at_exec.items():
+        carrier = f"{_EXPORT_PREFIX}{name}"
+        carried[carrier] = value
+        exports.append(f'{name}="${carrier}"')
+        names.append(carrier)
+    quoted = " ".join(f'"${name}"' for name in names[: len(command)])
+    script = (
+        f"{_HELD_TITLE} "
+        'read -r go && [ "$go" = go ] || exit 127; '
+        f"set -- {quoted}; "
+        + (f"export {' '.join(exports)}; " if exports else "")
+        + f"unset {' '.join(names)}; "
+        'exec "$@" </dev/null'
+    )
+    return ["/bin/sh", "-c", script], carried
+
+
+def is_held(cmdline: list[str]) -> bool:
+    """Whether cmdline is a held shell's (hold()) still waiting for GO."""
+    return len(cmdline) >= 3 and cmdline[2].startswith(_HELD_TITLE)
+
+
+def start_process(
+    spec: ProgramSpec, state_dir: Path, run_id: str, held: bool = False
+) -> subprocess.Popen[bytes]:
+    """Starts spec.command in a new session with its logs as stdout/stderr; with `held`,
+    through a shell that waits for release_into before it execs the program
+    (hold), so the program joins its cgroup before its first instruction.
+
+    Raises SpawnRefused (see user_kwargs), OSError when the logs cannot be opened safely
+    (safefs.UnsafePath names the path) or the command cannot be spawned. The child gets
+    the descriptor limit the daemon was started with (descriptors.program_command).
     """
     env = child_env(spec, state_dir, run_id)
     kwargs = user_kwargs(spec, env)
     program = spec.command[0]
     argv = descriptors.program_command(spec.command)
-    if cgroup is not None:
+    if held:
         # The shell would report a missing program only as exit status 127: say it now.
         if not os.path.isfile(program):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
         if not os.access(program, os.X_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
-        argv = held_command(argv)
+        markers = {name: env.pop(name) for name in (MARK_PROGRAM, MARK_STATE_DIR, MARK_RUN_ID)}
+        argv, carried = hold(argv, markers)
+        env.update(carried)
     out, err = output.open_streams(spec, state_dir)
     try:
-        popen = subprocess.Popen(
+        return subprocess.Popen(
             argv,
             cwd=spec.cwd,
             env=env,
-            stdin=subprocess.PIPE if cgroup is not None else subprocess.DEVNULL,
+            stdin=subprocess.PIPE if held else subprocess.DEVNULL,
             stdout=out,
             stderr=err,
             start_new_session=True,
@@ -113,27 +180,83 @@ def spawn(
         os.close(out)
         if err != out:
             os.close(err)
-    if cgroup is not None:
-        _release_into(popen, cgroup)
+
+
+def release_into(popen: subprocess.Popen[bytes], cgroup: ProgramCgroup, go: bool = True) -> None:
+    """Places the held child (start_process with `held`) in cgroup, then (with `go`)
+    lets it exec the program; without, it waits there for release(). On failure the
+    child is killed and reaped, and OSError names the cgroup.
+
+    Blocking: moving a process between cgroups waits for an RCU grace period (the
+    kernel's cgroup_threadgroup_rwsem; about 10 ms here, see Documentation/admin-guide/
+    cgroup-v2.rst, "favordynmods"), so the daemon calls it from a worker thread, where
+    the moves of programs started together share one grace period.
+    """
+    try:
+        cgroup.place(popen.pid)
+        if go:
+            release(popen)
+    except (CgroupError, OSError) as exc:
+        popen.kill()
+        popen.wait()
+        raise OSError(exc.errno, f"cannot put the program in {cgroup.path}: {exc}") from exc
+
+
+def release(popen: subprocess.Popen[bytes]) -> None:
+    """Writes GO to a held child, which then execs the program. Raises OSError (EPIPE
+    when the child is gone); a pipe's few bytes never block."""
+    assert popen.stdin is not None
+    try:
+        popen.stdin.write(GO)
+        popen.stdin.close()
+    finally:
+        popen.stdin = None
+
+
+def pin(popen: subprocess.Popen[bytes]) -> Handle:
+    """A Handle pinning the child by pidfd. Raises OSError (the child is then killed and
+    reaped: better no process than a lost one)."""
     try:
         pidfd = os.pidfd_open(popen.pid)
     except OSError:
         popen.kill()
         popen.wait()
         raise
-    return popen, Handle(popen.pid, starttime_of(popen.pid) or 0, pidfd)
+    return Handle(popen.pid, starttime_of(popen.pid) or 0, pidfd)
 
 
-def _release_into(popen: subprocess.Popen[bytes], cgroup: ProgramCgroup) -> None:
-    """Places the held child in cgroup, then lets it exec the program."""
-    assert popen.stdin is not None
-    try:
-        cgroup.place(popen.pid)
-        popen.stdin.write(GO)
-        popen.stdin.close()
-    except (CgroupError, OSError) as exc:
-        popen.kill()
+def end_child(popen: subprocess.Popen[bytes]) -> None:
+    """Kills and reaps a child a spawn gave up on (a no-op once it is reaped)."""
+    if popen.returncode is None:
+        with contextlib.suppress(OSError):
+            popen.kill()
         popen.wait()
-        raise OSError(exc.errno, f"cannot put the program in {cgroup.path}: {exc}") from exc
+
+
+async def finish_in_thread(work: Callable[..., None], *args: object) -> None:
+    """Runs blocking work in the loop's default executor and waits for it to finish even
+    when cancelled (then re-raises the cancellation): a half-done spawn must not be left
+    to a thread nobody waits for."""
+    future = asyncio.get_running_loop().run_in_executor(None, work, *args)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
+
+
+def in_flight() -> int:
+    """How many spawns are under way (counted()): each holds descriptors meanwhile."""
+    return _in_flight
+
+
+@contextlib.contextmanager
+def counted() -> Iterator[None]:
+    """Counts a spawn as under way for its duration (in_flight())."""
+    global _in_flight
+    _in_flight += 1
+    try:
+        yield
     finally:
-        popen.stdin = None
+        _in_flight -= 1

@@ -27,6 +27,7 @@ from ocp_agentd.supervision.program import (
     State,
     VerifyResult,
 )
+from ocp_agentd.supervision.standby import SECOND_SLOT
 from ocp_agentd.supervision.subreaper import REAPER
 from ocp_agentd.supervision.treeusage import TreeUsage
 from ocp_agentd.supervision.types import Instance
@@ -330,9 +331,11 @@ class Supervisor:
         if not self.host.usable or self.host.membership is None:
             return []
         try:
-            return [p.name for p in self.host.membership.iterdir() if p.is_dir()]
+            names = {p.name.removesuffix(SECOND_SLOT)
+                     for p in self.host.membership.iterdir() if p.is_dir()}
         except OSError:
             return []
+        return sorted(names)
 
     async def _quietly(self, name: str, verb: Literal["start", "restart"], since: int) -> None:
         """The daemon's own start or restart of name (boot, reload), requested at ticket

@@ -94,10 +94,12 @@ async def terminate_cgroup(
 
     Raises OperationFailed when members are left KILL_GRACE seconds after the kill.
     """
-    for signo in (signum, signal.SIGCONT):  # a stopped process must see the signal
-        reached = cgroup.signal_all(signo)
-        if inst.pid not in reached and not inst.exited.done():
-            inst.handle.send(signo)  # a main that left its cgroup (root can) still hears it
+    # SIGCONT after it: a stopped process must see the signal.
+    reached = cgroup.signal_all(signum, signal.SIGCONT)
+    if inst.pid not in reached and not inst.exited.done():
+        # A main that left its cgroup (root can) still hears it.
+        inst.handle.send(signum)
+        inst.handle.send(signal.SIGCONT)
     if not await watch.wait_empty(cgroup, stop_timeout):
         log.warning(
             "%s: still running after %gs, killing every process in %s: %s",
@@ -122,8 +124,7 @@ async def end_cgroup(
     signum is given, then the cgroup's kill. Raises OperationFailed if members are left
     KILL_GRACE seconds after the kill."""
     if signum is not None:
-        cgroup.signal_all(signum)
-        cgroup.signal_all(signal.SIGCONT)
+        cgroup.signal_all(signum, signal.SIGCONT)
         if await watch.wait_empty(cgroup, stop_timeout):
             return
     cgroup.kill()
