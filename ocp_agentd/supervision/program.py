@@ -799,7 +799,7 @@ class Program:
         if standby is None:
             return None
         self.cgroup = standby.cgroup
-        self._oom_seen = self.cgroup.oom_kills()
+        self._oom_seen = self.cgroup.oom_reading()
         return self._begin(standby.popen, standby.handle, standby.run_id)
 
     def _prepare_standby(self) -> None:
