@@ -193,3 +193,8 @@ def test_transport_says_what_went_wrong(serve, tmp_path: Path) -> None:
         missing.request("GET", "/api/v1/status")
     with pytest.raises(ValueError, match="--url must be"):
         Transport(Target(url="ftp://host"))
+    # Nothing the operator types may split the request line or a header.
+    with pytest.raises(ValueError, match="--url must not hold spaces"):
+        Transport(Target(url="http://host:1/a b"))
+    with pytest.raises(ValueError, match="token must not hold"):
+        Transport(Target(url="http://host:1", token="t\r\nX-Forged: 1"))

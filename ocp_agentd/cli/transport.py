@@ -97,6 +97,14 @@ class _Url:
         self.port = parts.port or (443 if self.tls else 80)
         self.host_header = parts.netloc.rpartition("@")[2]
         self.base_path = parts.path.rstrip("/")
+        if _unsafe(self.base_path):
+            raise ValueError(f"--url must not hold spaces or control characters, got {url!r}")
+
+
+def _unsafe(text: str) -> bool:
+    """True when ``text`` cannot go into a request line or header as it is: a control
+    character, a space or DEL (RFC 9112 sections 3 and 5)."""
+    return any(ord(char) <= 0x20 or ord(char) == 0x7F for char in text)
 
 
 def _with_query(path: str, query: dict[str, Any] | None) -> str:
@@ -144,7 +152,8 @@ def _tls_failure(exc: BaseException, target: Target) -> str | None:
 
 class Transport:
     """One keep-alive connection to the daemon (reopened when the daemon closed it).
-    Raises ValueError for a ``target.url`` that is not http(s)://HOST[:PORT]."""
+    Raises ValueError for a ``target.url`` that is not http(s)://HOST[:PORT][/PATH], or a
+    token that cannot go into a header."""
 
     def __init__(self, target: Target, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.target = target
@@ -153,6 +162,8 @@ class Transport:
         self._conn: Connection | None = None
         self._url = _Url(target.url) if target.url else None
         self._base_path = self._url.base_path if self._url else ""
+        if target.token and _unsafe(target.token):
+            raise ValueError("the token must not hold spaces or control characters")
 
     # ---- connections ------------------------------------------------------------------
 
