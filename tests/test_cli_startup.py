@@ -11,13 +11,14 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from harness import DaemonRunner
 
-from ocp_agentd.cli.parser import build_parser
+from ocp_agentd.cli.parser import _terminal_columns, build_parser
 
 ARGVS = [
     ["status"], ["--json", "status", "a", "b", "--names"], ["status", "-l", "--socket", "/s"],
@@ -67,7 +68,7 @@ def test_lazy_parser_defines_only_the_command_it_runs() -> None:
 # Standard modules the status command must not load (unless the interpreter's own start-up
 # did, e.g. an editable install's import hook loads pathlib): each costs milliseconds.
 HEAVY = ("http.client", "email", "ssl", "tomllib", "typing", "pathlib", "urllib.parse",
-         "signal", "dataclasses", "inspect", "asyncio")
+         "signal", "dataclasses", "inspect", "asyncio", "shutil")
 PROBE = """
 import json, sys
 before = set(sys.modules)
@@ -86,3 +87,15 @@ def test_status_imports_only_what_it_uses(demo_daemon: DaemonRunner) -> None:
     loaded = [m for m in report["new"] if m.split(".")[0] in HEAVY or m in HEAVY]
     assert loaded == []
     assert "ocp_agentd.cli.transport" in report["new"]
+
+
+@pytest.mark.parametrize("columns", ["100", "37", "0", "wide", None])
+def test_help_is_as_wide_as_argparse_makes_it(columns: str | None,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The formatter asks the width without shutil; it must answer what shutil does."""
+    monkeypatch.delenv("LINES", raising=False)
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert _terminal_columns() == shutil.get_terminal_size().columns

@@ -10,6 +10,8 @@ what ``ocp-agentctl`` runs. Both parse, print help and fail alike.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from ocp_agentd import __version__
 from ocp_agentd.cli import programs, tasks
@@ -66,6 +68,35 @@ def _task_id(text: str) -> int:
     return value
 
 
+def _terminal_columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size()`` answers it ($COLUMNS, else the
+    width of the terminal on standard output, else 80), without importing shutil: argparse
+    asks for it each time an argument is added, and shutil is milliseconds of start-up."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, as wide as argparse makes it (the terminal's width less 2)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _terminal_columns() - 2 if width is None else width)
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """argparse's RawDescriptionHelpFormatter, as wide as :class:`HelpFormatter`."""
+
+
 class LazyCommand(argparse.ArgumentParser):
     """A (sub)command's parser whose arguments ``define(parser)`` adds when the parser is
     first used to parse (argparse hands a command's arguments to its parser only), or when
@@ -75,6 +106,7 @@ class LazyCommand(argparse.ArgumentParser):
     def __init__(self, *args: Any,
                  define: Callable[[argparse.ArgumentParser], None] | None = None,
                  **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self._define = define
 
@@ -285,7 +317,7 @@ def build_parser(common_in_commands: bool = True, lazy: bool = False) -> LazyCom
         description="Operate the local OCP Agent daemon (ocp-agentd): show its programs,\n"
         "start, stop, restart, signal and verify them, read their logs, follow its\n"
         "events, reload its configuration and run the OCP agent tasks.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=RawDescriptionHelpFormatter)
     add_common_options(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the client's version and exit (the daemon's: the "
