@@ -114,6 +114,12 @@ else
     # Only our two commands: the dependencies' console scripts (dotenv, idna) are not
     # for the host, nor are the activation scripts.
     find "$staged/bin" -type f ! -name ocp-agentd ! -name ocp-agentctl -delete
+    # ocp-agentctl starts isolated and without the site module (packaging/ocp-agentctl.in
+    # says why) instead of through pip's console script.
+    sed -e "s#@PYTHON@#$prefix/bin/python#" \
+        -e "s#@SITE_PACKAGES@#$prefix/lib/python3.11/site-packages#" \
+        "$here/ocp-agentctl.in" >"$staged/bin/ocp-agentctl"
+    chmod 0755 "$staged/bin/ocp-agentctl"
     # Library modules are not scripts: a "#!" line in a non-executable module only
     # misleads (and names an interpreter the host may not have).
     find "$staged/lib" -type f -name '*.py' ! -perm /111 -print0 \

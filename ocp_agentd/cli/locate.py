@@ -5,16 +5,17 @@ does that), so the command line tool works while the rest of the file is being e
 never imports pydantic. The path rules are the daemon's (SPEC section 2): ``--config``,
 else ``$OCP_AGENTD_CONFIG``, else ``/etc/ocp_agentd/config.toml``;
 ``$OCP_AGENTD_API__SOCKET`` overrides the key as it does for the daemon.
+
+Paths are strings handled with os.path (pathlib would add milliseconds to every command),
+written as pathlib writes them (:func:`clean_path`).
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
-from pathlib import Path
 
-DEFAULT_CONFIG = Path("/etc/ocp_agentd/config.toml")
-DEFAULT_SOCKET = Path("/run/ocp_agentd/agentd.sock")
+DEFAULT_CONFIG = "/etc/ocp_agentd/config.toml"
+DEFAULT_SOCKET = "/run/ocp_agentd/agentd.sock"
 CONFIG_ENV = "OCP_AGENTD_CONFIG"
 SOCKET_ENV = "OCP_AGENTD_API__SOCKET"
 
@@ -23,11 +24,20 @@ class ConfigMissing(Exception):
     """A config file that was asked for (--config or $OCP_AGENTD_CONFIG) cannot be read."""
 
 
+def clean_path(path: str) -> str:
+    """``path`` as ``str(pathlib.PurePosixPath(path))`` writes it: repeated slashes and
+    ``.`` parts dropped (``..`` kept), no trailing slash, ``.`` for nothing."""
+    root = "//" if path.startswith("//") and not path.startswith("///") else (
+        "/" if path.startswith("/") else "")
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    return root + "/".join(parts) or "."
+
+
 class Found:
     """The socket, and how it was chosen, e.g. ``api.socket of /etc/ocp_agentd/config.toml``
     (said when the daemon does not answer there)."""
 
-    def __init__(self, socket: Path, how: str, warning: str = "") -> None:
+    def __init__(self, socket: str, how: str, warning: str = "") -> None:
         self.socket = socket
         self.how = how
         self.warning = warning  # for stderr: the socket was found despite a damaged file
@@ -47,6 +57,8 @@ def _api_table(text: str) -> dict[str, object] | None:
             lines.append(line)
     if not lines:
         return None
+    import tomllib  # see find_socket
+
     try:
         return tomllib.loads("\n".join(lines))
     except ValueError:
@@ -58,12 +70,17 @@ def find_socket(config: str | None) -> Found:
     parsed; a missing default config is not an error (the default socket is used)."""
     override = os.environ.get(SOCKET_ENV)
     if override:
-        return Found(Path(override), f"the socket comes from ${SOCKET_ENV}")
+        return Found(clean_path(override), f"the socket comes from ${SOCKET_ENV}")
     path, named = _config_path(config)
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, encoding="utf-8", errors="replace") as file:
+            text = file.read()
     except OSError as exc:
         return _unreadable(path, named, exc)
+    # Imported here, once a config is there to parse: tomllib is milliseconds of start-up
+    # that --socket, --url and a host without a config do without.
+    import tomllib
+
     warning = ""
     try:
         data = tomllib.loads(text)
@@ -79,17 +96,17 @@ def find_socket(config: str | None) -> Found:
     return _socket_of(path, data, warning)
 
 
-def _config_path(config: str | None) -> tuple[Path, str]:
+def _config_path(config: str | None) -> tuple[str, str]:
     """The config's path and what named it (``--config``, ``$OCP_AGENTD_CONFIG``, or ""
     for the default)."""
     if config:
-        return Path(config), "--config"
+        return clean_path(config), "--config"
     if os.environ.get(CONFIG_ENV):
-        return Path(os.environ[CONFIG_ENV]), f"${CONFIG_ENV}"
+        return clean_path(os.environ[CONFIG_ENV]), f"${CONFIG_ENV}"
     return DEFAULT_CONFIG, ""
 
 
-def _unreadable(path: Path, named: str, exc: OSError) -> Found:
+def _unreadable(path: str, named: str, exc: OSError) -> Found:
     """The default socket when the default config cannot be read; ConfigMissing for a
     config that was named."""
     missing = isinstance(exc, FileNotFoundError)
@@ -102,7 +119,7 @@ def _unreadable(path: Path, named: str, exc: OSError) -> Found:
     return Found(DEFAULT_SOCKET, f"the default socket, as {path} {why}")
 
 
-def _unparsable(path: Path, named: str, exc: ValueError) -> Found:
+def _unparsable(path: str, named: str, exc: ValueError) -> Found:
     """The default socket when the default config does not parse, not even its [api]
     table; ConfigMissing for a config that was named."""
     if named:
@@ -112,7 +129,7 @@ def _unparsable(path: Path, named: str, exc: ValueError) -> Found:
     return Found(DEFAULT_SOCKET, f"the default socket, as {path} does not parse")
 
 
-def _socket_of(path: Path, data: dict[str, object], warning: str) -> Found:
+def _socket_of(path: str, data: dict[str, object], warning: str) -> Found:
     """``api.socket`` of the parsed config at ``path`` (relative to the file's folder),
     else the default socket."""
     api = data.get("api")
@@ -120,7 +137,8 @@ def _socket_of(path: Path, data: dict[str, object], warning: str) -> Found:
     if not isinstance(value, str) or not value:
         return Found(DEFAULT_SOCKET, f"the default socket, as {path} sets no api.socket",
                      warning)
-    socket_path = Path(value)
-    if not socket_path.is_absolute():
-        socket_path = (path.resolve().parent / socket_path).resolve()
+    socket_path = clean_path(value)
+    if not socket_path.startswith("/"):
+        folder = os.path.dirname(os.path.realpath(path))
+        socket_path = os.path.realpath(os.path.join(folder, socket_path))
     return Found(socket_path, f"api.socket of {path}", warning)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from ocp_agentd.cli.locate import ConfigMissing, find_socket
+from ocp_agentd.cli.locate import ConfigMissing, clean_path, find_socket
 from ocp_agentd.cli.output import Output
 from ocp_agentd.cli.parser import build_parser
 from ocp_agentd.cli.transport import TOKEN_ENV, ApiError, Target, Transport, Unavailable
@@ -26,7 +24,11 @@ EXIT_INTERRUPTED = 130
 # Commands whose normal end is Ctrl-C: interrupting them is success.
 FOLLOWING = ("events",)
 
-Handler = Callable[[argparse.Namespace, Transport, Output], int]
+TYPE_CHECKING = False  # typing itself is a tenth of the command's start-up
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    Handler = Callable[[argparse.Namespace, Transport, Output], int]
 
 
 def _target(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Target, str]:
@@ -44,7 +46,7 @@ def _target(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[
         return Target(url=url, token=token, **tls), "--url"
     socket_path = getattr(args, "socket", None)
     if socket_path:
-        return Target(socket_path=Path(socket_path), token=token), "--socket"
+        return Target(socket_path=clean_path(socket_path), token=token), "--socket"
     found = find_socket(getattr(args, "config", None))
     if found.warning:
         print(f"ocp-agentctl: {found.warning}", file=sys.stderr)
@@ -72,7 +74,7 @@ def _quiet_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(lazy=True)
     args = parser.parse_args(argv)
     if getattr(args, "name", None) == "all" and getattr(args, "force", False):
         parser.error("--force applies to one program, not to all")

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
-from typing import Any, TextIO
+
+TYPE_CHECKING = False  # typing itself is a tenth of the command's start-up
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from datetime import datetime
+    from typing import Any, TextIO
 
 PROG = "ocp-agentctl"
 
@@ -112,6 +115,9 @@ def clock(timestamp: str | None, millis: bool = False, now: datetime | None = No
     parse."""
     if not timestamp:
         return ""
+    # Imported here: only a table with times needs it (a fresh status has none).
+    from datetime import datetime
+
     try:
         when = datetime.fromisoformat(timestamp).astimezone()
     except ValueError:

@@ -1,16 +1,28 @@
 """ocp-agentctl's argument parser: every command, its help, its defaults (SPEC sections 7
 and 12). The man page and the bash completion are generated from it (cli/docs.py).
+
+A command's arguments are defined when that command is parsed (:class:`LazyCommand`):
+defining all twenty of them took longer than running ``status``. ``build_parser()``
+defines everything at once (for the docs and the tests); ``build_parser(lazy=True)`` is
+what ``ocp-agentctl`` runs. Both parse, print help and fail alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from ocp_agentd import __version__
 from ocp_agentd.cli import programs, tasks
 from ocp_agentd.cli.locate import DEFAULT_CONFIG, DEFAULT_SOCKET
 from ocp_agentd.cli.output import PROG
 from ocp_agentd.cli.transport import TOKEN_ENV
+
+TYPE_CHECKING = False  # typing itself is a tenth of the command's start-up
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
 EPILOG = """\
 examples:
@@ -56,11 +68,72 @@ def _task_id(text: str) -> int:
     return value
 
 
-def common_options() -> argparse.ArgumentParser:
+def _terminal_columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size()`` answers it ($COLUMNS, else the
+    width of the terminal on standard output, else 80), without importing shutil: argparse
+    asks for it each time an argument is added, and shutil is milliseconds of start-up."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, as wide as argparse makes it (the terminal's width less 2)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _terminal_columns() - 2 if width is None else width)
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """argparse's RawDescriptionHelpFormatter, as wide as :class:`HelpFormatter`."""
+
+
+class LazyCommand(argparse.ArgumentParser):
+    """A (sub)command's parser whose arguments ``define(parser)`` adds when the parser is
+    first used to parse (argparse hands a command's arguments to its parser only), or when
+    :meth:`define_all` is called. Until then it carries its name, help and description,
+    which is all that its parent's help and errors show of it."""
+
+    def __init__(self, *args: Any,
+                 define: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._define = define
+
+    def define_all(self) -> None:
+        """Adds the arguments now, and those of every command below this one."""
+        if self._define is not None:
+            define, self._define = self._define, None
+            define(self)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    if isinstance(sub, LazyCommand):
+                        sub.define_all()
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        if self._define is not None:
+            define, self._define = self._define, None
+            define(self)
+        return super().parse_known_args(args, namespace)
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
     """Options accepted before and after the command (SUPPRESS: a value given before the
     command is not overwritten by the subcommand's default)."""
-    common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("connection and output")
+    group = parser.add_argument_group("connection and output")
     # --socket and --url exclude each other (checked in main: an argparse mutually
     # exclusive group loses its section title when copied into the subcommands).
     group.add_argument(
@@ -91,16 +164,28 @@ def common_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS,
         help="print the answer as JSON, for scripts (default: tables)")
-    return common
 
 
-def _command(commands: argparse._SubParsersAction, name: str,
-             parents: list[argparse.ArgumentParser], summary: str, description: str,
-             handler: object) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = commands.add_parser(
-        name, parents=parents, help=summary, description=description)
-    parser.set_defaults(handler=handler)
-    return parser
+class _Commands:
+    """Adds commands to one subparsers action: each a :class:`LazyCommand` whose
+    ``define`` first adds the common options (when ``common`` is true), then its own."""
+
+    def __init__(self, commands: argparse._SubParsersAction, common: bool) -> None:
+        self.commands = commands
+        self.common = common
+
+    def add(self, name: str, summary: str, description: str,
+            define: Callable[[argparse.ArgumentParser], None] | None = None,
+            **defaults: Any) -> None:
+        def define_command(parser: argparse.ArgumentParser) -> None:
+            if self.common:
+                add_common_options(parser)
+            if define is not None:
+                define(parser)
+            parser.set_defaults(**defaults)
+
+        self.commands.add_parser(name, help=summary, description=description,
+                                 define=define_command)
 
 
 def _wait_options(parser: argparse.ArgumentParser, wait: bool = True) -> None:
@@ -113,144 +198,175 @@ def _wait_options(parser: argparse.ArgumentParser, wait: bool = True) -> None:
                         help=f"stop following after S seconds (default: {WAIT_DEFAULT:g})")
 
 
-def build_parser(common_in_commands: bool = True) -> argparse.ArgumentParser:
-    """The whole command line of ocp-agentctl. The connection and output options are
-    accepted after every command too, unless ``common_in_commands`` is false (the man page
-    lists them once)."""
-    common = common_options()
-    parents = [common] if common_in_commands else []
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Operate the local OCP Agent daemon (ocp-agentd): show its programs,\n"
-        "start, stop, restart, signal and verify them, read their logs, follow its\n"
-        "events, reload its configuration and run the OCP agent tasks.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
-                        help="print the client's version and exit (the daemon's: the "
-                        "version command)")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    status = _command(
-        commands, "status", parents, "the daemon and its programs' states",
-        "The daemon's version, pid and uptime, then one line per program: state, pid, "
-        "uptime, restarts, ports and how it last exited. With NAMEs, only those programs.",
-        programs.cmd_status)
-    status.add_argument("names", nargs="*", metavar="NAME",
+def _status(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="*", metavar="NAME",
                         help="program names (default: every program)")
-    status.add_argument("--names", dest="names_only", action="store_true",
+    parser.add_argument("--names", dest="names_only", action="store_true",
                         help="print only the program names, one a line, for scripts and "
                         "shell completion (default: the table)")
-    status.add_argument("-l", "--long", action="store_true",
+    parser.add_argument("-l", "--long", action="store_true",
                         help="after the table, each program's command, user, cgroup, "
                         "limits, CPU and memory use, last liveness probe, log files and "
                         "last exit in full (default: the table alone)")
 
+
+def _operate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME|all", help="a program name, or all (the workers)")
+    parser.add_argument("--timeout", type=_positive_seconds, metavar="S",
+                        help="seconds to wait for the outcome (default: the program's "
+                        "start_timeout / stop_timeout)")
+    parser.add_argument("--force", action="store_true",
+                        help="act on a program that is not operable, e.g. pos_proxy "
+                        "(default: refused with code 2002)")
+
+
+def _verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", metavar="NAME", help="a program (default: all)")
+
+
+def _logs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="a program name")
+    parser.add_argument("-f", "--follow", action="store_true",
+                        help="keep printing new output (default: print and exit)")
+    parser.add_argument("-n", "--lines", type=_count, default=10, metavar="N",
+                        help="how many last lines to print first (default: 10)")
+    parser.add_argument("--stderr", action="store_true",
+                        help="the stderr log (default: stdout)")
+
+
+def _events(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kind", action="append", choices=EVENT_KINDS, metavar="KIND",
+                        help=f"only this kind, may be repeated: {', '.join(EVENT_KINDS)} "
+                        "(default: every kind)")
+    parser.add_argument("--last", type=_count, default=0, metavar="N",
+                        help="start with the N most recent events, at most 1000 (default: "
+                        "0, only new ones)")
+    parser.add_argument("--count", type=_count, default=0, metavar="N",
+                        help="exit after N events (default: 0, follow until interrupted)")
+
+
+def _signal(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("signal", metavar="SIG", type=programs.signal_name,
+                        help="a signal name or number: HUP, SIGUSR1, term, 9, ...")
+    parser.add_argument("name", metavar="NAME", help="a program name")
+
+
+def _subcommands(parser: argparse.ArgumentParser, dest: str, common: bool) -> _Commands:
+    actions = parser.add_subparsers(dest=dest, metavar="ACTION", required=True,
+                                    parser_class=LazyCommand)
+    return _Commands(actions, common)
+
+
+def _agent(common: bool) -> Callable[[argparse.ArgumentParser], None]:
+    def define(parser: argparse.ArgumentParser) -> None:
+        actions = _subcommands(parser, "agent_action", common)
+        for action, summary in (("restart", "restart pos_proxy, then every worker"),
+                                ("stop", "stop every worker process")):
+            actions.add(action, summary, f"{summary[0].upper()}{summary[1:]} as an OCP "
+                        "task; prints the task (or follows it with --wait).", _wait_options,
+                        handler=tasks.cmd_agent, action=action)
+    return define
+
+
+def _task_list(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=_task_id, default=10, metavar="N",
+                        help="tasks per page (default: 10)")
+    parser.add_argument("--page", type=_task_id, default=1, metavar="N",
+                        help="which page (default: 1)")
+
+
+def _task_show(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("id", type=_task_id, metavar="ID", help="the task id")
+    parser.add_argument("--log", action="store_true",
+                        help="every subtask's whole log too (with --json: a log field in "
+                        "each subtask; default: only FAILED subtasks' last line)")
+    parser.add_argument("--follow", action="store_true",
+                        help="follow a RUNNING task live until it ends (default: show it "
+                        "now)")
+    _wait_options(parser, wait=False)
+
+
+def _task_operation(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("id", type=_task_id, metavar="ID", help="the task id")
+    _wait_options(parser)
+
+
+def _task(common: bool) -> Callable[[argparse.ArgumentParser], None]:
+    def define(parser: argparse.ArgumentParser) -> None:
+        ops = _subcommands(parser, "task_action", common)
+        ops.add("list", "the newest tasks", "The tasks, newest first, one line each.",
+                _task_list, handler=tasks.cmd_list)
+        ops.add("show", "a task and its subtasks", "A task and its subtasks; the last log "
+                "line of each FAILED subtask. Exit 1 when the task FAILED.", _task_show,
+                handler=tasks.cmd_show)
+        for action, summary in (
+                ("retry", "re-run a FAILED task from its FAILED subtasks"),
+                ("rollback", "undo a FAILED task's done subtasks in reverse order")):
+            ops.add(action, summary, f"{summary[0].upper()}{summary[1:]}.", _task_operation,
+                    handler=tasks.cmd_task_operation, action=action)
+    return define
+
+
+def build_parser(common_in_commands: bool = True, lazy: bool = False) -> LazyCommand:
+    """The whole command line of ocp-agentctl. The connection and output options are
+    accepted after every command too, unless ``common_in_commands`` is false (the man page
+    lists them once). ``lazy``: each command's arguments are defined only when it is
+    parsed (see :class:`LazyCommand`); otherwise all are defined here."""
+    parser = LazyCommand(
+        prog=PROG,
+        description="Operate the local OCP Agent daemon (ocp-agentd): show its programs,\n"
+        "start, stop, restart, signal and verify them, read their logs, follow its\n"
+        "events, reload its configuration and run the OCP agent tasks.",
+        epilog=EPILOG, formatter_class=RawDescriptionHelpFormatter)
+    add_common_options(parser)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the client's version and exit (the daemon's: the "
+                        "version command)")
+    commands = _Commands(parser.add_subparsers(dest="command", metavar="COMMAND",
+                                               required=True, parser_class=LazyCommand),
+                         common_in_commands)
+    commands.add("status", "the daemon and its programs' states",
+                 "The daemon's version, pid and uptime, then one line per program: state, "
+                 "pid, uptime, restarts, ports and how it last exited. With NAMEs, only "
+                 "those programs.", _status, handler=programs.cmd_status)
     for action, summary in (
             ("start", "start a program (or every worker) and wait until RUNNING"),
             ("stop", "stop a program (or every worker) and wait until its tree is gone"),
             ("restart", "restart a program (or every worker) and wait until RUNNING")):
-        sub = _command(commands, action, parents, summary,
-                       f"{summary[0].upper()}{summary[1:]}. 'all' acts on every worker "
-                       "(pos_proxy and programs with operable = false are left alone), in "
-                       "parallel.", programs.cmd_operate)
-        sub.add_argument("name", metavar="NAME|all", help="a program name, or all (the workers)")
-        sub.add_argument("--timeout", type=_positive_seconds, metavar="S",
-                         help="seconds to wait for the outcome (default: the program's "
-                         "start_timeout / stop_timeout)")
-        sub.add_argument("--force", action="store_true",
-                         help="act on a program that is not operable, e.g. pos_proxy "
-                         "(default: refused with code 2002)")
-
-    verify = _command(
-        commands, "verify", parents, "check programs: alive, ports, health URL",
-        "Check one program, or every program without NAME: its state, its process, each "
-        "port listening and its health URL. Exit 1 if a check fails.", programs.cmd_verify)
-    verify.add_argument("name", nargs="?", metavar="NAME", help="a program (default: all)")
-
-    logs = _command(
-        commands, "logs", parents, "print a program's output log",
-        "Print the last lines of a program's stdout (or stderr) log file, and with -f keep "
-        "printing new output, across log rotation, until interrupted.", programs.cmd_logs)
-    logs.add_argument("name", metavar="NAME", help="a program name")
-    logs.add_argument("-f", "--follow", action="store_true",
-                      help="keep printing new output (default: print and exit)")
-    logs.add_argument("-n", "--lines", type=_count, default=10, metavar="N",
-                      help="how many last lines to print first (default: 10)")
-    logs.add_argument("--stderr", action="store_true",
-                      help="the stderr log (default: stdout)")
-
-    events = _command(
-        commands, "events", parents, "follow the daemon's events live",
-        "Print one line per event as it happens: program state changes, probe failures, "
-        "reloads, task and subtask status changes. --json prints one JSON object per line.",
-        programs.cmd_events)
-    events.add_argument("--kind", action="append", choices=EVENT_KINDS, metavar="KIND",
-                        help=f"only this kind, may be repeated: {', '.join(EVENT_KINDS)} "
-                        "(default: every kind)")
-    events.add_argument("--last", type=_count, default=0, metavar="N",
-                        help="start with the N most recent events, at most 1000 (default: "
-                        "0, only new ones)")
-    events.add_argument("--count", type=_count, default=0, metavar="N",
-                        help="exit after N events (default: 0, follow until interrupted)")
-
-    _command(commands, "reload", parents, "re-read the daemon's configuration",
-             "Re-read the configuration as SIGHUP does: added programs start, removed ones "
-             "stop, changed ones restart. Prints what was added, removed, changed and left "
-             "alone; an invalid file changes nothing and each bad key is named (exit 1).",
-             programs.cmd_reload)
-
-    signal = _command(
-        commands, "signal", parents, "send a signal to a program",
-        "Send a signal to a running program's process tree (e.g. HUP to re-open its logs). "
-        "Exit 1 when the program is not running.", programs.cmd_signal)
-    signal.add_argument("signal", metavar="SIG", type=programs.signal_name,
-                        help="a signal name or number: HUP, SIGUSR1, term, 9, ...")
-    signal.add_argument("name", metavar="NAME", help="a program name")
-
-    _command(commands, "version", parents, "the client's and the daemon's versions",
-             "Print the version of ocp-agentctl and of the ocp-agentd that answers.",
-             programs.cmd_version)
-
-    agent = commands.add_parser(
-        "agent", parents=parents, help="restart or stop the OCP agent as an OCP task",
-        description="Run the OCP agent tasks of this host: restart (Prepare -> Restart pos "
-        "proxy -> Stop all -> Start all -> Finish) or stop (the workers; pos_proxy stays).")
-    actions = agent.add_subparsers(dest="agent_action", metavar="ACTION", required=True)
-    for action, summary in (("restart", "restart pos_proxy, then every worker"),
-                            ("stop", "stop every worker process")):
-        sub = actions.add_parser(action, parents=parents, help=summary,
-                                 description=f"{summary[0].upper()}{summary[1:]} as an OCP "
-                                 "task; prints the task (or follows it with --wait).")
-        _wait_options(sub)
-        sub.set_defaults(handler=tasks.cmd_agent, action=action)
-
-    task = commands.add_parser(
-        "task", parents=parents, help="list, show, retry or roll back OCP tasks",
-        description="Read the tasks this daemon ran and operate on a FAILED one.")
-    ops = task.add_subparsers(dest="task_action", metavar="ACTION", required=True)
-    listing = ops.add_parser("list", parents=parents, help="the newest tasks",
-                             description="The tasks, newest first, one line each.")
-    listing.add_argument("--size", type=_task_id, default=10, metavar="N",
-                         help="tasks per page (default: 10)")
-    listing.add_argument("--page", type=_task_id, default=1, metavar="N",
-                         help="which page (default: 1)")
-    listing.set_defaults(handler=tasks.cmd_list)
-    show = ops.add_parser("show", parents=parents, help="a task and its subtasks",
-                          description="A task and its subtasks; the last log line of each "
-                          "FAILED subtask. Exit 1 when the task FAILED.")
-    show.add_argument("id", type=_task_id, metavar="ID", help="the task id")
-    show.add_argument("--log", action="store_true",
-                      help="every subtask's whole log too (with --json: a log field in each "
-                      "subtask; default: only FAILED subtasks' last line)")
-    show.add_argument("--follow", action="store_true",
-                      help="follow a RUNNING task live until it ends (default: show it now)")
-    _wait_options(show, wait=False)
-    show.set_defaults(handler=tasks.cmd_show)
-    for action, summary in (("retry", "re-run a FAILED task from its FAILED subtasks"),
-                            ("rollback", "undo a FAILED task's done subtasks in reverse order")):
-        sub = ops.add_parser(action, parents=parents, help=summary,
-                             description=f"{summary[0].upper()}{summary[1:]}.")
-        sub.add_argument("id", type=_task_id, metavar="ID", help="the task id")
-        _wait_options(sub)
-        sub.set_defaults(handler=tasks.cmd_task_operation, action=action)
+        commands.add(action, summary, f"{summary[0].upper()}{summary[1:]}. 'all' acts on "
+                     "every worker (pos_proxy and programs with operable = false are left "
+                     "alone), in parallel.", _operate, handler=programs.cmd_operate)
+    commands.add("verify", "check programs: alive, ports, health URL",
+                 "Check one program, or every program without NAME: its state, its process, "
+                 "each port listening and its health URL. Exit 1 if a check fails.", _verify,
+                 handler=programs.cmd_verify)
+    commands.add("logs", "print a program's output log",
+                 "Print the last lines of a program's stdout (or stderr) log file, and with "
+                 "-f keep printing new output, across log rotation, until interrupted.",
+                 _logs, handler=programs.cmd_logs)
+    commands.add("events", "follow the daemon's events live",
+                 "Print one line per event as it happens: program state changes, probe "
+                 "failures, reloads, task and subtask status changes. --json prints one "
+                 "JSON object per line.", _events, handler=programs.cmd_events)
+    commands.add("reload", "re-read the daemon's configuration",
+                 "Re-read the configuration as SIGHUP does: added programs start, removed "
+                 "ones stop, changed ones restart. Prints what was added, removed, changed "
+                 "and left alone; an invalid file changes nothing and each bad key is named "
+                 "(exit 1).", handler=programs.cmd_reload)
+    commands.add("signal", "send a signal to a program",
+                 "Send a signal to a running program's process tree (e.g. HUP to re-open "
+                 "its logs). Exit 1 when the program is not running.", _signal,
+                 handler=programs.cmd_signal)
+    commands.add("version", "the client's and the daemon's versions",
+                 "Print the version of ocp-agentctl and of the ocp-agentd that answers.",
+                 handler=programs.cmd_version)
+    commands.add("agent", "restart or stop the OCP agent as an OCP task",
+                 "Run the OCP agent tasks of this host: restart (Prepare -> Restart pos "
+                 "proxy -> Stop all -> Start all -> Finish) or stop (the workers; pos_proxy "
+                 "stays).", _agent(common_in_commands))
+    commands.add("task", "list, show, retry or roll back OCP tasks",
+                 "Read the tasks this daemon ran and operate on a FAILED one.",
+                 _task(common_in_commands))
+    if not lazy:
+        parser.define_all()
     return parser

@@ -8,16 +8,17 @@ Each handler is ``(args, api, out) -> exit status`` over a :class:`Transport`; a
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
-import signal
 import sys
-from typing import Any
-from urllib.parse import quote
 
 from ocp_agentd import __version__
+from ocp_agentd.cli.http11 import ProtocolError
 from ocp_agentd.cli.output import Output, clock, duration, last_exit
 from ocp_agentd.cli.transport import ApiError, Transport, Unavailable
+
+TYPE_CHECKING = False  # typing itself is a tenth of the command's start-up
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -29,6 +30,10 @@ PROCESS_HEADERS = ("NAME", "ROLE", "STATE", "PID", "UPTIME", "RESTARTS", "PORTS"
 
 
 def path_of(name: str, action: str = "") -> str:
+    # Imported here: status and the task commands need no quoting, and urllib.parse costs
+    # milliseconds of start-up.
+    from urllib.parse import quote
+
     tail = f"/{action}" if action else ""
     return f"/api/v1/processes/{quote(name, safe='')}{tail}"
 
@@ -213,7 +218,7 @@ def cmd_logs(args: argparse.Namespace, api: Transport, out: Output) -> int:
             sink.write(chunk)
             if args.follow:
                 sink.flush()
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, ProtocolError) as exc:
         if isinstance(exc, BrokenPipeError):
             raise
         raise Unavailable(f"the log stream from ocp-agentd broke: {exc}") from None
@@ -228,6 +233,10 @@ def cmd_logs(args: argparse.Namespace, api: Transport, out: Output) -> int:
 def signal_name(text: str) -> str:
     """``hup``, ``SIGHUP``, ``1`` -> ``HUP`` (the names ``stop_signal`` takes). Raises
     argparse.ArgumentTypeError for anything that names no signal (a usage error, exit 2)."""
+    # Imported here: the signal module builds its enums at import, start-up that only
+    # this command needs.
+    import signal
+
     name = text.strip().upper()
     if name.isdigit():
         try:
@@ -235,14 +244,12 @@ def signal_name(text: str) -> str:
         except ValueError:
             raise argparse.ArgumentTypeError(f"no signal number {text}") from None
     name = name[3:] if name.startswith("SIG") else name
-    if name not in _SIGNALS:
+    names = {s.name[3:] for s in signal.Signals if s.name.startswith("SIG")
+             and not s.name.startswith(("SIG_", "SIGRT"))}
+    if name not in names:
         raise argparse.ArgumentTypeError(
             f"no signal named {text!r}; e.g. HUP, USR1, USR2, TERM, INT, KILL")
     return name
-
-
-_SIGNALS = {s.name[3:] for s in signal.Signals if s.name.startswith("SIG")
-            and not s.name.startswith(("SIG_", "SIGRT"))}
 
 
 def cmd_signal(args: argparse.Namespace, api: Transport, out: Output) -> int:

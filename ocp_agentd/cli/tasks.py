@@ -9,15 +9,18 @@ SUCCESSFUL.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import time
-from collections.abc import Callable
-from typing import Any
 
+from ocp_agentd.cli.http11 import ProtocolError, Response
 from ocp_agentd.cli.output import Output
 from ocp_agentd.cli.programs import EXIT_FAILED, EXIT_OK, STREAM_READ_SECONDS, parse_sse
 from ocp_agentd.cli.transport import Transport, Unavailable
+
+TYPE_CHECKING = False  # typing itself is a tenth of the command's start-up
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 TASKS = "/api/v2/tasks/instances"
 FINAL = ("SUCCESSFUL", "FAILED")
@@ -93,12 +96,12 @@ def cmd_task_operation(args: argparse.Namespace, api: Transport, out: Output) ->
     return _started(args, api, out, task, stream)
 
 
-def _open_events(api: Transport) -> http.client.HTTPResponse:
+def _open_events(api: Transport) -> Response:
     return api.open_stream("/api/v1/events", timeout=STREAM_READ_SECONDS)
 
 
 def _started(args: argparse.Namespace, api: Transport, out: Output, task: dict[str, Any],
-             stream: http.client.HTTPResponse | None) -> int:
+             stream: Response | None) -> int:
     if stream is None:
         out.data(task, lambda: print_task(out, task))
         return EXIT_OK
@@ -117,7 +120,7 @@ def _started(args: argparse.Namespace, api: Transport, out: Output, task: dict[s
 
 
 def follow(api: Transport, out: Output, task: dict[str, Any],
-           stream: http.client.HTTPResponse, timeout: float) -> dict[str, Any]:
+           stream: Response, timeout: float) -> dict[str, Any]:
     """Prints each subtask status change of ``task`` from the event stream until the task
     is no longer RUNNING (or ``timeout`` seconds passed); answers the task as it ended."""
     started = time.monotonic()
@@ -144,7 +147,7 @@ def follow(api: Transport, out: Output, task: dict[str, Any],
     return dict(final)
 
 
-def _watch(stream: http.client.HTTPResponse, task_id: int, deadline: float,
+def _watch(stream: Response, task_id: int, deadline: float,
            show: Callable[[int, str], None]) -> bool:
     """Passes each subtask change of the task to ``show`` until the task ends (answers True)
     or the stream ends or the deadline (monotonic) passes (answers False); closes the stream.
@@ -155,14 +158,14 @@ def _watch(stream: http.client.HTTPResponse, task_id: int, deadline: float,
                 show(int(event["subtask"]), str(event["to"]))
             elif event.get("kind") == "task" and event.get("to") in FINAL:
                 return True
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, ProtocolError) as exc:
         raise Unavailable(f"the event stream of ocp-agentd broke: {exc}") from None
     finally:
         stream.close()
     return False
 
 
-def _task_events(stream: http.client.HTTPResponse, task_id: int, deadline: float) -> Any:
+def _task_events(stream: Response, task_id: int, deadline: float) -> Any:
     """The events of one task, until the stream ends or the deadline (monotonic) passes
     (checked at every line: keep-alive comments come every 15 s)."""
 

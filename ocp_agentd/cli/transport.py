@@ -1,12 +1,13 @@
-"""The control API over the standard library: http.client on the unix socket or TCP/TLS.
+"""The control API over the standard library: HTTP/1.1 on the unix socket or TCP/TLS.
 
 ocp-agentctl answers in a few tens of milliseconds because it imports neither aiohttp nor
-pydantic (SPEC section 12). One :class:`Transport` keeps one keep-alive connection, so a
+pydantic (SPEC section 12), nor http.client (cli/http11.py speaks the HTTP it needs), nor
+ssl unless the URL is https. One :class:`Transport` keeps one keep-alive connection, so a
 command that makes several requests (``status``: two) connects once.
 
-    transport = Transport(Target(socket_path=Path("/run/ocp_agentd/agentd.sock")))
+    transport = Transport(Target(socket_path="/run/ocp_agentd/agentd.sock"))
     data = transport.request("GET", "/api/v1/status")     # the envelope's data
-    for line in transport.stream("/api/v1/events"):       # a streamed answer, line by line
+    for line in transport.stream_lines("/api/v1/events"):  # a streamed answer, line by line
         ...
 
 Errors: :class:`ApiError` for an error envelope (SPEC section 4), :class:`Unavailable` when
@@ -15,14 +16,17 @@ nothing answers (exit status 3).
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
-import ssl
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
-from urllib.parse import urlencode, urlsplit
+import sys
+
+from ocp_agentd.cli.http11 import Connection, ProtocolError, Response
+
+TYPE_CHECKING = False  # typing itself is a tenth of the command's start-up
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import Iterator
+    from typing import Any
 
 TRACE_HEADER = "X-OCP-Trace-ID"
 TOKEN_ENV = "OCP_AGENTCTL_TOKEN"
@@ -62,7 +66,7 @@ class Target:
     dataclasses would import inspect, a tenth of the command's start-up.
     """
 
-    def __init__(self, socket_path: Path | None = None, url: str | None = None,
+    def __init__(self, socket_path: str | None = None, url: str | None = None,
                  token: str | None = None, cacert: str | None = None,
                  cert: str | None = None, key: str | None = None) -> None:
         self.socket_path = socket_path
@@ -77,24 +81,57 @@ class Target:
         return self.url or str(self.socket_path)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float | None) -> None:
-        super().__init__("ocp-agentd", timeout=timeout)
-        self._path = path
+class _Url:
+    """The parts of an http(s) URL the transport uses."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(min(CONNECT_TIMEOUT, self.timeout or CONNECT_TIMEOUT))
-        try:
-            sock.connect(str(self._path))
-        except OSError:
-            sock.close()
-            raise
-        sock.settimeout(self.timeout)
-        self.sock = sock
+    def __init__(self, url: str) -> None:
+        # Imported here: only --url needs it, and urllib.parse is milliseconds of start-up.
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--url must be http://HOST:PORT or https://HOST:PORT, "
+                             f"got {url!r}")
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.tls else 80)
+        self.host_header = parts.netloc.rpartition("@")[2]
+        self.base_path = parts.path.rstrip("/")
+        if _unsafe(self.base_path):
+            raise ValueError(f"--url must not hold spaces or control characters, got {url!r}")
+
+
+def _unsafe(text: str) -> bool:
+    """True when ``text`` cannot go into a request line or header as it is: a control
+    character, a space or DEL (RFC 9112 sections 3 and 5)."""
+    return any(ord(char) <= 0x20 or ord(char) == 0x7F for char in text)
+
+
+def _with_query(path: str, query: dict[str, Any] | None) -> str:
+    if not query:
+        return path
+    # Imported here: most commands send no query, and urllib.parse costs start-up.
+    from urllib.parse import urlencode
+
+    return f"{path}?{urlencode(query)}"
+
+
+def _unix_socket(path: str, timeout: float | None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(min(CONNECT_TIMEOUT, timeout or CONNECT_TIMEOUT))
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    sock.settimeout(timeout)
+    return sock
 
 
 def _tls_context(target: Target) -> ssl.SSLContext:
+    # Imported here: ssl is a fifth of the start-up, and only https URLs need it.
+    import ssl
+
     context = ssl.create_default_context(cafile=target.cacert)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if target.cert:
@@ -102,39 +139,56 @@ def _tls_context(target: Target) -> ssl.SSLContext:
     return context
 
 
+def _tls_failure(exc: BaseException, target: Target) -> str | None:
+    """The message for a TLS failure, None when ``exc`` is not one."""
+    ssl = sys.modules.get("ssl")  # loaded when TLS was used; else exc is not a TLS error
+    if ssl is None or not isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return None
+    hint = ""
+    if not target.cert and not isinstance(exc, ssl.SSLCertVerificationError):
+        hint = " (if the daemon requires a client certificate: --cert and --key)"
+    return f"TLS with ocp-agentd on {target.where} failed: {exc}{hint}"
+
+
 class Transport:
-    """One keep-alive connection to the daemon (reopened when the daemon closed it)."""
+    """One keep-alive connection to the daemon (reopened when the daemon closed it).
+    Raises ValueError for a ``target.url`` that is not http(s)://HOST[:PORT][/PATH], or a
+    token that cannot go into a header."""
 
     def __init__(self, target: Target, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.target = target
         self.timeout = timeout
         self.last_trace_id: str | None = None
-        self._conn: http.client.HTTPConnection | None = None
-        self._base_path = ""
-        if target.url:
-            parts = urlsplit(target.url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"--url must be http://HOST:PORT or https://HOST:PORT, "
-                                 f"got {target.url!r}")
-            self._base_path = parts.path.rstrip("/")
+        self._conn: Connection | None = None
+        self._url = _Url(target.url) if target.url else None
+        self._base_path = self._url.base_path if self._url else ""
+        if target.token and _unsafe(target.token):
+            raise ValueError("the token must not hold spaces or control characters")
 
     # ---- connections ------------------------------------------------------------------
 
-    def _connect(self, timeout: float | None) -> http.client.HTTPConnection:
-        target = self.target
-        if target.url is None:
+    def _connect(self, timeout: float | None) -> Connection:
+        """A new connection; OSError (TLS errors included) when none can be made."""
+        target, url = self.target, self._url
+        if url is None:
             assert target.socket_path is not None
-            return _UnixConnection(target.socket_path, timeout)
-        parts = urlsplit(target.url)
-        host = parts.hostname or "localhost"
-        if parts.scheme == "https":
+            return Connection(_unix_socket(str(target.socket_path), timeout), "ocp-agentd")
+        context = None
+        if url.tls:
             try:
                 context = _tls_context(target)
             except (OSError, ValueError) as exc:
                 raise Unavailable(f"cannot load the TLS files: {exc}") from None
-            return http.client.HTTPSConnection(host, parts.port or 443, timeout=timeout,
-                                               context=context)
-        return http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
+        sock = socket.create_connection((url.host, url.port), timeout)
+        # As http.client does: a request goes out at once, not held back for more (Nagle).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if context is not None:
+            try:
+                sock = context.wrap_socket(sock, server_hostname=url.host)
+            except BaseException:
+                sock.close()
+                raise
+        return Connection(sock, url.host_header)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -155,41 +209,35 @@ class Transport:
             return Unavailable(
                 f"cannot connect to ocp-agentd on {where}: permission denied (root or the "
                 "socket's group may use it; or pass --url and --token)")
-        if isinstance(exc, TimeoutError | socket.timeout):
+        if isinstance(exc, TimeoutError):
             return Unavailable(f"ocp-agentd did not answer in time on {where}")
-        if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-            hint = ""
-            if not self.target.cert and not isinstance(exc, ssl.SSLCertVerificationError):
-                hint = " (if the daemon requires a client certificate: --cert and --key)"
-            return Unavailable(f"TLS with ocp-agentd on {where} failed: {exc}{hint}")
-        if isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError):
+        tls = _tls_failure(exc, self.target)
+        if tls:
+            return Unavailable(tls)
+        if isinstance(exc, ConnectionResetError):  # Disconnected included
             return Unavailable(f"ocp-agentd closed the connection on {where}")
         return Unavailable(f"ocp-agentd is not running (no answer on {where})")
 
     def _send(self, method: str, path: str, body: bytes | None, timeout: float | None,
-              fresh: bool = False) -> http.client.HTTPResponse:
+              fresh: bool = False) -> Response:
         """Sends one request; a keep-alive connection the daemon closed meanwhile is
         reopened once (only before anything of the answer was read)."""
         headers = self._headers(body)
         for attempt in (0, 1):
             reused = self._conn is not None and not fresh
-            if self._conn is None or fresh:
-                self.close()
-                self._conn = self._connect(timeout)
-            conn = self._conn
-            conn.timeout = timeout
-            if conn.sock is not None:
-                conn.sock.settimeout(timeout)
             try:
-                conn.request(method, self._base_path + path, body=body, headers=headers)
-                return conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError,
-                    ConnectionResetError) as exc:
+                if self._conn is None or fresh:
+                    self.close()
+                    self._conn = self._connect(timeout)
+                conn = self._conn
+                conn.sock.settimeout(timeout)
+                return conn.request(method, self._base_path + path, headers, body)
+            except (BrokenPipeError, ConnectionResetError) as exc:  # Disconnected is one
                 self.close()
                 if reused and attempt == 0:
                     continue
                 raise self._unavailable(exc) from None
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, ProtocolError) as exc:
                 self.close()
                 raise self._unavailable(exc) from None
         raise AssertionError("unreachable")
@@ -202,19 +250,17 @@ class Transport:
         operation's timeout); the socket waits that plus 30 s."""
         timeout = self.timeout if wait is None else max(self.timeout, wait + 30)
         raw = None if body is None else json.dumps(body).encode()
-        if query:
-            path = f"{path}?{urlencode(query)}"
-        response = self._send(method, path, raw, timeout)
+        response = self._send(method, _with_query(path, query), raw, timeout)
         try:
             payload = response.read()
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, ProtocolError) as exc:
             self.close()
             raise self._unavailable(exc) from None
         if response.will_close:
             self.close()
         return self._data(response, payload)
 
-    def _data(self, response: http.client.HTTPResponse, payload: bytes) -> Any:
+    def _data(self, response: Response, payload: bytes) -> Any:
         status = response.status
         self.last_trace_id = response.getheader(TRACE_HEADER)
         try:
@@ -235,18 +281,21 @@ class Transport:
                        sub_errors=error.get("subErrors"))
 
     def open_stream(self, path: str, query: dict[str, Any] | None = None,
-                    timeout: float | None = None) -> http.client.HTTPResponse:
-        """A streamed answer (logs, events) on a connection of its own; ``timeout``: the
-        longest wait for more of it (None: no limit). ApiError when the daemon answers an
-        error envelope instead."""
-        if query:
-            path = f"{path}?{urlencode(query)}"
+                    timeout: float | None = None) -> Response:
+        """A streamed answer (logs, events) on a connection of its own, which closing the
+        answer closes; ``timeout``: the longest wait for more of it (None: no limit).
+        ApiError when the daemon answers an error envelope instead."""
+        path = _with_query(path, query)
         response = self._send("GET", path, None, timeout, fresh=True)
         self._conn = None  # the connection now belongs to the stream
         content_type = response.getheader("Content-Type") or ""
         if response.status >= 400 or content_type.startswith("application/json"):
-            payload = response.read()
-            response.close()
+            try:
+                payload = response.read()
+            except (OSError, ProtocolError) as exc:
+                raise self._unavailable(exc) from None
+            finally:
+                response.close()
             self._data(response, payload)  # raises the envelope's error
             raise ApiError(5000, f"{path} answered JSON instead of a stream",
                            response.status, trace_id=self.last_trace_id)
@@ -260,7 +309,7 @@ class Transport:
             while True:
                 try:
                     line = response.readline()
-                except (OSError, http.client.HTTPException) as exc:
+                except (OSError, ProtocolError) as exc:
                     raise self._unavailable(exc) from None
                 if not line:
                     return

@@ -32,6 +32,14 @@ def test_dpkg_lifecycle_without_systemd(chroot, packages):
     assert wants.is_symlink()
     assert chroot.run("ocp-agentd", "--check").returncode == 0
     assert chroot.run("ocp-agentctl", "status", check=False).returncode == 3  # no daemon
+    # The launcher ignores the caller's Python environment and runs from any folder.
+    chroot.put("/root/e2e/shadow/ocp_agentd/__init__.py", "raise SystemExit('shadowed')\n")
+    result = chroot.run("env", "PYTHONPATH=/root/e2e/shadow", "sh", "-c",
+                        "cd /tmp && ocp-agentctl --version")
+    assert result.stdout.startswith("ocp-agentctl ") and "shadowed" not in result.stderr
+    result = chroot.run("ocp-agentctl", "--config", "/root/e2e/nope.toml", "status",
+                        check=False)
+    assert result.returncode == 2 and "/root/e2e/nope.toml" in result.stderr
 
     config = chroot.path("/etc/ocp_agentd/config.toml")
     config.write_text(config.read_text().replace("host_id = 1", "host_id = 9"))

@@ -293,8 +293,12 @@ def test_venv_is_made_for_opt_and_precompiled(deb_tree, packages):
     assert (venv / "bin/python3.11").readlink() == Path("/usr/bin/python3.11")
     config = (venv / "pyvenv.cfg").read_text()
     assert "home = /usr/bin" in config
-    for script in ("ocp-agentd", "ocp-agentctl"):
-        assert (venv / "bin" / script).read_text().startswith("#!/opt/ocp_agentd/bin/python\n")
+    assert (venv / "bin/ocp-agentd").read_text().startswith("#!/opt/ocp_agentd/bin/python\n")
+    # ocp-agentctl is packaging/ocp-agentctl.in: isolated, without site, naming the venv.
+    launcher = (venv / "bin/ocp-agentctl").read_text()
+    assert launcher.startswith("#!/opt/ocp_agentd/bin/python -IS\n")
+    assert 'sys.path.append("/opt/ocp_agentd/lib/python3.11/site-packages")' in launcher
+    assert "@" not in launcher
     assert (deb_tree / "usr/bin/ocp-agentd").readlink() == Path("/opt/ocp_agentd/bin/ocp-agentd")
     leaked = subprocess.run(["grep", "-rlI", "-F", str(packages.stage), str(venv)],
                             capture_output=True, text=True).stdout
