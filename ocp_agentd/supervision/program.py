@@ -305,8 +305,6 @@ class Program:
         `remember` (a caller's stop) the next daemon of this boot leaves it stopped too;
         the daemon's own stops (shutdown, a program gone from the config) pass False."""
         self.intent.stop_requested()
-        if self.standbys is not None:
-            self.standbys.discard()
         recorded = (
             self._intents.save_soon(self.name, "STOPPED", "stopped on request")
             if remember and self._intents is not None
@@ -318,6 +316,8 @@ class Program:
         self._interrupt_start()
         async with self.lock:
             await self._contained("stop", self._stop_locked())
+            if self.standbys is not None:
+                self.standbys.discard()  # a stopped program keeps no held shell
             info = self.info()
         if recorded is not None:
             await recorded  # answered only once the next daemon would see it
@@ -984,8 +984,14 @@ class Program:
             self._records.remove(self.name)
             self._set_state(State.STOPPED, "stopped")
             return
-        self._set_state(State.STOPPING, f"sending SIG{self.spec.stop_signal}")
-        await self._terminate(inst)
+        if self.cgroup is not None and self.cgroup.membership.exists():
+            # The signal first, the bookkeeping after: no exit callback runs in between.
+            tree.signal_cgroup(inst, self.cgroup, self.spec.signal_number)
+            self._set_state(State.STOPPING, f"sending SIG{self.spec.stop_signal}")
+            await self._terminate(inst, signalled=True)
+        else:
+            self._set_state(State.STOPPING, f"sending SIG{self.spec.stop_signal}")
+            await self._terminate(inst)
         if inst.exited.done():
             # The last exit is this one: an older crash shown beside STOPPED misleads.
             ended = inst.exited.result()
@@ -995,7 +1001,9 @@ class Program:
         self._records.remove(self.name)
         self._set_state(State.STOPPED, "stopped")
 
-    async def _terminate(self, inst: Instance) -> None:
+    async def _terminate(self, inst: Instance, signalled: bool = False) -> None:
+        """Ends inst's tree (tree.terminate_cgroup, else tree.terminate); `signalled`:
+        its cgroup has had the stop signal already (tree.signal_cgroup)."""
         if self.cgroup is not None and self.cgroup.membership.exists():
             await tree.terminate_cgroup(
                 self.name,
@@ -1004,6 +1012,7 @@ class Program:
                 self.watch,
                 self.spec.signal_number,
                 self.spec.stop_timeout,
+                signalled,
             )
             return
         await tree.terminate(

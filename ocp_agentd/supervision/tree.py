@@ -81,6 +81,15 @@ async def terminate(
         await end_processes(late, signal.SIGKILL, KILL_GRACE)
 
 
+def signal_cgroup(inst: Instance, cgroup: ProgramCgroup, signum: int) -> None:
+    """signum, then SIGCONT (a stopped process must see it), to every member of the
+    cgroup, and to the main even if it left the cgroup (root can)."""
+    reached = cgroup.signal_all(signum, signal.SIGCONT)
+    if inst.pid not in reached and not inst.exited.done():
+        inst.handle.send(signum)
+        inst.handle.send(signal.SIGCONT)
+
+
 async def terminate_cgroup(
     name: str,
     inst: Instance,
@@ -88,18 +97,16 @@ async def terminate_cgroup(
     watch: EmptyWatch,
     signum: int,
     stop_timeout: float,
+    signalled: bool = False,
 ) -> None:
-    """signum to every member of the cgroup, stop_timeout seconds for it to empty, then
-    the cgroup's kill. Returns once the cgroup is empty and the main's exit is seen.
+    """signum to every member of the cgroup (signal_cgroup; not again when `signalled`),
+    stop_timeout seconds for it to empty, then the cgroup's kill. Returns once the cgroup
+    is empty and the main's exit is seen.
 
     Raises OperationFailed when members are left KILL_GRACE seconds after the kill.
     """
-    # SIGCONT after it: a stopped process must see the signal.
-    reached = cgroup.signal_all(signum, signal.SIGCONT)
-    if inst.pid not in reached and not inst.exited.done():
-        # A main that left its cgroup (root can) still hears it.
-        inst.handle.send(signum)
-        inst.handle.send(signal.SIGCONT)
+    if not signalled:
+        signal_cgroup(inst, cgroup, signum)
     if not await watch.wait_empty(cgroup, stop_timeout):
         log.warning(
             "%s: still running after %gs, killing every process in %s: %s",
