@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 from harness import DaemonRunner, wait_for
+from unixuser import unix_user
 
 from ocp_agentd.supervision import cgroups, spawn
 
@@ -169,4 +170,53 @@ def test_a_restart_uses_the_standby_with_the_current_spec(daemon_factory) -> Non
     daemon.post("/api/v1/processes/sleeper/restart").check()
     record = daemon.wait_state("sleeper", "RUNNING", timeout=30)
     assert record["pid"] == standby.pid != first["pid"]
+    assert copies_of(spec["command"]) == [record["pid"]]
+
+
+def test_a_standby_waits_as_root_and_the_program_runs_as_its_user(daemon_factory) -> None:
+    """The program's user cannot ptrace the held shell (it is root's until the exec,
+    setpriv(1) takes on the user there), so nothing of the user's runs outside the slot."""
+    with unix_user() as user:
+        spec = {**sleeper(new_tag()), "user": user.name}
+        daemon = daemon_factory({"sleeper": spec})
+        first = daemon.wait_state("sleeper", "RUNNING", timeout=30)
+        standby = wait_standby(daemon, "sleeper")
+        assert standby.uids().real == standby.uids().effective == 0
+        main = psutil.Process(first["pid"])
+        assert main.uids().real == main.uids().effective == user.uid
+        assert main.gids().real == user.gid
+
+        os.kill(first["pid"], signal.SIGKILL)
+        record = wait_for(
+            lambda: (r := daemon.process("sleeper"))["state"] == "RUNNING"
+            and r["pid"] != first["pid"] and r,
+            20, "the restart",
+        )
+        assert record["pid"] == standby.pid
+        released = psutil.Process(record["pid"])
+        assert released.cmdline() == spec["command"]
+        assert released.uids().real == released.uids().effective == user.uid
+        assert released.gids().real == user.gid
+        daemon.post("/api/v1/processes/sleeper/stop").check()
+
+
+def test_a_standby_made_before_the_cwd_moved_is_not_used(daemon_factory, tmp_path) -> None:
+    """An upgrade that switches the cwd symlink to another release: the restart must run
+    in the new one, not in the directory the standby was made in."""
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    current = tmp_path / "current"
+    current.symlink_to("v1")
+    spec = {**sleeper(new_tag()), "cwd": str(current)}
+    daemon = daemon_factory({"sleeper": spec})
+    daemon.wait_state("sleeper", "RUNNING", timeout=30)
+    standby = wait_standby(daemon, "sleeper")
+
+    switched = tmp_path / "switched"
+    switched.symlink_to("v2")
+    switched.replace(current)
+    daemon.post("/api/v1/processes/sleeper/restart").check()
+    record = daemon.wait_state("sleeper", "RUNNING", timeout=30)
+    assert record["pid"] != standby.pid
+    assert psutil.Process(record["pid"]).cwd() == str(tmp_path / "v2")
     assert copies_of(spec["command"]) == [record["pid"]]

@@ -101,9 +101,6 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 
-# Descriptors beyond the API's reserve that must be free for a standby to be made.
-STANDBY_HEADROOM = 64
-
 class Program:
     """One configured program and its running instance (at most one).
 
@@ -803,16 +800,16 @@ class Program:
         return self._begin(standby.popen, standby.handle, standby.run_id)
 
     def _prepare_standby(self) -> None:
-        """Makes the next standby in the background (standby.py), with cgroups only, and
-        only while descriptors are plentiful: it holds two (its GO pipe and its pidfd),
-        and a program's start must never fail for a standby's sake."""
-        if (
-            self.standbys is not None
-            and self.standbys.waiting is None
-            and descriptors.shortfall(STANDBY_HEADROOM) is None
-        ):
+        """Makes the next standby in the background (standby.py), with cgroups only."""
+        if self.standbys is not None and self.standbys.waiting is None:
             self._spawn_background(
-                self.standbys.prepare(self.spec, self._state_dir, uuid.uuid4().hex, self.limits)
+                self.standbys.prepare(
+                    self.spec,
+                    self._state_dir,
+                    uuid.uuid4().hex,
+                    self.limits,
+                    lambda: self.state == State.RUNNING,
+                )
             )
 
     def _begin(self, popen: subprocess.Popen[bytes], handle: Handle, run_id: str) -> Instance:

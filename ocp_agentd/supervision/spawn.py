@@ -48,6 +48,9 @@ _ARG_PREFIX = "OCP_AGENTD_ARGV_"
 _EXPORT_PREFIX = "OCP_AGENTD_AT_EXEC_"
 
 
+# setpriv(1) from util-linux (essential on Debian, in every RHEL): the held shell's user
+# change at exec (become_user).
+SETPRIV = "/usr/bin/setpriv"
 # Spawns between start_process and their release (counted()), for descriptor accounting.
 _in_flight = 0
 
@@ -134,6 +137,27 @@ def hold(
     return ["/bin/sh", "-c", script], carried
 
 
+def become_user(spec: ProgramSpec, ids: dict[str, Any]) -> list[str]:
+    """The argv prefix that execs the rest as spec's user (ids: user_kwargs' uid, gid and
+    supplementary groups) through setpriv(1), from util-linux; [] for no user. Raises
+    SpawnRefused when setpriv is missing."""
+    if not ids:
+        return []
+    if not os.access(SETPRIV, os.X_OK):
+        raise SpawnRefused(
+            f"programs.{spec.name}.user: running a program as another user in its cgroup "
+            f"needs setpriv (util-linux) at {SETPRIV}"
+        )
+    groups = ",".join(str(gid) for gid in ids["extra_groups"])
+    return [
+        SETPRIV,
+        f"--reuid={ids['user']}",
+        f"--regid={ids['group']}",
+        f"--groups={groups}" if groups else "--clear-groups",
+        "--",
+    ]
+
+
 def is_held(cmdline: list[str]) -> bool:
     """Whether cmdline is a held shell's (hold()) still waiting for GO."""
     return len(cmdline) >= 3 and cmdline[2].startswith(_HELD_TITLE)
@@ -161,8 +185,12 @@ def start_process(
         if not os.access(program, os.X_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
         markers = {name: env.pop(name) for name in (MARK_PROGRAM, MARK_STATE_DIR, MARK_RUN_ID)}
-        argv, carried = hold(argv, markers)
+        # The held shell stays root and the user is taken on at the exec (become_user):
+        # a shell of the program's user could be ptraced by that user, who could then run
+        # code before it is in its cgroup, or in the standby's slot past a stop.
+        argv, carried = hold([*become_user(spec, kwargs), *argv], markers)
         env.update(carried)
+        kwargs = {}
     out, err = output.open_streams(spec, state_dir)
     try:
         return subprocess.Popen(

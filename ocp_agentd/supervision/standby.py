@@ -24,10 +24,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ocp_agentd import descriptors
 from ocp_agentd.config import ProgramSpec
 from ocp_agentd.supervision import output, spawn, tree
 from ocp_agentd.supervision.cgroups import CgroupError, EmptyWatch, Limits, ProgramCgroup
@@ -40,6 +43,10 @@ log = logging.getLogger("ocp_agentd.program")
 # (start-all, a restart task) get theirs once the starts are done, not in their way; a
 # program that exits sooner than this restarts after a backoff anyway.
 PREPARE_DELAY = 0.5
+
+# Descriptors beyond the API's reserve that must be free for a standby to be made (it
+# holds two: its GO pipe and its pidfd).
+HEADROOM = 64
 
 # The second slot of a program's cgroup: "<name>" and "<name>.b" (program names hold no
 # dot, config.py, so no program's slot can be another's).
@@ -58,6 +65,7 @@ class Standby:
     fingerprint: str
     cgroup: ProgramCgroup
     streams: tuple[tuple[int, int], ...]
+    host: tuple[object, ...] | None  # host_state() when it was made
 
 
 class Standbys:
@@ -82,12 +90,18 @@ class Standbys:
         return self.waiting is not None or self._preparing
 
     async def prepare(
-        self, spec: ProgramSpec, state_dir: Path, run_id: str, limits: Limits
+        self,
+        spec: ProgramSpec,
+        state_dir: Path,
+        run_id: str,
+        limits: Limits,
+        wanted: Callable[[], bool],
     ) -> None:
-        """After PREPARE_DELAY seconds, makes a standby for spec in the spare slot
-        (emptying it first: what is left there is an ended instance or a stale standby).
-        Failures are logged at debug level and leave no standby: starts then take the
-        ordinary path. A discard() meanwhile cancels it."""
+        """After PREPARE_DELAY seconds, if `wanted()` still says so (the program runs),
+        makes a standby for spec in the spare slot (emptying it first: what is left there
+        is an ended instance or a stale standby), only while descriptors are plentiful
+        (HEADROOM). Failures are logged at debug level and leave no standby: starts then
+        take the ordinary path. A discard() meanwhile cancels it."""
         if self.waiting is not None or self._preparing:
             return
         generation = self._generation
@@ -95,7 +109,7 @@ class Standbys:
         popen: subprocess.Popen[bytes] | None = None
         try:
             await asyncio.sleep(PREPARE_DELAY)
-            if generation != self._generation:
+            if generation != self._generation or not wanted():
                 return
             slot = self.spare
             if slot.membership.exists() and slot.populated():
@@ -103,6 +117,12 @@ class Standbys:
             if generation != self._generation:
                 return
             slot.create(limits)
+            # Checked here, with nothing awaited before the spawn takes its descriptors:
+            # a program's start must never fail for a standby's sake.
+            short = descriptors.shortfall(HEADROOM + descriptors.SPAWN_COST * spawn.in_flight())
+            if short is not None or generation != self._generation:
+                return
+            host = host_state(spec)
             popen = spawn.start_process(spec, state_dir, run_id, held=True)
             REAPER.claim(popen.pid)
             streams = _stream_ids(popen.pid)
@@ -111,7 +131,9 @@ class Standbys:
             if generation != self._generation or self.spare is not slot:
                 _end(popen, handle)
                 return
-            self.waiting = Standby(popen, handle, run_id, spec.fingerprint(), slot, streams)
+            self.waiting = Standby(
+                popen, handle, run_id, spec.fingerprint(), slot, streams, host
+            )
             asyncio.get_running_loop().add_reader(handle.pidfd, self._on_exit, self.waiting)
             popen = None
         except (OSError, CgroupError, spawn.SpawnRefused) as exc:
@@ -130,6 +152,8 @@ class Standbys:
             return None
         if (
             standby.fingerprint != spec.fingerprint()
+            or standby.host is None
+            or standby.host != host_state(spec)
             or not standby.handle.alive()
             or (spec.log_target != "journal"
                 and standby.streams != _current_streams(spec, state_dir))
@@ -193,6 +217,23 @@ def _forget(popen: subprocess.Popen[bytes], handle: Handle | None) -> None:
     REAPER.release(popen.pid)
     if handle is not None:
         handle.close()
+
+
+def host_state(spec: ProgramSpec) -> tuple[object, ...] | None:
+    """What of the host a standby took on when it was made and a new main must see as it
+    is now: the user's uid, gid and groups, and the directory spec.cwd names (device and
+    inode, so a symlink switched to another release or a directory made anew differs).
+    None when it cannot be read (the start's own checks will say why)."""
+    try:
+        ids: tuple[object, ...] = ()
+        if spec.user:
+            account = pwd.getpwnam(spec.user)
+            groups = tuple(os.getgrouplist(spec.user, account.pw_gid))
+            ids = (account.pw_uid, account.pw_gid, groups)
+        where = os.stat(spec.cwd) if spec.cwd else None
+        return (*ids, (where.st_dev, where.st_ino) if where else None)
+    except (KeyError, OSError):
+        return None
 
 
 def _stream_ids(pid: int) -> tuple[tuple[int, int], ...]:
