@@ -97,7 +97,7 @@ def test_rpm_requires_and_config(packages, rpm_tree):
     for line in requires.splitlines():
         kind, name = line.split(" ", 1)
         kinds.setdefault(name.split()[0], set()).add(kind)
-    assert {"python3.11", "systemd"} <= set(kinds)
+    assert {"python3.11", "systemd", "util-linux"} <= set(kinds)  # util-linux: setpriv
     assert "post" in kinds["systemd"], kinds  # Requires(post): systemctl preset in %post
     # Library requirements by soname, as rpmbuild writes them: every library that an ELF
     # file of the package links and does not bring itself.
