@@ -64,6 +64,19 @@ def wait_standby(daemon: DaemonRunner, name: str) -> psutil.Process:
     return wait_for(lambda: held_in(slots(daemon, name)[1]), 20, f"a standby for {name}")
 
 
+def execed(pid: int, command: list[str]) -> psutil.Process:
+    """pid once it runs command: a released standby is RUNNING as soon as it has GO, a
+    moment before its shell has exec'd the program."""
+    proc = psutil.Process(pid)
+    return wait_for(lambda: proc.cmdline() == command and proc, 10, f"{pid} to exec")
+
+
+def one_copy(command: list[str], pids: list[int]) -> None:
+    """Waits until exactly `pids` run command (a start is RUNNING a moment before its
+    exec is done), failing at the deadline."""
+    wait_for(lambda: copies_of(command) == pids, 10, f"exactly {pids} running {command}")
+
+
 def copies_of(command: list[str]) -> list[int]:
     """Live processes running exactly command (zombies excluded)."""
     found = []
@@ -92,9 +105,8 @@ def test_a_crash_releases_the_standby_in_the_other_slot(daemon_factory) -> None:
     )
     assert record["pid"] == standby.pid
     assert Path(record["cgroup"]) == spare
-    assert psutil.Process(record["pid"]).cmdline() == spec["command"]
-    assert psutil.Process(record["pid"]).environ()["OCP_AGENTD_PROGRAM"] == "sleeper"
-    assert copies_of(spec["command"]) == [record["pid"]]
+    assert execed(record["pid"], spec["command"]).environ()["OCP_AGENTD_PROGRAM"] == "sleeper"
+    one_copy(spec["command"], [record["pid"]])
     # The next standby waits in the slot the crashed main left.
     assert wait_for(lambda: held_in(old_slot), 20, "the next standby").pid != standby.pid
 
@@ -111,11 +123,11 @@ def test_a_stop_ends_the_standby_and_a_start_still_works(daemon_factory) -> None
              10, "the standby to end")
     for slot in (current, spare):
         assert (slot / "cgroup.procs").read_text().split() == []
-    assert copies_of(spec["command"]) == []
+    one_copy(spec["command"], [])
 
     daemon.post("/api/v1/processes/sleeper/start").check()
     record = daemon.wait_state("sleeper", "RUNNING", timeout=30)
-    assert copies_of(spec["command"]) == [record["pid"]]
+    one_copy(spec["command"], [record["pid"]])
 
 
 def test_a_killed_standby_is_replaced_by_an_ordinary_start(daemon_factory) -> None:
@@ -132,8 +144,8 @@ def test_a_killed_standby_is_replaced_by_an_ordinary_start(daemon_factory) -> No
         and r["pid"] != first["pid"] and r,
         20, "the restart",
     )
-    assert psutil.Process(record["pid"]).cmdline() == spec["command"]
-    assert copies_of(spec["command"]) == [record["pid"]]
+    execed(record["pid"], spec["command"])
+    one_copy(spec["command"], [record["pid"]])
     assert f"standby pid {standby.pid} exited" in daemon.log()
 
 
@@ -147,18 +159,18 @@ def test_a_daemon_killed_leaves_no_standby_and_one_copy(daemon_factory) -> None:
     # Its GO pipe closed with the daemon: the shell reads end of file and exits unrun.
     wait_for(lambda: not standby.is_running() or standby.status() == psutil.STATUS_ZOMBIE,
              10, "the orphaned standby to exit")
-    assert copies_of(spec["command"]) == [first["pid"]]
+    one_copy(spec["command"], [first["pid"]])
 
     daemon.restart()
     record = daemon.wait_state("sleeper", "RUNNING", timeout=30)
     assert record["pid"] == first["pid"]
-    assert copies_of(spec["command"]) == [first["pid"]]
+    one_copy(spec["command"], [first["pid"]])
     # An adopted program gets its standby after its next start, not at adoption (its log
     # keeper is the earlier daemon's until then).
     daemon.post("/api/v1/processes/sleeper/restart").check()
     record = daemon.wait_state("sleeper", "RUNNING", timeout=30)
     assert wait_standby(daemon, "sleeper").pid not in (standby.pid, record["pid"])
-    assert copies_of(spec["command"]) == [record["pid"]]
+    one_copy(spec["command"], [record["pid"]])
 
 
 def test_a_restart_uses_the_standby_with_the_current_spec(daemon_factory) -> None:
@@ -170,7 +182,7 @@ def test_a_restart_uses_the_standby_with_the_current_spec(daemon_factory) -> Non
     daemon.post("/api/v1/processes/sleeper/restart").check()
     record = daemon.wait_state("sleeper", "RUNNING", timeout=30)
     assert record["pid"] == standby.pid != first["pid"]
-    assert copies_of(spec["command"]) == [record["pid"]]
+    one_copy(spec["command"], [record["pid"]])
 
 
 def test_a_standby_waits_as_root_and_the_program_runs_as_its_user(daemon_factory) -> None:
@@ -193,8 +205,7 @@ def test_a_standby_waits_as_root_and_the_program_runs_as_its_user(daemon_factory
             20, "the restart",
         )
         assert record["pid"] == standby.pid
-        released = psutil.Process(record["pid"])
-        assert released.cmdline() == spec["command"]
+        released = execed(record["pid"], spec["command"])
         assert released.uids().real == released.uids().effective == user.uid
         assert released.gids().real == user.gid
         daemon.post("/api/v1/processes/sleeper/stop").check()
@@ -218,5 +229,31 @@ def test_a_standby_made_before_the_cwd_moved_is_not_used(daemon_factory, tmp_pat
     daemon.post("/api/v1/processes/sleeper/restart").check()
     record = daemon.wait_state("sleeper", "RUNNING", timeout=30)
     assert record["pid"] != standby.pid
-    assert psutil.Process(record["pid"]).cwd() == str(tmp_path / "v2")
-    assert copies_of(spec["command"]) == [record["pid"]]
+    assert execed(record["pid"], spec["command"]).cwd() == str(tmp_path / "v2")
+    one_copy(spec["command"], [record["pid"]])
+
+
+def test_names_the_shell_would_drop_reach_the_program(daemon_factory) -> None:
+    """A held start goes through /bin/sh, which passes on no variable whose name is not a
+    shell identifier and sets IFS itself; the program must get its env exactly, on its
+    first start and when its standby is released."""
+    env = {"spring.profiles.active": "prod", "A-B": "1", "IFS": "o", "PLAIN": "x y"}
+    spec = {**sleeper(new_tag()), "env": env}
+    daemon = daemon_factory({"sleeper": spec})
+    first = daemon.wait_state("sleeper", "RUNNING", timeout=30)
+    for pid in (first["pid"],):
+        got = execed(pid, spec["command"]).environ()
+        assert {name: got.get(name) for name in env} == env
+        assert not [name for name in got if name.startswith("OCP_AGENTD_") and
+                    name not in ("OCP_AGENTD_PROGRAM", "OCP_AGENTD_STATE_DIR",
+                                 "OCP_AGENTD_RUN_ID")]
+    standby = wait_standby(daemon, "sleeper")
+    os.kill(first["pid"], signal.SIGKILL)
+    record = wait_for(
+        lambda: (r := daemon.process("sleeper"))["state"] == "RUNNING"
+        and r["pid"] != first["pid"] and r,
+        20, "the restart",
+    )
+    assert record["pid"] == standby.pid
+    got = execed(record["pid"], spec["command"]).environ()
+    assert {name: got.get(name) for name in env} == env
