@@ -71,6 +71,26 @@ def execed(pid: int, command: list[str]) -> psutil.Process:
     return wait_for(lambda: proc.cmdline() == command and proc, 10, f"{pid} to exec")
 
 
+def running_with_standby(
+    daemon_factory, **extra: object
+) -> tuple[dict, DaemonRunner, dict, psutil.Process]:
+    """A daemon running program "sleeper" (sleeper() plus extra), once its standby waits:
+    (spec, daemon, the first record, the standby)."""
+    spec = {**sleeper(new_tag()), **extra}
+    daemon = daemon_factory({"sleeper": spec})
+    first = daemon.wait_state("sleeper", "RUNNING", timeout=30)
+    return spec, daemon, first, wait_standby(daemon, "sleeper")
+
+
+def crash(daemon: DaemonRunner, name: str, pid: int) -> dict:
+    """kill -9 of the program's main pid; its record once another main is RUNNING."""
+    os.kill(pid, signal.SIGKILL)
+    return wait_for(
+        lambda: (r := daemon.process(name))["state"] == "RUNNING" and r["pid"] != pid and r,
+        20, "the restart",
+    )
+
+
 def one_copy(command: list[str], pids: list[int]) -> None:
     """Waits until exactly `pids` run command (a start is RUNNING a moment before its
     exec is done), failing at the deadline."""
@@ -97,12 +117,7 @@ def test_a_crash_releases_the_standby_in_the_other_slot(daemon_factory) -> None:
     assert "OCP_AGENTD_PROGRAM" not in standby.environ()
     old_slot, spare = slots(daemon, "sleeper")
 
-    os.kill(first["pid"], signal.SIGKILL)
-    record = wait_for(
-        lambda: (r := daemon.process("sleeper"))["state"] == "RUNNING"
-        and r["pid"] != first["pid"] and r,
-        20, "the restart",
-    )
+    record = crash(daemon, "sleeper", first["pid"])
     assert record["pid"] == standby.pid
     assert Path(record["cgroup"]) == spare
     assert execed(record["pid"], spec["command"]).environ()["OCP_AGENTD_PROGRAM"] == "sleeper"
@@ -131,29 +146,18 @@ def test_a_stop_ends_the_standby_and_a_start_still_works(daemon_factory) -> None
 
 
 def test_a_killed_standby_is_replaced_by_an_ordinary_start(daemon_factory) -> None:
-    spec = sleeper(new_tag())
-    daemon = daemon_factory({"sleeper": spec})
-    first = daemon.wait_state("sleeper", "RUNNING", timeout=30)
-    standby = wait_standby(daemon, "sleeper")
+    spec, daemon, first, standby = running_with_standby(daemon_factory)
     standby.kill()
     wait_for(lambda: not standby.is_running(), 10, "the standby reaped")
 
-    os.kill(first["pid"], signal.SIGKILL)
-    record = wait_for(
-        lambda: (r := daemon.process("sleeper"))["state"] == "RUNNING"
-        and r["pid"] != first["pid"] and r,
-        20, "the restart",
-    )
+    record = crash(daemon, "sleeper", first["pid"])
     execed(record["pid"], spec["command"])
     one_copy(spec["command"], [record["pid"]])
     assert f"standby pid {standby.pid} exited" in daemon.log()
 
 
 def test_a_daemon_killed_leaves_no_standby_and_one_copy(daemon_factory) -> None:
-    spec = sleeper(new_tag())
-    daemon = daemon_factory({"sleeper": spec})
-    first = daemon.wait_state("sleeper", "RUNNING", timeout=30)
-    standby = wait_standby(daemon, "sleeper")
+    spec, daemon, first, standby = running_with_standby(daemon_factory)
 
     daemon.kill9()
     # Its GO pipe closed with the daemon: the shell reads end of file and exits unrun.
@@ -174,10 +178,7 @@ def test_a_daemon_killed_leaves_no_standby_and_one_copy(daemon_factory) -> None:
 
 
 def test_a_restart_uses_the_standby_with_the_current_spec(daemon_factory) -> None:
-    spec = sleeper(new_tag())
-    daemon = daemon_factory({"sleeper": spec})
-    first = daemon.wait_state("sleeper", "RUNNING", timeout=30)
-    standby = wait_standby(daemon, "sleeper")
+    spec, daemon, first, standby = running_with_standby(daemon_factory)
 
     daemon.post("/api/v1/processes/sleeper/restart").check()
     record = daemon.wait_state("sleeper", "RUNNING", timeout=30)
@@ -198,12 +199,7 @@ def test_a_standby_waits_as_root_and_the_program_runs_as_its_user(daemon_factory
         assert main.uids().real == main.uids().effective == user.uid
         assert main.gids().real == user.gid
 
-        os.kill(first["pid"], signal.SIGKILL)
-        record = wait_for(
-            lambda: (r := daemon.process("sleeper"))["state"] == "RUNNING"
-            and r["pid"] != first["pid"] and r,
-            20, "the restart",
-        )
+        record = crash(daemon, "sleeper", first["pid"])
         assert record["pid"] == standby.pid
         released = execed(record["pid"], spec["command"])
         assert released.uids().real == released.uids().effective == user.uid
@@ -248,12 +244,7 @@ def test_names_the_shell_would_drop_reach_the_program(daemon_factory) -> None:
                     name not in ("OCP_AGENTD_PROGRAM", "OCP_AGENTD_STATE_DIR",
                                  "OCP_AGENTD_RUN_ID")]
     standby = wait_standby(daemon, "sleeper")
-    os.kill(first["pid"], signal.SIGKILL)
-    record = wait_for(
-        lambda: (r := daemon.process("sleeper"))["state"] == "RUNNING"
-        and r["pid"] != first["pid"] and r,
-        20, "the restart",
-    )
+    record = crash(daemon, "sleeper", first["pid"])
     assert record["pid"] == standby.pid
     got = execed(record["pid"], spec["command"]).environ()
     assert {name: got.get(name) for name in env} == env
