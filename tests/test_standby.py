@@ -248,3 +248,41 @@ def test_names_the_shell_would_drop_reach_the_program(daemon_factory) -> None:
     assert record["pid"] == standby.pid
     got = execed(record["pid"], spec["command"]).environ()
     assert {name: got.get(name) for name in env} == env
+
+
+def test_a_program_its_user_may_not_run_is_not_run_for_it(daemon_factory, tmp_path) -> None:
+    """The user is taken on before the program's exec is checked: a binary only root may
+    run is refused, as it is without cgroups (setpriv keeps root's capabilities until its
+    own exec, so it must not exec the program itself)."""
+    secret = tmp_path / "root-only"
+    secret.write_bytes(Path("/bin/sleep").read_bytes())
+    secret.chmod(0o700)
+    with unix_user() as user:
+        spec = {"command": [str(secret), "7000", new_tag()], "user": user.name,
+                "start_seconds": 0, "max_quick_exits": 1}
+        daemon = daemon_factory({"secret": spec})
+        record = daemon.wait_state("secret", "FATAL", "BACKOFF", timeout=30)
+        assert record["pid"] is None
+        one_copy(spec["command"], [])
+
+
+def test_an_exited_program_keeps_no_standby(daemon_factory) -> None:
+    spec = {"command": ["/bin/sh", "-c", "sleep 1.5", new_tag()], "start_seconds": 0,
+            "autorestart": "never"}
+    daemon = daemon_factory({"once": spec})
+    daemon.wait_state("once", "RUNNING", timeout=30)
+    standby = wait_standby(daemon, "once")
+    daemon.wait_state("once", "EXITED", timeout=30)
+    wait_for(lambda: not standby.is_running() or standby.status() == psutil.STATUS_ZOMBIE,
+             10, "the standby of an exited program to end")
+
+
+def test_names_the_held_script_uses_reach_the_program_unchanged(daemon_factory) -> None:
+    env = {"go": "mine", "i": "mine too", "PWD": "/not/the/cwd"}
+    spec, daemon, first, standby = running_with_standby(daemon_factory, env=env)
+    got = execed(first["pid"], spec["command"]).environ()
+    assert {name: got.get(name) for name in env} == env
+    record = crash(daemon, "sleeper", first["pid"])
+    assert record["pid"] == standby.pid
+    got = execed(record["pid"], spec["command"]).environ()
+    assert {name: got.get(name) for name in env} == env

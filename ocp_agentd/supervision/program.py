@@ -56,7 +56,7 @@ from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, Intent, ticket
 from ocp_agentd.supervision.intent_records import IntentRecord, IntentRecords
 from ocp_agentd.supervision.liveness import Liveness
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner
-from ocp_agentd.supervision.standby import SECOND_SLOT, Standbys
+from ocp_agentd.supervision.standby import SECOND_SLOT, Standbys, make_room
 from ocp_agentd.supervision.subreaper import REAPER
 from ocp_agentd.supervision.treeusage import TreeUsage
 from ocp_agentd.supervision.types import (
@@ -623,8 +623,12 @@ class Program:
             raise StartAborted
         if why is not None:
             return why
-        # Spawns waiting for their cgroup move hold descriptors too (spawn.in_flight).
-        short = descriptors.shortfall(descriptors.SPAWN_COST * (spawn.in_flight() + 1))
+        # Spawns waiting for their cgroup move hold descriptors too (spawn.in_flight), and
+        # other programs' standbys give theirs up before a start fails for want of them.
+        need = descriptors.SPAWN_COST + spawn.IN_FLIGHT_COST * spawn.in_flight()
+        short = descriptors.shortfall(need)
+        if short and make_room(self.standbys):
+            short = descriptors.shortfall(need)
         if short:
             return short
         try:
@@ -812,6 +816,11 @@ class Program:
                 )
             )
 
+    def _drop_standby(self) -> None:
+        """Ends the standby of a program left EXITED or FATAL: none waits for it."""
+        if self.standbys is not None:
+            self.standbys.discard()
+
     def _begin(self, popen: subprocess.Popen[bytes], handle: Handle, run_id: str) -> Instance:
         """The instance of a main just released: recorded (pid record) and watched."""
         spec = self.spec
@@ -915,6 +924,7 @@ class Program:
             self._records.remove(self.name)
             self._remember_exit(info.reason)
             self._set_state(State.EXITED, info.reason)
+            self._drop_standby()
             return
         ran = time.monotonic() - inst.started_mono
         if ran < max(spec.start_seconds, QUICK_EXIT_FLOOR):
@@ -932,6 +942,7 @@ class Program:
         self._records.remove(self.name)
         if self.quick_exits >= self.spec.max_quick_exits:
             self._set_state(State.FATAL, f"{reason}; {self.quick_exits} quick exits in a row")
+            self._drop_standby()
             return
         delay = min(self.spec.backoff_initial * 2 ** (self.quick_exits - 1), self.spec.backoff_max)
         self._restart_pending = True

@@ -40,6 +40,10 @@ PRIVATE_ENV = (
     "LISTEN_FDNAMES",
     "OCP_AGENTD_CONFIG",
 )
+# A shell's bookkeeping, which says nothing true of a program's process (its directory,
+# its shell depth): not inherited from the daemon's environment (a program's own env may
+# still set them).
+SHELL_BOOKKEEPING = ("PWD", "OLDPWD", "SHLVL", "_")
 
 
 # What a held process reads on stdin before it execs the program (hold()).
@@ -56,15 +60,24 @@ _EXACT_ENV_SCRIPT = (
     f"env = json.loads(os.environ['{_EXACT_ENV}']); "
     "os.execve(sys.argv[1], sys.argv[1:], env)"
 )
+_MARKERS = frozenset({MARK_PROGRAM, MARK_STATE_DIR, MARK_RUN_ID})
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SHELL_SET = frozenset({"IFS", "OPTIND", "PPID"})
+# Variables a POSIX shell (dash) or bash sets or changes itself ("Shell Variables").
+_SHELL_SET = frozenset({
+    "IFS", "OPTIND", "PPID", "PWD", "OLDPWD", "SHLVL", "_", "PS1", "PS2", "PS4",
+    "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "HOSTNAME", "HOSTTYPE", "MACHTYPE",
+    "OSTYPE",
+})
 
 
 # setpriv(1) from util-linux (essential on Debian, in every RHEL): the held shell's user
 # change at exec (become_user).
 SETPRIV = "/usr/bin/setpriv"
-# Spawns between start_process and their release (counted()), for descriptor accounting.
+ENV = "/usr/bin/env"
+# Spawns between start_process and their release (counted()), for descriptor accounting:
+# each holds IN_FLIGHT_COST descriptors meanwhile (its GO pipe, then its pidfd).
 _in_flight = 0
+IN_FLIGHT_COST = 2
 
 
 class SpawnRefused(Exception):
@@ -74,7 +87,9 @@ class SpawnRefused(Exception):
 
 def child_env(spec: ProgramSpec, state_dir: Path, run_id: str) -> dict[str, str]:
     """The environment of a new main process: inherited, spec.env, then the run markers."""
-    env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+    env = {
+        k: v for k, v in os.environ.items() if k not in PRIVATE_ENV and k not in SHELL_BOOKKEEPING
+    }
     env.update(spec.env)
     env[MARK_PROGRAM] = spec.name
     env[MARK_STATE_DIR] = str(state_dir)
@@ -142,12 +157,14 @@ def hold(
     # Only the index is spliced into the eval'd text; the values are never parsed.
     script = (
         f"{_HELD_TITLE} "
-        'read -r go && [ "$go" = go ] || exit 127; '
-        f'set --; i=0; while [ "$i" -lt "${_ARG_COUNT}" ]; do '
-        f'eval "set -- \\"\\$@\\" \\"\\${_ARG_PREFIX}$i\\"; unset {_ARG_PREFIX}$i"; '
-        "i=$((i + 1)); done; "
+        'read -r OCP_AGENTD_GO && [ "$OCP_AGENTD_GO" = go ] || exit 127; '
+        "set --; OCP_AGENTD_I=0; "
+        f'while [ "$OCP_AGENTD_I" -lt "${_ARG_COUNT}" ]; do '
+        f'eval "set -- \\"\\$@\\" \\"\\${_ARG_PREFIX}$OCP_AGENTD_I\\"; '
+        f'unset {_ARG_PREFIX}$OCP_AGENTD_I"; '
+        "OCP_AGENTD_I=$((OCP_AGENTD_I + 1)); done; "
         + (f"export {' '.join(exports)}; " if exports else "")
-        + f"unset i {unset}; "
+        + f"unset OCP_AGENTD_GO OCP_AGENTD_I {unset}; "
         'exec "$@" </dev/null'
     )
     return ["/bin/sh", "-c", script], carried
@@ -156,9 +173,14 @@ def hold(
 def shell_alters(name: str) -> bool:
     """Whether /bin/sh would drop or change the environment variable `name` on its way to
     the program: a name that is no shell identifier (``spring.profiles.active``, ``A-B``)
-    is not passed on, and the shell sets IFS, OPTIND and PPID itself (POSIX, "Shell
-    Variables")."""
-    return name in _SHELL_SET or not _IDENTIFIER.fullmatch(name)
+    is not passed on, the shell sets IFS, OPTIND, PPID, PWD and (bash) SHLVL and others
+    itself (POSIX and bash, "Shell Variables"), and the held script's own variables are
+    OCP_AGENTD_*."""
+    return (
+        name in _SHELL_SET
+        or not _IDENTIFIER.fullmatch(name)
+        or (name.startswith("OCP_AGENTD_") and name not in _MARKERS)
+    )
 
 
 def exact_env_command(env: dict[str, str]) -> list[str]:
@@ -183,11 +205,18 @@ def become_user(spec: ProgramSpec, ids: dict[str, Any]) -> list[str]:
             f"needs setpriv (util-linux) at {SETPRIV}"
         )
     groups = ",".join(str(gid) for gid in ids["extra_groups"])
+    # setpriv keeps its capabilities (KEEPCAPS) until its own exec, so that exec would be
+    # checked as root's (CAP_DAC_OVERRIDE): a program the user may not run or read would
+    # run. env(1), which anyone may run, makes the program's exec as the user alone; it
+    # passes the environment unchanged ("--" ends its options; a program path with "="
+    # goes through exact_env_command instead, see start_process).
     return [
         SETPRIV,
         f"--reuid={ids['user']}",
         f"--regid={ids['group']}",
         f"--groups={groups}" if groups else "--clear-groups",
+        "--",
+        ENV,
         "--",
     ]
 
@@ -211,7 +240,9 @@ def start_process(
     env = child_env(spec, state_dir, run_id)
     kwargs = user_kwargs(spec, env)
     program = spec.command[0]
-    exact = held and any(shell_alters(name) for name in env)
+    exact = held and (
+        any(shell_alters(name) for name in env) or (bool(kwargs) and "=" in program)
+    )
     argv = descriptors.program_command(
         [*exact_env_command(env), *spec.command] if exact else spec.command
     )

@@ -39,14 +39,18 @@ from ocp_agentd.supervision.subreaper import REAPER
 
 log = logging.getLogger("ocp_agentd.program")
 
+# The programs whose standby waits now (make_room).
+_WAITING: set[Standbys] = set()
+
 # Seconds between a start and the making of the next standby: programs started together
 # (start-all, a restart task) get theirs once the starts are done, not in their way; a
 # program that exits sooner than this restarts after a backoff anyway.
 PREPARE_DELAY = 0.5
 
-# Descriptors beyond the API's reserve that must be free for a standby to be made (it
-# holds two: its GO pipe and its pidfd).
+# Descriptors beyond the API's reserve that must be free for a standby to be made, on
+# top of what the waiting standbys hold (STANDBY_COST each: its GO pipe and its pidfd).
 HEADROOM = 64
+STANDBY_COST = 2
 
 # The second slot of a program's cgroup: "<name>" and "<name>.b" (program names hold no
 # dot, config.py, so no program's slot can be another's).
@@ -119,7 +123,9 @@ class Standbys:
             slot.create(limits)
             # Checked here, with nothing awaited before the spawn takes its descriptors:
             # a program's start must never fail for a standby's sake.
-            short = descriptors.shortfall(HEADROOM + descriptors.SPAWN_COST * spawn.in_flight())
+            short = descriptors.shortfall(
+                HEADROOM + STANDBY_COST * len(_WAITING) + spawn.IN_FLIGHT_COST * spawn.in_flight()
+            )
             if short is not None or generation != self._generation:
                 return
             host = host_state(spec)
@@ -134,6 +140,7 @@ class Standbys:
             self.waiting = Standby(
                 popen, handle, run_id, spec.fingerprint(), slot, streams, host
             )
+            _WAITING.add(self)
             asyncio.get_running_loop().add_reader(handle.pidfd, self._on_exit, self.waiting)
             popen = None
         except (OSError, CgroupError, spawn.SpawnRefused) as exc:
@@ -163,6 +170,7 @@ class Standbys:
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(standby.handle.pidfd)
         self.waiting = None
+        _WAITING.discard(self)
         try:
             spawn.release(standby.popen)
         except OSError:
@@ -175,6 +183,7 @@ class Standbys:
         """Ends the standby, if any (killed and reaped), and any prepare in progress."""
         self._generation += 1
         standby, self.waiting = self.waiting, None
+        _WAITING.discard(self)
         if standby is not None:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(standby.handle.pidfd)
@@ -186,6 +195,15 @@ class Standbys:
             log.info("%s: standby pid %d exited", self.name, standby.popen.pid,
                      extra={"PROGRAM": self.name})
             self.discard()
+
+
+def make_room(keep: Standbys | None = None) -> int:
+    """Ends every waiting standby but `keep`'s, for a start that is short of descriptors:
+    a program's start must never fail for a standby's sake. Returns how many ended."""
+    others = [standbys for standbys in list(_WAITING) if standbys is not keep]
+    for standbys in others:
+        standbys.discard()
+    return len(others)
 
 
 def _end(popen: subprocess.Popen[bytes], handle: Handle | None) -> None:
@@ -221,15 +239,16 @@ def _forget(popen: subprocess.Popen[bytes], handle: Handle | None) -> None:
 
 def host_state(spec: ProgramSpec) -> tuple[object, ...] | None:
     """What of the host a standby took on when it was made and a new main must see as it
-    is now: the user's uid, gid and groups, and the directory spec.cwd names (device and
-    inode, so a symlink switched to another release or a directory made anew differs).
+    is now: the user's uid, gid, groups and home directory, and the directory spec.cwd
+    names (device and inode, so a symlink switched to another release or a directory
+    made anew differs).
     None when it cannot be read (the start's own checks will say why)."""
     try:
         ids: tuple[object, ...] = ()
         if spec.user:
             account = pwd.getpwnam(spec.user)
             groups = tuple(os.getgrouplist(spec.user, account.pw_gid))
-            ids = (account.pw_uid, account.pw_gid, groups)
+            ids = (account.pw_uid, account.pw_gid, groups, account.pw_dir)
         where = os.stat(spec.cwd) if spec.cwd else None
         return (*ids, (where.st_dev, where.st_ino) if where else None)
     except (KeyError, OSError):
