@@ -126,23 +126,30 @@ def test_a_crash_releases_the_standby_in_the_other_slot(daemon_factory) -> None:
     assert wait_for(lambda: held_in(old_slot), 20, "the next standby").pid != standby.pid
 
 
-def test_a_stop_ends_the_standby_and_a_start_still_works(daemon_factory) -> None:
-    spec = sleeper(new_tag())
-    daemon = daemon_factory({"sleeper": spec})
-    daemon.wait_state("sleeper", "RUNNING", timeout=30)
-    standby = wait_standby(daemon, "sleeper")
+def test_a_stop_keeps_the_standby_for_the_start_and_shutdown_ends_it(daemon_factory) -> None:
+    """stop-all then start-all (the restart task): the stopped program runs nothing, its
+    standby waits as root, and the start releases it; the daemon's shutdown ends it."""
+    spec, daemon, _first, standby = running_with_standby(daemon_factory)
     current, spare = slots(daemon, "sleeper")
 
     daemon.post("/api/v1/processes/sleeper/stop").check()
-    wait_for(lambda: not standby.is_running() or standby.status() == psutil.STATUS_ZOMBIE,
-             10, "the standby to end")
-    for slot in (current, spare):
-        assert (slot / "cgroup.procs").read_text().split() == []
+    assert daemon.process("sleeper")["state"] == "STOPPED"
+    assert (current / "cgroup.procs").read_text().split() == []
     one_copy(spec["command"], [])
+    assert held_in(spare) is not None and held_in(spare).pid == standby.pid
+    assert standby.uids().effective == 0
 
     daemon.post("/api/v1/processes/sleeper/start").check()
     record = daemon.wait_state("sleeper", "RUNNING", timeout=30)
+    assert record["pid"] == standby.pid
     one_copy(spec["command"], [record["pid"]])
+    following = wait_for(lambda: held_in(current), 20, "the next standby")
+
+    daemon.stop()
+    wait_for(lambda: not following.is_running() or following.status() == psutil.STATUS_ZOMBIE,
+             10, "the standby to end with the daemon")
+    for slot in (current, spare):
+        assert not slot.exists() or (slot / "cgroup.procs").read_text().split() == []
 
 
 def test_a_killed_standby_is_replaced_by_an_ordinary_start(daemon_factory) -> None:

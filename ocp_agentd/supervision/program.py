@@ -313,8 +313,11 @@ class Program:
         self._interrupt_start()
         async with self.lock:
             await self._contained("stop", self._stop_locked())
-            if self.standbys is not None:
-                self.standbys.discard()  # a stopped program keeps no held shell
+            if self.standbys is not None and not remember:
+                # The daemon's own stops (shutdown, a program gone from the config) end
+                # it; a caller's stop keeps it for the start that follows (start-all
+                # after stop-all: the restart task).
+                self.standbys.discard()
             info = self.info()
         if recorded is not None:
             await recorded  # answered only once the next daemon would see it
