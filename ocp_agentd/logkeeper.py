@@ -169,13 +169,18 @@ class Stream:
 
 
 def run(streams: list[Stream]) -> None:
-    """Pumps until every stream has ended."""
+    """Pumps until every stream has ended. poll(2), not select(2): the pipes keep the
+    numbers they had in the daemon, which pass 1023 (FD_SETSIZE) on a host with many
+    programs."""
     live = {stream.pipe: stream for stream in streams}
+    poller = select.poll()
+    for fd in live:
+        poller.register(fd, select.POLLIN)
     while live:
-        ready, _, _ = select.select(list(live), [], [])
-        for fd in ready:
-            if not live[fd].pump():
+        for fd, _events in poller.poll():
+            if fd in live and not live[fd].pump():
                 stream = live.pop(fd)
+                poller.unregister(fd)
                 os.close(stream.pipe)
                 os.close(stream.file)
 

@@ -9,8 +9,12 @@ the daemon was killed (the new daemon has no write ends of the old pipes) end it
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -168,3 +172,34 @@ def test_a_stopped_daemon_waits_for_the_keeper_of_an_adopted_program(daemon_fact
     assert runner.wait_state("sleeper", "RUNNING", timeout=20)["pid"] == pid
     assert runner.stop() == 0
     assert keepers(runner) == []
+
+
+def test_a_keeper_pumps_pipes_numbered_past_fd_setsize(tmp_path):
+    """A daemon with many programs hands its keepers pipes numbered past 1023, which
+    select(2) cannot watch: every byte must still reach the file, and the keeper must end
+    when the writer does."""
+    read_end, write_end = os.pipe()
+    high = 1500
+    log = tmp_path / "high.log"
+    file_fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o640)  # as open_log: no O_APPEND
+    os.dup2(read_end, high)
+    os.close(read_end)
+    config = {"uid": os.getuid(), "gid": os.getgid(), "streams": [
+        {"pipe": high, "file": file_fd, "path": str(log), "max_bytes": 1 << 20,
+         "backups": 1}]}
+    keeper = subprocess.Popen(
+        [sys.executable, "-m", "ocp_agentd.logkeeper", json.dumps(config)],
+        pass_fds=[high, file_fd], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        os.close(high)
+        os.close(file_fd)
+        os.write(write_end, b"past FD_SETSIZE\n")
+        os.close(write_end)
+        _, err = keeper.communicate(timeout=30)
+        assert keeper.returncode == 0, err
+        assert log.read_bytes() == b"past FD_SETSIZE\n"
+    finally:
+        if keeper.poll() is None:
+            keeper.kill()
+            keeper.wait()
