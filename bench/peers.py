@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from circus.client import CircusClient
@@ -20,6 +21,11 @@ from bench.procs import Reaper
 from bench.targets import CALL_TIMEOUT, PROGRAM_ARGV, States, Target
 
 POLL_PERIOD = 0.01
+# circus runs one exclusive command at a time (start, stop, ...) and refuses another
+# meanwhile with this reason (circus.util.synchronized), e.g. a stop sent while the
+# arbiter still runs the start of its watchers at launch, after status shows them active.
+CIRCUS_BUSY = ("arbiter is already running", "arbiter is restarting")
+CIRCUS_BUSY_PAUSE = 0.005
 
 
 class Supervisord(Target):
@@ -211,10 +217,17 @@ class Circus(Target):
         return [str(self.venv / "bin" / "circusd"), str(self.config)]
 
     def _call(self, command: str, **properties: object) -> dict:
-        answer = self.client.call({"command": command, "properties": properties})
-        if answer.get("status") != "ok":
-            raise RuntimeError(f"circus {command}: {answer}")
-        return answer
+        """One command; sent again while the arbiter refuses it as busy with another
+        exclusive command (CIRCUS_BUSY), up to CALL_TIMEOUT."""
+        deadline = time.monotonic() + CALL_TIMEOUT
+        while True:
+            answer = self.client.call({"command": command, "properties": properties})
+            if answer.get("status") == "ok":
+                return answer
+            busy = str(answer.get("reason", "")).startswith(CIRCUS_BUSY)
+            if not busy or time.monotonic() > deadline:
+                raise RuntimeError(f"circus {command}: {answer}")
+            time.sleep(CIRCUS_BUSY_PAUSE)
 
     def ping(self) -> None:
         if not (self.workdir / "circus.sock").exists():

@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         reaper.stop_all()
         watcher.close()
+        if args.json:  # also after a failure: the samples taken so far
+            args.json.write_text(json.dumps(results.as_json(), indent=1))
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
         if args.keep:
@@ -343,8 +345,6 @@ def main(argv: list[str] | None = None) -> int:
     env_lines.append(f"- run took {took:.0f} s; load average at end {report.load_average()}")
     log(f"done in {took:.0f}s")
 
-    if args.json:
-        args.json.write_text(json.dumps(results.as_json(), indent=1))
     goals = report.goals(results)
     print("\n".join(env_lines))
     print()
