@@ -66,10 +66,13 @@ def cycle(
     - ``status``: the latency of each of the sequential status requests (every
       program's state) made over ``status_seconds``, the programs running;
     - restart (stop-all call, then start-all call): ``restart.gone`` all old pids gone,
-      ``restart.new``, ``restart.reported``, ``restart.reply``, and ``restart.cpu``: CPU
-      seconds the supervisor spent from the first call until both the reply and the
-      effect were in;
+      ``restart.new``, ``restart.reported``, ``restart.reply``, ``restart.settled`` the
+      target settled again (Target.settle: ocp-agentd's next standbys made), and
+      ``restart.cpu``: CPU seconds the supervisor spent from the first call until the
+      reply and the effect were in, plus while it settled;
     - stop: ``stop.gone``, ``stop.reply``.
+
+    Status, restart and stop each begin from a settled target.
     """
     for _, target in rounds(targets, reps):
         got = out[target.label]
@@ -86,6 +89,7 @@ def cycle(
             got["start.reply"].append(replied - begin)
             if effect.passes:
                 got["resolution.pass_ms"].append(effect.pass_ms)
+            target.settle()
             if status_seconds:
                 status_burst(target, status_seconds, got["status"])
 
@@ -96,8 +100,12 @@ def cycle(
             target.restart_all()
             replied = time.monotonic()
             effect = _checked(watcher.result(), target, "restart-all's programs")
-            got["restart.cpu"].append(target.cpu_seconds() - cpu)
+            cpu = target.cpu_seconds() - cpu
             reported = target.wait_reported(set(old))
+            settling = target.cpu_seconds()  # the status requests above are not counted
+            target.settle()
+            got["restart.settled"].append(time.monotonic() - begin)
+            got["restart.cpu"].append(cpu + target.cpu_seconds() - settling)
             got["restart.gone"].append(effect.gone_at - begin)
             got["restart.new"].append(effect.new_at - begin)
             got["restart.reported"].append(reported - begin)
@@ -115,11 +123,12 @@ def cycle(
 
 
 def start_programs(target: Target, watcher: Watcher) -> list[int]:
-    """start-all, until all N run (from /proc); their pids."""
+    """start-all, until all N run (from /proc) and the target has settled; their pids."""
     watcher.arm(new=target.n, argv=PROGRAM_ARGV, mark=target.mark)
     target.start_all()
     effect = _checked(watcher.result(), target, "start-all's programs")
     target.wait_reported()
+    target.settle()
     return effect.new_pids
 
 
@@ -138,7 +147,7 @@ def crash(
     Each turn starts the target's programs, lets them run min_age seconds (either
     supervisor may hold back a program that dies young), then kills ``kills`` of them in
     turn, each after a random pause (out of step with any periodic loop), waiting after
-    each until the target reports every program RUNNING again.
+    each until the target reports every program RUNNING again and has settled.
     """
     for i, target in rounds(targets, turns):
         got = out[target.label]
@@ -156,6 +165,7 @@ def crash(
                 got["crash"].append(effect.new_at - begin)
                 pids[pids.index(victim)] = effect.new_pids[0]
                 target.wait_reported({victim})
+                target.settle()
             stop_programs(target, watcher, pids)
         finally:
             target.end_turn()

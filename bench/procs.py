@@ -75,6 +75,20 @@ def marked_pids(token: str) -> list[int]:
     return [pid for pid in pid_list() if pid != me and has_mark(pid, token)]
 
 
+def children(pid: int) -> list[int]:
+    """pid's child processes, from /proc/PID/task/*/children (no /proc scan; [] when
+    pid is gone). Raises OSError where the kernel lacks CONFIG_PROC_CHILDREN."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for tid in tasks:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            found += [int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    return found
+
+
 def descendants(root: int) -> list[int]:
     """Every live descendant of root, from one scan of /proc."""
     parents: dict[int, list[int]] = {}

@@ -324,6 +324,7 @@ METRICS = (
     ("restart.new", "restart all: new pids running", "s", median),
     ("restart.reported", "restart all: status shows RUNNING", "s", median),
     ("restart.reply", "restart all: reply", "s", median),
+    ("restart.settled", "restart all: settled (ocp-agentd: next standbys made)", "s", median),
     ("restart.cpu", "restart all: supervisor CPU", "s", median),
     ("crash", "crash to new pid, p50", "s", median),
     ("crash", "crash to new pid, p95", "s", p95),

@@ -9,6 +9,7 @@ The peers (supervisord, circus) are in bench/peers.py, systemd in bench/systemd.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,11 +19,20 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from bench.clients import JsonUnixClient
-from bench.procs import ENV_MARK, Launched, Reaper, cpu_seconds, wait_for
+from bench.procs import ENV_MARK, Launched, Reaper, children, cpu_seconds, wait_for
 
 PROGRAM_ARGV = ["/bin/sleep", "100000"]
 BOOT_TIMEOUT = 120.0
 CALL_TIMEOUT = 300.0
+
+# How a held shell of ocp-agentd's (a standby: a program's next main, waiting in its
+# other cgroup slot; ocp_agentd/supervision/standby.py) shows in its command line.
+HELD_MARK = b": ocp-agentd held start;"
+# settle(): the daemon makes a program's standby half a second after its start; once the
+# count of standbys has not changed for STANDBY_STEADY seconds, the programs that have
+# none get none (no cgroup, few descriptors).
+STANDBY_STEADY = 1.0
+SETTLE_TIMEOUT = 120.0
 
 # program name -> (state, pid); pid None when the target's status does not carry it
 States = dict[str, tuple[str, int | None]]
@@ -130,6 +140,11 @@ class Target(ABC):
         # "restart all" is exactly this pair.
         self.stop_all()
         self.start_all()
+
+    def settle(self) -> None:  # noqa: B027 - most targets need nothing here
+        """Returns once the work the target does by itself after its programs started
+        is done, so that the next measured operation starts from a quiet target, as on a
+        host where the programs have been running a while."""
 
     def begin_turn(self) -> None:  # noqa: B027 - most targets need nothing here
         """Before this target's measured turn (the poller variant starts its poller)."""
@@ -243,6 +258,35 @@ class Agentd(Target):
 
     def close_client(self) -> None:
         self.api.close()
+
+    def standbys(self) -> int:
+        """The daemon's held shells (standbys) that exist now."""
+        count = 0
+        for pid in children(self.pid):
+            with contextlib.suppress(OSError):
+                if HELD_MARK in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    count += 1
+        return count
+
+    def settle(self) -> None:
+        """Waits until every running program has its standby (made half a second
+        after its start, in the background), or their count has stopped growing short of
+        N (no cgroup: none are made). A settled daemon is what an operator's stop-all or
+        restart-all meets on a host whose programs have run a while."""
+        if self.cgroup == "off":
+            return  # standbys live in cgroup slots: none without a cgroup
+        begin = changed = time.monotonic()
+        last = -1
+        while True:
+            count = self.standbys()
+            now = time.monotonic()
+            if count >= self.n or now - begin > SETTLE_TIMEOUT:
+                return
+            if count != last:
+                last, changed = count, now
+            elif now - changed >= STANDBY_STEADY:
+                return
+            time.sleep(0.01)
 
     def cli_status(self) -> list[str] | None:
         return None if self.ctl is None else [*self.ctl, "status", "--socket", str(self.socket)]
