@@ -7,14 +7,18 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bench import report
-from bench.procs import ENV_MARK, Reaper
-from bench.targets import PROGRAM_ARGV, Floor
+from bench.procs import ENV_MARK, Reaper, wait_for
+from bench.targets import PROGRAM_ARGV, Agentd, Floor
 from bench.watch import Watcher
+from ocp_agentd.supervision import cgroups
+
+CGROUPS = cgroups.detect(Path("/nonexistent"))
 
 
 @pytest.fixture
@@ -79,6 +83,21 @@ def test_floor_respawns_a_killed_program_and_stops_all(watcher, reaper, tmp_path
         assert all(state == "STOPPED" for state, _ in floor.states().values())
     finally:
         floor.stop()
+
+
+@pytest.mark.skipif(not CGROUPS.usable or os.geteuid() != 0,
+                    reason=f"standbys need cgroups as root (this host: {CGROUPS.layout})")
+def test_agentd_settles_once_every_program_has_its_standby(reaper, tmp_path: Path) -> None:
+    agentd = Agentd(tmp_path / "agentd", 3, reaper, sys.executable)
+    agentd.start()
+    try:
+        agentd.wait_reported()
+        agentd.settle()
+        assert agentd.standbys() == 3
+        agentd.stop_all()  # a stopped program keeps no standby
+        wait_for(lambda: agentd.standbys() == 0, 30, "the standbys' end")
+    finally:
+        agentd.stop()
 
 
 def _results(agentd_crash: float, supervisord_crash: float) -> report.Results:
