@@ -65,6 +65,12 @@ class Results:
     def sorted_phases(self, where: str = "host") -> list[Phase]:
         return sorted(p for p in self.phases if p.where == where)
 
+    def add_json(self, rows: list[dict]) -> None:
+        """Adds the samples of as_json()'s rows (of another run) to these."""
+        for row in rows:
+            phase = Phase(row["n"], row["crowd"], row["where"])
+            self.phase(phase)[row["label"]][row["metric"]] += row["samples"]
+
     def as_json(self) -> list[dict]:
         return [
             {"n": p.n, "crowd": p.crowd, "where": p.where, "label": label,

@@ -271,16 +271,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="markdown results file to write")
     parser.add_argument("--json", type=Path, help="every sample, as JSON, to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--sizes", help="comma-separated N, instead of the plan's")
+    parser.add_argument("--sizes", help="comma-separated N, instead of the plan's ('' for none)")
     parser.add_argument("--crowded", help="comma-separated N to run with extra idle processes")
     parser.add_argument("--no-systemd", action="store_true", help="skip the container part")
     parser.add_argument("--systemd-sizes", help="comma-separated N for the container part")
+    parser.add_argument("--add", type=Path, action="append", default=[],
+                        help="a --json file of an earlier run (of the same commit) whose "
+                             "samples join this run's, e.g. the parts measured before it "
+                             "stopped; repeatable")
     args = parser.parse_args(argv)
     reexec_in_peers_venv(argv)
 
     plan = QUICK if args.quick else REDUCED if args.reduced else FULL
-    if args.sizes:
-        sizes = tuple(int(x) for x in args.sizes.split(","))
+    if args.sizes is not None:
+        sizes = tuple(int(x) for x in args.sizes.split(",") if x)
         plan = Plan(**{**plan.__dict__, "sizes": sizes,
                        "reps": {n: plan.reps.get(n, 2) for n in sizes},
                        "crowded": tuple(n for n in plan.crowded if n in sizes)})
@@ -298,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     reaper = Reaper(secrets.token_hex(8))
     workdir = Path(tempfile.mkdtemp(prefix="ocp-bench-"))
     results = report.Results()
+    for earlier in args.add:
+        results.add_json(json.loads(earlier.read_text()))
+        env_lines.append(f"- with the samples of {earlier.name} (an earlier run of this commit)")
 
     def on_term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
