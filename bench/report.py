@@ -466,14 +466,20 @@ How it is measured (see also the README's Benchmark section):
   runs with the other targets' programs stopped.
 - **Effects are read from /proc by the bench**, by a watching process of its own:
   "old pids gone" through a pidfd per old pid, waited on with poll(2) (the kernel's
-  wake-up, tens of microseconds); "new pids running" by a tight /proc scan (a new pid
-  counts once its command line is the program's and its environment carries the run's
-  mark; resolution one scan, given below, plus 0.1 ms). The target's reply to its call,
-  and when its own status first shows the programs RUNNING (asked back to back once the
-  effect is seen), are reported beside the effect, labelled.
+  wake-up, tens of microseconds); "new pids running" from the kernel's exec events on
+  the host, and by a tight /proc scan in the container (a new pid counts once its
+  command line is the program's and its environment carries the run's mark; resolution
+  one scan, given below, plus 0.1 ms). The target's reply to its call, and when its own
+  status first shows the programs RUNNING (asked back to back once the effect is seen),
+  are reported beside the effect, labelled.
+- Status, restart all, stop all and crash each begin from a settled target: ocp-agentd
+  makes each program's next main (a held shell in its other cgroup slot) half a second
+  after a start, and the bench waits until all N exist ("restart all: settled" says
+  when, after a restart; the peers have nothing to wait for).
 - restart all = the target's stop-all call, then its start-all call (what `supervisorctl
   restart all` does). CPU per restart all = CPU time of the supervisor's own process
-  (schedstat), from the first call until both the reply and the effect are in.
+  (schedstat), from the first call until both the reply and the effect are in, plus
+  while it settles (ocp-agentd: making the N next standbys).
 - supervisord+poll = the same supervisord while another client asks `getState` every
   10 ms (each request wakes its loop). circus is driven by its own client over ZeroMQ; its
   one status call for all watchers carries no pids. The floor is `bench/floor.py`:
