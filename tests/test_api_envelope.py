@@ -232,6 +232,7 @@ def test_2001_2002_process_errors(daemon: DaemonRunner) -> None:
     before = daemon.process("pos_proxy")
     error = assert_error(daemon.post("/api/v1/processes/pos_proxy/stop"), 2002, 400)
     assert "pos_proxy" in error["message"]
+    assert "ocp-agentctl stop --force pos_proxy" in error["message"]  # a command that works
     for action in ("start", "stop", "restart"):
         assert_error(daemon.post(f"/api/v1/processes/ocp_agentd/{action}"), 2002, 400)
         assert_error(

@@ -58,10 +58,11 @@ def _operable_target(request: web.Request) -> str:
         )
     info = _lookup(request, name)
     if not info.operable and not request["body"].force:
+        verb = request.path.rsplit("/", 1)[-1]  # stop, start or restart
         raise ApiError(
             ErrorCode.PROCESS_NOT_OPERABLE,
             f"program {name!r} is not operable one by one "
-            "(override with \"force\": true, or ocp-agentctl --force)",
+            f"(override with \"force\": true, or ocp-agentctl {verb} --force {name})",
             target="name",
         )
     return name
