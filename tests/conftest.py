@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from harness import DaemonPool, DaemonRunner
+from unixuser import UnixUser, reachable_dir, unix_user
 
 
 @pytest.hookimpl(wrapper=True)
@@ -39,3 +41,17 @@ def daemon_factory(request, tmp_path) -> Iterator[Callable[..., DaemonRunner]]:
 def demo_daemon(daemon_factory) -> DaemonRunner:
     """The demo config (pos_proxy, ocp_exporter, ob_logtailer), every program RUNNING."""
     return daemon_factory(wait_running=True)
+
+
+@pytest.fixture
+def user() -> Iterator[UnixUser]:
+    """A fresh unprivileged user (unixuser.unix_user), removed after the test."""
+    with unix_user() as made:
+        yield made
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A root-owned 0755 directory any user can traverse (unixuser.reachable_dir)."""
+    with reachable_dir() as made:
+        yield made

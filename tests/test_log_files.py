@@ -14,31 +14,18 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 from harness import wait_for
-from unixuser import UnixUser, reachable_dir, unix_user
+from unixuser import UnixUser
 
 from ocp_agentd import safefs
 from ocp_agentd.config import ProgramSpec
 from ocp_agentd.supervision import output
 
 ROOT_CONTENT = b"root's own file\n"
-
-
-@pytest.fixture
-def user() -> Iterator[UnixUser]:
-    with unix_user() as made:
-        yield made
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    with reachable_dir() as made:
-        yield made
 
 
 def user_dir(base: Path, user: UnixUser, mode: int = 0o755) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from harness import wait_for
-from unixuser import UnixUser, reachable_dir, unix_user
+from unixuser import UnixUser
 
 from ocp_agentd import linux
 from ocp_agentd.config import ProgramSpec
@@ -26,18 +26,6 @@ from ocp_agentd.supervision import output
 
 # Writes numbered 100-byte lines until killed (a shell: the user cannot run the venv).
 WRITER = "i=0; while :; do printf '%08d %090d\\n' $i 0; i=$((i+1)); sleep 0.001; done"
-
-
-@pytest.fixture
-def user() -> Iterator[UnixUser]:
-    with unix_user() as made:
-        yield made
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    with reachable_dir() as made:
-        yield made
 
 
 def log_dir(base: Path, owner: UnixUser | None) -> Path:
