@@ -374,12 +374,14 @@ class ProgramCgroup:
             return "populated 1" in text
         return bool(self.members())
 
-    def signal_all(self, signum: int, *then: int) -> list[int]:
-        """Sends signum, then each of `then`, to every member, each pinned by a pidfd and
-        checked still to be a member after pinning (so a pid reused in between is never
-        hit). Returns the pids signalled."""
+    def signal_all(self, signum: int, *then: int, skip: int | None = None) -> list[int]:
+        """Sends signum, then each of `then`, to every member but `skip` (a pid signalled
+        already), each pinned by a pidfd and checked still to be a member after pinning
+        (so a pid reused in between is never hit). Returns the pids signalled."""
         sent = []
         for pid in self.members():
+            if pid == skip:
+                continue
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError:

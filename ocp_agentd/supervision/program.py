@@ -137,6 +137,8 @@ class Program:
         self._on_transition = on_transition
         self._on_probe_failed = on_probe_failed
         self._timer: asyncio.TimerHandle | None = None
+        # The instance a stop-all's first pass has signalled (signal_stop_ahead).
+        self._signalled: Instance | None = None
         # record()'s dict between state changes: (spec, started_mono or None, dict).
         self._record_cache: tuple[Any, float | None, dict[str, Any]] | None = None
         self._restart_pending = False
@@ -295,6 +297,39 @@ class Program:
         """A stop must not wait out a start that may never become ready."""
         if self._abort_start is not None:
             self._abort_start.set()
+
+    def signal_stop_ahead(self) -> bool:
+        """A stop-all's first pass (Supervisor.stop_all): records the stop's intent and
+        sends the stop signal to the main (its pidfd), and nothing else, so that every
+        program's main has its signal before any program's bookkeeping. Only for a RUNNING
+        program in its cgroup with no operation in progress; True when it signalled.
+        mark_stopping() must follow before the event loop runs again, and stop() then
+        waits for the end without signalling twice."""
+        inst = self.instance
+        if (
+            self.lock.locked()
+            or self.state != State.RUNNING
+            or inst is None
+            or inst.exited.done()
+            or self.cgroup is None
+            or not self.cgroup.membership.exists()
+        ):
+            return False
+        self.intent.stop_requested()  # before the signal: the exit it causes is a stop's
+        self._cancel_timer()
+        self._restart_pending = False
+        tree.signal_main(inst, self.spec.signal_number)
+        self._signalled = inst
+        return True
+
+    def mark_stopping(self) -> None:
+        """The second pass after signal_stop_ahead: the signal to the cgroup's other
+        members, then the STOPPING state (logged, an event)."""
+        inst = self._signalled
+        if inst is None or self.state != State.RUNNING or self.cgroup is None:
+            return
+        tree.signal_cgroup(inst, self.cgroup, self.spec.signal_number, main_done=True)
+        self._set_state(State.STOPPING, f"sending SIG{self.spec.stop_signal}")
 
     async def stop(self, remember: bool = True) -> ProcessInfo:
         """A caller's stop, served at once whatever is queued: the start in progress is
@@ -995,10 +1030,12 @@ class Program:
             self._records.remove(self.name)
             self._set_state(State.STOPPED, "stopped")
             return
+        signalled, self._signalled = self._signalled is inst, None
         if self.cgroup is not None and self.cgroup.membership.exists():
-            # The signal first, the bookkeeping after: no exit callback runs in between.
-            tree.signal_cgroup(inst, self.cgroup, self.spec.signal_number)
-            self._set_state(State.STOPPING, f"sending SIG{self.spec.stop_signal}")
+            if not (signalled and self.state == State.STOPPING):
+                # The signal first, the bookkeeping after: no exit callback runs between.
+                tree.signal_cgroup(inst, self.cgroup, self.spec.signal_number)
+                self._set_state(State.STOPPING, f"sending SIG{self.spec.stop_signal}")
             await self._terminate(inst, signalled=True)
         else:
             self._set_state(State.STOPPING, f"sending SIG{self.spec.stop_signal}")

@@ -177,8 +177,16 @@ class Supervisor:
     async def stop_all(
         self, timeout: float | None = None
     ) -> dict[str, ProcessInfo | OperationFailed]:
-        """Stops every worker; then ends the orphans no running program owns."""
-        results = await self._each(self.workers(), lambda n: self.stop(n, timeout))
+        """Stops every worker; then ends the orphans no running program owns.
+
+        The stop signals go out in one pass before any program's bookkeeping (its state
+        change, log line, event and records), so the last program is signalled within
+        microseconds per program of the first, as a single loop over kill(2) would."""
+        names = self.workers()
+        signalled = [p for p in (self.programs[n] for n in names) if p.signal_stop_ahead()]
+        for program in signalled:
+            program.mark_stopping()
+        results = await self._each(names, lambda n: self.stop(n, timeout))
         await self._end_orphans()
         return results
 

@@ -81,13 +81,22 @@ async def terminate(
         await end_processes(late, signal.SIGKILL, KILL_GRACE)
 
 
-def signal_cgroup(inst: Instance, cgroup: ProgramCgroup, signum: int) -> None:
-    """signum, then SIGCONT (a stopped process must see it), to every member of the
-    cgroup, and to the main even if it left the cgroup (root can)."""
-    reached = cgroup.signal_all(signum, signal.SIGCONT)
-    if inst.pid not in reached and not inst.exited.done():
+def signal_main(inst: Instance, signum: int) -> None:
+    """signum, then SIGCONT (a stopped process must see it), to the main alone, through
+    its pidfd (so never to a reused pid); nothing once its exit is seen."""
+    if not inst.exited.done():
         inst.handle.send(signum)
         inst.handle.send(signal.SIGCONT)
+
+
+def signal_cgroup(
+    inst: Instance, cgroup: ProgramCgroup, signum: int, main_done: bool = False
+) -> None:
+    """signum, then SIGCONT, to the main (even if it left the cgroup: root can), then to
+    every other member of the cgroup. `main_done`: signal_main has been sent already."""
+    if not main_done:
+        signal_main(inst, signum)
+    cgroup.signal_all(signum, signal.SIGCONT, skip=inst.pid)
 
 
 async def terminate_cgroup(

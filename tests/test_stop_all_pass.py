@@ -1,0 +1,139 @@
+"""Stop-all signals every program in one pass before any program's bookkeeping.
+
+The programs here block SIGTERM (sigprocmask), so a stop signal sent to them stays
+pending and can be read from /proc/PID/status (ShdPnd, the process-wide pending set;
+proc(5)) at the moment of the first STOPPING transition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from test_supervision import SH, World, kill_marked, marked, remove_cgroups, run, until
+
+from ocp_agentd.supervision import OperationFailed, State, Supervisor
+from ocp_agentd.supervision.cgroups import CgroupError, detect
+from ocp_agentd.supervision.intent import CANCELLED_BY_STOP
+
+TERM_BIT = 1 << (signal.SIGTERM - 1)
+BLOCKS_TERM = (
+    "import os, signal, time\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+    "if os.environ.get('FORK_ONE'):\n"
+    "    if os.fork() == 0:\n"
+    "        os.setsid()\n"
+    "time.sleep(1000)\n"
+)
+
+
+def pending(pid: int) -> int:
+    """The process-wide pending signal set of pid (proc(5): ShdPnd), as a bit mask."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("ShdPnd:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no ShdPnd in /proc/{pid}/status")
+
+
+def needs_cgroups(world: World) -> None:
+    try:
+        usable = detect(world.state).usable
+    except CgroupError:
+        usable = False
+    if not usable or os.geteuid() != 0:
+        pytest.skip("needs root and usable cgroups (the one-pass stop is for programs in one)")
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    w = World(tmp_path)
+    yield w
+    kill_marked(w.state)
+    remove_cgroups(w.state)
+
+
+@pytest.fixture
+def blocking_world(world: World) -> World:
+    needs_cgroups(world)
+    for index in range(5):
+        env = {"FORK_ONE": "1"} if index == 0 else {}
+        world.add(
+            f"b{index}", [sys.executable, "-c", BLOCKS_TERM], env=env, stop_timeout=0.5,
+            start_seconds=0.0,
+        )
+    return world
+
+
+def test_every_main_has_its_signal_before_the_first_state_change(blocking_world: World) -> None:
+    world = blocking_world
+    seen: dict[str, int] = {}
+
+    async def body(sup: Supervisor) -> None:
+        await until(lambda: len(marked(world.state)) == 6, what="5 mains and a grandchild")
+        mains = {name: sup.info(name).pid for name in sup.workers()}
+        grandchild = next(
+            p.pid for p in marked(world.state) if p.pid not in mains.values()
+        )
+
+        def on_change(name: str, old: State, new: State) -> None:
+            if new == State.STOPPING and not seen:
+                seen.update({n: pending(pid) for n, pid in mains.items() if pid})
+                seen["grandchild of b0"] = pending(grandchild)
+
+        sup.add_listener(on_change)
+        results = await sup.stop_all()
+        assert {r.state for r in results.values()} == {State.STOPPED}  # type: ignore[union-attr]
+
+    run(world, body)
+    assert marked(world.state) == []
+    # The first STOPPING is b0's: every main, and b0's own grandchild, were signalled.
+    assert len(seen) == 6, seen
+    assert all(mask & TERM_BIT for mask in seen.values()), seen
+
+
+def test_a_stop_all_exit_is_a_stop_not_a_crash(world: World) -> None:
+    needs_cgroups(world)
+    world.add("quick", ["/bin/sleep", "1000"], autorestart="always", start_seconds=0.0)
+    world.add("slow", [SH, "-c", "trap 'sleep 0.3; exit 0' TERM; sleep 1000 & wait"])
+    changes: list[tuple[str, State, State]] = []
+
+    async def body(sup: Supervisor) -> None:
+        await until(lambda: len(marked(world.state)) == 3, what="the programs")
+        sup.add_listener(lambda name, old, new: changes.append((name, old, new)))
+        await sup.stop_all()
+        await asyncio.sleep(0)
+        for name in ("quick", "slow"):
+            info = sup.info(name)
+            assert info.state == State.STOPPED
+            assert info.last_exit is not None
+            assert info.last_exit["reason"].startswith("stopped on request"), info.last_exit
+        assert sup.programs["quick"].restarts == 0
+
+    run(world, body)
+    for name in ("quick", "slow"):
+        mine = [(old, new) for n, old, new in changes if n == name]
+        assert mine == [(State.RUNNING, State.STOPPING), (State.STOPPING, State.STOPPED)], mine
+
+
+def test_a_program_mid_start_is_stopped_by_the_ordinary_path(world: World) -> None:
+    needs_cgroups(world)
+    world.add("steady", ["/bin/sleep", "1000"], start_seconds=0.0)
+    world.add("starting", ["/bin/sleep", "1000"], start_seconds=30.0, start_timeout=60.0)
+
+    async def body(sup: Supervisor) -> None:
+        starting = asyncio.ensure_future(sup.start("starting"))
+        await until(lambda: sup.info("starting").state == State.STARTING, what="STARTING")
+        results = await sup.stop_all()
+        assert {r.state for r in results.values()} == {State.STOPPED}  # type: ignore[union-attr]
+        with pytest.raises(OperationFailed, match=CANCELLED_BY_STOP):
+            await starting
+        assert marked(world.state) == []
+
+    try:
+        run(world, body, boot=False)
+    finally:
+        kill_marked(world.state)
