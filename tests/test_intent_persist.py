@@ -4,9 +4,14 @@ boot (kill -9, handover, SIGTERM), but not under a daemon of another boot."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
 import os
 import signal
+import struct
 import uuid
+from pathlib import Path
 
 import orjson
 import pytest
@@ -14,12 +19,23 @@ from harness import DaemonRunner, wait_for
 from test_daemon import instances
 
 from ocp_agentd.demo.config import demo_command
-from ocp_agentd.supervision.intent_records import IntentRecords, boot_id
+from ocp_agentd.supervision.intent_records import RECORDS_FILE, IntentRecords, boot_id
 
 
 def record_dir(runner: DaemonRunner):
     assert runner.state_dir is not None
     return runner.state_dir / "intent"
+
+
+def recorded(runner: DaemonRunner) -> dict:
+    """The records on disk, by program name ({} when there is no file)."""
+    path = record_dir(runner) / RECORDS_FILE
+    return orjson.loads(path.read_bytes()) if path.exists() else {}
+
+
+def plant(runner: DaemonRunner, record: dict) -> None:
+    """Writes the records file with this one record, as a daemon would have."""
+    (record_dir(runner) / RECORDS_FILE).write_bytes(orjson.dumps({record["name"]: record}))
 
 
 def wait_booted(runner: DaemonRunner) -> None:
@@ -47,7 +63,7 @@ def test_a_stop_survives_kill9_of_the_daemon_and_start_undoes_it(daemon_factory)
 
     runner.post("/api/v1/processes/pos_proxy/start", json={"force": True}).check()
     assert runner.process("pos_proxy")["state"] == "RUNNING"
-    assert not (record_dir(runner) / "pos_proxy.json").exists()
+    assert "pos_proxy" not in recorded(runner)
     runner.kill9()
     runner.start()
     runner.wait_all_running()  # started, not left stopped: the start removed the record
@@ -68,7 +84,7 @@ def test_stop_all_survives_kill9_of_the_daemon(daemon_factory) -> None:
     runner.post("/api/v1/agent/start-all").check()
     for name in workers:
         assert runner.process(name)["state"] == "RUNNING", name
-    assert sorted(p.stem for p in record_dir(runner).glob("*.json")) == []
+    assert recorded(runner) == {}
 
 
 def test_a_record_of_another_boot_is_ignored(daemon_factory) -> None:
@@ -78,13 +94,13 @@ def test_a_record_of_another_boot_is_ignored(daemon_factory) -> None:
     other = str(uuid.uuid4())
     assert other != boot_id()
     record = {"name": "pos_proxy", "state": "STOPPED", "at": 1.0, "boot_id": other, "reason": ""}
-    (directory / "pos_proxy.json").write_bytes(orjson.dumps(record))
+    plant(runner, record)
     runner.start()
     runner.wait_all_running()
-    assert not (directory / "pos_proxy.json").exists()
+    assert "pos_proxy" not in recorded(runner)
     # The same record of this boot is obeyed (so the test above can fail).
     runner.kill9()
-    (directory / "pos_proxy.json").write_bytes(orjson.dumps({**record, "boot_id": boot_id()}))
+    plant(runner, {**record, "boot_id": boot_id()})
     runner.start()
     wait_booted(runner)
     assert runner.process("pos_proxy")["state"] == "STOPPED"
@@ -123,7 +139,7 @@ def test_an_exit_left_so_stays_exited_after_kill9_of_the_daemon(daemon_factory) 
     runner.wait_state("once", "EXITED")
     # An exit nobody asked for is recorded by the writer thread a moment after the state
     # change (no caller waits for it): the daemon is killed once the record is on disk.
-    wait_for(lambda: (record_dir(runner) / "once.json").exists(), timeout=10,
+    wait_for(lambda: "once" in recorded(runner), timeout=10,
              message="the exit recorded")
     runner.kill9()
     runner.start()
@@ -158,7 +174,7 @@ def test_records_are_not_followed_through_links(tmp_path) -> None:
     victim.write_text("keep")
     records = IntentRecords(tmp_path / "intent")
     (tmp_path / "intent").mkdir()
-    (tmp_path / "intent" / "p.json").symlink_to(victim)
+    (tmp_path / "intent" / RECORDS_FILE).symlink_to(victim)
     assert records.load("p") is None  # a link is not read either
     records.save("p", "STOPPED")
     assert victim.read_text() == "keep"
@@ -166,3 +182,65 @@ def test_records_are_not_followed_through_links(tmp_path) -> None:
     assert loaded is not None and loaded.state == "STOPPED" and loaded.boot_id == boot_id()
     records.remove("p")
     assert records.load("p") is None
+
+
+def test_an_earlier_versions_record_files_are_obeyed_then_folded_in(daemon_factory) -> None:
+    """A daemon of an earlier version kept one <name>.json per program: after an upgrade
+    the next daemon obeys them, and the next write of the one file removes them."""
+    runner = daemon_factory(start=False)
+    directory = record_dir(runner)
+    directory.mkdir(parents=True)
+    old = {"name": "ob_logtailer", "state": "STOPPED", "at": 1.0, "boot_id": boot_id(),
+           "reason": "stopped on request"}
+    (directory / "ob_logtailer.json").write_bytes(orjson.dumps(old))
+    runner.start()
+    wait_booted(runner)
+    assert runner.process("ob_logtailer")["state"] == "STOPPED"
+    assert instances(runner, "ob_logtailer") == 0
+    runner.post("/api/v1/processes/ocp_exporter/stop").check()
+    assert sorted(recorded(runner)) == ["ob_logtailer", "ocp_exporter"]
+    assert not (directory / "ob_logtailer.json").exists()
+
+
+IN_MOVED_TO = 0x80  # inotify(7)
+INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then the name)
+
+
+def renames_into(directory: Path, action) -> list[str]:
+    """The names renamed into directory while action() ran, read from a real inotify
+    watch (inotify(7), IN_MOVED_TO)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        assert libc.inotify_add_watch(fd, os.fsencode(directory), IN_MOVED_TO) >= 0
+        action()
+        names = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                data = os.read(fd, 65536)
+                offset = 0
+                while offset < len(data):
+                    _, _, _, size = INOTIFY_EVENT.unpack_from(data, offset)
+                    start = offset + INOTIFY_EVENT.size
+                    names.append(data[start:start + size].rstrip(b"\0").decode())
+                    offset = start + size
+        return names
+    finally:
+        os.close(fd)
+
+
+def test_one_write_of_the_file_holds_a_whole_stop_all(tmp_path) -> None:
+    """N changes requested in one pass of the event loop are one write of the file."""
+    directory = tmp_path / "intent"
+    records = IntentRecords(directory)
+    records.save("first", "STOPPED")  # the directory exists to be watched
+
+    async def stop_all() -> None:
+        await asyncio.gather(*(records.save_soon(f"p{i}", "STOPPED") for i in range(50)))
+
+    assert renames_into(directory, lambda: asyncio.run(stop_all())) == [RECORDS_FILE]
+    expected = sorted(["first", *(f"p{i}" for i in range(50))])
+    assert sorted(orjson.loads((directory / RECORDS_FILE).read_bytes())) == expected
+    assert [p.name for p in directory.iterdir()] == [RECORDS_FILE]
+    assert IntentRecords(directory).names() == expected
