@@ -1,17 +1,24 @@
-"""PidRecords: changes noted at once, written by one thread, the directory made once."""
+"""PidRecords: changes noted at once, written by one thread into one file, the directory
+made once, an earlier version's files read and folded in."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
-from ocp_agentd.supervision.identity import PidRecord, PidRecords
+from ocp_agentd.supervision.identity import PidRecord
+from ocp_agentd.supervision.pid_records import RECORDS_FILE, PidRecords
 
 
 def _record(name: str, pid: int) -> PidRecord:
     return PidRecord(name, pid, 1234, ["/bin/sleep", "9"], "run", "fp", 1.0, 2)
+
+
+def _on_disk(directory: Path) -> dict:
+    return json.loads((directory / RECORDS_FILE).read_text())
 
 
 def test_saved_record_is_seen_at_once_and_on_disk_after_flush(tmp_path: Path) -> None:
@@ -20,7 +27,7 @@ def test_saved_record_is_seen_at_once_and_on_disk_after_flush(tmp_path: Path) ->
     assert records.load("a") == _record("a", 10)  # before the writer ran, or after
     assert records.names() == ["a"]
     assert records.flush()
-    on_disk = json.loads((tmp_path / "pids" / "a.json").read_text())
+    on_disk = _on_disk(tmp_path / "pids")["a"]
     assert on_disk["pid"] == 10 and on_disk["cmdline"] == ["/bin/sleep", "9"]
     assert PidRecords(tmp_path / "pids").load("a") == _record("a", 10)
 
@@ -33,7 +40,8 @@ def test_remove_wins_over_an_earlier_save(tmp_path: Path) -> None:
     assert records.load("a") is None
     assert records.names() == ["b"]
     assert records.flush()
-    assert sorted(p.name for p in (tmp_path / "pids").iterdir()) == ["b.json"]
+    assert sorted(_on_disk(tmp_path / "pids")) == ["b"]
+    assert [p.name for p in (tmp_path / "pids").iterdir()] == [RECORDS_FILE]
 
 
 def test_newest_save_is_what_stays(tmp_path: Path) -> None:
@@ -41,7 +49,14 @@ def test_newest_save_is_what_stays(tmp_path: Path) -> None:
     for pid in range(100, 300):
         records.save(_record("a", pid))
     assert records.flush()
-    assert json.loads((tmp_path / "pids" / "a.json").read_text())["pid"] == 299
+    assert _on_disk(tmp_path / "pids")["a"]["pid"] == 299
+
+
+def test_removing_what_has_no_record_writes_nothing(tmp_path: Path) -> None:
+    records = PidRecords(tmp_path / "pids")
+    records.remove("a")
+    assert records.flush(timeout=0)  # nothing noted, nothing to wait for
+    assert not (tmp_path / "pids").exists()
 
 
 def test_directory_removed_under_it_is_made_again(tmp_path: Path) -> None:
@@ -51,17 +66,58 @@ def test_directory_removed_under_it_is_made_again(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "pids")
     records.save(_record("b", 11))
     assert records.flush()
-    assert (tmp_path / "pids" / "b.json").exists()
+    assert sorted(_on_disk(tmp_path / "pids")) == ["a", "b"]
 
 
-def test_unreadable_record_is_ignored_and_removed(tmp_path: Path) -> None:
+def test_unreadable_records_are_ignored_and_rewritten(tmp_path: Path) -> None:
     (tmp_path / "pids").mkdir()
-    (tmp_path / "pids" / "a.json").write_text('{"name": "a", "pid": ')
+    (tmp_path / "pids" / RECORDS_FILE).write_text('{"a": {"name": "a", "pid": ')
     records = PidRecords(tmp_path / "pids")
     assert records.load("a") is None
+    records.save(_record("b", 11))
     assert records.flush()
-    assert not (tmp_path / "pids" / "a.json").exists()
+    assert sorted(_on_disk(tmp_path / "pids")) == ["b"]
 
+
+def test_a_record_of_the_wrong_shape_is_dropped(tmp_path: Path) -> None:
+    (tmp_path / "pids").mkdir()
+    good = asdict(_record("b", 11))
+    bad = {"name": 3, "pid": "x"}
+    (tmp_path / "pids" / RECORDS_FILE).write_text(json.dumps({"a": bad, "b": good}))
+    records = PidRecords(tmp_path / "pids")
+    assert records.load("a") is None
+    assert records.load("b") == _record("b", 11)
+    assert records.flush()
+    assert sorted(_on_disk(tmp_path / "pids")) == ["b"]
+
+
+def test_an_earlier_versions_files_are_read_then_folded_in(tmp_path: Path) -> None:
+    """One <name>.json per program (an earlier version's layout, e.g. before an upgrade's
+    handover), and a temporary file a crash left: read, then gone at the next write."""
+    directory = tmp_path / "pids"
+    directory.mkdir()
+    (directory / "a.json").write_text(json.dumps(asdict(_record("a", 10))))
+    (directory / "b.json.tmp").write_text('{"name": "b"')
+    records = PidRecords(directory)
+    assert records.load("a") == _record("a", 10)
+    assert records.names() == ["a"]
+    records.save(_record("c", 12))
+    assert records.flush()
+    assert [p.name for p in directory.iterdir()] == [RECORDS_FILE]
+    assert sorted(_on_disk(directory)) == ["a", "c"]
+
+
+def test_a_link_in_place_of_the_file_is_replaced_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (tmp_path / "pids").mkdir()
+    (tmp_path / "pids" / RECORDS_FILE).symlink_to(victim)
+    records = PidRecords(tmp_path / "pids")
+    assert records.names() == []  # not read through the link either
+    records.save(_record("a", 10))
+    assert records.flush()
+    assert victim.read_text() == "keep"
+    assert not (tmp_path / "pids" / RECORDS_FILE).is_symlink()
 
 
 class HeldWriter(PidRecords):
@@ -71,11 +127,13 @@ class HeldWriter(PidRecords):
         super().__init__(directory)
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.writes = 0
 
-    def _write(self, name: str, data: bytes) -> None:
+    def _write(self, data: bytes) -> None:
+        self.writes += 1
         self.entered.set()
         self.release.wait(10)
-        super()._write(name, data)
+        super()._write(data)
 
 
 def test_a_record_being_written_is_still_seen(tmp_path: Path) -> None:
@@ -83,11 +141,26 @@ def test_a_record_being_written_is_still_seen(tmp_path: Path) -> None:
     records.save(_record("a", 10))
     try:
         assert records.entered.wait(10)  # taken by the writer, not yet on disk
-        assert not (tmp_path / "pids" / "a.json").exists()
+        assert not (tmp_path / "pids" / RECORDS_FILE).exists()
         assert records.load("a") == _record("a", 10)
         assert records.names() == ["a"]
         assert not records.flush(timeout=0.05)  # not on disk yet
     finally:
         records.release.set()
     assert records.flush()
-    assert (tmp_path / "pids" / "a.json").exists()
+    assert (tmp_path / "pids" / RECORDS_FILE).exists()
+
+
+def test_changes_noted_during_a_write_go_in_one_next_write(tmp_path: Path) -> None:
+    records = HeldWriter(tmp_path / "pids")
+    records.save(_record("first", 1))
+    try:
+        assert records.entered.wait(10)
+        records.entered.clear()
+        for index in range(50):
+            records.save(_record(f"p{index}", 100 + index))
+    finally:
+        records.release.set()
+    assert records.flush()
+    assert len(_on_disk(tmp_path / "pids")) == 51
+    assert records.writes == 2

@@ -19,7 +19,8 @@ from harness import free_port, marked_processes, remove_cgroups, wait_for
 
 from ocp_agentd.config import ProgramSpec, Settings
 from ocp_agentd.supervision import IllegalTransition, OperationFailed, State, Supervisor
-from ocp_agentd.supervision.identity import PidRecord, PidRecords
+from ocp_agentd.supervision.identity import PidRecord
+from ocp_agentd.supervision.pid_records import PidRecords
 from ocp_agentd.supervision.proctable import MARK_STATE_DIR
 from ocp_agentd.supervision.program import TRANSITIONS
 

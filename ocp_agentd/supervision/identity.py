@@ -17,11 +17,8 @@ import logging
 import os
 import select
 import signal
-import threading
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-import orjson
 import psutil
 
 log = logging.getLogger("ocp_agentd.identity")
@@ -97,124 +94,6 @@ def same_process(pid: int, starttime: int, cmdline: list[str] | None = None) -> 
             return cmdline is not None and process.cmdline() == cmdline
     except psutil.Error:
         return False
-
-
-class PidRecords:
-    """One small JSON file per program under <state_dir>/pids, replaced atomically.
-
-    Written off the event loop: save() and remove() only note the change (the newest per
-    program wins) and one writer thread puts it on disk, so a spawn does not wait for a
-    file system. load() and names() see the noted changes at once. flush() waits until
-    every change is on disk: the supervisor calls it when it closes (a shutdown, or a
-    handover whose successor reads the records). A daemon killed before its writer caught
-    up leaves a record missing or stale, the same as a crash a moment earlier; adoption
-    then falls back to the markers, and a stale record fails its identity check.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._pending: dict[str, bytes | None] = {}  # name -> JSON to write, None: remove
-        # The change the writer is putting on disk: still what load() and names() see.
-        self._writing: dict[str, bytes | None] = {}
-        self._busy = False
-        self._changed = threading.Condition()
-        self._writer: threading.Thread | None = None
-        self._made = False  # the directory exists (made once, not per save)
-
-    def _path(self, name: str) -> Path:
-        return self.directory / f"{name}.json"
-
-    def save(self, record: PidRecord) -> None:
-        self._note(record.name, orjson.dumps(asdict(record)))
-
-    def remove(self, name: str) -> None:
-        self._note(name, None)
-
-    def _note(self, name: str, data: bytes | None) -> None:
-        with self._changed:
-            self._pending[name] = data
-            if self._writer is None:
-                self._writer = threading.Thread(
-                    target=self._write_forever, name="pid-records", daemon=True
-                )
-                self._writer.start()
-            self._changed.notify_all()
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Waits until every noted change is on disk; False if that took over timeout."""
-        with self._changed:
-            return self._changed.wait_for(lambda: not self._pending and not self._busy, timeout)
-
-    def _write_forever(self) -> None:
-        while True:
-            with self._changed:
-                self._writing = {}
-                self._busy = False
-                self._changed.notify_all()
-                self._changed.wait_for(lambda: bool(self._pending))
-                name, data = next(iter(self._pending.items()))
-                del self._pending[name]
-                self._writing = {name: data}
-                self._busy = True
-            if data is None:
-                with contextlib.suppress(OSError):
-                    self._path(name).unlink()
-            else:
-                self._write(name, data)
-
-    def _write(self, name: str, data: bytes) -> None:
-        path = self._path(name)
-        tmp = path.with_suffix(".json.tmp")
-        for attempt in (0, 1):
-            try:
-                if not self._made:
-                    self.directory.mkdir(parents=True, exist_ok=True)
-                    self._made = True
-                # No fsync: a record only matters while its process lives, and a power
-                # loss ends every process anyway; the page cache outlives a daemon crash.
-                with open(tmp, "wb") as handle:
-                    handle.write(data)
-                os.replace(tmp, path)
-                return
-            except FileNotFoundError:
-                if attempt:
-                    raise
-                self._made = False  # the directory went away: made again, once
-            except OSError as exc:
-                # Supervision goes on without the record; adoption falls back to markers.
-                log.error("cannot write pid record %s: %s", path, exc)
-                return
-
-    def load(self, name: str) -> PidRecord | None:
-        path = self._path(name)
-        with self._changed:
-            noted = {**self._writing, **self._pending}.get(name, b"")
-        try:
-            if noted is None:
-                return None
-            data = orjson.loads(noted or path.read_bytes())
-            record = PidRecord(**data)
-            if not isinstance(record.pid, int) or record.pid <= 0:
-                raise ValueError("bad pid")
-            if not isinstance(record.starttime, int) or record.starttime < 0:
-                raise ValueError("bad start time")
-            return record
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("ignoring unreadable pid record %s: %s", path, exc)
-            self.remove(name)
-            return None
-
-    def names(self) -> list[str]:
-        with self._changed:
-            pending = {**self._writing, **self._pending}
-        try:
-            on_disk = {p.stem for p in self.directory.glob("*.json")}
-        except OSError:
-            on_disk = set()
-        on_disk |= {name for name, data in pending.items() if data is not None}
-        return sorted(on_disk - {name for name, data in pending.items() if data is None})
 
 
 @dataclass

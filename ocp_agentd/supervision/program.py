@@ -47,7 +47,6 @@ from ocp_agentd.supervision.cgroups import (
 from ocp_agentd.supervision.identity import (
     Handle,
     PidRecord,
-    PidRecords,
     create_time,
     pin,
     read_cmdline,
@@ -55,6 +54,7 @@ from ocp_agentd.supervision.identity import (
 from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, Intent, ticket
 from ocp_agentd.supervision.intent_records import IntentRecord, IntentRecords
 from ocp_agentd.supervision.liveness import Liveness
+from ocp_agentd.supervision.pid_records import PidRecords
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner
 from ocp_agentd.supervision.standby import SECOND_SLOT, Standbys, make_room
 from ocp_agentd.supervision.subreaper import REAPER

@@ -16,9 +16,9 @@ from ocp_agentd.config import ProgramSpec, Settings
 from ocp_agentd.events import EventHub
 from ocp_agentd.repeats import Once
 from ocp_agentd.supervision import cgroups, output, tree
-from ocp_agentd.supervision.identity import PidRecords
 from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, ticket
 from ocp_agentd.supervision.intent_records import IntentRecords
+from ocp_agentd.supervision.pid_records import PidRecords
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner, Snapshot
 from ocp_agentd.supervision.program import (
     OperationFailed,

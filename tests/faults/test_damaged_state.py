@@ -15,6 +15,8 @@ import pytest
 from faultlib import by_cmdline, fill, host_id, kill_and_wait_restart, marked, python_sleeper, tmpfs
 from harness import DaemonRunner, free_port_block, kill_marked, wait_for, write_demo_config
 
+from ocp_agentd.supervision.pid_records import RECORDS_FILE
+
 pytestmark = pytest.mark.faults
 
 
@@ -73,30 +75,33 @@ def test_state_dir_immutable(tmp_path):
         subprocess.run(["chattr", "-i", str(state)], capture_output=True)
 
 
-def _record_path(runner: DaemonRunner, name: str) -> Path:
+def _records_path(runner: DaemonRunner) -> Path:
     assert runner.state_dir is not None
-    return Path(runner.state_dir) / "pids" / f"{name}.json"
+    return Path(runner.state_dir) / "pids" / RECORDS_FILE
 
 
 @pytest.mark.parametrize("damage", ["half", "empty", "garbage", "wrong-types", "tmp-leftover"])
 def test_half_written_pid_record(daemon_factory, damage):
-    """A damaged pid record is ignored: the program is adopted by its marker, never doubled."""
+    """Damaged pid records are ignored: the programs are adopted by their markers, never
+    doubled."""
     runner = daemon_factory(wait_running=True)
     before = runner.process("ocp_exporter")
     command = before["command"]
     runner.kill9()
-    record = _record_path(runner, "ocp_exporter")
-    text = record.read_text()
+    records = _records_path(runner)
+    text = records.read_text()
     if damage == "half":
-        record.write_text(text[: len(text) // 2])
+        records.write_text(text[: len(text) // 2])
     elif damage == "empty":
-        record.write_text("")
+        records.write_text("")
     elif damage == "garbage":
-        record.write_bytes(b"\xff\xfe{{{\x00")
+        records.write_bytes(b"\xff\xfe{{{\x00")
     elif damage == "wrong-types":
-        record.write_text('{"name": 3, "pid": "x"}')
+        data = json.loads(text)
+        data["ocp_exporter"] = {"name": 3, "pid": "x"}
+        records.write_text(json.dumps(data))
     else:  # a crash between writing the temporary file and renaming it
-        record.with_suffix(".json.tmp").write_text(text[: len(text) // 3])
+        (records.parent / f".{RECORDS_FILE}.0123.tmp").write_text(text[: len(text) // 3])
     runner.start()
     after = runner.wait_state("ocp_exporter", "RUNNING", timeout=20)
     assert after["pid"] == before["pid"], "the healthy program was restarted, not adopted"
@@ -112,12 +117,12 @@ def test_pid_record_of_a_stranger_is_never_signalled(daemon_factory, tmp_path):
     runner.kill9()
     stranger = subprocess.Popen(python_sleeper(f"stranger-{tmp_path.name}"))
     try:
-        record = _record_path(runner, "ob_logtailer")
+        records = _records_path(runner)
         assert runner.settings is not None
-        data = json.loads(record.read_text())
+        data = json.loads(records.read_text())
         kill_marked("OCP_AGENTD_PROGRAM", "ob_logtailer")  # the real one is gone meanwhile
-        data["pid"] = stranger.pid  # its start time and command line do not match
-        record.write_text(json.dumps(data))
+        data["ob_logtailer"]["pid"] = stranger.pid  # its start time and command do not match
+        records.write_text(json.dumps(data))
         runner.start()
         runner.wait_all_running()
         stop = runner.post("/api/v1/processes/ob_logtailer/stop")
