@@ -7,13 +7,16 @@ keeper), and each spawn ten for a moment, so 60 programs exhaust a limit of 64.
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import time
 
 import psutil
+import pytest
 from harness import DaemonRunner, wait_for
 
-from ocp_agentd.descriptors import reserve_for
+from ocp_agentd.descriptors import open_count, reserve_for, shortfall, table_size
 
 SLEEP = ["/bin/sleep", "100000"]
 NO_DEMO = {"programs": {"pos_proxy": None, "ocp_exporter": None, "ob_logtailer": None}}
@@ -98,3 +101,32 @@ def test_clients_that_exhaust_the_descriptors_make_no_spin(daemon_factory) -> No
     wait_for(lambda: runner.get("/api/v1/status", timeout=5).status == 200, timeout=30,
              message="the API answering again")
     assert time.monotonic() - began < 30
+
+
+def test_the_table_size_bounds_the_open_count_and_shortfall_stays_exact() -> None:
+    """FDSize (the cheap bound) is never below the real count, however the descriptors
+    lie; and near the limit shortfall() still counts them one by one."""
+    opened: list[int] = []
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        for _ in range(300):
+            opened.append(os.open("/dev/null", os.O_RDONLY))
+        high = os.dup2(opened[0], 900)  # a high number grows the table alone
+        opened.append(high)
+        size = table_size()
+        assert size is not None and size > 900 and size >= open_count()
+        assert shortfall(10) is None
+        # A limit the bound exceeds but the count does not: exact, still no shortfall.
+        used = open_count()
+        # The limit that leaves exactly 25 descriptors beyond the count and the reserve.
+        limit = next(n for n in range(used, 4 * used) if n - reserve_for(n) == used + 25)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        if table_size() + 10 <= limit - reserve_for(limit):  # type: ignore[operator]
+            pytest.skip("the table is smaller than the limit here; nothing to tell apart")
+        assert shortfall(10) is None
+        why = shortfall(40)
+        assert why is not None and "too few file descriptors" in why
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for fd in opened:
+            os.close(fd)
