@@ -16,7 +16,7 @@ import pytest
 from harness import DaemonRunner, wait_for
 
 from ocp_agentd.supervision import identity
-from ocp_agentd.supervision.identity import pin, same_process, start_ticks
+from ocp_agentd.supervision.identity import pin, same_process, start_ticks, starttime_of
 
 # A program may rewrite what /proc shows of it: this one overwrites its argv (the title,
 # /proc/PID/cmdline) and its environment strings (/proc/PID/environ, where the daemon's run
@@ -67,6 +67,20 @@ def retitled() -> Iterator[psutil.Popen]:
 
 def test_start_ticks_are_the_kernel_start_time(retitled: psutil.Popen) -> None:
     assert start_ticks(psutil.Process(retitled.pid)) == stat_ticks(retitled.pid)
+    # The spawn path's own read agrees with psutil's, a command name with ") " included.
+    assert starttime_of(retitled.pid) == start_ticks(psutil.Process(retitled.pid))
+
+
+def test_the_start_time_of_a_process_named_with_parentheses(tmp_path: Path) -> None:
+    odd = tmp_path / "a) b (c"
+    odd.symlink_to("/bin/sleep")
+    process = psutil.Popen([str(odd), "100"])
+    try:
+        assert starttime_of(process.pid) == start_ticks(process) == stat_ticks(process.pid)
+    finally:
+        process.kill()
+        process.wait()
+    assert starttime_of(process.pid) is None
 
 
 def test_a_rewritten_title_and_environment_do_not_change_identity(
