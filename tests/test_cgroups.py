@@ -391,3 +391,26 @@ def test_a_cpu_quota_set_while_running_moves_every_member_into_the_v1_cpu_cgroup
     finally:
         cg.kill()
         proc.wait(10)
+
+
+def _pids_max(cg: ProgramCgroup) -> str:
+    return (cg.dirs["pids"] / "pids.max").read_text().strip()
+
+
+def test_made_again_the_limits_hold_after_a_change_or_a_removed_directory(host):
+    """create() leaves out rewriting limits it wrote already; a change, or a directory
+    made anew (with the kernel's defaults), is written."""
+    cg = host.open("again")
+    if "pids" not in cg.dirs:
+        pytest.skip("no pids controller here")
+    cg.create(Limits(pids_max=20))
+    assert _pids_max(cg) == "20"
+    cg.create(Limits(pids_max=20))
+    assert _pids_max(cg) == "20"
+    cg.create(Limits(pids_max=30))
+    assert _pids_max(cg) == "30"
+    cg.dirs["pids"].rmdir()
+    cg.create(Limits(pids_max=30))
+    assert _pids_max(cg) == "30"
+    cg.create(Limits())
+    assert _pids_max(cg) == "max"
