@@ -231,21 +231,25 @@ class Program:
             **self._usage_fields(),
         )
 
-    def record(self) -> dict[str, Any]:
-        """info().as_dict(), kept between state changes: only the uptime moves.
+    def record(self, now: float | None = None) -> dict[str, Any]:
+        """info().as_dict(), kept between state changes: only the uptime and the usage
+        move. `now`: time.monotonic(), when the caller asks for many at once.
 
-        Every field but the uptime changes together with the state (a restart count or
-        last exit is always followed by a transition), or with the spec on reload.
+        Every other field changes together with the state (a restart count or last exit
+        is always followed by a transition), or with the spec on reload.
         """
         cached = self._record_cache
         if cached is None or cached[0] is not self.spec:
             inst = self.instance
             started = inst.started_mono if inst is not None and not inst.exited.done() else None
             cached = self._record_cache = (self.spec, started, self.info().as_dict())
-        record = dict(cached[2])
+        now = time.monotonic() if now is None else now
+        record = cached[2].copy()
         if cached[1] is not None:
-            record["uptime"] = int((time.monotonic() - cached[1]) * 1000) / 1000
-        record.update(self._usage_fields())
+            record["uptime"] = int((now - cached[1]) * 1000) / 1000
+        usage = self.usage(now)
+        record["cpu_seconds"] = None if usage.cpu_seconds is None else round(usage.cpu_seconds, 3)
+        record["memory_bytes"] = usage.memory_bytes
         return record
 
     @property
@@ -253,11 +257,12 @@ class Program:
         """The spec's resource limits (SPEC section 9)."""
         return limits_of(self.spec)
 
-    def usage(self) -> Usage:
+    def usage(self, now: float | None = None) -> Usage:
         """CPU seconds and memory bytes: the cgroup's counters when the program has one,
         else the process tree's, summed by the sampler (treeusage.py; never a /proc read
-        here); None where there is neither. Read at most every USAGE_TTL s."""
-        now = time.monotonic()
+        here); None where there is neither. Read at most every USAGE_TTL s (`now`:
+        time.monotonic(), when the caller has it)."""
+        now = time.monotonic() if now is None else now
         if self._usage is not None and now - self._usage[0] < USAGE_TTL:
             return self._usage[1]
         usage = Usage(None, None)

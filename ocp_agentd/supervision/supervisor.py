@@ -138,7 +138,8 @@ class Supervisor:
 
     def process_records(self) -> list[dict[str, Any]]:
         """Every program's info as the JSON of SPEC section 6 (the status answers' hot path)."""
-        return [p.record() for p in self.programs.values()]
+        now = time.monotonic()
+        return [p.record(now) for p in self.programs.values()]
 
     def _bare_instances(self) -> list[Instance]:
         """The live instances of programs without a cgroup (their trees come from /proc)."""
