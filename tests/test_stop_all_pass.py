@@ -137,3 +137,26 @@ def test_a_program_mid_start_is_stopped_by_the_ordinary_path(world: World) -> No
         run(world, body, boot=False)
     finally:
         kill_marked(world.state)
+
+
+def test_an_exit_seen_before_the_stop_takes_its_turn_is_the_stops(world: World) -> None:
+    """The main ends at the first pass's signal and its exit is handled before its stop
+    gets the program's lock: the stop still reports it as the stop's exit."""
+    needs_cgroups(world)
+    world.add("quick", ["/bin/sleep", "1000"], autorestart="always", start_seconds=0.0)
+
+    async def body(sup: Supervisor) -> None:
+        program = sup.programs["quick"]
+        inst = program.instance
+        assert inst is not None
+        assert program.signal_stop_ahead()
+        program.mark_stopping()
+        await until(lambda: inst.exited.done(), what="the exit seen")
+        info = await program.stop()
+        assert info.state == State.STOPPED
+        assert info.last_exit is not None
+        assert info.last_exit["reason"] == "stopped on request (killed by SIGTERM)", info
+        assert program.restarts == 0
+
+    run(world, body)
+    assert marked(world.state) == []

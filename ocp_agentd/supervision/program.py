@@ -1029,13 +1029,16 @@ class Program:
         self._cancel_timer()
         self._restart_pending = False
         inst = self.instance
+        signalled = inst is not None and self._signalled is inst
+        self._signalled = None
         if inst is None or inst.exited.done():
             # The main is gone, but what it started may not be (a daemonizing program).
             await self._end_leftovers(inst)
+            if signalled and inst is not None:
+                self._stopped_by_request(inst)  # it ended at stop-all's signal
             self._records.remove(self.name)
             self._set_state(State.STOPPED, "stopped")
             return
-        signalled, self._signalled = self._signalled is inst, None
         if self.cgroup is not None and self.cgroup.membership.exists():
             if not (signalled and self.state == State.STOPPING):
                 # The signal first, the bookkeeping after: no exit callback runs between.
@@ -1046,13 +1049,16 @@ class Program:
             self._set_state(State.STOPPING, f"sending SIG{self.spec.stop_signal}")
             await self._terminate(inst)
         if inst.exited.done():
-            # The last exit is this one: an older crash shown beside STOPPED misleads.
-            ended = inst.exited.result()
-            self.last_exit = ExitInfo(
-                ended.code, ended.signal, ended.at, f"stopped on request ({ended.reason})"
-            )
+            self._stopped_by_request(inst)
         self._records.remove(self.name)
         self._set_state(State.STOPPED, "stopped")
+
+    def _stopped_by_request(self, inst: Instance) -> None:
+        """The last exit is the stop's: an older crash shown beside STOPPED misleads."""
+        ended = inst.exited.result()
+        self.last_exit = ExitInfo(
+            ended.code, ended.signal, ended.at, f"stopped on request ({ended.reason})"
+        )
 
     async def _terminate(self, inst: Instance, signalled: bool = False) -> None:
         """Ends inst's tree (tree.terminate_cgroup, else tree.terminate); `signalled`:
