@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ocp_agentd import __version__, descriptors, safefs
+from ocp_agentd import __version__, descriptors, safefs, signals
 from ocp_agentd.api import AppContext, create_app, start_api
 from ocp_agentd.api.envelope import host_address
 from ocp_agentd.api.listeners import ApiServer, ApiStartError
@@ -151,13 +151,12 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         descriptors.quiet_accept_errors(loop)
-        for signum, handler in (
-            (signal.SIGTERM, self._request_stop),
-            (signal.SIGINT, self._request_stop),
-            (signal.SIGHUP, self._request_reload),
-            (signal.SIGUSR2, self._request_handover),
-        ):
-            loop.add_signal_handler(signum, handler)
+        signals.install(loop, {
+            signal.SIGTERM: self._request_stop,
+            signal.SIGINT: self._request_stop,
+            signal.SIGHUP: self._request_reload,
+            signal.SIGUSR2: self._request_handover,
+        })
 
         log.info(
             "ocp-agentd %s starting (pid %d, host_id %d, config %s)",

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 
+from ocp_agentd import signals
 from ocp_agentd.supervision.proctable import ProcEntry, Snapshot, read_stat
 
 log = logging.getLogger("ocp_agentd.subreaper")
@@ -89,6 +90,9 @@ class Reaper:
         self._loop = loop or asyncio.get_running_loop()
         try:
             self._loop.add_signal_handler(signal.SIGCHLD, self.reap_soon)
+            # A burst of exits overfills the wakeup socket: harmless here (each reap
+            # collects every exited orphan), so no warning per byte (ocp_agentd/signals.py).
+            signals.quiet_wakeup()
         except (RuntimeError, ValueError) as exc:  # not the main thread: reap when asked
             log.warning("no SIGCHLD handler (%s): orphans are reaped after program exits", exc)
         self.reap_soon()
