@@ -343,6 +343,7 @@ def test_lock_allows_one_running_task_and_survives_reopen(tmp_path: Path) -> Non
     async def second() -> None:
         BLOCK["A"] = asyncio.Event()
         async with started_engine(tmp_path) as engine:  # resumes the task: it holds the lock again
+            assert await engine.lock_holder("toy-lock") == task_id  # read back at open
             assert (await refusal(engine.submit("chain", "admin"))).target == str(task_id)
             BLOCK["A"].set()
             await engine.wait(task_id, 10)

@@ -130,6 +130,10 @@ class TaskStore:
         self.log = logger or logging.getLogger("ocp_agentd.tasks.store")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
         self._db: sqlite3.Connection | None = None
+        # lock_key -> the RUNNING task holding it, as committed: kept by the store's thread
+        # after each write that can change it, so that the question every local start and
+        # stop asks (holder) is a dictionary lookup, not a trip through that thread.
+        self._holders: dict[str, int] = {}
 
     # ---- plumbing -------------------------------------------------------------
 
@@ -196,6 +200,7 @@ class TaskStore:
             if result != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {result}")
             self._migrate(db)
+            self._load_holders(db)
         except sqlite3.DatabaseError:
             db.close()
             raise
@@ -327,6 +332,7 @@ class TaskStore:
                     "UPDATE subtasks SET upstreams = ?, downstreams = ? WHERE id = ?",
                     (json.dumps(sub.upstreams), json.dumps(sub.downstreams), sub.id),
                 )
+        self._note_holder(task)
         return task, True
 
     async def save(
@@ -357,6 +363,7 @@ class TaskStore:
                     (str(sub.status), str(sub.operation), sub.run_time, sub.start_time,
                      sub.end_time, sub.id),
                 )
+        self._note_holder(task)
         if task.status != TaskStatus.RUNNING:
             try:
                 self._prune()  # a task ended: the oldest may go
@@ -403,7 +410,24 @@ class TaskStore:
         return await self._call(self._running)
 
     async def holder(self, lock_key: str) -> int | None:
+        """The id of the RUNNING task that holds lock_key, or None (as last committed)."""
+        if self._db is not None:
+            return self._holders.get(lock_key)
         return await self._call(self._holder, lock_key)
+
+    def _note_holder(self, task: TaskInstance) -> None:
+        """After a committed write of task: the locks it holds, in _holders."""
+        for key, holder in list(self._holders.items()):
+            if holder == task.id:
+                del self._holders[key]
+        if task.lock_key and task.status == TaskStatus.RUNNING:
+            self._holders[task.lock_key] = task.id
+
+    def _load_holders(self, db: sqlite3.Connection) -> None:
+        rows = db.execute(
+            "SELECT lock_key, id FROM tasks WHERE status = 'RUNNING' AND lock_key IS NOT NULL"
+        ).fetchall()
+        self._holders = {row["lock_key"]: int(row["id"]) for row in rows}
 
     async def read_log(self, subtask_id: int) -> list[tuple[str, str]]:
         return await self._call(self._read_log, subtask_id)
