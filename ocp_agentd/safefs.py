@@ -145,6 +145,33 @@ class _Walk:
         self.where = where
 
 
+def stat_if_safe(path: str | Path, owner: int | None = None) -> os.stat_result | None:
+    """The lstat of the file at ``path`` when open_directory(path.parent, owner) and
+    open_file would both accept it as it is now without creating or following anything:
+    every directory below ``/`` on the way writable only by root or ``owner`` (or sticky
+    and root's), no symbolic link anywhere, the file regular with one link and owned by
+    root or ``owner``. None otherwise, or when something cannot be read: then open it the
+    usual way, which says why. Opens nothing: for comparing what is there with what is
+    held open already (a few lstat(2) calls against a walk of open(2) calls)."""
+    path = Path(path)
+    if not path.is_absolute() or ".." in path.parts:
+        return None
+    owners = {0} if owner is None else {0, owner}
+    try:
+        where = Path("/")
+        for name in path.parts[1:-1]:
+            where = where / name
+            st = os.lstat(where)
+            if not stat.S_ISDIR(st.st_mode) or writers_problem(st, owner) is not None:
+                return None
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid not in owners:
+        return None
+    return st
+
+
 def check_directory(path: str | Path, owner: int | None = None) -> str | None:
     """None when open_directory(path, owner) succeeds, else the reason naming the path."""
     try:

@@ -313,3 +313,45 @@ def test_a_stopped_daemon_leaves_no_log_keeper(daemon_factory):
     assert len(keepers()) == 3  # one per demo program
     assert daemon.stop() == 0
     assert keepers() == []
+
+
+def test_stat_if_safe_accepts_only_what_the_walk_would_open_as_it_is(base, user):
+    logs = user_dir(base, user)
+    user.run("touch", str(logs / "app.log"))
+    st = safefs.stat_if_safe(logs / "app.log", user.uid)
+    assert st is not None and st.st_ino == (logs / "app.log").stat().st_ino
+    assert safefs.stat_if_safe(logs / "app.log", None) is None  # not root's, not allowed
+    assert safefs.stat_if_safe(logs / "missing.log", user.uid) is None
+    assert safefs.stat_if_safe("relative/app.log", user.uid) is None
+    user.run("ln", "-s", str(logs / "app.log"), str(logs / "link.log"))
+    assert safefs.stat_if_safe(logs / "link.log", user.uid) is None
+    user.run("ln", str(logs / "app.log"), str(logs / "hard.log"))
+    assert safefs.stat_if_safe(logs / "app.log", user.uid) is None  # two links now
+    (logs / "hard.log").unlink()
+    (base / "by-root").symlink_to(logs)  # root's link: the walk follows it, this declines
+    assert safefs.stat_if_safe(base / "by-root" / "app.log", user.uid) is None
+    logs.chmod(0o777)
+    assert safefs.stat_if_safe(logs / "app.log", user.uid) is None
+    logs.chmod(0o1777)  # sticky, but the user's, not root's
+    assert safefs.stat_if_safe(logs / "app.log", user.uid) is None
+    logs.chmod(0o755)
+    assert safefs.stat_if_safe(logs / "app.log", user.uid) is not None
+
+
+def test_a_running_keeper_is_not_reused_once_others_can_write_the_directory(base, user):
+    """The cheap check for reusing a keeper declines; the safe open then refuses, as for
+    a first start."""
+    logs = user_dir(base, user)
+    spec = ProgramSpec(name="reuse", command=["/bin/true"], user=user.name, cwd="/",
+                       stdout_log=logs / "reuse.log", stderr_log=logs / "reuse.log")
+    try:
+        first = output.open_streams(spec)
+        again = output.open_streams(spec)
+        assert os.fstat(first[0]).st_ino == os.fstat(again[0]).st_ino  # the same keeper
+        for fd in {*first, *again}:
+            os.close(fd)
+        logs.chmod(0o777)
+        with pytest.raises(safefs.UnsafePath, match="writable by others"):
+            output.open_streams(spec)
+    finally:
+        output.close_streams(spec.name)

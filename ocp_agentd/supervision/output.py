@@ -138,6 +138,9 @@ def open_streams(spec: ProgramSpec, state_dir: Path | None = None) -> tuple[int,
         paths.append(spec.stderr_log)
     settings = (tuple(paths), spec.log_max_bytes, spec.log_backups, uid, gid)
     key = (str(state_dir or ""), spec.name)
+    held = _held.get(key)
+    if held is not None and held.still_serves(settings, uid):
+        return held.copies()
     files: list[int] = []
     try:
         for path in paths:
@@ -171,6 +174,20 @@ class _Held:
         for fd in files:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) not in held:
+                return False
+        return True
+
+    def still_serves(self, settings: tuple[Any, ...], uid: int) -> bool:
+        """serves() without opening the logs: whether the keeper runs, on these settings,
+        writing the files found at the logs' paths, each one open_log would open as it is
+        (safefs.stat_if_safe). False whenever that cannot be told so cheaply: then the
+        logs are opened (safely) and serves() decides."""
+        if settings != self.settings or not _running(self.keeper):
+            return False
+        held = _open_files(self.keeper.pid)
+        for path in settings[0]:
+            st = safefs.stat_if_safe(path, uid)
+            if st is None or (st.st_dev, st.st_ino) not in held:
                 return False
         return True
 
