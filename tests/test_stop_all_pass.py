@@ -160,3 +160,56 @@ def test_an_exit_seen_before_the_stop_takes_its_turn_is_the_stops(world: World) 
 
     run(world, body)
     assert marked(world.state) == []
+
+
+# A child that counts the SIGTERMs it gets (one line each in argv[1]) and exits 0.5 s
+# after the last one, as a program with a graceful shutdown does.
+COUNTS_TERMS = (
+    "import os, signal, sys, time\n"
+    "path = sys.argv[1]\n"
+    "last = [None]\n"
+    "def on_term(*_):\n"
+    "    with open(path, 'a') as f:\n"
+    "        f.write('TERM\\n')\n"
+    "    last[0] = time.monotonic()\n"
+    "signal.signal(signal.SIGTERM, on_term)\n"
+    "open(path + '.ready', 'w').close()\n"
+    "while last[0] is None or time.monotonic() - last[0] < 0.5:\n"
+    "    time.sleep(0.02)\n"
+)
+
+
+def test_a_child_gets_one_stop_signal_when_its_main_ends_first(
+    world: World, tmp_path: Path
+) -> None:
+    """The main ends at stop-all's first signal and its exit is handled before its stop's
+    turn: the cgroup's other members, signalled by the first pass already, must not get
+    the stop signal a second time (a second SIGTERM is "now, not gracefully" to many
+    programs), only the kill once stop_timeout is over."""
+    needs_cgroups(world)
+    counts = [tmp_path / f"terms{index}" for index in range(4)]
+    for index, path in enumerate(counts):
+        world.add(
+            f"p{index}",
+            [SH, "-c", f'{sys.executable} -c "$0" {path} & exec sleep 1000', COUNTS_TERMS],
+            start_seconds=0.0,
+            stop_timeout=5.0,
+        )
+
+    async def body(sup: Supervisor) -> None:
+        await until(
+            lambda: all(Path(f"{path}.ready").exists() for path in counts), what="children"
+        )
+        programs = [sup.programs[f"p{index}"] for index in range(len(counts))]
+        instances = [program.instance for program in programs]
+        assert all(program.signal_stop_ahead() for program in programs)
+        for program in programs:
+            program.mark_stopping()
+        await until(lambda: all(i is not None and i.exited.done() for i in instances),
+                    what="the mains' exits seen")
+        infos = await asyncio.gather(*(program.stop() for program in programs))
+        assert {info.state for info in infos} == {State.STOPPED}
+
+    run(world, body)
+    terms = {path.name: path.read_text().count("TERM") for path in counts}
+    assert set(terms.values()) == {1}, terms
