@@ -1033,7 +1033,8 @@ class Program:
         self._signalled = None
         if inst is None or inst.exited.done():
             # The main is gone, but what it started may not be (a daemonizing program).
-            await self._end_leftovers(inst)
+            # After stop-all's first pass (STOPPING) the leftovers have had the signal.
+            await self._end_leftovers(inst, signalled and self.state == State.STOPPING)
             if signalled and inst is not None:
                 self._stopped_by_request(inst)  # it ended at stop-all's signal
             self._records.remove(self.name)
@@ -1078,9 +1079,10 @@ class Program:
             self.name, inst, self._scanner, self.spec.signal_number, self.spec.stop_timeout
         )
 
-    async def _end_leftovers(self, inst: Instance | None) -> None:
+    async def _end_leftovers(self, inst: Instance | None, signalled: bool = False) -> None:
         """Ends what is left of a program whose main has exited: the cgroup's members, or
-        (without one) the last instance's tree from the process table."""
+        (without one) the last instance's tree from the process table. `signalled`: the
+        cgroup's members have had the stop signal (stop-all's first pass)."""
         if self.cgroup is not None:
             if self.cgroup.membership.exists() and self.cgroup.populated():
                 await tree.end_cgroup(
@@ -1089,6 +1091,7 @@ class Program:
                     self.watch,
                     self.spec.signal_number,
                     self.spec.stop_timeout,
+                    signalled,
                 )
         elif inst is not None:
             await tree.sweep(self.name, inst, self._scanner)

@@ -135,12 +135,16 @@ async def end_cgroup(
     watch: EmptyWatch,
     signum: int | None = None,
     stop_timeout: float = 0.0,
+    signalled: bool = False,
 ) -> None:
     """Ends every process in cgroup: signum first and up to stop_timeout seconds when
-    signum is given, then the cgroup's kill. Raises OperationFailed if members are left
+    signum is given, then the cgroup's kill. `signalled`: every member has had signum
+    already (signal_cgroup), so only the wait and the kill are left; a second stop signal
+    is "abort now" to many programs. Raises OperationFailed if members are left
     KILL_GRACE seconds after the kill."""
     if signum is not None:
-        cgroup.signal_all(signum, signal.SIGCONT)
+        if not signalled:
+            cgroup.signal_all(signum, signal.SIGCONT)
         if await watch.wait_empty(cgroup, stop_timeout):
             return
     cgroup.kill()
