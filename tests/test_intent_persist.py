@@ -10,6 +10,7 @@ import ctypes
 import os
 import signal
 import struct
+import threading
 import uuid
 from pathlib import Path
 
@@ -182,6 +183,34 @@ def test_records_are_not_followed_through_links(tmp_path) -> None:
     assert loaded is not None and loaded.state == "STOPPED" and loaded.boot_id == boot_id()
     records.remove("p")
     assert records.load("p") is None
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_fifo_or_directory_in_place_of_the_file_is_moved_aside(tmp_path, kind) -> None:
+    """A FIFO where the file goes must not block the first read (open(2) of a FIFO waits
+    for a writer: the daemon would never answer), nor a directory there fail every later
+    write (an answered stop would not outlive a kill -9): either is moved aside."""
+    directory = tmp_path / "intent"
+    directory.mkdir()
+    path = directory / RECORDS_FILE
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    records = IntentRecords(directory)
+    answer: list[list[str]] = []
+    reader = threading.Thread(target=lambda: answer.append(records.names()), daemon=True)
+    reader.start()
+    reader.join(5.0)
+    if reader.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # lets the reader go
+        reader.join(5.0)
+        pytest.fail(f"reading the records blocked on a {kind} in place of the file")
+    assert answer == [[]]
+    records.save("p", "STOPPED")
+    assert path.is_file()
+    loaded = IntentRecords(directory).load("p")
+    assert loaded is not None and loaded.state == "STOPPED"
 
 
 def test_an_earlier_versions_record_files_are_obeyed_then_folded_in(daemon_factory) -> None:
