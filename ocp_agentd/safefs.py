@@ -275,3 +275,38 @@ def open_existing(dir_fd: int, name: str, owners: set[int], flags: int) -> int |
         os.close(fd)
         raise
     return _blocking(fd)
+
+
+def read_regular_file(path: Path, limit: int) -> bytes | None:
+    """Up to `limit` bytes of the regular file at path, never through a link (O_NOFOLLOW)
+    and never blocking: a FIFO in its place would block open(2) until a writer came, and
+    a device node could do anything on open, so only a regular file is opened (lstat(2)
+    first, fstat(2) after the open for a name replaced in between). None when there is no
+    such name. Raises UnsafePath when the name is something else (a directory, a FIFO, a
+    socket, a device, a link), OSError when it cannot be read."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise UnsafePath(path, "is not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            raise UnsafePath(path, "is not a regular file") from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePath(path, "is not a regular file")
+        return handle.read(limit)
+
+
+def set_aside(path: Path) -> Path | None:
+    """Renames what is at path out of the way (to a unique name beside it) so that a new
+    file can be put there, e.g. a directory where a records file belongs, which rename(2)
+    cannot replace; answers the new name, None when it could not be moved."""
+    aside = path.with_name(f"{path.name}.not-a-file.{os.urandom(4).hex()}")
+    try:
+        os.rename(path, aside)
+    except OSError:
+        return None
+    return aside

@@ -33,6 +33,8 @@ from typing import Literal
 
 import orjson
 
+from ocp_agentd import safefs
+
 log = logging.getLogger("ocp_agentd.intent")
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
@@ -212,14 +214,20 @@ def _record(name: str, raw: object) -> IntentRecord:
 
 
 def _read_bytes(path: Path) -> bytes | None:
-    """The file's bytes (never through a link: O_NOFOLLOW); None when there is none.
-    Raises OSError when it cannot be read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read(MAX_BYTES)
+    """The file's bytes (safefs.read_regular_file: never through a link, never blocking on
+    a FIFO); None when there is none. Raises UnsafePath when something else is in its
+    place, OSError when it cannot be read."""
+    return safefs.read_regular_file(path, MAX_BYTES)
+
+
+def _set_aside(path: Path) -> None:
+    """Moves what is in the file's place out of the way (a directory there would make every
+    write fail), so that the next write puts the file back."""
+    aside = safefs.set_aside(path)
+    if aside is None:
+        log.error("cannot move %s out of the way: the intent records cannot be written", path)
+    else:
+        log.warning("moved %s, which is not a regular file, to %s", path, aside)
 
 
 def _read_directory(directory: Path) -> tuple[dict[str, IntentRecord], list[Path]]:
@@ -236,6 +244,8 @@ def _read_directory(directory: Path) -> tuple[dict[str, IntentRecord], list[Path
     except (OSError, ValueError) as exc:
         log.warning("ignoring unreadable intent records %s: %s", path, exc)
         raw = {}
+        if isinstance(exc, safefs.UnsafePath):
+            _set_aside(path)
     for name, value in raw.items():
         try:
             records[name] = _record(name, value)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import orjson
 
+from ocp_agentd import safefs
 from ocp_agentd.supervision.identity import PidRecord
 
 log = logging.getLogger("ocp_agentd.identity")
@@ -175,14 +176,20 @@ def _record(name: str, raw: object) -> PidRecord:
 
 
 def _read_bytes(path: Path) -> bytes | None:
-    """The file's bytes (never through a link: O_NOFOLLOW); None when there is none.
-    Raises OSError when it cannot be read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read(MAX_BYTES)
+    """The file's bytes (safefs.read_regular_file: never through a link, never blocking on
+    a FIFO); None when there is none. Raises UnsafePath when something else is in its
+    place, OSError when it cannot be read."""
+    return safefs.read_regular_file(path, MAX_BYTES)
+
+
+def _set_aside(path: Path) -> None:
+    """Moves what is in the file's place out of the way (a directory there would make every
+    write fail), so that the next write puts the file back."""
+    aside = safefs.set_aside(path)
+    if aside is None:
+        log.error("cannot move %s out of the way: the pid records cannot be written", path)
+    else:
+        log.warning("moved %s, which is not a regular file, to %s", path, aside)
 
 
 def _read_directory(directory: Path) -> tuple[dict[str, bytes], list[Path]]:
@@ -200,6 +207,8 @@ def _read_directory(directory: Path) -> tuple[dict[str, bytes], list[Path]]:
         records = {str(name): orjson.dumps(value) for name, value in raw.items()}
     except (OSError, ValueError) as exc:
         log.warning("ignoring unreadable pid records %s: %s", path, exc)
+        if isinstance(exc, safefs.UnsafePath):
+            _set_aside(path)
     legacy: list[Path] = []
     leftovers: list[Path] = []  # temporary files of a write a crash cut short
     with contextlib.suppress(OSError):
