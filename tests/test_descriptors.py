@@ -130,3 +130,39 @@ def test_the_table_size_bounds_the_open_count_and_shortfall_stays_exact() -> Non
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for fd in opened:
             os.close(fd)
+
+
+def keeper_programs(runner: DaemonRunner) -> set[str]:
+    """The programs whose log keeper runs (its environment: OCP_AGENTD_LOG_KEEPER=
+    <state_dir>:<name>)."""
+    names = set()
+    for proc in runner.leftovers():
+        try:
+            mark = proc.environ().get("OCP_AGENTD_LOG_KEEPER")
+        except psutil.Error:
+            continue
+        if mark:
+            names.add(mark.rsplit(":", 1)[1])
+    return names
+
+
+def test_stop_all_start_all_under_a_low_limit_does_not_run_fewer_each_time(
+    daemon_factory,
+) -> None:
+    """Each program that ran keeps its log keeper's pipes while stopped; a start-all after
+    a stop-all (the restart task) under a tight limit must not leave programs that cannot
+    start holding them, or every cycle leaves fewer programs running than the one before."""
+    limit = 64
+    programs = {f"p{i:02d}": {"command": SLEEP, "start_seconds": 0, "backoff_initial": 0.1,
+                              "backoff_max": 0.2} for i in range(30)}
+    runner = daemon_factory(programs, NO_DEMO, nofile=(limit, limit), timeout=30)
+    wait_for(lambda: settled(runner), timeout=60, message="every program settled")
+    for _ in range(3):
+        runner.post("/api/v1/agent/stop-all", timeout=60)
+        runner.post("/api/v1/agent/start-all", timeout=60)
+        records = wait_for(lambda: settled(runner), timeout=60, message="every program settled")
+        running = {r["name"] for r in records if r["state"] == "RUNNING"}
+        assert running and len(running) < len(records), running
+        # A keeper ends a moment after the last writer of its pipes closes them.
+        wait_for(lambda running=running: keeper_programs(runner) <= running, timeout=10,
+                 message="log keepers only for the programs that run")
