@@ -30,7 +30,7 @@ import aiohttp
 from ocp_agentd import descriptors, hostcheck
 from ocp_agentd.background import Tasks
 from ocp_agentd.config import ProgramSpec
-from ocp_agentd.supervision import probes, spawn, tree
+from ocp_agentd.supervision import output, probes, spawn, tree
 from ocp_agentd.supervision.cgroups import (
     CgroupError,
     EmptyWatch,
@@ -673,6 +673,10 @@ class Program:
         if short and make_room(self.standbys):
             short = descriptors.shortfall(need)
         if short:
+            # Its log keeper's pipes go too: a program that cannot start must not keep
+            # descriptors that another program's start needs (after a stop-all, each
+            # start-all would otherwise leave fewer programs running than the last).
+            output.close_streams(self.name, self._state_dir)
             return short
         try:
             return await self._spawn()
