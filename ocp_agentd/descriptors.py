@@ -26,8 +26,8 @@ RESERVE_MIN = 16
 RESERVE_MAX = 256
 # Descriptors one spawn holds at its peak: two log files and two pipes for a new log
 # keeper, /dev/null, an exec-error pipe (2) and the pidfd; afterwards the pidfd stays, and
-# the pipes' write ends while the program is configured (output.open_streams; README,
-# Reliability).
+# the pipes' write ends while the program is configured, until a start of it fails for
+# want of descriptors (output.open_streams; README, Reliability).
 SPAWN_COST = 10
 ACCEPT_PAUSE = 1.0  # asyncio's own retry delay after a failed accept (ACCEPT_RETRY_DELAY)
 REPORT_INTERVAL = 60.0  # a descriptor shortage is logged at most once per this many seconds
