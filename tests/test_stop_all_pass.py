@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -213,3 +214,32 @@ def test_a_child_gets_one_stop_signal_when_its_main_ends_first(
     run(world, body)
     terms = {path.name: path.read_text().count("TERM") for path in counts}
     assert set(terms.values()) == {1}, terms
+
+
+def test_a_cgroup_that_cannot_be_read_in_the_first_pass_fails_no_stop(world: World) -> None:
+    """Out of descriptors (clients may take them all), the cgroup's member list cannot be
+    read while the first pass signals the rest of each cgroup: every main has had its
+    signal by then, so each program must still end STOPPED by its own stop, not be left
+    signalled and unstopped (BACKOFF, nothing running, no stop recorded) while stop-all
+    fails as a whole."""
+    needs_cgroups(world)
+    for index in range(3):
+        world.add(f"p{index}", ["/bin/sleep", "1000"], start_seconds=0.0, autorestart="always")
+
+    async def body(sup: Supervisor) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1, hard))  # no new descriptor at all
+        try:
+            stopping = asyncio.ensure_future(sup.stop_all())
+            await asyncio.sleep(0)  # the passes before the first await
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        results = await stopping
+        assert {r.state for r in results.values()} == {State.STOPPED}, results  # type: ignore[union-attr]
+        for program in sup.programs.values():
+            assert program.last_exit is not None
+            assert program.last_exit.reason.startswith("stopped on request"), program.last_exit
+            assert program.restarts == 0
+        assert marked(world.state) == []
+
+    run(world, body)
