@@ -137,8 +137,10 @@ class Program:
         self._on_transition = on_transition
         self._on_probe_failed = on_probe_failed
         self._timer: asyncio.TimerHandle | None = None
-        # The instance a stop-all's first pass has signalled (signal_stop_ahead).
+        # The instance a stop-all's first pass has signalled (signal_stop_ahead), and
+        # whether the rest of its cgroup has had the signal too (mark_stopping).
         self._signalled: Instance | None = None
+        self._members_signalled = False
         # record()'s dict between state changes: (spec, started_mono or None, dict).
         self._record_cache: tuple[Any, float | None, dict[str, Any]] | None = None
         self._restart_pending = False
@@ -325,15 +327,22 @@ class Program:
         self._restart_pending = False
         tree.signal_main(inst, self.spec.signal_number)
         self._signalled = inst
+        self._members_signalled = False
         return True
 
     def mark_stopping(self) -> None:
         """The second pass after signal_stop_ahead: the signal to the cgroup's other
-        members, then the STOPPING state (logged, an event)."""
+        members, then the STOPPING state (logged, an event). Raises nothing: when the
+        members cannot be listed (CgroupError, logged) the stop signals them itself."""
         inst = self._signalled
         if inst is None or self.state != State.RUNNING or self.cgroup is None:
             return
-        tree.signal_cgroup(inst, self.cgroup, self.spec.signal_number, main_done=True)
+        try:
+            tree.signal_cgroup(inst, self.cgroup, self.spec.signal_number, main_done=True)
+            self._members_signalled = True
+        except CgroupError as exc:
+            log.error("%s: %s", self.name, exc, extra={"PROGRAM": self.name})
+        # The main has its signal either way: its exit is the stop's.
         self._set_state(State.STOPPING, f"sending SIG{self.spec.stop_signal}")
 
     async def stop(self, remember: bool = True) -> ProcessInfo:
@@ -1034,20 +1043,23 @@ class Program:
         self._restart_pending = False
         inst = self.instance
         signalled = inst is not None and self._signalled is inst
+        # After stop-all's passes (STOPPING) the whole cgroup may have had the signal.
+        ahead = signalled and self._members_signalled and self.state == State.STOPPING
         self._signalled = None
         if inst is None or inst.exited.done():
             # The main is gone, but what it started may not be (a daemonizing program).
-            # After stop-all's first pass (STOPPING) the leftovers have had the signal.
-            await self._end_leftovers(inst, signalled and self.state == State.STOPPING)
+            await self._end_leftovers(inst, ahead)
             if signalled and inst is not None:
                 self._stopped_by_request(inst)  # it ended at stop-all's signal
             self._records.remove(self.name)
             self._set_state(State.STOPPED, "stopped")
             return
         if self.cgroup is not None and self.cgroup.membership.exists():
-            if not (signalled and self.state == State.STOPPING):
+            if not ahead:
                 # The signal first, the bookkeeping after: no exit callback runs between.
-                tree.signal_cgroup(inst, self.cgroup, self.spec.signal_number)
+                tree.signal_cgroup(
+                    inst, self.cgroup, self.spec.signal_number, main_done=signalled
+                )
                 self._set_state(State.STOPPING, f"sending SIG{self.spec.stop_signal}")
             await self._terminate(inst, signalled=True)
         else:
