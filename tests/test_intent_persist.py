@@ -213,6 +213,19 @@ def test_a_fifo_or_directory_in_place_of_the_file_is_moved_aside(tmp_path, kind)
     assert loaded is not None and loaded.state == "STOPPED"
 
 
+def test_a_write_cut_short_by_a_crash_leaves_no_file_for_good(tmp_path) -> None:
+    """A daemon killed between writing the temporary file and renaming it leaves that file;
+    the next daemon removes it with its first write (one more per crash otherwise)."""
+    directory = tmp_path / "intent"
+    directory.mkdir()
+    leftover = directory / f".{RECORDS_FILE}.0123abcd.tmp"
+    leftover.write_bytes(b'{"p": {"name": "p", "sta')
+    records = IntentRecords(directory)
+    assert records.names() == []
+    records.save("q", "STOPPED")
+    assert sorted(path.name for path in directory.iterdir()) == [RECORDS_FILE]
+
+
 def test_an_earlier_versions_record_files_are_obeyed_then_folded_in(daemon_factory) -> None:
     """A daemon of an earlier version kept one <name>.json per program: after an upgrade
     the next daemon obeys them, and the next write of the one file removes them."""
