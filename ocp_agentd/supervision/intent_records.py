@@ -232,7 +232,8 @@ def _set_aside(path: Path) -> None:
 
 def _read_directory(directory: Path) -> tuple[dict[str, IntentRecord], list[Path]]:
     """The records in directory: RECORDS_FILE's, then each earlier-version file's not in
-    it. Answers them with the earlier-version files found. What cannot be read is skipped
+    it. Answers them with the files to remove at the next write (the earlier version's,
+    and temporary files a crash left). What cannot be read is skipped
     with a warning (and gone at the next write)."""
     records: dict[str, IntentRecord] = {}
     path = directory / RECORDS_FILE
@@ -252,8 +253,10 @@ def _read_directory(directory: Path) -> tuple[dict[str, IntentRecord], list[Path
         except (ValueError, TypeError) as exc:
             log.warning("ignoring the unreadable intent record of %s in %s: %s", name, path, exc)
     legacy = []
+    leftovers: list[Path] = []  # temporary files of a write a crash cut short
     with contextlib.suppress(OSError):
         legacy = sorted(p for p in directory.glob("*.json") if p.name != RECORDS_FILE)
+        leftovers = sorted(directory.glob(f".{RECORDS_FILE}.*.tmp"))
     for old in legacy:
         try:
             data = _read_bytes(old)
@@ -261,4 +264,4 @@ def _read_directory(directory: Path) -> tuple[dict[str, IntentRecord], list[Path
                 records[old.stem] = _record(old.stem, orjson.loads(data))
         except (OSError, ValueError, TypeError) as exc:
             log.warning("ignoring unreadable intent record %s: %s", old, exc)
-    return records, legacy
+    return records, legacy + leftovers
