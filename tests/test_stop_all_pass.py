@@ -218,7 +218,7 @@ def test_a_child_gets_one_stop_signal_when_its_main_ends_first(
 
 def test_a_cgroup_that_cannot_be_read_in_the_second_pass_fails_no_stop(world: World) -> None:
     """Out of descriptors (clients may take them all), the cgroup's member list cannot be
-    read while the first pass signals the rest of each cgroup: every main has had its
+    read while the second pass signals the rest of each cgroup: every main has had its
     signal by then, so each program must still end STOPPED by its own stop, not be left
     signalled and unstopped (BACKOFF, nothing running, no stop recorded) while stop-all
     fails as a whole."""
