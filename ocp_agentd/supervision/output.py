@@ -374,6 +374,13 @@ def rotate_if_needed(path: Path, max_bytes: int, backups: int,
     """
     if max_bytes <= 0:
         return False
+    seen = safefs.stat_if_safe(path, uid)
+    if seen is not None and seen.st_size <= max_bytes:
+        # Nothing to rotate (a keeper never lets its file grow past the limit), known
+        # from a few lstat calls, where the walk below opens every directory from /.
+        # Anything unusual on the way (a link, a FIFO, a directory others can write)
+        # takes the walk, which says why.
+        return False
     dir_fd = safefs.open_directory(path.parent, owner=uid if uid is not None else None)
     try:
         live = safefs.open_existing(
