@@ -325,18 +325,22 @@ class Program:
         self.intent.stop_requested()  # before the signal: the exit it causes is a stop's
         self._cancel_timer()
         self._restart_pending = False
-        tree.signal_main(inst, self.spec.signal_number)
+        # SIGCONT (for a stopped main) follows in mark_stopping: one syscall per program
+        # here, where every program waits for the others' signals.
+        tree.signal_main(inst, self.spec.signal_number, cont=False)
         self._signalled = inst
         self._members_signalled = False
         return True
 
     def mark_stopping(self) -> None:
-        """The second pass after signal_stop_ahead: the signal to the cgroup's other
-        members, then the STOPPING state (logged, an event). Raises nothing: when the
+        """The second pass after signal_stop_ahead: SIGCONT to the main, the signal to the
+        cgroup's other members, then the STOPPING state (logged, an event). Raises nothing: when the
         members cannot be listed (CgroupError, logged) the stop signals them itself."""
         inst = self._signalled
         if inst is None or self.state != State.RUNNING or self.cgroup is None:
             return
+        if not inst.exited.done():
+            inst.handle.send(signal.SIGCONT)  # a stopped main sees its signal now
         try:
             tree.signal_cgroup(inst, self.cgroup, self.spec.signal_number, main_done=True)
             self._members_signalled = True

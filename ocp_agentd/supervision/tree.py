@@ -81,12 +81,14 @@ async def terminate(
         await end_processes(late, signal.SIGKILL, KILL_GRACE)
 
 
-def signal_main(inst: Instance, signum: int) -> None:
-    """signum, then SIGCONT (a stopped process must see it), to the main alone, through
-    its pidfd (so never to a reused pid); nothing once its exit is seen."""
+def signal_main(inst: Instance, signum: int, cont: bool = True) -> None:
+    """signum, then SIGCONT (a stopped process must see it; `cont` False: the caller
+    sends it later), to the main alone, through its pidfd (so never to a reused pid);
+    nothing once its exit is seen."""
     if not inst.exited.done():
         inst.handle.send(signum)
-        inst.handle.send(signal.SIGCONT)
+        if cont:
+            inst.handle.send(signal.SIGCONT)
 
 
 def signal_cgroup(
