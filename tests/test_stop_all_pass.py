@@ -243,3 +243,25 @@ def test_a_cgroup_that_cannot_be_read_in_the_second_pass_fails_no_stop(world: Wo
         assert marked(world.state) == []
 
     run(world, body)
+
+
+def test_a_stopped_main_is_continued_and_ends_at_its_stop_signal(world: World) -> None:
+    """SIGCONT reaches a SIGSTOPped main in the second pass: it ends at SIGTERM, not at
+    the SIGKILL that stop_timeout (long here) would bring."""
+    needs_cgroups(world)
+    world.add("frozen", ["/bin/sleep", "1000"], start_seconds=0.0, stop_timeout=120.0)
+    world.add("other", ["/bin/sleep", "1000"], start_seconds=0.0)
+
+    async def body(sup: Supervisor) -> None:
+        pid = sup.info("frozen").pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        await until(lambda: Path(f"/proc/{pid}/stat").read_text().split()[2] == "T",
+                    what="the main stopped")
+        results = await asyncio.wait_for(sup.stop_all(), 60)
+        info = results["frozen"]
+        assert info.state == State.STOPPED  # type: ignore[union-attr]
+        assert info.last_exit["reason"] == "stopped on request (killed by SIGTERM)"  # type: ignore[union-attr,index]
+
+    run(world, body)
+    assert marked(world.state) == []
