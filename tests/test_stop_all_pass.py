@@ -265,3 +265,87 @@ def test_a_stopped_main_is_continued_and_ends_at_its_stop_signal(world: World) -
 
     run(world, body)
     assert marked(world.state) == []
+
+
+class BareWorld(World):
+    """A World whose daemon uses no cgroup (agent.cgroup = "off", SPEC section 9)."""
+
+    def settings(self):  # type: ignore[no-untyped-def]
+        settings = super().settings()
+        settings.agent.cgroup = "off"
+        return settings
+
+
+@pytest.fixture
+def bare_world(tmp_path: Path):
+    w = BareWorld(tmp_path)
+    yield w
+    kill_marked(w.state)
+
+
+@pytest.mark.parametrize("how", ["stop-all", "the main ends first"])
+def test_without_a_cgroup_each_process_of_the_group_gets_one_stop_signal(
+    bare_world: World, tmp_path: Path, how: str
+) -> None:
+    """Without a cgroup the first pass signals each main's process group (killpg(2)); the
+    stop then signals only the rest of the tree, and waits for all of it."""
+    counts = [tmp_path / f"terms{index}" for index in range(3)]
+    for index, path in enumerate(counts):
+        bare_world.add(
+            f"p{index}",
+            [SH, "-c", f'{sys.executable} -c "$0" {path} & exec sleep 1000', COUNTS_TERMS],
+            start_seconds=0.0,
+            stop_timeout=5.0,
+        )
+
+    async def body(sup: Supervisor) -> None:
+        await until(
+            lambda: all(Path(f"{path}.ready").exists() for path in counts), what="children"
+        )
+        mains = {name: sup.info(name).pid for name in sup.workers()}
+        assert all(p.cgroup is None for p in sup.programs.values())
+        if how == "stop-all":
+            results = await sup.stop_all()
+            infos = list(results.values())
+        else:
+            programs = [sup.programs[name] for name in mains]
+            instances = [program.instance for program in programs]
+            assert all(program.signal_stop_ahead() for program in programs)
+            for program in programs:
+                program.mark_stopping()
+            await until(lambda: all(i is not None and i.exited.done() for i in instances),
+                        what="the mains' exits seen")
+            infos = await asyncio.gather(*(program.stop() for program in programs))
+        assert {info.state for info in infos} == {State.STOPPED}  # type: ignore[union-attr]
+        for info in infos:
+            assert info.last_exit["reason"].startswith("stopped on request")  # type: ignore[union-attr,index]
+        assert marked(bare_world.state) == []  # the children too: the stop waited for them
+
+    run(bare_world, body)
+    terms = {path.name: path.read_text().count("TERM") for path in counts}
+    assert set(terms.values()) == {1}, terms
+
+
+def test_without_a_cgroup_every_group_has_its_signal_before_the_first_state_change(
+    bare_world: World,
+) -> None:
+    for index in range(4):
+        bare_world.add(f"b{index}", [sys.executable, "-c", BLOCKS_TERM], stop_timeout=0.5,
+                       start_seconds=0.0)
+    seen: dict[str, int] = {}
+
+    async def body(sup: Supervisor) -> None:
+        await until(lambda: len(marked(bare_world.state)) == 4, what="4 mains")
+        mains = {name: sup.info(name).pid for name in sup.workers()}
+
+        def on_change(name: str, old: State, new: State) -> None:
+            if new == State.STOPPING and not seen:
+                seen.update({n: pending(pid) for n, pid in mains.items() if pid})
+
+        sup.add_listener(on_change)
+        results = await sup.stop_all()
+        assert {r.state for r in results.values()} == {State.STOPPED}  # type: ignore[union-attr]
+
+    run(bare_world, body)
+    assert marked(bare_world.state) == []
+    assert len(seen) == 4 and all(mask & TERM_BIT for mask in seen.values()), seen

@@ -308,26 +308,28 @@ class Program:
     def signal_stop_ahead(self) -> bool:
         """A stop-all's first pass (Supervisor.stop_all): records the stop's intent and
         sends the stop signal to the main (its pidfd), and nothing else, so that every
-        program's main has its signal before any program's bookkeeping. Only for a RUNNING
-        program in its cgroup with no operation in progress; True when it signalled.
+        program's main has its signal before any program's bookkeeping (without a cgroup:
+        the main's process group). Only for a RUNNING program with no operation in
+        progress; True when it signalled.
         mark_stopping() must follow before the event loop runs again, and stop() then
         waits for the end without signalling twice."""
         inst = self.instance
-        if (
-            self.lock.locked()
-            or self.state != State.RUNNING
-            or inst is None
-            or inst.exited.done()
-            or self.cgroup is None
-            or not self.cgroup.membership.exists()
+        if self.lock.locked() or self.state != State.RUNNING or inst is None or (
+            inst.exited.done()
         ):
+            return False
+        if self.cgroup is not None and not self.cgroup.membership.exists():
             return False
         self.intent.stop_requested()  # before the signal: the exit it causes is a stop's
         self._cancel_timer()
         self._restart_pending = False
         # SIGCONT (for a stopped main) follows in mark_stopping: one syscall per program
-        # here, where every program waits for the others' signals.
-        tree.signal_main(inst, self.spec.signal_number, cont=False)
+        # here, where every program waits for the others' signals. Without a cgroup the
+        # main's process group has it (the rest of the tree, from /proc, in the stop).
+        if self.cgroup is not None:
+            tree.signal_main(inst, self.spec.signal_number, cont=False)
+        else:
+            tree.signal_group(inst, self.spec.signal_number, cont=False)
         self._signalled = inst
         self._members_signalled = False
         return True
@@ -337,7 +339,11 @@ class Program:
         cgroup's other members, then the STOPPING state (logged, an event). Raises nothing: when the
         members cannot be listed (CgroupError, logged) the stop signals them itself."""
         inst = self._signalled
-        if inst is None or self.state != State.RUNNING or self.cgroup is None:
+        if inst is None or self.state != State.RUNNING:
+            return
+        if self.cgroup is None:
+            tree.signal_group(inst, signal.SIGCONT, cont=False)  # a stopped group sees it
+            self._set_state(State.STOPPING, f"sending SIG{self.spec.stop_signal}")
             return
         if not inst.exited.done():
             inst.handle.send(signal.SIGCONT)  # a stopped main sees its signal now
@@ -1050,6 +1056,17 @@ class Program:
         # After stop-all's passes (STOPPING) the whole cgroup may have had the signal.
         ahead = signalled and self._members_signalled and self.state == State.STOPPING
         self._signalled = None
+        if inst is not None and self.cgroup is None and signalled and (
+            self.state == State.STOPPING
+        ):
+            # No cgroup, after stop-all's passes: the group has had the signal; the rest
+            # of the tree gets it now, and all of it stop_timeout to end, main or not.
+            await self._terminate(inst, signalled=True)
+            if inst.exited.done():
+                self._stopped_by_request(inst)
+            self._records.remove(self.name)
+            self._set_state(State.STOPPED, "stopped")
+            return
         if inst is None or inst.exited.done():
             # The main is gone, but what it started may not be (a daemonizing program).
             await self._end_leftovers(inst, ahead)
@@ -1083,7 +1100,7 @@ class Program:
 
     async def _terminate(self, inst: Instance, signalled: bool = False) -> None:
         """Ends inst's tree (tree.terminate_cgroup, else tree.terminate); `signalled`:
-        its cgroup has had the stop signal already (tree.signal_cgroup)."""
+        its cgroup (without one: its process group) has had the stop signal already."""
         if self.cgroup is not None and self.cgroup.membership.exists():
             await tree.terminate_cgroup(
                 self.name,
@@ -1096,7 +1113,8 @@ class Program:
             )
             return
         await tree.terminate(
-            self.name, inst, self._scanner, self.spec.signal_number, self.spec.stop_timeout
+            self.name, inst, self._scanner, self.spec.signal_number, self.spec.stop_timeout,
+            signalled,
         )
 
     async def _end_leftovers(self, inst: Instance | None, signalled: bool = False) -> None:

@@ -30,25 +30,51 @@ log = logging.getLogger("ocp_agentd.program")
 KILL_GRACE = 5.0  # how long SIGKILLed processes get to vanish before a stop is reported failed
 
 
+def signal_group(inst: Instance, signum: int, cont: bool = True) -> None:
+    """signum, then SIGCONT (a stopped process must see it; `cont` False: the caller sends
+    it later), to the main's process group (killpg(2): the main and what stayed in its
+    group), and to the main alone (its pidfd) if it has left that group. Each process gets
+    it once. The group's id is the main's pid, which no other process can take while the
+    main is not reaped. Nothing once the main's exit is seen."""
+    if inst.exited.done():
+        return
+    signals = (signum, signal.SIGCONT) if cont else (signum,)
+    try:
+        in_group = os.getpgid(inst.pid) == inst.pid
+    except OSError:
+        in_group = False
+    for signo in signals:
+        with contextlib.suppress(OSError):
+            os.killpg(inst.pid, signo)
+        if not in_group:
+            inst.handle.send(signo)
+
+
 async def terminate(
-    name: str, inst: Instance, scanner: Scanner, signum: int, stop_timeout: float
+    name: str,
+    inst: Instance,
+    scanner: Scanner,
+    signum: int,
+    stop_timeout: float,
+    signalled: bool = False,
 ) -> None:
-    """signum to the group and the tree, stop_timeout seconds, then SIGKILL to what is left.
+    """signum to the group and the tree (each process once), stop_timeout seconds for
+    all of them to end, then SIGKILL to what is left. `signalled`: the group has had
+    signum and SIGCONT already (stop-all's passes), so only the tree outside it gets them.
 
     Raises OperationFailed when processes survive SIGKILL for KILL_GRACE seconds.
     """
     snap = await scanner.snapshot()
     members = snap.tree(inst.pid, inst.run_id)
     handles = pin_all(members, skip=inst.pid)
-    if not inst.exited.done():
-        with contextlib.suppress(OSError):
-            os.killpg(inst.pid, signum)
-            os.killpg(inst.pid, signal.SIGCONT)  # a stopped process must see the signal
-        inst.handle.send(signum)
-        inst.handle.send(signal.SIGCONT)
+    if not signalled:
+        signal_group(inst, signum)
+    # What is in the main's group had the signal with the group.
+    grouped = {member.pid for member in members if member.pgid == inst.pid}
     for handle in handles:
-        handle.send(signum)
-        handle.send(signal.SIGCONT)
+        if handle.pid not in grouped:
+            handle.send(signum)
+            handle.send(signal.SIGCONT)
     gone = await wait_gone(inst, handles, stop_timeout)
     if not gone:
         snap = await scanner.snapshot()
