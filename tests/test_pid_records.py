@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -165,11 +166,11 @@ class HeldWriter(PidRecords):
         self.release = threading.Event()
         self.writes = 0
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, remove: list[Path]) -> None:
         self.writes += 1
         self.entered.set()
         self.release.wait(10)
-        super()._write(data)
+        super()._write(data, remove)
 
 
 def test_a_record_being_written_is_still_seen(tmp_path: Path) -> None:
@@ -200,3 +201,27 @@ def test_changes_noted_during_a_write_go_in_one_next_write(tmp_path: Path) -> No
     assert records.flush()
     assert len(_on_disk(tmp_path / "pids")) == 51
     assert records.writes == 2
+
+
+def test_a_directory_others_can_write_is_not_read(tmp_path: Path) -> None:
+    """A record planted by another user could make the daemon adopt, then stop, a
+    process that is not its: a records directory others can write is ignored."""
+    directory = tmp_path / "pids"
+    directory.mkdir(mode=0o700)
+    (directory / RECORDS_FILE).write_text(json.dumps({"a": asdict(_record("a", 10))}))
+    directory.chmod(0o777)
+    assert PidRecords(directory).names() == []
+    directory.chmod(0o700)
+    assert PidRecords(directory).names() == ["a"]
+
+
+def test_the_directory_is_made_0700_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        records = PidRecords(tmp_path / "pids")
+        records.save(_record("a", 10))
+        assert records.flush()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "pids").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "pids" / RECORDS_FILE).stat().st_mode) == 0o600

@@ -20,12 +20,9 @@ way instead of following it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import os
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,14 +30,13 @@ from typing import Literal
 
 import orjson
 
-from ocp_agentd import safefs
+from ocp_agentd.supervision import recordfile
 
 log = logging.getLogger("ocp_agentd.intent")
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 LeftState = Literal["STOPPED", "EXITED"]
-RECORDS_FILE = "records.json"
-MAX_BYTES = 16 << 20  # far above any config's records; a larger file is not read whole
+RECORDS_FILE = recordfile.FILE_NAME
 
 
 @functools.cache
@@ -66,10 +62,8 @@ class IntentRecord:
 
 class IntentRecords:
     """The records of one state directory, all in one file (RECORDS_FILE), replaced
-    atomically (a new file renamed over it) at each change. A file per program would cost a
-    new inode per stop, and on ext4 creating one costs about 0.2 ms of kernel CPU here: 10
-    ms for a stop-all of 50. The records of an earlier version (one ``<name>.json`` per
-    program) are read too and removed once the one file holds them.
+    atomically at each change (recordfile.py: how it is read and written, and why one
+    file, and the earlier version's files).
 
     The records live in memory (read from disk on first use); changes are made there at
     once and reach the disk through the writer thread. Errors of the file system are
@@ -94,7 +88,14 @@ class IntentRecords:
 
     def _all(self) -> dict[str, IntentRecord]:
         if self._records is None:
-            self._records, self._legacy = _read_directory(self.directory)
+            found = recordfile.read(self.directory, "intent records")
+            self._records = {}
+            for name, value in found.values.items():
+                try:
+                    self._records[name] = _record(name, value)
+                except (ValueError, TypeError) as exc:
+                    log.warning("ignoring the unreadable intent record of %s: %s", name, exc)
+            self._legacy = found.remove
         return self._records
 
     # ---- changes ----------------------------------------------------------------------------
@@ -159,30 +160,11 @@ class IntentRecords:
 
     def _write(self, data: bytes, legacy: list[Path]) -> None:
         """Replaces the file with data (in the writer thread), then removes the earlier
-        version's files it now holds."""
-        tmp = self.directory / f".{RECORDS_FILE}.{uuid.uuid4().hex}.tmp"
+        version's files it now holds; errors are logged."""
         try:
-            self._make_directory()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)  # replaces a link in the way, never follows it
+            recordfile.write(self.directory, data, legacy)
         except OSError as exc:
             log.error("cannot record the programs left stopped or exited: %s", exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            return
-        for path in legacy:
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-    def _make_directory(self) -> None:
-        with contextlib.suppress(FileExistsError):  # a file or link in the way: below
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.directory.is_symlink() or not self.directory.is_dir():
-            raise OSError(f"{self.directory} is not a directory")
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -211,57 +193,3 @@ def _record(name: str, raw: object) -> IntentRecord:
     if record.state not in ("STOPPED", "EXITED") or record.name != name:
         raise ValueError(f"bad record {record!r}")
     return record
-
-
-def _read_bytes(path: Path) -> bytes | None:
-    """The file's bytes (safefs.read_regular_file: never through a link, never blocking on
-    a FIFO); None when there is none. Raises UnsafePath when something else is in its
-    place, OSError when it cannot be read."""
-    return safefs.read_regular_file(path, MAX_BYTES)
-
-
-def _set_aside(path: Path) -> None:
-    """Moves what is in the file's place out of the way (a directory there would make every
-    write fail), so that the next write puts the file back."""
-    aside = safefs.set_aside(path)
-    if aside is None:
-        log.error("cannot move %s out of the way: the intent records cannot be written", path)
-    else:
-        log.warning("moved %s, which is not a regular file, to %s", path, aside)
-
-
-def _read_directory(directory: Path) -> tuple[dict[str, IntentRecord], list[Path]]:
-    """The records in directory: RECORDS_FILE's, then each earlier-version file's not in
-    it. Answers them with the files to remove at the next write (the earlier version's,
-    and temporary files a crash left). What cannot be read is skipped
-    with a warning (and gone at the next write)."""
-    records: dict[str, IntentRecord] = {}
-    path = directory / RECORDS_FILE
-    try:
-        data = _read_bytes(path)
-        raw = orjson.loads(data) if data is not None else {}
-        if not isinstance(raw, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable intent records %s: %s", path, exc)
-        raw = {}
-        if isinstance(exc, safefs.UnsafePath):
-            _set_aside(path)
-    for name, value in raw.items():
-        try:
-            records[name] = _record(name, value)
-        except (ValueError, TypeError) as exc:
-            log.warning("ignoring the unreadable intent record of %s in %s: %s", name, path, exc)
-    legacy = []
-    leftovers: list[Path] = []  # temporary files of a write a crash cut short
-    with contextlib.suppress(OSError):
-        legacy = sorted(p for p in directory.glob("*.json") if p.name != RECORDS_FILE)
-        leftovers = sorted(directory.glob(f".{RECORDS_FILE}.*.tmp"))
-    for old in legacy:
-        try:
-            data = _read_bytes(old)
-            if data is not None and old.stem not in records:
-                records[old.stem] = _record(old.stem, orjson.loads(data))
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("ignoring unreadable intent record %s: %s", old, exc)
-    return records, legacy + leftovers

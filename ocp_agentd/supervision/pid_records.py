@@ -1,11 +1,8 @@
 """The pid records: which process is each program's main (SPEC section 3), kept for the
 next daemon of this boot (a kill -9, a handover, an upgrade).
 
-Every program's record is in one file, <state_dir>/pids/records.json (RECORDS_FILE),
-replaced atomically: written to a new file, renamed over the old one. A file per program
-cost a new inode at every start, and creating one takes about 0.2 ms of kernel CPU on
-this ext4: 10 ms per start-all of 50. The records of an earlier version (one
-``<name>.json`` per program) are read too and removed once the one file holds them.
+Every program's record is in one file, <state_dir>/pids/records.json, replaced
+atomically (recordfile.py: how it is read and written, and the earlier version's files).
 
 Written off the event loop: save() and remove() only note the change in memory and one
 writer thread puts the whole file on disk, as often as it can (the changes noted while it
@@ -19,23 +16,19 @@ stale record fails its identity check (identity.same_process).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 import orjson
 
-from ocp_agentd import safefs
+from ocp_agentd.supervision import recordfile
 from ocp_agentd.supervision.identity import PidRecord
 
 log = logging.getLogger("ocp_agentd.identity")
 
-RECORDS_FILE = "records.json"
-MAX_BYTES = 64 << 20  # far above the records of any config; a larger file is not read whole
+RECORDS_FILE = recordfile.FILE_NAME
 
 
 class PidRecords:
@@ -50,7 +43,6 @@ class PidRecords:
         self._noted = 0  # changes noted so far
         self._written = 0  # changes on disk (or given up on, logged)
         self._writer: threading.Thread | None = None
-        self._made = False  # the directory exists (made once, not per write)
 
     @property
     def path(self) -> Path:
@@ -60,7 +52,9 @@ class PidRecords:
     def _all(self) -> dict[str, bytes]:
         """The records; call with self._changed held."""
         if self._records is None:
-            self._records, self._legacy = _read_directory(self.directory)
+            found = recordfile.read(self.directory, "pid records")
+            self._records = {str(name): orjson.dumps(value) for name, value in found.values.items()}
+            self._legacy = found.remove
         return self._records
 
     # ---- changes ----------------------------------------------------------------------------
@@ -102,42 +96,20 @@ class PidRecords:
                     orjson.dumps(name) + b":" + value for name, value in records.items()
                 ) + b"}"
                 legacy, self._legacy = self._legacy, []
-            self._write(data)
-            for path in legacy:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            self._write(data, legacy)
             with self._changed:
                 self._written = noted
                 self._changed.notify_all()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, remove: list[Path]) -> None:
         """Replaces the file with data (in the writer thread); errors are logged."""
-        tmp = self.directory / f".{RECORDS_FILE}.{uuid.uuid4().hex}.tmp"
-        for attempt in (0, 1):
-            try:
-                if not self._made:
-                    self.directory.mkdir(parents=True, exist_ok=True)
-                    self._made = True
-                # No fsync: a record only matters while its process lives, and a power
-                # loss ends every process anyway; the page cache outlives a daemon crash.
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                try:
-                    os.write(fd, data)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, self.path)  # replaces a link in the way, never follows it
-                return
-            except FileNotFoundError:
-                if attempt:
-                    log.error("cannot write the pid records %s: the directory is gone", self.path)
-                    return
-                self._made = False  # the directory went away: made again, once
-            except OSError as exc:
-                # Supervision goes on without the records; adoption falls back to markers.
-                log.error("cannot write the pid records %s: %s", self.path, exc)
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                return
+        try:
+            # No fsync: a record only matters while its process lives, and a power loss
+            # ends every process anyway; the page cache outlives a daemon crash.
+            recordfile.write(self.directory, data, remove)
+        except OSError as exc:
+            # Supervision goes on without the records; adoption falls back to markers.
+            log.error("cannot write the pid records %s: %s", self.path, exc)
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -173,53 +145,3 @@ def _record(name: str, raw: object) -> PidRecord:
     if not isinstance(record.starttime, int) or record.starttime < 0:
         raise ValueError("bad start time")
     return record
-
-
-def _read_bytes(path: Path) -> bytes | None:
-    """The file's bytes (safefs.read_regular_file: never through a link, never blocking on
-    a FIFO); None when there is none. Raises UnsafePath when something else is in its
-    place, OSError when it cannot be read."""
-    return safefs.read_regular_file(path, MAX_BYTES)
-
-
-def _set_aside(path: Path) -> None:
-    """Moves what is in the file's place out of the way (a directory there would make every
-    write fail), so that the next write puts the file back."""
-    aside = safefs.set_aside(path)
-    if aside is None:
-        log.error("cannot move %s out of the way: the pid records cannot be written", path)
-    else:
-        log.warning("moved %s, which is not a regular file, to %s", path, aside)
-
-
-def _read_directory(directory: Path) -> tuple[dict[str, bytes], list[Path]]:
-    """The records in directory as JSON by name: RECORDS_FILE's, then each earlier-version
-    file's not in it; with the files to remove at the next write (the earlier version's,
-    and temporary files a crash left). A file that cannot be read is
-    skipped with a warning; each record is checked when it is loaded."""
-    records: dict[str, bytes] = {}
-    path = directory / RECORDS_FILE
-    try:
-        data = _read_bytes(path)
-        raw = orjson.loads(data) if data is not None else {}
-        if not isinstance(raw, dict):
-            raise ValueError("not a JSON object")
-        records = {str(name): orjson.dumps(value) for name, value in raw.items()}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable pid records %s: %s", path, exc)
-        if isinstance(exc, safefs.UnsafePath):
-            _set_aside(path)
-    legacy: list[Path] = []
-    leftovers: list[Path] = []  # temporary files of a write a crash cut short
-    with contextlib.suppress(OSError):
-        legacy = sorted(p for p in directory.glob("*.json") if p.name != RECORDS_FILE)
-        leftovers = sorted(directory.glob("*.tmp"))
-    for old in legacy:
-        try:
-            data = _read_bytes(old)
-            if data is not None and old.stem not in records:
-                orjson.loads(data)  # JSON at least; the record itself is checked by load()
-                records[old.stem] = data
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable pid record %s: %s", old, exc)
-    return records, legacy + leftovers
