@@ -180,6 +180,24 @@ COUNTS_TERMS = (
 )
 
 
+def add_counting(world: World, tmp_path: Path, number: int) -> list[Path]:
+    """`number` programs p0.. whose main has a COUNTS_TERMS child in its process group;
+    answers the files the children count their SIGTERMs in."""
+    counts = [tmp_path / f"terms{index}" for index in range(number)]
+    for index, path in enumerate(counts):
+        world.add(
+            f"p{index}",
+            [SH, "-c", f'{sys.executable} -c "$0" {path} & exec sleep 1000', COUNTS_TERMS],
+            start_seconds=0.0,
+            stop_timeout=5.0,
+        )
+    return counts
+
+
+async def counting_ready(counts: list[Path]) -> None:
+    await until(lambda: all(Path(f"{path}.ready").exists() for path in counts), what="children")
+
+
 def test_a_child_gets_one_stop_signal_when_its_main_ends_first(
     world: World, tmp_path: Path
 ) -> None:
@@ -188,19 +206,10 @@ def test_a_child_gets_one_stop_signal_when_its_main_ends_first(
     the stop signal a second time (a second SIGTERM is "now, not gracefully" to many
     programs), only the kill once stop_timeout is over."""
     needs_cgroups(world)
-    counts = [tmp_path / f"terms{index}" for index in range(4)]
-    for index, path in enumerate(counts):
-        world.add(
-            f"p{index}",
-            [SH, "-c", f'{sys.executable} -c "$0" {path} & exec sleep 1000', COUNTS_TERMS],
-            start_seconds=0.0,
-            stop_timeout=5.0,
-        )
+    counts = add_counting(world, tmp_path, 4)
 
     async def body(sup: Supervisor) -> None:
-        await until(
-            lambda: all(Path(f"{path}.ready").exists() for path in counts), what="children"
-        )
+        await counting_ready(counts)
         programs = [sup.programs[f"p{index}"] for index in range(len(counts))]
         instances = [program.instance for program in programs]
         assert all(program.signal_stop_ahead() for program in programs)
@@ -289,19 +298,10 @@ def test_without_a_cgroup_each_process_of_the_group_gets_one_stop_signal(
 ) -> None:
     """Without a cgroup the first pass signals each main's process group (killpg(2)); the
     stop then signals only the rest of the tree, and waits for all of it."""
-    counts = [tmp_path / f"terms{index}" for index in range(3)]
-    for index, path in enumerate(counts):
-        bare_world.add(
-            f"p{index}",
-            [SH, "-c", f'{sys.executable} -c "$0" {path} & exec sleep 1000', COUNTS_TERMS],
-            start_seconds=0.0,
-            stop_timeout=5.0,
-        )
+    counts = add_counting(bare_world, tmp_path, 3)
 
     async def body(sup: Supervisor) -> None:
-        await until(
-            lambda: all(Path(f"{path}.ready").exists() for path in counts), what="children"
-        )
+        await counting_ready(counts)
         mains = {name: sup.info(name).pid for name in sup.workers()}
         assert all(p.cgroup is None for p in sup.programs.values())
         if how == "stop-all":
