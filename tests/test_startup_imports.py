@@ -3,8 +3,8 @@
 Loading ``ocp_agentd.daemon`` is most of the daemon's start-up (bench/ measures it); these
 tests keep out of it what start-up does not need: building the validators of the OCP
 shapes and request bodies (built on first use), finding the source of model classes for
-attribute docstrings, and systemd-python outside systemd. Each check runs in a fresh
-interpreter, as the daemon does; none of them is timed.
+attribute docstrings, systemd-python outside systemd, and prometheus-client until the first
+scrape. Each check runs in a fresh interpreter, as the daemon does; none of them is timed.
 """
 
 from __future__ import annotations
@@ -42,12 +42,21 @@ _PROBE = textwrap.dedent(
     # parametrized, whatever defer_build says: a fraction of a millisecond.
     own = [c for c in subclasses(BaseModel) if c.__module__.startswith("ocp_agentd.")
            and not c.__pydantic_generic_metadata__["parameters"]]
+    # What start-up and the requests before the first scrape do with the metrics.
+    from ocp_agentd.api.metrics import AgentMetrics, routes as metrics_routes
+    metrics = AgentMetrics()
+    metrics_routes()
+    metrics.observe_request("/api/v1/status", "GET", 200, 0.001)
+    metrics.observe_loop_lag(0.01)
+    metrics.task_finished("Restart OCP agent", "SUCCESSFUL")
+    prometheus_before_scrape = sorted(m for m in sys.modules if m.startswith("prometheus_client"))
     print(json.dumps({
         "built": sorted(f"{c.__module__}.{c.__qualname__}" for c in own
                         if c.__pydantic_complete__),
         "docstrings_looked_up": looked_up,
         "systemd_modules": sorted(m for m in sys.modules
                                   if m == "systemd" or m.startswith("systemd.")),
+        "prometheus_before_scrape": prometheus_before_scrape,
     }))
     """
 )
@@ -79,3 +88,10 @@ def test_loading_the_daemon_reads_no_model_source_for_docstrings() -> None:
 
 def test_outside_systemd_the_daemon_does_not_load_systemd_python() -> None:
     assert _load_daemon()["systemd_modules"] == []
+
+
+def test_prometheus_client_waits_for_the_first_scrape() -> None:
+    """prometheus-client (~1 MiB resident, ~7 ms to import) is loaded by the first
+    /metrics scrape; until then the hooks count without it (test_api_metrics checks
+    what a scrape then shows)."""
+    assert _load_daemon()["prometheus_before_scrape"] == []
