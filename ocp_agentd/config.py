@@ -23,9 +23,9 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 DEFAULT_CONFIG_PATH = Path("/etc/ocp_agentd/config.toml")
@@ -364,9 +364,11 @@ def parse_size(value: object) -> int | None:
 
 
 class _TomlSource(threading.local):
-    """The file load_settings() is reading; Settings() alone reads no file."""
+    """The tables of the file load_settings() is reading (parsed once, there: pydantic-
+    settings' TomlConfigSettingsSource would parse it again); Settings() alone reads no
+    file."""
 
-    path: Path | None = None
+    data: dict[str, Any] | None = None
 
 
 _toml_source = _TomlSource()
@@ -395,8 +397,9 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if _toml_source.path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_toml_source.path))
+        if _toml_source.data is not None:
+            # What TomlConfigSettingsSource makes of the file: its tables as init values.
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=_toml_source.data))
         return tuple(sources)
 
     @field_validator("programs")
@@ -478,16 +481,16 @@ def load_settings(path: Path, **overrides: Any) -> Settings:
         raise ConfigError(f"configuration file {path} does not exist or is not a file")
     try:
         with path.open("rb") as handle:
-            tomllib.load(handle)
+            data = tomllib.load(handle)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read configuration {path}: {exc}") from None
-    _toml_source.path = path
+    _toml_source.data = data
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
     finally:
-        _toml_source.path = None
+        _toml_source.data = None
     settings.resolve_paths(path.resolve().parent)
     return settings
 
