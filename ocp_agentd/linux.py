@@ -1,5 +1,5 @@
-"""Linux calls the standard library does not wrap: inotify(7), fallocate(2) ranges and
-capabilities(7) (prctl(2), capset(2)).
+"""Linux calls the standard library does not wrap: inotify(7), fallocate(2) ranges,
+capabilities(7) (prctl(2), capset(2)) and the child subreaper (prctl(2)).
 
 All go through libc with ctypes; each raises OSError with the C errno on failure.
 """
@@ -107,6 +107,26 @@ def inotify_read(fd: int) -> list[tuple[int, int]]:
         events.append((wd, mask))
         offset += _EVENT.size + name_len
     return events
+
+
+# <linux/prctl.h>
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+
+
+def set_child_subreaper() -> None:
+    """Makes this process a child subreaper (prctl(2) PR_SET_CHILD_SUBREAPER, Linux 3.4+):
+    orphans below it are reparented to it. Raises OSError when refused."""
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))
+
+
+def is_child_subreaper() -> bool:
+    """Whether this process is a child subreaper now (PR_GET_CHILD_SUBREAPER); False when
+    it cannot be asked."""
+    value = ctypes.c_int(0)
+    if _libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(value), 0, 0, 0) != 0:
+        return False
+    return value.value != 0
 
 
 def _last_cap() -> int:

@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import logging
 import os
 import signal
-import struct
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+
+from ocp_agentd import linux
 
 log = logging.getLogger("ocp_agentd.cgroups")
 
@@ -754,11 +753,6 @@ def _enable_down_to(top: Path, base: Path, controllers: list[str]) -> None:
 # ---- the empty event ------------------------------------------------------------------------
 
 
-_IN_IGNORED = 0x8000
-_IN_MODIFY = 0x2
-_IN_NONBLOCK = os.O_NONBLOCK
-_IN_CLOEXEC = os.O_CLOEXEC
-_EVENT = struct.Struct("iIII")
 
 
 class EmptyWatch:
@@ -773,7 +767,6 @@ class EmptyWatch:
     def __init__(self) -> None:
         self._fd = -1
         self._waiters: dict[int, tuple[Path, list[asyncio.Future[None]]]] = {}
-        self._libc: ctypes.CDLL | None = None
 
     async def wait_empty(self, cgroup: ProgramCgroup, timeout: float) -> bool:
         """True once the cgroup has no member (at once if it has none), False after
@@ -811,24 +804,18 @@ class EmptyWatch:
 
     def _ensure_fd(self) -> int:
         if self._fd < 0:
-            self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-            fd = self._libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-            if fd < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-            self._fd = fd
-            asyncio.get_running_loop().add_reader(fd, self._on_events)
+            self._fd = linux.inotify_init()
+            asyncio.get_running_loop().add_reader(self._fd, self._on_events)
         return self._fd
 
     def _add(self, path: Path, fut: asyncio.Future[None]) -> int:
         fd = self._ensure_fd()
-        assert self._libc is not None
-        wd = self._libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY)
-        if wd < 0:
-            err = ctypes.get_errno()
-            raise CgroupError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
+        try:
+            wd = linux.inotify_add_watch(fd, path, linux.IN_MODIFY)
+        except OSError as exc:
+            raise CgroupError(exc.errno or 0, f"inotify_add_watch {path}: {exc.strerror}") from None
         self._waiters.setdefault(wd, (path, []))[1].append(fut)
-        return int(wd)
+        return wd
 
     def _discard(self, wd: int, fut: asyncio.Future[None]) -> None:
         entry = self._waiters.get(wd)
@@ -847,17 +834,10 @@ class EmptyWatch:
                 fut.set_result(None)
 
     def _on_events(self) -> None:
-        try:
-            data = os.read(self._fd, 65536)
-        except BlockingIOError:
-            return
-        offset = 0
         touched = set()
-        while offset + _EVENT.size <= len(data):
-            wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-            offset += _EVENT.size + length
+        for wd, mask in linux.inotify_read(self._fd):
             touched.add(wd)
-            if mask & _IN_IGNORED:  # the cgroup was removed: the kernel dropped the watch
+            if mask & linux.IN_IGNORED:  # the cgroup was removed: the kernel dropped the watch
                 self._forget(wd)
         for wd in touched:
             entry = self._waiters.get(wd)

@@ -19,40 +19,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
 
-from ocp_agentd import signals
+from ocp_agentd import linux, signals
 from ocp_agentd.supervision.proctable import ProcEntry, Snapshot, read_stat
 
 log = logging.getLogger("ocp_agentd.subreaper")
 
-PR_SET_CHILD_SUBREAPER = 36
-PR_GET_CHILD_SUBREAPER = 37
 _RETRY_FIRST = 0.05
 _RETRY_MAX = 1.0
 
 
 def become_subreaper() -> bool:
     """Marks this process a child subreaper (Linux 3.4+). False, logged, if refused."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        log.warning("cannot become a child subreaper: %s", os.strerror(err))
+    try:
+        linux.set_child_subreaper()
+    except OSError as exc:
+        log.warning("cannot become a child subreaper: %s", exc.strerror or exc)
         return False
     return True
 
 
 def is_subreaper() -> bool:
     """Whether this process is a child subreaper now (prctl PR_GET_CHILD_SUBREAPER)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    value = ctypes.c_int(0)
-    if libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) != 0:
-        return False
-    return value.value != 0
+    return linux.is_child_subreaper()
 
 
 class Reaper:
