@@ -90,6 +90,9 @@ def test_the_record_names_the_cgroup_the_limits_and_the_usage(daemon_factory):
     instance = Path(record["cgroup"]).parent.name
     quota = Path("/sys/fs/cgroup/cpu/ocp_agentd") / instance / "spinner" / "cpu.cfs_quota_us"
     assert quota.read_text().strip() == "50000"
+    # Stopped, it has no process: nothing in use, and none shown.
+    stopped = daemon.post("/api/v1/processes/spinner/stop").check()
+    assert (stopped["cpu_seconds"], stopped["memory_bytes"]) == (None, None)
 
 
 def test_usage_without_cgroups_is_summed_over_the_whole_tree(daemon_factory):

@@ -179,6 +179,7 @@ class Program:
             raise IllegalTransition(f"{self.name}: {old} -> {new} ({reason})")
         self.state = new
         self._record_cache = None
+        self._usage = None
         pid = self.instance.pid if self.instance else None
         level = logging.WARNING if new in (State.FATAL, State.BACKOFF) else logging.INFO
         log.log(
@@ -262,16 +263,20 @@ class Program:
     def usage(self, now: float | None = None) -> Usage:
         """CPU seconds and memory bytes: the cgroup's counters when the program has one,
         else the process tree's, summed by the sampler (treeusage.py; never a /proc read
-        here); None where there is neither. Read at most every USAGE_TTL s (`now`:
+        here); None where there is neither, and when the program has no process (stopped,
+        exited: nothing is in use, and a stop-all's answer reads no cgroup file). Read at
+        most every USAGE_TTL s, and anew after each state change (`now`:
         time.monotonic(), when the caller has it)."""
         now = time.monotonic() if now is None else now
         if self._usage is not None and now - self._usage[0] < USAGE_TTL:
             return self._usage[1]
         usage = Usage(None, None)
         inst = self.instance
-        if self.cgroup is not None and self.cgroup.membership.exists():
+        if inst is None or inst.exited.done():
+            pass
+        elif self.cgroup is not None and self.cgroup.membership.exists():
             usage = self.cgroup.usage()
-        elif inst is not None and not inst.exited.done() and self._tree_usage is not None:
+        elif self._tree_usage is not None:
             usage = self._tree_usage.usage(inst)
         self._usage = (now, usage)
         return usage
