@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from test_supervision import SH, World, kill_marked, marked, remove_cgroups, run, until
 
-from ocp_agentd.supervision import OperationFailed, State, Supervisor
+from ocp_agentd.supervision import OperationFailed, ProcessInfo, State, Supervisor
 from ocp_agentd.supervision.cgroups import CgroupError, detect
 from ocp_agentd.supervision.intent import CANCELLED_BY_STOP
+from ocp_agentd.supervision.program import Program
 
 TERM_BIT = 1 << (signal.SIGTERM - 1)
 BLOCKS_TERM = (
@@ -194,6 +195,18 @@ def add_counting(world: World, tmp_path: Path, number: int) -> list[Path]:
     return counts
 
 
+async def stop_after_the_exits(programs: list[Program]) -> list[ProcessInfo]:
+    """Stop-all's two passes, then each program's stop only once every main's exit has
+    been handled (the order a busy loop can give)."""
+    instances = [program.instance for program in programs]
+    assert all(program.signal_stop_ahead() for program in programs)
+    for program in programs:
+        program.mark_stopping()
+    await until(lambda: all(i is not None and i.exited.done() for i in instances),
+                what="the mains' exits seen")
+    return list(await asyncio.gather(*(program.stop() for program in programs)))
+
+
 async def counting_ready(counts: list[Path]) -> None:
     await until(lambda: all(Path(f"{path}.ready").exists() for path in counts), what="children")
 
@@ -211,13 +224,7 @@ def test_a_child_gets_one_stop_signal_when_its_main_ends_first(
     async def body(sup: Supervisor) -> None:
         await counting_ready(counts)
         programs = [sup.programs[f"p{index}"] for index in range(len(counts))]
-        instances = [program.instance for program in programs]
-        assert all(program.signal_stop_ahead() for program in programs)
-        for program in programs:
-            program.mark_stopping()
-        await until(lambda: all(i is not None and i.exited.done() for i in instances),
-                    what="the mains' exits seen")
-        infos = await asyncio.gather(*(program.stop() for program in programs))
+        infos = await stop_after_the_exits(programs)
         assert {info.state for info in infos} == {State.STOPPED}
 
     run(world, body)
@@ -308,14 +315,7 @@ def test_without_a_cgroup_each_process_of_the_group_gets_one_stop_signal(
             results = await sup.stop_all()
             infos = list(results.values())
         else:
-            programs = [sup.programs[name] for name in mains]
-            instances = [program.instance for program in programs]
-            assert all(program.signal_stop_ahead() for program in programs)
-            for program in programs:
-                program.mark_stopping()
-            await until(lambda: all(i is not None and i.exited.done() for i in instances),
-                        what="the mains' exits seen")
-            infos = await asyncio.gather(*(program.stop() for program in programs))
+            infos = await stop_after_the_exits([sup.programs[name] for name in mains])
         assert {info.state for info in infos} == {State.STOPPED}  # type: ignore[union-attr]
         for info in infos:
             assert info.last_exit["reason"].startswith("stopped on request")  # type: ignore[union-attr,index]
