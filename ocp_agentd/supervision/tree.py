@@ -30,24 +30,30 @@ log = logging.getLogger("ocp_agentd.program")
 KILL_GRACE = 5.0  # how long SIGKILLed processes get to vanish before a stop is reported failed
 
 
-def signal_group(inst: Instance, signum: int, cont: bool = True) -> None:
+def signal_group(inst: Instance, signum: int, cont: bool = True) -> bool:
     """signum, then SIGCONT (a stopped process must see it; `cont` False: the caller sends
     it later), to the main's process group (killpg(2): the main and what stayed in its
     group), and to the main alone (its pidfd) if it has left that group. Each process gets
     it once. The group's id is the main's pid, which no other process can take while the
-    main is not reaped. Nothing once the main's exit is seen."""
+    main is not reaped, so nothing is sent once the main's exit is seen (it is reaped
+    then). True when the group had the signal."""
     if inst.exited.done():
-        return
+        return False
     signals = (signum, signal.SIGCONT) if cont else (signum,)
     try:
         in_group = os.getpgid(inst.pid) == inst.pid
     except OSError:
         in_group = False
+    sent = False
     for signo in signals:
-        with contextlib.suppress(OSError):
+        try:
             os.killpg(inst.pid, signo)
+            sent = True
+        except OSError:
+            pass  # nobody is left in the group
         if not in_group:
             inst.handle.send(signo)
+    return sent
 
 
 async def terminate(
@@ -67,10 +73,10 @@ async def terminate(
     snap = await scanner.snapshot()
     members = snap.tree(inst.pid, inst.run_id)
     handles = pin_all(members, skip=inst.pid)
-    if not signalled:
-        signal_group(inst, signum)
-    # What is in the main's group had the signal with the group.
-    grouped = {member.pid for member in members if member.pgid == inst.pid}
+    grouped: set[int] = set()
+    if signalled or signal_group(inst, signum):
+        # What is in the main's group had the signal with the group.
+        grouped = {member.pid for member in members if member.pgid == inst.pid}
     for handle in handles:
         if handle.pid not in grouped:
             handle.send(signum)
