@@ -179,7 +179,6 @@ class Program:
             raise IllegalTransition(f"{self.name}: {old} -> {new} ({reason})")
         self.state = new
         self._record_cache = None
-        self._usage = None
         pid = self.instance.pid if self.instance else None
         level = logging.WARNING if new in (State.FATAL, State.BACKOFF) else logging.INFO
         log.log(
@@ -265,19 +264,20 @@ class Program:
         else the process tree's, summed by the sampler (treeusage.py; never a /proc read
         here); None where there is neither, and when the program has no process (stopped,
         exited: nothing is in use, and a stop-all's answer reads no cgroup file). Read at
-        most every USAGE_TTL s, and anew after each state change (`now`:
-        time.monotonic(), when the caller has it)."""
+        most every USAGE_TTL s (`now`: time.monotonic(), when the caller has it)."""
         now = time.monotonic() if now is None else now
-        if self._usage is not None and now - self._usage[0] < USAGE_TTL:
-            return self._usage[1]
-        usage = Usage(None, None)
         inst = self.instance
         if inst is None or inst.exited.done():
-            pass
-        elif self.cgroup is not None and self.cgroup.membership.exists():
+            self._usage = (now, Usage(None, None))
+            return self._usage[1]
+        if self._usage is not None and now - self._usage[0] < USAGE_TTL:
+            return self._usage[1]
+        if self.cgroup is not None and self.cgroup.membership.exists():
             usage = self.cgroup.usage()
         elif self._tree_usage is not None:
             usage = self._tree_usage.usage(inst)
+        else:
+            usage = Usage(None, None)
         self._usage = (now, usage)
         return usage
 
