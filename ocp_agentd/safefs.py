@@ -256,19 +256,27 @@ def open_file(dir_fd: int, name: str, uid: int, gid: int, mode: int = 0o640,
     raise UnsafePath(name, "keeps changing while being opened")
 
 
-def open_existing(dir_fd: int, name: str, owners: set[int], flags: int) -> int | None:
-    """An existing regular file with one link and one of ``owners``, never following a
-    link; None when there is no such name. Raises UnsafePath when the name is something
-    else."""
+def _open_no_follow(name: str | Path, flags: int, dir_fd: int | None = None) -> int | None:
+    """open(2) never following a link nor blocking (O_NOFOLLOW, O_NONBLOCK); None when
+    there is no such name. Raises UnsafePath for a link or a FIFO without a reader."""
     try:
-        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                       dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENXIO):
             raise UnsafePath(name, "is not a regular file") from None
         raise
+
+
+def open_existing(dir_fd: int, name: str, owners: set[int], flags: int) -> int | None:
+    """An existing regular file with one link and one of ``owners``, never following a
+    link; None when there is no such name. Raises UnsafePath when the name is something
+    else."""
+    fd = _open_no_follow(name, flags, dir_fd)
+    if fd is None:
+        return None
     try:
         _check_file(fd, name, owners)
     except BaseException:
@@ -287,13 +295,11 @@ def read_regular_file(path: Path, limit: int) -> bytes | None:
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             raise UnsafePath(path, "is not a regular file")
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO):
-            raise UnsafePath(path, "is not a regular file") from None
-        raise
+    fd = _open_no_follow(path, os.O_RDONLY)
+    if fd is None:
+        return None
     with os.fdopen(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UnsafePath(path, "is not a regular file")
