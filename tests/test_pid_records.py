@@ -8,11 +8,13 @@ import os
 import shutil
 import stat
 import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from ocp_agentd.supervision import pid_records
 from ocp_agentd.supervision.identity import PidRecord
 from ocp_agentd.supervision.pid_records import RECORDS_FILE, PidRecords
 
@@ -225,3 +227,32 @@ def test_the_directory_is_made_0700_whatever_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "pids").stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "pids" / RECORDS_FILE).stat().st_mode) == 0o600
+
+
+class CountingWriter(PidRecords):
+    """PidRecords that counts its writes."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.writes = 0
+
+    def _write(self, data: bytes, remove: list[Path]) -> None:
+        self.writes += 1
+        super()._write(data, remove)
+
+
+def test_changes_that_come_close_together_share_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart of N programs notes about 2N changes, a few spawns apart: each on its
+    own write cost O(N²). Gathered, they take a few writes; flush() does not wait for
+    the gathering to end."""
+    monkeypatch.setattr(pid_records, "GATHER", 2.0)
+    monkeypatch.setattr(pid_records, "GATHER_MAX", 30.0)
+    records = CountingWriter(tmp_path / "pids")
+    for index in range(20):
+        records.save(_record(f"p{index}", 100 + index))
+        time.sleep(0.002)  # paced like spawns: each write (well under 2 ms) would be done
+    assert records.flush(timeout=10.0)  # well before GATHER_MAX: flush cuts it short
+    assert len(_on_disk(tmp_path / "pids")) == 20
+    assert records.writes <= 2

@@ -5,8 +5,11 @@ Every program's record is in one file, <state_dir>/pids/records.json, replaced
 atomically (recordfile.py: how it is read and written, and the earlier version's files).
 
 Written off the event loop: save() and remove() only note the change in memory and one
-writer thread puts the whole file on disk, as often as it can (the changes noted while it
-writes go in the next write), so a spawn does not wait for a file system. load() and
+writer thread puts the whole file on disk, so a spawn does not wait for a file system.
+The writer gathers the changes that come close together (GATHER apart, for at most
+GATHER_MAX) into one write: a restart of N programs notes about 2N changes, and each
+write makes a new inode and carries every record (O(N) each), so writing each change
+on its own cost O(N²) and most of the writer's CPU. load() and
 names() see the noted changes at once. flush() waits until every change is on disk: the
 supervisor calls it when it closes (a shutdown, or a handover whose successor reads the
 records). A daemon killed before its writer caught up leaves a record missing or stale,
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +33,11 @@ from ocp_agentd.supervision.identity import PidRecord
 log = logging.getLogger("ocp_agentd.identity")
 
 RECORDS_FILE = recordfile.FILE_NAME
+
+# Seconds: a change this soon after the last one joins its write; a write waits at most
+# GATHER_MAX for its changes to stop coming (flush() does not wait for it).
+GATHER = 0.005
+GATHER_MAX = 0.05
 
 
 class PidRecords:
@@ -43,6 +52,7 @@ class PidRecords:
         self._noted = 0  # changes noted so far
         self._written = 0  # changes on disk (or given up on, logged)
         self._writer: threading.Thread | None = None
+        self._flushing = 0  # flush() calls waiting: write without gathering
 
     @property
     def path(self) -> Path:
@@ -84,12 +94,18 @@ class PidRecords:
     def flush(self, timeout: float = 10.0) -> bool:
         """Waits until every noted change is on disk; False if that took over timeout."""
         with self._changed:
-            return self._changed.wait_for(lambda: self._written >= self._noted, timeout)
+            self._flushing += 1
+            self._changed.notify_all()
+            try:
+                return self._changed.wait_for(lambda: self._written >= self._noted, timeout)
+            finally:
+                self._flushing -= 1
 
     def _write_forever(self) -> None:
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._noted > self._written)
+                self._gather()
                 noted = self._noted
                 records = self._all()
                 data = b"{" + b",".join(
@@ -100,6 +116,20 @@ class PidRecords:
             with self._changed:
                 self._written = noted
                 self._changed.notify_all()
+
+    def _gather(self) -> None:
+        """Waits (self._changed held) while changes keep coming GATHER apart, for at most
+        GATHER_MAX; at once when a flush() waits."""
+        deadline = time.monotonic() + GATHER_MAX
+        seen = self._noted
+        while not self._flushing:
+            left = min(GATHER, deadline - time.monotonic())
+            if left <= 0:
+                return
+            self._changed.wait(left)
+            if self._noted == seen:
+                return
+            seen = self._noted
 
     def _write(self, data: bytes, remove: list[Path]) -> None:
         """Replaces the file with data (in the writer thread); errors are logged."""
