@@ -348,7 +348,7 @@ class ProgramCgroup:
         while a member forked during the move is still outside (bounded)."""
         for _ in range(5):
             try:
-                inside = set((directory / "cgroup.procs").read_text().split())
+                inside = set(_read(directory / "cgroup.procs").split())
             except OSError:
                 return
             outside = [pid for pid in self.members() if str(pid) not in inside]
@@ -361,7 +361,7 @@ class ProgramCgroup:
     def members(self) -> list[int]:
         """The pids in the membership cgroup now (an empty list if it is gone)."""
         try:
-            raw = (self.membership / "cgroup.procs").read_text()
+            raw = _read(self.membership / "cgroup.procs")
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -377,7 +377,7 @@ class ProgramCgroup:
         """v2: cgroup.events says populated 1; v1: cgroup.procs lists a process."""
         if self.v2:
             try:
-                text = (self.membership / "cgroup.events").read_text()
+                text = _read(self.membership / "cgroup.events")
             except FileNotFoundError:
                 return False
             return "populated 1" in text
@@ -471,19 +471,21 @@ class ProgramCgroup:
             return OomReading(None)
         if self.limits_v2:
             try:
-                events = _keyed((memory / "memory.events").read_text())
+                events = _keyed(_read(memory / "memory.events"))
             except OSError:
                 return OomReading(None)
             return OomReading(events.get("oom_kill"))
         try:
-            control = _keyed((memory / "memory.oom_control").read_text())
+            control = _keyed(_read(memory / "memory.oom_control"))
         except OSError:
             control = {}
+        if "oom_kill" in control:  # Linux 4.13+: the count itself, the rest is not needed
+            return OomReading(control["oom_kill"], None, control.get("under_oom", 0) == 1)
         failcnt: int | None = None
         # Both counters: with memsw limited too (_write_v1_memory) a charge may fail on it.
         for filename in ("memory.failcnt", "memory.memsw.failcnt"):
             with contextlib.suppress(OSError, ValueError):
-                failcnt = (failcnt or 0) + int((memory / filename).read_text())
+                failcnt = (failcnt or 0) + int(_read(memory / filename))
         return OomReading(control.get("oom_kill"), failcnt, control.get("under_oom", 0) == 1)
 
     def usage(self) -> Usage:
@@ -497,16 +499,16 @@ class ProgramCgroup:
         memory_bytes: int | None = None
         if self.v2:
             with contextlib.suppress(OSError):
-                usec = _keyed((self.membership / "cpu.stat").read_text()).get("usage_usec")
+                usec = _keyed(_read(self.membership / "cpu.stat")).get("usage_usec")
                 cpu = usec / 1e6 if usec is not None else None
         elif "cpuacct" in self.dirs:
             with contextlib.suppress(OSError, ValueError):
-                cpu = int((self.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
+                cpu = int(_read(self.dirs["cpuacct"] / "cpuacct.usage")) / 1e9
         memory = self.dirs.get("memory")
         if memory is not None:
             filename = "memory.current" if self.limits_v2 else "memory.usage_in_bytes"
             with contextlib.suppress(OSError, ValueError):
-                memory_bytes = int((memory / filename).read_text())
+                memory_bytes = int(_read(memory / filename))
         return Usage(cpu, memory_bytes)
 
     def remove(self) -> None:
@@ -845,7 +847,7 @@ class EmptyWatch:
                 continue
             path, futures = entry
             try:
-                empty = "populated 0" in path.read_text()
+                empty = "populated 0" in _read(path)
             except FileNotFoundError:
                 empty = True
             if empty:
@@ -913,6 +915,20 @@ def _write_v1_memory(memory: Path, memory_max: int | None) -> None:
 
 def _v2_value(value: int | None) -> str:
     return "max" if value is None else str(value)
+
+
+def _read(path: Path) -> str:
+    """A cgroup file's text, read with os.read: without io.open's fstat, ioctl and seek,
+    which cost more than the read itself on the restart path. Raises OSError
+    (FileNotFoundError when the cgroup is gone)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 65536)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode()
 
 
 def _keyed(text: str) -> dict[str, int]:
