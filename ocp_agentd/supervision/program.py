@@ -733,6 +733,13 @@ class Program:
             self._set_state(State.STARTING, "spawning")
             return inst
         self.instance = inst
+        # The process runs (a standby's GO is one write); its bookkeeping (state, log
+        # line, event, readiness wait) costs more. Yielding here, programs started
+        # together (start-all, a restart task) are each released before any does its
+        # bookkeeping: the last runs a release, not a whole start, per program after the
+        # first. An exit meanwhile is seen below, as in STARTING; a stop waits for the
+        # lock and interrupts the start as usual.
+        await asyncio.sleep(0)
         self._set_state(State.STARTING, f"spawned pid {inst.pid}")
         waiter = asyncio.ensure_future(self._wait_ready(inst))
         aborted = asyncio.ensure_future(abort.wait())
