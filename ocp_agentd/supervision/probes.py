@@ -109,6 +109,7 @@ async def run_command(
     clock = _Clock()
     loop = asyncio.get_running_loop()
     out_r, out_w = os.pipe()
+    REAPER.note_uncontained()  # a probe runs outside the program's cgroup
     try:
         popen = subprocess.Popen(
             argv,

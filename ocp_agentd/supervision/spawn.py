@@ -29,6 +29,7 @@ from ocp_agentd.supervision.proctable import (
     MARK_RUN_ID,
     MARK_STATE_DIR,
 )
+from ocp_agentd.supervision.subreaper import REAPER
 
 # Variables of the daemon's own service manager that a child must not inherit.
 PRIVATE_ENV = (
@@ -260,6 +261,8 @@ def start_process(
         env.update(carried)
         kwargs = {}
     out, err = output.open_streams(spec, state_dir)
+    if not held:
+        REAPER.note_uncontained()  # held: in its cgroup before it runs (release_into)
     try:
         return subprocess.Popen(
             argv,

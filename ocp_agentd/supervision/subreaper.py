@@ -61,6 +61,18 @@ class Reaper:
         self._retry: asyncio.TimerHandle | None = None
         self._retry_delay = _RETRY_FIRST
         self.reaped = 0  # orphans reaped since start, for tests and the log
+        self.uncontained = False  # see note_uncontained()
+
+    def note_uncontained(self) -> None:
+        """A child is about to run outside every program cgroup (a program without one, a
+        liveness probe's command): from now on its descendants may come to this process
+        as orphans that no stop ends, and stop-all and shutdown look for them
+        (tree.end_orphans). Until then every descendant ran in a program's cgroup, which
+        the kernel keeps it in and its program's stop empties (SPEC section 9), so there
+        is nothing to look for, and no reason to read every process's stat file on the
+        host: like systemd, a process that moves itself out of its cgroup (root only) is
+        no longer the program's."""
+        self.uncontained = True
 
     def claim(self, pid: int) -> None:
         """pid is a direct child whose owner reaps it (a program's main process)."""

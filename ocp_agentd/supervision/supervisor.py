@@ -194,14 +194,17 @@ class Supervisor:
     async def _end_orphans(self) -> None:
         """Ends the orphans the daemon inherited that belong to no running program (a
         setsid grandchild without its environment escapes the process table's trees;
-        SPEC section 9, "where no cgroup can be had")."""
+        SPEC section 9, "where no cgroup can be had"). None are looked for while every
+        descendant of the daemon ran in a program cgroup (Reaper.note_uncontained): its
+        program's stop emptied that cgroup."""
         def running() -> list[tuple[Instance, cgroups.ProgramCgroup | None]]:
             return [
                 (p.instance, p.cgroup) for p in self.programs.values()
                 if p.instance is not None and p.alive()
             ]
 
-        await tree.end_orphans(self.scanner, running)
+        if REAPER.uncontained:
+            await tree.end_orphans(self.scanner, running)
 
     async def verify_all(self) -> dict[str, VerifyResult]:
         names = self.names()
