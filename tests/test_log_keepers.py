@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 from harness import DaemonRunner, wait_for
 
+from ocp_agentd.config import ProgramSpec
 from ocp_agentd.supervision import output
 
 NO_DEMO = {"programs": {"pos_proxy": None, "ocp_exporter": None, "ob_logtailer": None}}
@@ -203,3 +204,43 @@ def test_a_keeper_pumps_pipes_numbered_past_fd_setsize(tmp_path):
         if keeper.poll() is None:
             keeper.kill()
             keeper.wait()
+
+
+def test_a_log_moved_away_gets_a_new_keeper_and_a_rotation_keeps_the_keeper(tmp_path):
+    """The keeper is reused while it writes the files at the logs' paths. Someone else's
+    rotation (the log moved away, a new file at its path) gets a new keeper; the keeper's
+    own rotation (it puts the new file there itself) keeps it. Checked through the daemon's
+    own open_streams, the keeper real."""
+    log = tmp_path / "logs" / "moved.log"
+    log.parent.mkdir()
+    spec = ProgramSpec(name="moved", command=["/bin/true"], cwd="/", stdout_log=log,
+                       stderr_log=log, log_max_bytes=64, log_backups=3)
+
+    def keeper_pid() -> int:
+        fds = output.open_streams(spec)
+        try:
+            held = output.keeper_of(spec)
+            assert held is not None
+            return held.keeper.pid  # type: ignore[attr-defined]
+        finally:
+            for fd in set(fds):
+                os.close(fd)
+
+    try:
+        first = keeper_pid()
+        assert keeper_pid() == first
+        log.rename(log.with_suffix(".old"))
+        log.touch()
+        second = keeper_pid()
+        assert second != first  # the old keeper writes a file no longer at the path
+        before = log.stat().st_ino
+        out, err = output.open_streams(spec)
+        try:
+            os.write(out, b"x" * 200)  # past log_max_bytes: the keeper rotates
+        finally:
+            for fd in {out, err}:
+                os.close(fd)
+        wait_for(lambda: log.exists() and log.stat().st_ino != before, 10, "the rotation")
+        assert keeper_pid() == second
+    finally:
+        output.close_streams(spec.name)

@@ -131,12 +131,8 @@ def open_streams(spec: ProgramSpec, state_dir: Path | None = None) -> tuple[int,
         except BaseException:
             os.close(out)
             raise
-    assert spec.stdout_log is not None and spec.stderr_log is not None
-    uid, gid = owner_of(spec)
-    paths = [spec.stdout_log]
-    if spec.stderr_log != spec.stdout_log:
-        paths.append(spec.stderr_log)
-    settings = (tuple(paths), spec.log_max_bytes, spec.log_backups, uid, gid)
+    settings = _log_settings(spec)
+    paths, uid, gid = settings[0], settings[3], settings[4]
     key = (str(state_dir or ""), spec.name)
     held = _held.get(key)
     if held is not None and held.still_serves(settings, uid):
@@ -164,18 +160,22 @@ class _Held:
     keeper: subprocess.Popen[bytes]
     writes: list[int]  # one per log file, in the order of settings' paths
     settings: tuple[Any, ...]  # (paths, max_bytes, backups, uid, gid) it was started with
+    # (st_dev, st_ino) of the logs the keeper was last seen writing, at the logs' paths.
+    # The keeper changes files only when it rotates, which puts a new file at the path,
+    # so while each path still names one of these, the keeper's descriptors need no
+    # second look (/proc/PID/fd: a listing and a stat per descriptor, twice per restart).
+    seen: frozenset[tuple[int, int]] = frozenset()
 
     def serves(self, settings: tuple[Any, ...], files: list[int]) -> bool:
         """Whether the keeper runs, on these settings, writing the files now at the logs'
         paths (given open): a log deleted or renamed by someone else gets a new keeper."""
         if settings != self.settings or not _running(self.keeper):
             return False
-        held = _open_files(self.keeper.pid)
+        ids = []
         for fd in files:
             st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) not in held:
-                return False
-        return True
+            ids.append((st.st_dev, st.st_ino))
+        return self._writes_to(ids)
 
     def still_serves(self, settings: tuple[Any, ...], uid: int) -> bool:
         """serves() without opening the logs: whether the keeper runs, on these settings,
@@ -184,11 +184,23 @@ class _Held:
         logs are opened (safely) and serves() decides."""
         if settings != self.settings or not _running(self.keeper):
             return False
-        held = _open_files(self.keeper.pid)
+        ids = []
         for path in settings[0]:
             st = safefs.stat_if_safe(path, uid)
-            if st is None or (st.st_dev, st.st_ino) not in held:
+            if st is None:
                 return False
+            ids.append((st.st_dev, st.st_ino))
+        return self._writes_to(ids)
+
+    def _writes_to(self, ids: list[tuple[int, int]]) -> bool:
+        """Whether the keeper has every file of ids open: from `seen` when each is there,
+        else from its descriptors (then remembered in `seen`)."""
+        if all(key in self.seen for key in ids):
+            return True
+        held = _open_files(self.keeper.pid)
+        if not all(key in held for key in ids):
+            return False
+        self.seen = frozenset(ids)
         return True
 
     def copies(self) -> tuple[int, int]:
@@ -232,7 +244,11 @@ def _start_held(spec: ProgramSpec, state_dir: Path | None, settings: tuple[Any, 
         raise
     for read, _ in pipes:
         os.close(read)
-    return _Held(keeper, [write for _, write in pipes], settings)
+    seen = []
+    for fd in files:
+        st = os.fstat(fd)
+        seen.append((st.st_dev, st.st_ino))
+    return _Held(keeper, [write for _, write in pipes], settings, frozenset(seen))
 
 
 def _running(keeper: subprocess.Popen[bytes]) -> bool:
@@ -259,6 +275,39 @@ def _open_files(pid: int) -> set[tuple[int, int]]:
             st = os.stat(f"/proc/{pid}/fd/{name}")
             found.add((st.st_dev, st.st_ino))
     return found
+
+
+def keeper_of(spec: ProgramSpec, state_dir: Path | None = None) -> object | None:
+    """The log keeper the last open_streams() of ``spec`` gave a process (an object to
+    compare with current_keeper() by identity); None for the journal or when none runs."""
+    if spec.log_target == "journal":
+        return None
+    return _held.get((str(state_dir or ""), spec.name))
+
+
+def current_keeper(spec: ProgramSpec, state_dir: Path | None = None) -> object | None:
+    """The log keeper a new process of ``spec`` would write to now, as an object to
+    compare by identity (a standby made with another one writes elsewhere), without
+    duplicating its pipes; None when open_streams would start a new keeper or refuse
+    (the logs changed, are unsafe, or the program logs to the journal)."""
+    if spec.log_target == "journal":
+        return None
+    held = _held.get((str(state_dir or ""), spec.name))
+    if held is None:
+        return None
+    settings = _log_settings(spec)
+    return held if held.still_serves(settings, settings[3]) else None
+
+
+def _log_settings(spec: ProgramSpec) -> tuple[Any, ...]:
+    """(log paths, max_bytes, backups, uid, gid) of a program that logs to files: what
+    its keeper is started on (one path when stdout and stderr share a file)."""
+    assert spec.stdout_log is not None and spec.stderr_log is not None
+    uid, gid = owner_of(spec)
+    paths = [spec.stdout_log]
+    if spec.stderr_log != spec.stdout_log:
+        paths.append(spec.stderr_log)
+    return (tuple(paths), spec.log_max_bytes, spec.log_backups, uid, gid)
 
 
 def close_streams(name: str, state_dir: Path | None = None) -> None:

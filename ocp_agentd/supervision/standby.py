@@ -61,14 +61,14 @@ SECOND_SLOT = ".b"
 class Standby:
     """A held shell waiting in `cgroup` for GO: its Popen (stdin is the GO pipe), the
     Handle pinning it, the run id in its environment, the spec fingerprint it was made
-    from and the (st_dev, st_ino) of its stdout and stderr."""
+    from and the log keeper its stdout and stderr go to (output.keeper_of)."""
 
     popen: subprocess.Popen[bytes]
     handle: Handle
     run_id: str
     fingerprint: str
     cgroup: ProgramCgroup
-    streams: tuple[tuple[int, int], ...]
+    keeper: object | None
     host: tuple[object, ...] | None  # host_state() when it was made
 
 
@@ -131,14 +131,14 @@ class Standbys:
             host = host_state(spec)
             popen = spawn.start_process(spec, state_dir, run_id, held=True)
             REAPER.claim(popen.pid)
-            streams = _stream_ids(popen.pid)
+            keeper = output.keeper_of(spec, state_dir)
             await spawn.finish_in_thread(spawn.release_into, popen, slot, False)
             handle = spawn.pin(popen)
             if generation != self._generation or self.spare is not slot:
                 _end(popen, handle)
                 return
             self.waiting = Standby(
-                popen, handle, run_id, spec.fingerprint(), slot, streams, host
+                popen, handle, run_id, spec.fingerprint(), slot, keeper, host
             )
             _WAITING.add(self)
             asyncio.get_running_loop().add_reader(handle.pidfd, self._on_exit, self.waiting)
@@ -163,7 +163,7 @@ class Standbys:
             or standby.host != host_state(spec)
             or not standby.handle.alive()
             or (spec.log_target != "journal"
-                and standby.streams != _current_streams(spec, state_dir))
+                and output.current_keeper(spec, state_dir) is not standby.keeper)
         ):
             self.discard()
             return None
@@ -253,27 +253,3 @@ def host_state(spec: ProgramSpec) -> tuple[object, ...] | None:
         return (*ids, (where.st_dev, where.st_ino) if where else None)
     except (KeyError, OSError):
         return None
-
-
-def _stream_ids(pid: int) -> tuple[tuple[int, int], ...]:
-    """(st_dev, st_ino) of pid's stdout and stderr."""
-    out = []
-    for fd in (1, 2):
-        st = os.stat(f"/proc/{pid}/fd/{fd}")
-        out.append((st.st_dev, st.st_ino))
-    return tuple(out)
-
-
-def _current_streams(spec: ProgramSpec, state_dir: Path) -> tuple[tuple[int, int], ...] | None:
-    """(st_dev, st_ino) of the stdout and stderr a new process would get now (None if
-    they cannot be opened: the ordinary start will say why)."""
-    try:
-        out, err = output.open_streams(spec, state_dir)
-    except OSError:
-        return None
-    try:
-        return tuple((os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (out, err))
-    finally:
-        os.close(out)
-        if err != out:
-            os.close(err)
