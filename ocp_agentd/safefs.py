@@ -145,25 +145,34 @@ class _Walk:
         self.where = where
 
 
-def stat_if_safe(path: str | Path, owner: int | None = None) -> os.stat_result | None:
+def stat_if_safe(
+    path: str | Path, owner: int | None = None, passed: set[str] | None = None
+) -> os.stat_result | None:
     """The lstat of the file at ``path`` when open_directory(path.parent, owner) and
     open_file would both accept it as it is now without creating or following anything:
     every directory below ``/`` on the way writable only by root or ``owner`` (or sticky
     and root's), no symbolic link anywhere, the file regular with one link and owned by
     root or ``owner``. None otherwise, or when something cannot be read: then open it the
     usual way, which says why. Opens nothing: for comparing what is there with what is
-    held open already (a few lstat(2) calls against a walk of open(2) calls)."""
-    path = Path(path)
-    if not path.is_absolute() or ".." in path.parts:
+    held open already (a few lstat(2) calls against a walk of open(2) calls).
+
+    ``passed``: the directories found fine by earlier calls of the same look (a
+    program's stdout and stderr logs share theirs), skipped here and added to."""
+    parts = Path(path).parts
+    if not parts or parts[0] != "/" or ".." in parts:
         return None
     owners = {0} if owner is None else {0, owner}
     try:
-        where = Path("/")
-        for name in path.parts[1:-1]:
-            where = where / name
+        where = ""
+        for name in parts[1:-1]:
+            where = f"{where}/{name}"
+            if passed is not None and where in passed:
+                continue
             st = os.lstat(where)
             if not stat.S_ISDIR(st.st_mode) or writers_problem(st, owner) is not None:
                 return None
+            if passed is not None:
+                passed.add(where)
         st = os.lstat(path)
     except OSError:
         return None

@@ -336,6 +336,16 @@ def test_stat_if_safe_accepts_only_what_the_walk_would_open_as_it_is(base, user)
     assert safefs.stat_if_safe(logs / "app.log", user.uid) is None
     logs.chmod(0o755)
     assert safefs.stat_if_safe(logs / "app.log", user.uid) is not None
+    # One look at two logs walks their directories once; an unsafe one is never passed.
+    passed: set[str] = set()
+    assert safefs.stat_if_safe(logs / "app.log", user.uid, passed) is not None
+    assert str(logs) in passed and "/" + logs.parts[1] in passed
+    user.run("touch", str(logs / "err.log"))
+    assert safefs.stat_if_safe(logs / "err.log", user.uid, passed) is not None
+    logs.chmod(0o777)
+    refused: set[str] = set()
+    assert safefs.stat_if_safe(logs / "app.log", user.uid, refused) is None
+    assert str(logs) not in refused
 
 
 def test_a_running_keeper_is_not_reused_once_others_can_write_the_directory(base, user):

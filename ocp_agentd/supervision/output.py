@@ -185,8 +185,9 @@ class _Held:
         if settings != self.settings or not _running(self.keeper):
             return False
         ids = []
+        passed: set[str] = set()
         for path in settings[0]:
-            st = safefs.stat_if_safe(path, uid)
+            st = safefs.stat_if_safe(path, uid, passed)
             if st is None:
                 return False
             ids.append((st.st_dev, st.st_ino))
