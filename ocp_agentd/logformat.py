@@ -30,6 +30,17 @@ class Rfc3339Formatter(logging.Formatter):
         moment = datetime.fromtimestamp(record.created).astimezone()
         return moment.isoformat(timespec="milliseconds")
 
+    def format(self, record: logging.LogRecord) -> str:
+        """The line, made once per record and format: the file and stderr handlers each
+        format every record, and RotatingFileHandler formats it a second time to size it
+        (shouldRollover), so a state change was formatted three times."""
+        made = record.__dict__.get("_line")
+        if made is not None and made[0] == (type(self), self._fmt):
+            return made[1]
+        line = super().format(record)
+        record._line = ((type(self), self._fmt), line)
+        return line
+
 
 def line_formatter() -> logging.Formatter:
     """The formatter of the daemon's stderr and file lines."""

@@ -15,7 +15,7 @@ import re
 import subprocess
 import sys
 
-from ocp_agentd.logformat import line_formatter, writes_log_file
+from ocp_agentd.logformat import LOG_FORMAT, line_formatter, writes_log_file
 
 # 2026-11-30T05:12:00.123+00:00 INFO ocp_agentd: ...
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (DEBUG|INFO|WARNING|ERROR"
@@ -77,3 +77,21 @@ def test_formatter_keeps_the_message_and_exception():
     record = logging.LogRecord("ocp_agentd.x", logging.ERROR, __file__, 1, "boom %s", ("a",),
                                None)
     assert line_formatter().format(record).endswith(" ERROR ocp_agentd.x: boom a")
+
+
+def test_a_record_is_formatted_once_for_every_handler_of_the_format():
+    """The file and stderr handlers (and the file's rollover check) share one line."""
+    made: list[str] = []
+
+    class Counting(type(line_formatter())):  # type: ignore[misc]
+        def formatTime(self, record, datefmt=None):
+            made.append(record.getMessage())
+            return super().formatTime(record, datefmt)
+
+    record = logging.LogRecord("ocp_agentd.x", logging.INFO, __file__, 1, "state %s", ("x",),
+                               None)
+    first, second = Counting(LOG_FORMAT), Counting(LOG_FORMAT)
+    assert first.format(record) == second.format(record) == first.format(record)
+    assert made == ["state x"]
+    other = logging.Formatter("%(levelname)s %(message)s").format(record)
+    assert other == "INFO state x"  # another format is made on its own
