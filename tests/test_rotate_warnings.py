@@ -9,10 +9,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_supervision import World, kill_marked, remove_cgroups
+from test_supervision import World, kill_marked, remove_cgroups, run
 
 from ocp_agentd.repeats import Once
-from ocp_agentd.supervision import Supervisor
+from ocp_agentd.supervision import Supervisor, output
 
 
 @pytest.fixture
@@ -77,3 +77,32 @@ def test_once_says_a_standing_problem_again_after_the_repeat_interval(
     assert hourly.problem("k", "bad") and not hourly.problem("k", "bad")
     assert hourly.problem("k", "worse")  # a changed message is said
     assert hourly.solved("k", "fine") and not hourly.solved("k", "fine")
+
+
+def test_housekeeping_leaves_the_logs_of_programs_on_this_daemons_keeper(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program this daemon started writes through its log keeper, which rotates the
+    file exactly: housekeeping reads nothing of it (an idle daemon stats no log every
+    15 s). A stopped program's logs are still looked at."""
+    looked: list[Path] = []
+    real = output.rotate_if_needed
+
+    def counted(path: Path, *args: object, **kwargs: object) -> bool:
+        looked.append(path)
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(output, "rotate_if_needed", counted)
+    world.add("running", ["/bin/sleep", "1000"], start_seconds=0.0)
+    world.add("stopped", ["/bin/sleep", "1000"], start_seconds=0.0)
+
+    async def body(sup: Supervisor) -> None:
+        await sup.stop("stopped")
+        await sup.housekeep()
+        stopped = sup.program("stopped").spec
+        assert sorted(looked) == sorted({stopped.stdout_log, stopped.stderr_log})
+        looked.clear()
+        await sup.stop("running")  # no longer on the keeper: looked at again
+        await sup.housekeep()
+        assert sup.program("running").spec.stdout_log in looked
+
+    run(world, body)

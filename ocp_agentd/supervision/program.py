@@ -233,6 +233,13 @@ class Program:
             **self._usage_fields(),
         )
 
+    def logs_kept(self) -> bool:
+        """Whether the program runs an instance this daemon started (not adopted), whose
+        output therefore goes through this daemon's log keeper (output.open_streams),
+        which rotates the files itself."""
+        inst = self.instance
+        return inst is not None and inst.popen is not None and not inst.exited.done()
+
     def record(self, now: float | None = None) -> dict[str, Any]:
         """info().as_dict(), kept between state changes: only the uptime and the usage
         move. `now`: time.monotonic(), when the caller asks for many at once.

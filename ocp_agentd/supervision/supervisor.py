@@ -455,8 +455,13 @@ class Supervisor:
     async def housekeep(self) -> None:
         """Rotates program log files that grew past their limit. A log keeper never lets
         its file pass the limit: this rotates files a program appends to itself (one an
-        older daemon started and this one adopted)."""
-        specs = [p.spec for p in self.programs.values() if p.spec.log_target == "file"]
+        older daemon started and this one adopted). The logs of a program running on
+        this daemon's keeper are not looked at: the keeper rotates them exactly (an
+        idle host's daemon then reads nothing here)."""
+        specs = [
+            p.spec for p in self.programs.values()
+            if p.spec.log_target == "file" and not p.logs_kept()
+        ]
 
         def rotate() -> None:
             seen = set()
