@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psutil
@@ -244,3 +245,31 @@ def test_a_log_moved_away_gets_a_new_keeper_and_a_rotation_keeps_the_keeper(tmp_
         assert keeper_pid() == second
     finally:
         output.close_streams(spec.name)
+
+
+def test_one_thread_collects_the_exits_of_every_keeper(tmp_path):
+    """Twenty programs' keepers are watched by one thread, not a thread each; each is
+    reaped (no zombie) once its program's last writer is gone."""
+    specs = [
+        ProgramSpec(name=f"many{index}", command=["/bin/true"], cwd="/",
+                    stdout_log=tmp_path / f"many{index}.log",
+                    stderr_log=tmp_path / f"many{index}.log")
+        for index in range(20)
+    ]
+    before = {thread.name for thread in threading.enumerate()}
+    pids = []
+    try:
+        for spec in specs:
+            for fd in set(output.open_streams(spec)):
+                os.close(fd)
+            held = output.keeper_of(spec)
+            pids.append(held.keeper.pid)  # type: ignore[union-attr]
+        new = {thread.name for thread in threading.enumerate()} - before
+        assert not any(name.startswith("keeper-many") for name in new), new
+        assert output._KEEPER_EXITS.watching() >= 20
+    finally:
+        for spec in specs:
+            output.close_streams(spec.name)
+
+    # A zombie still exists: gone means reaped.
+    wait_for(lambda: not any(psutil.pid_exists(pid) for pid in pids), 20, "every keeper reaped")

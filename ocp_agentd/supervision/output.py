@@ -34,7 +34,6 @@ import pwd
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ import psutil
 
 from ocp_agentd import linux, safefs
 from ocp_agentd.config import ProgramSpec
+from ocp_agentd.supervision.keeper_exits import KeeperExits
 from ocp_agentd.supervision.subreaper import REAPER
 
 log = logging.getLogger("ocp_agentd.output")
@@ -329,8 +329,9 @@ def close_all_streams() -> None:
 def start_keeper(spec: ProgramSpec, state_dir: Path | None, streams: list[dict[str, Any]],
                  uid: int, gid: int) -> subprocess.Popen[bytes]:
     """Starts ``python -m ocp_agentd.logkeeper`` on the given descriptors (they stay open
-    here: the caller closes them). Its exit is collected by a thread, so it never lingers
-    as a zombie. Raises OSError when it cannot be started."""
+    here: the caller closes them). Its exit is collected by the keepers' exit thread
+    (keeper_exits.py), so it never lingers as a zombie. Raises OSError when it cannot be
+    started."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
     # Marked apart from the program's processes (it is no part of the program's tree and
     # ends by itself when the program's last writer does): for people and tools.
@@ -343,15 +344,17 @@ def start_keeper(spec: ProgramSpec, state_dir: Path | None, streams: list[dict[s
         pass_fds=[fd for item in streams for fd in (item["pipe"], item["file"])],
     )
     _keepers.add(keeper)
-    REAPER.claim(keeper.pid)  # its exit is this thread's to collect, not the subreaper's
-
-    def reap() -> None:
-        keeper.wait()
-        _keepers.discard(keeper)
-        REAPER.release(keeper.pid)
-
-    threading.Thread(target=reap, name=f"keeper-{spec.name}", daemon=True).start()
+    REAPER.claim(keeper.pid)  # its exit is _KEEPER_EXITS' to collect, not the subreaper's
+    _KEEPER_EXITS.watch(keeper)
     return keeper
+
+
+def _keeper_ended(keeper: subprocess.Popen[bytes]) -> None:
+    _keepers.discard(keeper)
+    REAPER.release(keeper.pid)
+
+
+_KEEPER_EXITS = KeeperExits(_keeper_ended)
 
 
 def wait_keepers(timeout: float, state_dir: Path | None = None) -> int:
