@@ -202,7 +202,9 @@ def cli_status(targets: Sequence[Target], reps: int, out: Samples) -> None:
 
 def idle(targets: Sequence[Target], seconds: float, out: Samples) -> None:
     """``idle.cpu_pct``: CPU % of each supervisor over one window with nothing happening
-    (all watched at once, their programs running), then ``rss_mib`` and ``uss_mib``."""
+    (all watched at once, their programs running), then ``rss_mib`` and ``uss_mib``, and
+    ``helpers.rss_mib``/``helpers.uss_mib``: the sums over the processes the supervisor runs
+    for itself beside its programs (Target.helper_pids: ocp-agentd's log keepers)."""
     for target in targets:
         target.close_client()
     time.sleep(min(2.0, seconds / 5))  # let the last request's work finish
@@ -217,4 +219,8 @@ def idle(targets: Sequence[Target], seconds: float, out: Samples) -> None:
                                         strict=True))
         got["rss_mib"].append(rss)
         got["uss_mib"].append(uss)
+        helpers = [rss_uss_mib(pid) for pid in target.helper_pids()]
+        if helpers:
+            got["helpers.rss_mib"].append(sum(r for r, _ in helpers))
+            got["helpers.uss_mib"].append(sum(u for _, u in helpers))
 

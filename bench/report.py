@@ -225,6 +225,18 @@ def goals(results: Results) -> list[Goal]:
                 "RSS", phase, fmt(a, "MiB"), _peers_text(peers, "MiB"), fmt(floor, "MiB"),
                 fmt_ratio(_ratio(a, peers.get(SUPERVISORD))) + " supervisord", "≤ 45 MiB",
                 None if a is None else a <= 45))
+            keepers = results.value(phase, AGENTD, "helpers.uss_mib", median)
+            if keepers is not None:
+                own = results.value(phase, AGENTD, "uss_mib", median)
+                a, peers, _ = _compare(results, phase, "uss_mib", (SUPERVISORD, CIRCUS))
+                whole = None if own is None else own + keepers
+                out.append(Goal(
+                    "USS with the log keepers (ocp-agentd's output runs through one keeper "
+                    "process per program; the peers' in their own process)", phase,
+                    f"{fmt(whole, 'MiB')} ({fmt(own, 'MiB')} + keepers {fmt(keepers, 'MiB')})",
+                    _peers_text(peers, "MiB"), "—",
+                    fmt_ratio(_ratio(whole, peers.get(SUPERVISORD))) + " supervisord", "—",
+                    None))
     for phase in host:  # CPU seconds per restart-all <= supervisord's
         a, peers, floor = _compare(results, phase, "restart.cpu", (SUPERVISORD, POLLED, CIRCUS))
         sup = peers.get(SUPERVISORD)
@@ -340,6 +352,8 @@ METRICS = (
     ("idle.cpu_pct", "idle CPU", "%", median),
     ("rss_mib", "RSS", "MiB", median),
     ("uss_mib", "USS", "MiB", median),
+    ("helpers.rss_mib", "RSS of the log keepers (sum)", "MiB", median),
+    ("helpers.uss_mib", "USS of the log keepers (sum)", "MiB", median),
 )
 
 

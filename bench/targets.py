@@ -18,6 +18,8 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+import psutil
+
 from bench.clients import JsonUnixClient
 from bench.procs import ENV_MARK, Launched, Reaper, children, cpu_seconds, wait_for
 
@@ -84,6 +86,12 @@ class Target(ABC):
 
     def cpu_seconds(self) -> float:
         return sum(cpu_seconds(pid) for pid in self.supervisor_pids())
+
+    def helper_pids(self) -> list[int]:
+        """Processes the supervisor runs for itself beside its programs (ocp-agentd's log
+        keepers); supervisord and circus keep their programs' output in their own
+        process."""
+        return []
 
     def start(self) -> float:
         """Launches the supervisor and waits until it answers; answers the seconds from
@@ -204,6 +212,19 @@ class Agentd(Target):
         self.socket = workdir / "agentd.sock"
         self.config = workdir / "agentd.toml"
         self.api = JsonUnixClient(str(self.socket), CALL_TIMEOUT)
+
+    def helper_pids(self) -> list[int]:
+        """The daemon's log keepers (one per program: `python -m ocp_agentd.logkeeper`)."""
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.Error:
+            return []
+        found = []
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                if "ocp_agentd.logkeeper" in child.cmdline():
+                    found.append(child.pid)
+        return found
 
     def write_config(self) -> None:
         logs = self.workdir / "logs"
