@@ -6,7 +6,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import DaemonPool, DaemonRunner
+from harness import DaemonPool, DaemonRunner, remove_cgroups
+from test_supervision import World, kill_marked
 from unixuser import UnixUser, reachable_dir, unix_user
 
 
@@ -55,3 +56,13 @@ def base() -> Iterator[Path]:
     """A root-owned 0755 directory any user can traverse (unixuser.reachable_dir)."""
     with reachable_dir() as made:
         yield made
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    """A supervision World (test_supervision.py) under tmp_path; afterwards every process
+    it marked is killed and its cgroups removed, whatever the test left."""
+    w = World(tmp_path)
+    yield w
+    kill_marked(w.state)
+    remove_cgroups(w.state)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from test_stop_all_pass import needs_cgroups
-from test_supervision import World, kill_marked, marked, remove_cgroups, run, until
+from test_supervision import World, kill_marked, marked, run, until
 
 from ocp_agentd.config import Settings
 from ocp_agentd.supervision import State, Supervisor, probes, tree
@@ -22,14 +22,6 @@ from ocp_agentd.supervision.subreaper import REAPER
 # A main whose grandchild leaves the session at once: an orphan of the daemon's, in the
 # program's cgroup (the kernel keeps it there).
 ESCAPES = "setsid /bin/sleep 1000 & exec /bin/sleep 1000"
-
-
-@pytest.fixture
-def world(tmp_path: Path):
-    w = World(tmp_path)
-    yield w
-    kill_marked(w.state)
-    remove_cgroups(w.state)
 
 
 @pytest.fixture

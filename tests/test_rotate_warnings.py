@@ -9,18 +9,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_supervision import World, kill_marked, remove_cgroups, run
+from test_supervision import World, run
 
 from ocp_agentd.repeats import Once
 from ocp_agentd.supervision import Supervisor, output
-
-
-@pytest.fixture
-def world(tmp_path: Path):
-    w = World(tmp_path)
-    yield w
-    kill_marked(w.state)
-    remove_cgroups(w.state)
 
 
 def _rotate_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -8,21 +8,10 @@ of a start-all: each must already have its new instance, the standby that waited
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 from test_stop_all_pass import needs_cgroups
-from test_supervision import World, kill_marked, marked, remove_cgroups, run, until
+from test_supervision import World, marked, run, until
 
 from ocp_agentd.supervision import State, Supervisor
-
-
-@pytest.fixture
-def world(tmp_path: Path):
-    w = World(tmp_path)
-    yield w
-    kill_marked(w.state)
-    remove_cgroups(w.state)
 
 
 def test_every_standby_is_released_before_the_first_state_change(world: World) -> None:

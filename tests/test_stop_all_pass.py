@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_supervision import SH, World, kill_marked, marked, remove_cgroups, run, until
+from test_supervision import SH, World, kill_marked, marked, run, until
 
 from ocp_agentd.supervision import OperationFailed, ProcessInfo, State, Supervisor
 from ocp_agentd.supervision.cgroups import CgroupError, detect
@@ -48,14 +48,6 @@ def needs_cgroups(world: World) -> None:
         usable = False
     if not usable or os.geteuid() != 0:
         pytest.skip("needs root and usable cgroups (the one-pass stop is for programs in one)")
-
-
-@pytest.fixture
-def world(tmp_path: Path):
-    w = World(tmp_path)
-    yield w
-    kill_marked(w.state)
-    remove_cgroups(w.state)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
-from harness import free_port, marked_processes, remove_cgroups, wait_for
+from harness import free_port, marked_processes, wait_for
 
 from ocp_agentd.config import ProgramSpec, Settings
 from ocp_agentd.supervision import IllegalTransition, OperationFailed, State, Supervisor
@@ -80,14 +80,6 @@ class World:
         )
         settings.resolve_paths(self.tmp)
         return settings
-
-
-@pytest.fixture
-def world(tmp_path: Path):
-    w = World(tmp_path)
-    yield w
-    kill_marked(w.state)
-    remove_cgroups(w.state)
 
 
 def run(world: World, body: Callable[[Supervisor], Awaitable[None]], boot: bool = True) -> None:
