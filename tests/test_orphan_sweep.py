@@ -90,3 +90,26 @@ def test_a_probe_command_marks_the_daemon_uncontained(reads: list[bool]) -> None
     result = asyncio.run(probes.run_command(["/bin/true"], 10.0))
     assert result.ok, result
     assert REAPER.uncontained
+
+
+def test_the_process_table_sampler_sleeps_without_a_timer_until_a_bare_program_starts(
+    tmp_path: Path,
+) -> None:
+    """With no program outside a cgroup running, the usage sampler waits for no timer (an
+    idle daemon does not wake every 5 s for it); a program started without a cgroup is
+    sampled at once."""
+    world = BareWorld(tmp_path)
+    world.add("bare", ["/bin/sleep", "1000"], start_seconds=0.0)
+
+    async def body(sup: Supervisor) -> None:
+        await sup.adopt()  # starts the sampler; nothing runs to adopt
+        await asyncio.sleep(0.2)  # the sampler waits for no one
+        assert sup.tree_usage.samples == 0
+        await sup.start("bare")
+        await until(lambda: sup.tree_usage.samples >= 1, timeout=3.0,
+                    what="a sample soon after the start (the timer would take 5 s)")
+
+    try:
+        run(world, body, boot=False)
+    finally:
+        kill_marked(world.state)

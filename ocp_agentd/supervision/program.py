@@ -543,6 +543,8 @@ class Program:
         self.restarts = record.restarts
         self.apply_limits()  # the config may have changed while no daemon ran
         self._watch(self.instance)
+        if self.cgroup is None and self._tree_usage is not None:
+            self._tree_usage.note_started()
         self._set_state(State.RUNNING, f"adopted pid {record.pid}")
         return True
 
@@ -928,6 +930,8 @@ class Program:
             )
         )
         self._watch(inst)
+        if self.cgroup is None and self._tree_usage is not None:
+            self._tree_usage.note_started()
         return inst
 
     # ---- internals: exits -------------------------------------------------------------------

@@ -462,6 +462,9 @@ class Supervisor:
             p.spec for p in self.programs.values()
             if p.spec.log_target == "file" and not p.logs_kept()
         ]
+        if not specs:
+            self._rotate_problems.forget_all_but(set())
+            return  # nothing to look at: no thread woken
 
         def rotate() -> None:
             seen = set()

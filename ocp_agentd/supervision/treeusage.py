@@ -91,10 +91,22 @@ class TreeUsage:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def note_started(self) -> None:
+        """An instance without a cgroup began: sample it soon (the sampler sleeps without
+        a timer while there is none)."""
+        self._wake.set()
+
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), SAMPLE_SECONDS)
+            if self._roots():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SAMPLE_SECONDS):
+                        await self._wake.wait()
+            else:
+                # Every program in a cgroup (or none running): no timer, so an idle daemon
+                # does not wake every SAMPLE_SECONDS for nothing; note_started() wakes it.
+                self._tallies.clear()
+                await self._wake.wait()
             self._wake.clear()
             if not self._roots():
                 self._tallies.clear()
