@@ -4,12 +4,12 @@ A program's record moves in three fields only between its changes: ``uptime`` (e
 millisecond), ``cpu_seconds`` and ``memory_bytes`` (at most once per usage reading, see
 Program.usage). So each program's record is encoded when it changes or its usage is read
 again (:class:`RecordJson`: the bytes before and after the uptime), and the whole array is
-a template that each answer fills with the uptimes alone (:class:`RecordsJson`).
+a list of pieces between the uptimes that each answer fills in (:class:`RecordsJson`):
+the uptimes are encoded together in one ``orjson.dumps`` of a list, which writes 1,000
+floats in about a tenth of the time ``repr`` takes.
 
 The bytes are the ones ``orjson.dumps`` gives for the record's dict (Program.record): the
-same keys in the same order, the same values written the same way. An uptime is
-``int(ms) / 1000`` written by ``repr``, which for every value below 10**16 s is orjson's
-shortest form too.
+same keys in the same order, the same values written the same way.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from ocp_agentd.supervision.program import Program
 
 UPTIME = "uptime"
-# The uptime's place in a template: `%a` writes a float as repr() does.
-_SLOT = b"%a"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -101,7 +99,9 @@ class RecordsJson:
 
     def __init__(self) -> None:
         self._pieces: list[RecordJson | None] = []
-        self._template = b"[]"
+        # The array's bytes between the uptimes (even indexes); each answer puts the
+        # uptimes at the odd ones, in the order of _starts.
+        self._parts: list[bytes] = [b"[]"]
         self._starts: tuple[float, ...] = ()
         self._until = -math.inf
 
@@ -112,14 +112,18 @@ class RecordsJson:
         # the same order mean the same bytes.
         if now >= self._until or [p.cached_json for p in programs] != self._pieces:
             self._assemble(programs, now)
-        return self._template % tuple([int((now - s) * 1000) / 1000 for s in self._starts])
+        parts = self._parts
+        if self._starts:
+            uptimes = [int((now - started) * 1000) / 1000 for started in self._starts]
+            parts[1::2] = orjson.dumps(uptimes)[1:-1].split(b",")
+        return b"".join(parts)
 
     def _assemble(self, programs: Collection[Program], now: float) -> None:
         # Once any reading is stale, every program reads its usage again, so the readings
         # go stale together: one assembly per usage period, not one per program.
         fresh = now >= self._until
         pieces = [p.record_json(now, fresh=fresh) for p in programs]
-        chunks: list[bytes] = []
+        parts: list[bytes] = []
         chunk: list[bytes] = [b"["]
         starts: list[float] = []
         for index, piece in enumerate(pieces):
@@ -129,13 +133,13 @@ class RecordsJson:
             if piece.started is None:
                 chunk.append(b"null")
             else:
-                chunks.append(b"".join(chunk).replace(b"%", b"%%"))
+                parts += (b"".join(chunk), b"null")  # the uptime's place
                 chunk = []
                 starts.append(piece.started)
             chunk.append(piece.tail)
         chunk.append(b"]")
-        chunks.append(b"".join(chunk).replace(b"%", b"%%"))
-        self._template = _SLOT.join(chunks)
+        parts.append(b"".join(chunk))
+        self._parts = parts
         self._starts = tuple(starts)
         self._until = min((piece.until for piece in pieces), default=math.inf)
         self._pieces = list(pieces)
