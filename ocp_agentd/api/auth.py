@@ -37,15 +37,27 @@ class Caller:
     token: str | None = None  # the token's name, when a token authenticated the caller
 
 
+# Where a request keeps its peer's credentials once read (the key of a request's state).
+_PEER_KEY = "ocp_agentd_peer"
+
+
 def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of a unix socket peer; None for TCP."""
+    """(pid, uid, gid) of a unix socket peer; None for TCP.
+
+    Read from the kernel (SO_PEERCRED, socket(7): the peer's credentials when it
+    connected) once per request, then kept in the request for its audit line."""
+    peer = request.get(_PEER_KEY, _PEER_KEY)
+    if peer is not _PEER_KEY:
+        return peer  # type: ignore[return-value]
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return pid, uid, gid
+        peer = None
+    else:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        peer = _PEERCRED.unpack(raw)
+    request[_PEER_KEY] = peer
+    return peer
 
 
 def describe_peer(request: web.Request) -> str:
