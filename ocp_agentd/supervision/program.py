@@ -294,9 +294,9 @@ class Program:
         """info().as_dict() and the main's start, kept between the record's changes: only
         the uptime and the usage move in between.
 
-        Every other field changes together with the state (a restart count or last exit
-        is always followed by a transition), with a liveness probe, or with the spec on
-        reload (each of which drops what is kept)."""
+        Every other field changes with the state, with a field kept on the program
+        (instance, restarts, last_exit, oom_kills: their setters), with a liveness probe's
+        outcome, or with the spec on reload; each of these drops what is kept."""
         base = self.cached_record
         if base is None or base.spec is not self.spec:
             inst = self.instance

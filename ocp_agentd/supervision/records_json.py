@@ -61,6 +61,7 @@ class RecordJson:
 
     @property
     def started(self) -> float | None:
+        """The main's start (time.monotonic()); None: the uptime is null."""
         return self.base.started
 
 
