@@ -42,13 +42,17 @@ _PEER_KEY = "ocp_agentd_peer"
 
 
 def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of a unix socket peer; None for TCP.
+    """(pid, uid, gid) of a unix socket peer; None for TCP. As read_peer() read it for
+    this request (authentication does, first), else read now."""
+    try:
+        return request[_PEER_KEY]  # type: ignore[no-any-return]
+    except KeyError:
+        return read_peer(request)
 
-    Read from the kernel (SO_PEERCRED, socket(7): the peer's credentials when it
-    connected) once per request, then kept in the request for its audit line."""
-    peer = request.get(_PEER_KEY, _PEER_KEY)
-    if peer is not _PEER_KEY:
-        return peer  # type: ignore[return-value]
+
+def read_peer(request: web.Request) -> tuple[int, int, int] | None:
+    """peer_credentials() from the kernel: SO_PEERCRED, the peer's credentials when it
+    connected (socket(7)); kept in the request for its audit line."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family != socket.AF_UNIX:
@@ -119,7 +123,7 @@ class Authenticator:
     def authenticate(self, request: web.Request) -> Caller:
         """The caller (``who`` names it for the audit line: peer uid and pid on the socket,
         token name and peer address otherwise), or ApiError 1004."""
-        peer = peer_credentials(request)
+        peer = read_peer(request)
         if peer is not None:
             pid, uid, gid = peer
             if self._trusted_peer(uid, gid):
