@@ -9,7 +9,11 @@ import time
 
 import psutil
 import pytest
-from harness import DaemonRunner, demo_command, free_port
+from harness import DaemonRunner, demo_command, free_port, wait_for
+from pydantic import TypeAdapter
+
+from ocp_agentd.demo.config import to_toml
+from ocp_agentd.supervision import ProcessInfo
 
 RECORD_KEYS = {"name", "role", "operable", "state", "pid", "create_time", "uptime", "restarts",
                "last_exit", "ports", "command"}
@@ -50,6 +54,39 @@ def test_status_and_records(demo_daemon: DaemonRunner) -> None:
     # uptime and the cgroup usage (sampled in the background) move between the two calls.
     moving = {"uptime": None, "cpu_seconds": None, "memory_bytes": None}
     assert {**one, **moving} == {**records[1], **moving}
+
+
+def test_records_answer_is_the_model_and_follows_changes_at_once(
+    demo_daemon: DaemonRunner,
+) -> None:
+    records = TypeAdapter(list[ProcessInfo])
+    # What may move between two requests: the clock's fields, and the liveness probes'
+    # outcomes (they run on their own period).
+    moving = {"uptime": None, "cpu_seconds": None, "memory_bytes": None, "liveness": None}
+
+    def answer() -> dict[str, dict]:
+        got = demo_daemon.processes()
+        # Every field of the model, of its type, and nothing else.
+        assert records.dump_python(records.validate_python(got), mode="json") == got
+        # Each record is the one-program answer (Program.info()) but for what moves.
+        for record in got:
+            assert {**demo_daemon.process(record["name"]), **moving} == {**record, **moving}
+        return {record["name"]: record for record in got}
+
+    first = answer()["ocp_exporter"]["uptime"]
+    wait_for(lambda: answer()["ocp_exporter"]["uptime"] > first, 10, "uptime moving")
+
+    demo_daemon.post("/api/v1/processes/ocp_exporter/stop").check()
+    stopped = answer()["ocp_exporter"]
+    assert (stopped["state"], stopped["pid"], stopped["uptime"]) == ("STOPPED", None, None)
+    started = demo_daemon.post("/api/v1/processes/ocp_exporter/start").check()
+    assert answer()["ocp_exporter"]["pid"] == started["pid"]
+
+    config = demo_daemon.config
+    config.write_text(config.read_text() + "\n" + to_toml({"programs": {"extra": {
+        "command": demo_command("misbehave", "tree", "0")}}}))
+    assert demo_daemon.post("/api/v1/agent/reload").check()["added"] == ["extra"]
+    assert list(answer()) == ["pos_proxy", "ocp_exporter", "ob_logtailer", "extra"]
 
 
 def test_stop_start_restart_one(demo_daemon: DaemonRunner) -> None:

@@ -76,6 +76,23 @@ def test_audit_lines_name_who_what_trace_and_outcome(daemon_factory):
     assert "credential refused" in refused_line
 
 
+@pytest.mark.parametrize("level", ["DEBUG", "INFO"])
+def test_reads_are_audited_at_debug_only(daemon_factory, level):
+    daemon = daemon_factory(env={"OCP_AGENTD_LOG_LEVEL": level}, wait_running=True)
+    assert daemon.get("/api/v1/processes", headers={"X-OCP-Trace-ID": "read-0f1e"}).status == 200
+    # An action after the read: once its line is written, the read's would be there too.
+    assert daemon.post("/api/v1/processes/ocp_exporter/verify").status == 200
+    wait_for(lambda: "audit: POST /api/v1/processes/ocp_exporter/verify" in daemon.log(),
+             message="the action's audit line")
+    reads = [line for line in daemon.log().splitlines() if "audit: GET /api/v1/processes " in line]
+    ours = [line for line in reads if "(trace read-0f1e)" in line]
+    if level == "INFO":
+        assert reads == []
+    else:
+        assert len(ours) == 1 and "DEBUG" in ours[0]
+        assert "-> 200 in " in ours[0] and "by uid 0 pid " in ours[0]
+
+
 @pytest.mark.parametrize(("api", "reason"), [
     ({"tcp": "0.0.0.0:62887", "tokens": TOKENS}, "not a loopback address"),
     ({"tcp": "127.0.0.1:62887"}, "needs at least one [[api.tokens]]"),

@@ -247,10 +247,13 @@ def _audit(
     values are escaped: no request can start a line of the log."""
     refused = error is not None and error.code in (ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN)
     action = request.method not in ("GET", "HEAD", "OPTIONS")
+    level = logging.INFO if action or refused else logging.DEBUG
+    if not log.isEnabledFor(level):
+        return  # a read at INFO: nothing to write, so nothing to format
     outcome = f"{response.status}" if error is None else f"{response.status} code {error.code}"
     trace_id = request["trace_id"]
     log.log(
-        logging.INFO if action or refused else logging.DEBUG,
+        level,
         "audit: %s %s -> %s in %.1f ms by %s (trace %s)%s",
         escape(request.method, 16), escape(request.path), outcome, seconds * 1000,
         request.get("caller") or describe_peer(request), trace_id,
@@ -301,8 +304,12 @@ async def _auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     auth = request.app[AUTH]
-    request["caller"] = f"unauthenticated {describe_peer(request)}"
-    caller = auth.authenticate(request)
+    try:
+        caller = auth.authenticate(request)
+    except Exception:
+        # The audit line names who was refused.
+        request["caller"] = f"unauthenticated {describe_peer(request)}"
+        raise
     request["caller"] = caller.who
     request["token_name"] = caller.token
     route = _route_of(request)

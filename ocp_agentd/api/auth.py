@@ -37,15 +37,31 @@ class Caller:
     token: str | None = None  # the token's name, when a token authenticated the caller
 
 
+# Where a request keeps its peer's credentials once read (the key of a request's state).
+_PEER_KEY = "ocp_agentd_peer"
+
+
 def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of a unix socket peer; None for TCP."""
+    """(pid, uid, gid) of a unix socket peer; None for TCP. As read_peer() read it for
+    this request (authentication does, first), else read now."""
+    try:
+        return request[_PEER_KEY]  # type: ignore[no-any-return]
+    except KeyError:
+        return read_peer(request)
+
+
+def read_peer(request: web.Request) -> tuple[int, int, int] | None:
+    """peer_credentials() from the kernel: SO_PEERCRED, the peer's credentials when it
+    connected (socket(7)); kept in the request for its audit line."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return pid, uid, gid
+        peer = None
+    else:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        peer = _PEERCRED.unpack(raw)
+    request[_PEER_KEY] = peer
+    return peer
 
 
 def describe_peer(request: web.Request) -> str:
@@ -107,7 +123,7 @@ class Authenticator:
     def authenticate(self, request: web.Request) -> Caller:
         """The caller (``who`` names it for the audit line: peer uid and pid on the socket,
         token name and peer address otherwise), or ApiError 1004."""
-        peer = peer_credentials(request)
+        peer = read_peer(request)
         if peer is not None:
             pid, uid, gid = peer
             if self._trusted_peer(uid, gid):

@@ -265,6 +265,14 @@ def dumps(envelope: dict[str, Any]) -> bytes:
     return json.dumps(envelope, ensure_ascii=False, default=_default, allow_nan=False).encode()
 
 
+def raw(data: bytes) -> Any:
+    """JSON already encoded (UTF-8), as a value dumps() writes out as it is: for an answer
+    kept encoded between its changes (the status records)."""
+    if orjson is not None:
+        return orjson.Fragment(data)
+    return json.loads(data)  # pragma: no cover - without orjson, parsed and written again
+
+
 def response(body: dict[str, Any], status: int | None = None) -> web.Response:
     """The envelope as the response; its HTTP status is the envelope's unless given."""
     return web.Response(

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from ocp_agentd import __version__
 from ocp_agentd.api.context import app_context
-from ocp_agentd.api.envelope import ApiError, ErrorCode, epoch_timestamp, sub_error
+from ocp_agentd.api.envelope import ApiError, ErrorCode, epoch_timestamp, raw, sub_error
 from ocp_agentd.api.models import (
     AllBody,
     AllResult,
@@ -101,9 +101,10 @@ async def get_status(request: web.Request) -> DaemonStatus:
     )
 
 
-async def list_processes(request: web.Request) -> list[dict[str, Any]]:
-    # The hot path: each program's cached ProcessInfo.as_dict(), not validated again.
-    return app_context(request).supervisor.process_records()
+async def list_processes(request: web.Request) -> Any:
+    # The hot path: the records as kept encoded between their changes (records_json.py),
+    # not validated or encoded again.
+    return raw(app_context(request).supervisor.process_records_json())
 
 
 async def get_process(request: web.Request) -> ProcessInfo:

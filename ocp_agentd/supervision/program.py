@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import pwd
 import signal
@@ -56,6 +57,7 @@ from ocp_agentd.supervision.intent_records import IntentRecord, IntentRecords
 from ocp_agentd.supervision.liveness import Liveness
 from ocp_agentd.supervision.pid_records import PidRecords
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner
+from ocp_agentd.supervision.records_json import RecordBase, RecordJson, encode_record, uptime
 from ocp_agentd.supervision.standby import SECOND_SLOT, Standbys, make_room
 from ocp_agentd.supervision.subreaper import REAPER
 from ocp_agentd.supervision.treeusage import TreeUsage
@@ -125,10 +127,10 @@ class Program:
         self.spec = spec
         self.name = spec.name
         self.state = State.STOPPED
-        self.instance: Instance | None = None
+        self.instance = None
         self.restarts = 0
         self.quick_exits = 0
-        self.last_exit: ExitInfo | None = None
+        self.last_exit = None
         self.lock = asyncio.Lock()
         self._state_dir = state_dir
         self._records = records
@@ -141,8 +143,10 @@ class Program:
         # whether the rest of its cgroup has had the signal too (mark_stopping).
         self._signalled: Instance | None = None
         self._members_signalled = False
-        # record()'s dict between state changes: (spec, started_mono or None, dict).
-        self._record_cache: tuple[Any, float | None, dict[str, Any]] | None = None
+        # The record between its changes (record_base), and as JSON (record_json); None
+        # once it changed. RecordsJson reads cached_json to tell whether a record moved.
+        self.cached_record: RecordBase | None = None
+        self.cached_json: RecordJson | None = None
         self._restart_pending = False
         self._background = Tasks(log)
         self._not_ready_reason = "waiting"
@@ -178,7 +182,7 @@ class Program:
         if new not in TRANSITIONS[old]:
             raise IllegalTransition(f"{self.name}: {old} -> {new} ({reason})")
         self.state = new
-        self._record_cache = None
+        self._record_changed()
         pid = self.instance.pid if self.instance else None
         level = logging.WARNING if new in (State.FATAL, State.BACKOFF) else logging.INFO
         log.log(
@@ -240,44 +244,116 @@ class Program:
         inst = self.instance
         return inst is not None and inst.popen is not None and not inst.exited.done()
 
-    def record(self, now: float | None = None) -> dict[str, Any]:
-        """info().as_dict(), kept between state changes: only the uptime and the usage
-        move. `now`: time.monotonic(), when the caller asks for many at once.
+    def _record_changed(self) -> None:
+        self.cached_record = None
+        self.cached_json = None
 
-        Every other field changes together with the state (a restart count or last exit
-        is always followed by a transition), or with the spec on reload.
-        """
-        cached = self._record_cache
-        if cached is None or cached[0] is not self.spec:
+    # The record's fields kept on the program besides the state: setting one drops the
+    # kept record, whether or not a state change follows at once.
+
+    @property
+    def instance(self) -> Instance | None:
+        """The running (or last) copy of the program; None before the first start."""
+        return self._instance
+
+    @instance.setter
+    def instance(self, value: Instance | None) -> None:
+        self._instance = value
+        self._record_changed()
+
+    @property
+    def restarts(self) -> int:
+        """Restarts since the daemon started the program (kept across adoption)."""
+        return self._restarts
+
+    @restarts.setter
+    def restarts(self, value: int) -> None:
+        self._restarts = value
+        self._record_changed()
+
+    @property
+    def last_exit(self) -> ExitInfo | None:
+        return self._last_exit
+
+    @last_exit.setter
+    def last_exit(self, value: ExitInfo | None) -> None:
+        self._last_exit = value
+        self._record_changed()
+
+    @property
+    def oom_kills(self) -> int:
+        """Processes of the program the OOM killer ended since the daemon started."""
+        return self._oom_kills
+
+    @oom_kills.setter
+    def oom_kills(self, value: int) -> None:
+        self._oom_kills = value
+        self._record_changed()
+
+    def record_base(self) -> RecordBase:
+        """info().as_dict() and the main's start, kept between the record's changes: only
+        the uptime and the usage move in between.
+
+        Every other field changes with the state, with a field kept on the program
+        (instance, restarts, last_exit, oom_kills: their setters), with a liveness probe's
+        outcome, or with the spec on reload; each of these drops what is kept."""
+        base = self.cached_record
+        if base is None or base.spec is not self.spec:
             inst = self.instance
             started = inst.started_mono if inst is not None and not inst.exited.done() else None
-            cached = self._record_cache = (self.spec, started, self.info().as_dict())
+            base = self.cached_record = RecordBase(self.spec, started, self.info().as_dict())
+        return base
+
+    def record(self, now: float | None = None) -> dict[str, Any]:
+        """info().as_dict() from record_base() with the uptime and usage as at `now`
+        (time.monotonic(), when the caller asks for many at once)."""
+        base = self.record_base()
         now = time.monotonic() if now is None else now
-        record = cached[2].copy()
-        if cached[1] is not None:
-            record["uptime"] = int((now - cached[1]) * 1000) / 1000
+        record = base.fields.copy()
+        if base.started is not None:
+            record["uptime"] = uptime(now, base.started)
         usage = self.usage(now)
         record["cpu_seconds"] = None if usage.cpu_seconds is None else round(usage.cpu_seconds, 3)
         record["memory_bytes"] = usage.memory_bytes
         return record
+
+    def record_json(self, now: float, fresh: bool = False) -> RecordJson:
+        """record() as JSON around its uptime (records_json.py), kept until the record
+        changes or its usage is read again. `now`: time.monotonic(); `fresh`: read the
+        usage now even when the last reading is not USAGE_TTL old."""
+        base = self.record_base()
+        cached = self.cached_json
+        if base.started is None:
+            # No process when the record was made: no usage until the next change.
+            if cached is None or cached.base is not base:
+                cached = encode_record(base, Usage(None, None), now, math.inf)
+        else:
+            usage = self.usage(now, max_age=0.0 if fresh else USAGE_TTL)
+            assert self._usage is not None
+            read_at = self._usage[0]
+            if cached is None or cached.base is not base or cached.read_at != read_at:
+                cached = encode_record(base, usage, read_at, read_at + USAGE_TTL)
+        self.cached_json = cached
+        return cached
 
     @property
     def limits(self) -> Limits:
         """The spec's resource limits (SPEC section 9)."""
         return limits_of(self.spec)
 
-    def usage(self, now: float | None = None) -> Usage:
+    def usage(self, now: float | None = None, max_age: float = USAGE_TTL) -> Usage:
         """CPU seconds and memory bytes: the cgroup's counters when the program has one,
         else the process tree's, summed by the sampler (treeusage.py; never a /proc read
         here); None where there is neither, and when the program has no process (stopped,
-        exited: nothing is in use, and a stop-all's answer reads no cgroup file). Read at
-        most every USAGE_TTL s (`now`: time.monotonic(), when the caller has it)."""
+        exited: nothing is in use, and a stop-all's answer reads no cgroup file). Read
+        again once the last reading is `max_age` s old (`now`: time.monotonic(), when the
+        caller has it)."""
         now = time.monotonic() if now is None else now
         inst = self.instance
         if inst is None or inst.exited.done():
             self._usage = (now, Usage(None, None))
             return self._usage[1]
-        if self._usage is not None and now - self._usage[0] < USAGE_TTL:
+        if self._usage is not None and now - self._usage[0] < max_age:
             return self._usage[1]
         if self.cgroup is not None and self.cgroup.membership.exists():
             usage = self.cgroup.usage()
@@ -600,6 +676,7 @@ class Program:
         once (starts, changes or stops) while the program runs."""
         before = self.spec.liveness
         self.spec = spec
+        self._record_changed()
         if self.standbys is not None:
             self.standbys.discard()  # made from the old spec (limits included)
             if self.state == State.RUNNING:
@@ -617,7 +694,7 @@ class Program:
             self.liveness.start(self.spec.liveness, probes.liveness_probe(self.spec, self._http))
 
     def _on_probe(self, result: ProbeResult) -> None:
-        self._record_cache = None  # the status record shows the last probe
+        self._record_changed()  # the status record shows the last probe
         check = self.spec.liveness
         if not result.ok and check is not None and self._on_probe_failed is not None:
             if check.http_get:

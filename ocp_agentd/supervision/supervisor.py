@@ -27,6 +27,7 @@ from ocp_agentd.supervision.program import (
     State,
     VerifyResult,
 )
+from ocp_agentd.supervision.records_json import RecordsJson
 from ocp_agentd.supervision.standby import SECOND_SLOT
 from ocp_agentd.supervision.subreaper import REAPER
 from ocp_agentd.supervision.treeusage import TreeUsage
@@ -74,6 +75,7 @@ class Supervisor:
         self._listeners: list[Listener] = []
         self._http: aiohttp.ClientSession | None = None
         self.programs: dict[str, Program] = {}
+        self._records_json = RecordsJson()
         # Housekeeping meets a planted FIFO or a missing user every pass: said once.
         self._rotate_problems = Once(log)
         for spec in _ordered(settings.programs.values()):
@@ -136,10 +138,18 @@ class Supervisor:
     def infos(self) -> list[ProcessInfo]:
         return [p.info() for p in self.programs.values()]
 
-    def process_records(self) -> list[dict[str, Any]]:
-        """Every program's info as the JSON of SPEC section 6 (the status answers' hot path)."""
-        now = time.monotonic()
+    def process_records(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Every program's info as the JSON values of SPEC section 6, uptimes as at `now`
+        (time.monotonic())."""
+        now = time.monotonic() if now is None else now
         return [p.record(now) for p in self.programs.values()]
+
+    def process_records_json(self, now: float | None = None) -> bytes:
+        """process_records() encoded as one JSON array (UTF-8), the status answers' hot
+        path: each record is encoded when it changes, not at every answer
+        (records_json.py)."""
+        now = time.monotonic() if now is None else now
+        return self._records_json.encode(self.programs.values(), now)
 
     def _bare_instances(self) -> list[Instance]:
         """The live instances of programs without a cgroup (their trees come from /proc)."""
