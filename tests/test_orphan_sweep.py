@@ -16,7 +16,7 @@ from test_stop_all_pass import needs_cgroups
 from test_supervision import World, kill_marked, marked, run, until
 
 from ocp_agentd.config import Settings
-from ocp_agentd.supervision import State, Supervisor, probes, tree
+from ocp_agentd.supervision import State, Supervisor, probes, tree, treeusage
 from ocp_agentd.supervision.subreaper import REAPER
 
 # A main whose grandchild leaves the session at once: an orphan of the daemon's, in the
@@ -92,22 +92,22 @@ def test_a_probe_command_marks_the_daemon_uncontained(reads: list[bool]) -> None
     assert REAPER.uncontained
 
 
-def test_the_process_table_sampler_sleeps_without_a_timer_until_a_bare_program_starts(
-    tmp_path: Path,
+def test_the_process_table_sampler_resumes_when_a_bare_program_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With no program outside a cgroup running, the usage sampler waits for no timer (an
-    idle daemon does not wake every 5 s for it); a program started without a cgroup is
-    sampled at once."""
+    """With no program outside a cgroup running, the usage sampler waits without a timer
+    (an idle daemon does not wake every 5 s for it); a program started without a cgroup
+    brings the timer back, so it is sampled without anyone asking for its status."""
+    monkeypatch.setattr(treeusage, "SAMPLE_SECONDS", 0.3)
     world = BareWorld(tmp_path)
     world.add("bare", ["/bin/sleep", "1000"], start_seconds=0.0)
 
     async def body(sup: Supervisor) -> None:
         await sup.adopt()  # starts the sampler; nothing runs to adopt
-        await asyncio.sleep(0.2)  # the sampler waits for no one
         assert sup.tree_usage.samples == 0
         await sup.start("bare")
-        await until(lambda: sup.tree_usage.samples >= 1, timeout=3.0,
-                    what="a sample soon after the start (the timer would take 5 s)")
+        await until(lambda: sup.tree_usage.samples >= 1, timeout=10.0,
+                    what="a sample on the timer, with no status asked")
 
     try:
         run(world, body, boot=False)

@@ -64,7 +64,8 @@ class TreeUsage:
         self._scanner = scanner
         self._roots = roots
         self._tallies: dict[str, _Tally] = {}
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # a status read found an instance without figures
+        self._resume = asyncio.Event()  # note_started()
         self._task: asyncio.Task[None] | None = None
         self._last = 0.0  # monotonic time of the last sample
         self.samples = 0
@@ -92,24 +93,24 @@ class TreeUsage:
                 await task
 
     def note_started(self) -> None:
-        """An instance without a cgroup began: sample it soon (the sampler sleeps without
-        a timer while there is none)."""
-        self._wake.set()
+        """An instance without a cgroup began: sampling resumes on its usual timer (the
+        sampler waits without one while there is no such instance)."""
+        self._resume.set()
 
     async def _run(self) -> None:
         while True:
-            if self._roots():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(SAMPLE_SECONDS):
-                        await self._wake.wait()
-            else:
+            if not self._roots():
                 # Every program in a cgroup (or none running): no timer, so an idle daemon
-                # does not wake every SAMPLE_SECONDS for nothing; note_started() wakes it.
+                # does not wake every SAMPLE_SECONDS for nothing; note_started() resumes.
                 self._tallies.clear()
-                await self._wake.wait()
+                self._resume.clear()
+                await self._resume.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SAMPLE_SECONDS):
+                    await self._wake.wait()
             self._wake.clear()
             if not self._roots():
-                self._tallies.clear()
                 continue
             gap = self._last + MIN_GAP_SECONDS - time.monotonic()
             if gap > 0:
