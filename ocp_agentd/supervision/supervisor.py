@@ -448,9 +448,12 @@ class Supervisor:
                 current.replace_spec(spec)
                 current.apply_limits()
                 report["changed"].append(name)
+                # A start under way spawns from the spec it was given: its process may
+                # run while the state still says STOPPED or EXITED.
                 if (
                     needs_restart
-                    and current.state not in (State.STOPPED, State.EXITED)
+                    and (current.state not in (State.STOPPED, State.EXITED)
+                         or current.start_under_way())
                     and not current.intent.overridden(since)
                 ):
                     restart.append(name)
