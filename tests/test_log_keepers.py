@@ -273,3 +273,41 @@ def test_one_thread_collects_the_exits_of_every_keeper(tmp_path):
 
     # A zombie still exists: gone means reaped.
     wait_for(lambda: not any(psutil.pid_exists(pid) for pid in pids), 20, "every keeper reaped")
+
+
+def test_a_rotated_log_renamed_back_over_the_live_one_gets_a_new_keeper(tmp_path):
+    """After the keeper's own rotation (<log> -> <log>.1, a new <log>), the log's owner
+    renames <log>.1 back over <log>: the file at the path is one the keeper wrote once
+    but no longer writes (it writes the replaced file, now without a name). The next
+    process must get a keeper that writes the file at the path, not the old one: its
+    output would go to a file nobody can read. The keeper real, through open_streams."""
+    log = tmp_path / "logs" / "back.log"
+    log.parent.mkdir()
+    spec = ProgramSpec(name="back", command=["/bin/true"], cwd="/", stdout_log=log,
+                       stderr_log=log, log_max_bytes=64, log_backups=3)
+
+    def write(data: bytes) -> int:
+        out, err = output.open_streams(spec)
+        try:
+            os.write(out, data)
+            held = output.keeper_of(spec)
+            assert held is not None
+            return held.keeper.pid  # type: ignore[attr-defined]
+        finally:
+            for fd in {out, err}:
+                os.close(fd)
+
+    try:
+        write(b"")
+        first_ino = log.stat().st_ino
+        write(b"a" * 64 + b"b" * 10)  # 64 bytes fill the first file, then a rotation
+        rotated = log.with_name("back.log.1")
+        wait_for(lambda: rotated.exists() and rotated.stat().st_ino == first_ino
+                 and log.exists() and log.stat().st_size == 10, 10, "the rotation")
+        os.rename(rotated, log)  # the first file back at the path; the live one unnamed
+        marker = f"marker-{os.getpid()}\n".encode()
+        write(marker)
+        wait_for(lambda: marker in log.read_bytes(), 10,
+                 "the next process's output in the file at the log's path")
+    finally:
+        output.close_streams(spec.name)

@@ -74,8 +74,8 @@ def test_once_says_a_standing_problem_again_after_the_repeat_interval(
 def test_housekeeping_leaves_the_logs_of_programs_on_this_daemons_keeper(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """A program this daemon started writes through its log keeper, which rotates the
-    file exactly: housekeeping reads nothing of it (an idle daemon stats no log every
-    15 s). A stopped program's logs are still looked at."""
+    file exactly: housekeeping does not look into its logs while they are within their
+    limit (one stat each, no walk). A stopped program's logs are looked at."""
     looked: list[Path] = []
     real = output.rotate_if_needed
 
@@ -96,5 +96,32 @@ def test_housekeeping_leaves_the_logs_of_programs_on_this_daemons_keeper(
         await sup.stop("running")  # no longer on the keeper: looked at again
         await sup.housekeep()
         assert sup.program("running").spec.stdout_log in looked
+
+    run(world, body)
+
+
+def test_housekeeping_bounds_a_log_its_running_program_appends_to_itself(
+        world: World) -> None:
+    """A program on this daemon's keeper that also opens its log by name and appends to
+    it (a wrapper's `exec >>log`, a logging library pointed at the same file) writes past
+    the keeper, which counts only what it pumps: housekeeping still rotates that file,
+    or it grows without bound."""
+    logs = world.tmp / "log"
+    logs.mkdir()
+    log = logs / "direct.log"
+    world.add("direct", ["/bin/sh", "-c",
+                         f'exec >>{log}; head -c 262144 /dev/zero; exec sleep 1000'],
+              stdout_log=str(log), stderr_log=str(log), log_max_bytes=16384,
+              log_backups=1, start_seconds=0.0)
+
+    async def body(sup: Supervisor) -> None:
+        program = sup.program("direct")
+        assert program.alive()
+        deadline = asyncio.get_running_loop().time() + 20
+        while log.stat().st_size < 262144:
+            assert asyncio.get_running_loop().time() < deadline, "the program's writes"
+            await asyncio.sleep(0.05)
+        await sup.housekeep()
+        assert log.stat().st_size <= 16384 + os.statvfs(log).f_bsize
 
     run(world, body)

@@ -293,3 +293,53 @@ def test_names_the_held_script_uses_reach_the_program_unchanged(daemon_factory) 
     assert record["pid"] == standby.pid
     got = execed(record["pid"], spec["command"]).environ()
     assert {name: got.get(name) for name in env} == env
+
+
+def _keepers_of(daemon: DaemonRunner, name: str) -> list[int]:
+    """Pids of the live log keepers of program name of this daemon."""
+    mark = f"{daemon.state_dir}:{name}"
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if (proc.info["status"] != psutil.STATUS_ZOMBIE
+                    and proc.environ().get("OCP_AGENTD_LOG_KEEPER") == mark):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_log_renamed_back_by_its_user_discards_the_standby_writing_elsewhere(
+        daemon_factory, base) -> None:
+    """The program's user owns its log directory. After the keeper's rotation the user
+    renames <log>.1 back over <log>: the standby, made on that keeper, would write the
+    replaced file, which no longer has a name. The restart must not release it on that
+    keeper: the program's output goes to a keeper writing the file at the log's path."""
+    with unix_user() as user:
+        logs = base / "logs"
+        logs.mkdir()
+        os.chown(logs, user.uid, user.gid)
+        log = logs / "app.log"
+        tag = new_tag()
+        go = base / "go"
+        # The output comes once the standby waits (made later, it would see the rotation).
+        burst = (f"while [ ! -e {go} ]; do sleep 0.05; done; "
+                 f"head -c 1500 /dev/zero | tr '\\0' a; exec /bin/sleep 7000 {tag}")
+        daemon = daemon_factory({"writer": {
+            "command": ["/bin/sh", "-c", burst], "start_seconds": 0, "user": user.name,
+            "stdout_log": str(log), "stderr_log": str(log), "log_max_bytes": 1024,
+            "log_backups": 2}})
+        daemon.wait_state("writer", "RUNNING", timeout=30)
+        wait_standby(daemon, "writer")
+        go.touch()
+        rotated = logs / "app.log.1"
+        wait_for(lambda: rotated.exists() and log.exists() and log.stat().st_size == 476,
+                 20, "the keeper's rotation")
+        first = _keepers_of(daemon, "writer")
+        assert len(first) == 1
+        user.run("/bin/mv", str(rotated), str(log))  # the live file loses its name
+        daemon.post("/api/v1/processes/writer/restart").check()
+        # The old keeper ends with its last writer; the one left is new.
+        keepers = wait_for(lambda: (k := _keepers_of(daemon, "writer")) and len(k) == 1 and k,
+                           20, "one keeper of writer")
+        assert keepers != first

@@ -32,21 +32,30 @@ class KeeperExits:
         self._epoll: select.epoll | None = None
 
     def watch(self, child: subprocess.Popen[bytes]) -> None:
-        """Collects child's exit from now on. Where no pidfd can be had (out of
-        descriptors), a thread of its own waits for it instead."""
+        """Collects child's exit from now on. Where its pidfd cannot be had or watched
+        (out of descriptors, or of epoll watches), a thread of its own waits for it
+        instead: the child runs already, so this must not fail and leave it unreaped."""
         try:
             pidfd = os.pidfd_open(child.pid)
         except OSError:
-            threading.Thread(target=self._reap, args=(child,), daemon=True,
-                             name=f"keeper-{child.pid}").start()
+            self._reap_in_thread(child)
             return
-        with self._lock:
-            if self._epoll is None:
-                self._epoll = select.epoll()
-                threading.Thread(target=self._run, args=(self._epoll,), daemon=True,
-                                 name="keeper-exits").start()
-            self._watched[pidfd] = child
-            self._epoll.register(pidfd, select.EPOLLIN)
+        try:
+            with self._lock:
+                if self._epoll is None:
+                    epoll = select.epoll()
+                    try:
+                        threading.Thread(target=self._run, args=(epoll,), daemon=True,
+                                         name="keeper-exits").start()
+                    except BaseException:
+                        epoll.close()
+                        raise
+                    self._epoll = epoll
+                self._epoll.register(pidfd, select.EPOLLIN)
+                self._watched[pidfd] = child
+        except (OSError, RuntimeError):  # RuntimeError: no new thread can be started
+            os.close(pidfd)
+            self._reap_in_thread(child)
 
     def watching(self) -> int:
         """How many children are watched through the shared thread now."""
@@ -63,6 +72,10 @@ class KeeperExits:
                 os.close(pidfd)
                 if child is not None:
                     self._reap(child)
+
+    def _reap_in_thread(self, child: subprocess.Popen[bytes]) -> None:
+        threading.Thread(target=self._reap, args=(child,), daemon=True,
+                         name=f"keeper-{child.pid}").start()
 
     def _reap(self, child: subprocess.Popen[bytes]) -> None:
         child.wait()  # its pidfd said it exited: this does not block (else: its thread)

@@ -35,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -160,11 +160,13 @@ class _Held:
     keeper: subprocess.Popen[bytes]
     writes: list[int]  # one per log file, in the order of settings' paths
     settings: tuple[Any, ...]  # (paths, max_bytes, backups, uid, gid) it was started with
-    # (st_dev, st_ino) of the logs the keeper was last seen writing, at the logs' paths.
-    # The keeper changes files only when it rotates, which puts a new file at the path,
-    # so while each path still names one of these, the keeper's descriptors need no
-    # second look (/proc/PID/fd: a listing and a stat per descriptor, twice per restart).
-    seen: frozenset[tuple[int, int]] = frozenset()
+    # (st_dev, st_ino) of the logs the keeper was last seen writing -> the number of the
+    # keeper's descriptor of each. A look at that one descriptor (/proc/PID/fd/N, one
+    # stat) tells whether it still writes the file, instead of a listing and a stat per
+    # descriptor. The (st_dev, st_ino) alone would not: after the keeper's rotation the
+    # log's owner may rename the old file back to the path, which then names a file
+    # the keeper wrote once but no longer does (it closed that descriptor).
+    seen: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def serves(self, settings: tuple[Any, ...], files: list[int]) -> bool:
         """Whether the keeper runs, on these settings, writing the files now at the logs'
@@ -194,14 +196,14 @@ class _Held:
         return self._writes_to(ids)
 
     def _writes_to(self, ids: list[tuple[int, int]]) -> bool:
-        """Whether the keeper has every file of ids open: from `seen` when each is there,
-        else from its descriptors (then remembered in `seen`)."""
-        if all(key in self.seen for key in ids):
+        """Whether the keeper has every file of ids open: through the descriptors `seen`
+        names when each is there, else from all of its descriptors (then remembered)."""
+        if all(_holds(self.keeper.pid, self.seen.get(key), key) for key in ids):
             return True
         held = _open_files(self.keeper.pid)
         if not all(key in held for key in ids):
             return False
-        self.seen = frozenset(ids)
+        self.seen = {key: held[key] for key in ids}
         return True
 
     def copies(self) -> tuple[int, int]:
@@ -245,11 +247,11 @@ def _start_held(spec: ProgramSpec, state_dir: Path | None, settings: tuple[Any, 
         raise
     for read, _ in pipes:
         os.close(read)
-    seen = []
-    for fd in files:
+    seen = {}
+    for fd in files:  # pass_fds: the keeper has each file under the same number
         st = os.fstat(fd)
-        seen.append((st.st_dev, st.st_ino))
-    return _Held(keeper, [write for _, write in pipes], settings, frozenset(seen))
+        seen[(st.st_dev, st.st_ino)] = fd
+    return _Held(keeper, [write for _, write in pipes], settings, seen)
 
 
 def _running(keeper: subprocess.Popen[bytes]) -> bool:
@@ -264,9 +266,10 @@ def _running(keeper: subprocess.Popen[bytes]) -> bool:
     return ended is None
 
 
-def _open_files(pid: int) -> set[tuple[int, int]]:
-    """(st_dev, st_ino) of every file process ``pid`` has open; empty when unreadable."""
-    found = set()
+def _open_files(pid: int) -> dict[tuple[int, int], int]:
+    """(st_dev, st_ino) of every file process ``pid`` has open -> the number of one of its
+    descriptors of it; empty when unreadable."""
+    found = {}
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -274,8 +277,19 @@ def _open_files(pid: int) -> set[tuple[int, int]]:
     for name in names:
         with contextlib.suppress(OSError):
             st = os.stat(f"/proc/{pid}/fd/{name}")
-            found.add((st.st_dev, st.st_ino))
+            found[(st.st_dev, st.st_ino)] = int(name)
     return found
+
+
+def _holds(pid: int, fd: int | None, key: tuple[int, int]) -> bool:
+    """Whether process pid's descriptor fd is open on the file key (st_dev, st_ino)."""
+    if fd is None:
+        return False
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == key
 
 
 def keeper_of(spec: ProgramSpec, state_dir: Path | None = None) -> object | None:

@@ -237,6 +237,11 @@ class Program:
             **self._usage_fields(),
         )
 
+    def start_under_way(self) -> bool:
+        """Whether a start is trying now (spawning, or waiting for readiness): its state
+        may still be the one before it (STOPPED, EXITED) while its process runs."""
+        return self._abort_start is not None
+
     def logs_kept(self) -> bool:
         """Whether the program runs an instance this daemon started (not adopted), whose
         output therefore goes through this daemon's log keeper (output.open_streams),

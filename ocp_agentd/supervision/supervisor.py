@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import aiohttp
@@ -446,9 +448,12 @@ class Supervisor:
                 current.replace_spec(spec)
                 current.apply_limits()
                 report["changed"].append(name)
+                # A start under way spawns from the spec it was given: its process may
+                # run while the state still says STOPPED or EXITED.
                 if (
                     needs_restart
-                    and current.state not in (State.STOPPED, State.EXITED)
+                    and (current.state not in (State.STOPPED, State.EXITED)
+                         or current.start_under_way())
                     and not current.intent.overridden(since)
                 ):
                     restart.append(name)
@@ -466,11 +471,12 @@ class Supervisor:
         """Rotates program log files that grew past their limit. A log keeper never lets
         its file pass the limit: this rotates files a program appends to itself (one an
         older daemon started and this one adopted). The logs of a program running on
-        this daemon's keeper are not looked at: the keeper rotates them exactly (an
-        idle host's daemon then reads nothing here)."""
+        this daemon's keeper get one stat each: the keeper rotates them exactly, but
+        counts only the bytes it pumps, and the program may also append to its log by
+        name (a wrapper's `exec >>log`), which only this rotation bounds."""
         specs = [
-            p.spec for p in self.programs.values()
-            if p.spec.log_target == "file" and not p.logs_kept()
+            (p.spec, p.logs_kept()) for p in self.programs.values()
+            if p.spec.log_target == "file"
         ]
         if not specs:
             self._rotate_problems.forget_all_but(set())
@@ -478,11 +484,14 @@ class Supervisor:
 
         def rotate() -> None:
             seen = set()
-            for spec in specs:
+            for spec, kept in specs:
                 for path in (spec.stdout_log, spec.stderr_log):
                     if path is None or path in seen:
                         continue
                     seen.add(path)
+                    if kept and not _past(path, spec.log_max_bytes):
+                        self._rotate_problems.solved(path, f"rotating {path} again")
+                        continue
                     try:
                         uid, gid = output.owner_of(spec)
                         output.rotate_if_needed(
@@ -495,6 +504,18 @@ class Supervisor:
             self._rotate_problems.forget_all_but(seen)
 
         await asyncio.to_thread(rotate)
+
+
+def _past(path: Path, max_bytes: int) -> bool:
+    """Whether the file at path (links followed: only a hint, rotate_if_needed looks
+    safely) holds more than max_bytes; True when it cannot be told (a problem for
+    rotate_if_needed to say)."""
+    try:
+        return max_bytes > 0 and os.stat(path).st_size > max_bytes
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
 
 
 def _ordered(specs: Any) -> list[ProgramSpec]:
