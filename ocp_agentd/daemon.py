@@ -358,13 +358,20 @@ def _report_check(settings: Settings, path: Path, problems: list[HostProblem]) -
 
     Answers EXIT_OK, or EXIT_FAILURE for a valid file that this host cannot run as it is
     (an invalid file never gets here: it is EXIT_CONFIG)."""
-    print(summary(settings, path))
     could_start, lines = cgroups.check_report(
         settings.agent.cgroup,
         settings.agent.state_dir,
         {name: limits_of(spec) for name, spec in settings.programs.items()},
     )
-    print("\n".join(lines))
+    try:
+        print(summary(settings, path))
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:
+        # The reader went away (`--check | head`): the rest, and the interpreter's final
+        # flush, go to /dev/null; the exit status still says what the check found.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     if problems:
         print(f"ocp-agentd: {path} cannot run on this host:", file=sys.stderr)
         for problem in problems:

@@ -50,6 +50,23 @@ def test_check_accepts_the_demo_config(daemon_factory) -> None:
     assert "pos_proxy" in result.stdout and "is valid" in result.stdout
 
 
+def test_check_into_a_closed_pipe_prints_no_traceback(daemon_factory) -> None:
+    """`ocp-agentd --check | head -1`: the reader goes away after one line; the rest is
+    dropped quietly and the exit status still says what the check found."""
+    runner = daemon_factory(start=False)
+    read, write = os.pipe()
+    os.close(read)  # a reader that has gone already: every write is EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "ocp_agentd", "--config", str(runner.config), "--check"],
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.returncode == check_config(runner.config).returncode == 0
+
+
 def test_bad_config_is_rejected_naming_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(
