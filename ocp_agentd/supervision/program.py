@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 import aiohttp
 
@@ -101,6 +101,30 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.EXITED: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
     State.FATAL: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
 }
+
+
+class _RecordField(Generic[T]):
+    """A Program attribute shown in its status record: setting it drops the kept record
+    (Program._record_changed), so the next status answer shows the new value."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = f"_{name}"
+
+    @overload
+    def __get__(self, program: None, owner: type) -> _RecordField[T]: ...
+
+    @overload
+    def __get__(self, program: Program, owner: type) -> T: ...
+
+    def __get__(self, program: Program | None, owner: type) -> T | _RecordField[T]:
+        if program is None:
+            return self
+        value: T = getattr(program, self._slot)
+        return value
+
+    def __set__(self, program: Program, value: T) -> None:
+        setattr(program, self._slot, value)
+        program._record_changed()
 
 
 class Program:
@@ -255,45 +279,10 @@ class Program:
 
     # The record's fields kept on the program besides the state: setting one drops the
     # kept record, whether or not a state change follows at once.
-
-    @property
-    def instance(self) -> Instance | None:
-        """The running (or last) copy of the program; None before the first start."""
-        return self._instance
-
-    @instance.setter
-    def instance(self, value: Instance | None) -> None:
-        self._instance = value
-        self._record_changed()
-
-    @property
-    def restarts(self) -> int:
-        """Restarts since the daemon started the program (kept across adoption)."""
-        return self._restarts
-
-    @restarts.setter
-    def restarts(self, value: int) -> None:
-        self._restarts = value
-        self._record_changed()
-
-    @property
-    def last_exit(self) -> ExitInfo | None:
-        return self._last_exit
-
-    @last_exit.setter
-    def last_exit(self, value: ExitInfo | None) -> None:
-        self._last_exit = value
-        self._record_changed()
-
-    @property
-    def oom_kills(self) -> int:
-        """Processes of the program the OOM killer ended since the daemon started."""
-        return self._oom_kills
-
-    @oom_kills.setter
-    def oom_kills(self, value: int) -> None:
-        self._oom_kills = value
-        self._record_changed()
+    instance: _RecordField[Instance | None] = _RecordField()  # running (or last) copy
+    restarts: _RecordField[int] = _RecordField()  # since the daemon started the program
+    last_exit: _RecordField[ExitInfo | None] = _RecordField()
+    oom_kills: _RecordField[int] = _RecordField()  # processes the OOM killer ended
 
     def record_base(self) -> RecordBase:
         """info().as_dict() and the main's start, kept between the record's changes: only
