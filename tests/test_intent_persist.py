@@ -10,13 +10,13 @@ import ctypes
 import os
 import signal
 import struct
-import threading
 import uuid
 from pathlib import Path
 
 import orjson
 import pytest
 from harness import DaemonRunner, wait_for
+from planted import names_within, plant_in_place
 from test_daemon import instances
 
 from ocp_agentd.demo.config import demo_command
@@ -191,22 +191,12 @@ def test_a_fifo_or_directory_in_place_of_the_file_is_moved_aside(tmp_path, kind)
     for a writer: the daemon would never answer), nor a directory there fail every later
     write (an answered stop would not outlive a kill -9): either is moved aside."""
     directory = tmp_path / "intent"
-    directory.mkdir()
-    path = directory / RECORDS_FILE
-    if kind == "fifo":
-        os.mkfifo(path)
-    else:
-        path.mkdir()
+    path = plant_in_place(directory, kind)
     records = IntentRecords(directory)
-    answer: list[list[str]] = []
-    reader = threading.Thread(target=lambda: answer.append(records.names()), daemon=True)
-    reader.start()
-    reader.join(5.0)
-    if reader.is_alive():
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # lets the reader go
-        reader.join(5.0)
+    answer = names_within(records, path)
+    if answer is None:
         pytest.fail(f"reading the records blocked on a {kind} in place of the file")
-    assert answer == [[]]
+    assert answer == []
     records.save("p", "STOPPED")
     assert path.is_file()
     loaded = IntentRecords(directory).load("p")

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from planted import names_within, plant_in_place
 
 from ocp_agentd.supervision import pid_records
 from ocp_agentd.supervision.identity import PidRecord
@@ -126,32 +127,13 @@ def test_a_link_in_place_of_the_file_is_replaced_not_followed(tmp_path: Path) ->
     assert not (tmp_path / "pids" / RECORDS_FILE).is_symlink()
 
 
-def names_within(records: PidRecords, path: Path, timeout: float = 5.0) -> list[str] | None:
-    """records.names() (the first read of the file), or None when it did not return within
-    timeout seconds; a FIFO's reader is then let go (a writer opened and closed)."""
-    answer: list[list[str]] = []
-    reader = threading.Thread(target=lambda: answer.append(records.names()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if reader.is_alive():
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        reader.join(timeout)
-        return None
-    return answer[0]
-
-
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
 def test_a_fifo_or_directory_in_place_of_the_file_is_moved_aside(tmp_path: Path, kind) -> None:
     """Neither blocks the first read (a FIFO would block open(2) until a writer came: the
     daemon would never answer) nor every later write (rename(2) cannot replace a
     directory): it is moved aside and the records are written again."""
     directory = tmp_path / "pids"
-    directory.mkdir()
-    path = directory / RECORDS_FILE
-    if kind == "fifo":
-        os.mkfifo(path)
-    else:
-        path.mkdir()
+    path = plant_in_place(directory, kind)
     records = PidRecords(directory)
     assert names_within(records, path) == []
     records.save(_record("a", 10))
