@@ -133,7 +133,7 @@ def open_streams(spec: ProgramSpec, state_dir: Path | None = None) -> tuple[int,
             raise
     settings = _log_settings(spec)
     paths, uid, gid = settings[0], settings[3], settings[4]
-    key = (str(state_dir or ""), spec.name)
+    key = _key(spec.name, state_dir)
     held = _held.get(key)
     if held is not None and held.still_serves(settings, uid):
         return held.copies()
@@ -227,6 +227,10 @@ class _Held:
 _held: dict[tuple[str, str], _Held] = {}  # (state_dir, program name) -> its keeper
 
 
+def _key(name: str, state_dir: Path | None) -> tuple[str, str]:
+    return (str(state_dir or ""), name)
+
+
 def _start_held(spec: ProgramSpec, state_dir: Path | None, settings: tuple[Any, ...],
                 files: list[int]) -> _Held:
     paths = settings[0]
@@ -297,7 +301,7 @@ def keeper_of(spec: ProgramSpec, state_dir: Path | None = None) -> object | None
     compare with current_keeper() by identity); None for the journal or when none runs."""
     if spec.log_target == "journal":
         return None
-    return _held.get((str(state_dir or ""), spec.name))
+    return _held.get(_key(spec.name, state_dir))
 
 
 def current_keeper(spec: ProgramSpec, state_dir: Path | None = None) -> object | None:
@@ -305,10 +309,8 @@ def current_keeper(spec: ProgramSpec, state_dir: Path | None = None) -> object |
     compare by identity (a standby made with another one writes elsewhere), without
     duplicating its pipes; None when open_streams would start a new keeper or refuse
     (the logs changed, are unsafe, or the program logs to the journal)."""
-    if spec.log_target == "journal":
-        return None
-    held = _held.get((str(state_dir or ""), spec.name))
-    if held is None:
+    held = keeper_of(spec, state_dir)
+    if not isinstance(held, _Held):
         return None
     settings = _log_settings(spec)
     return held if held.still_serves(settings, settings[3]) else None
@@ -329,7 +331,7 @@ def close_streams(name: str, state_dir: Path | None = None) -> None:
     """Closes this daemon's copies of program ``name``'s log pipes: its keeper ends once
     the program's processes have closed theirs. For a program leaving the config, a log
     target or file that changed, and the daemon's exit."""
-    held = _held.pop((str(state_dir or ""), name), None)
+    held = _held.pop(_key(name, state_dir), None)
     if held is not None:
         held.close()
 
