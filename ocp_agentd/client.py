@@ -10,6 +10,8 @@ Error envelopes raise :class:`AgentError`; a daemon that does not answer raises
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json as jsonlib
 import os
 import tomllib
@@ -194,14 +196,34 @@ class AgentClient:
                 total=max(self.timeout, timeout + 30), sock_connect=self.connect_timeout
             )
         session = self._session_for()
-        try:
-            async with session.request(
-                method, self._base() + path, json=json, params=params, headers=headers, **extra
-            ) as response:
-                body = await response.read()
-                return response.status, response.content_type, body, dict(response.headers)
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            raise self._unavailable(exc) from None
+        deadline = asyncio.get_running_loop().time() + self.connect_timeout
+        pause = 0.002
+        while True:
+            try:
+                async with session.request(
+                    method, self._base() + path, json=json, params=params, headers=headers,
+                    **extra,
+                ) as response:
+                    body = await response.read()
+                    return response.status, response.content_type, body, dict(response.headers)
+            except aiohttp.ClientOSError as exc:
+                left = deadline - asyncio.get_running_loop().time()
+                if not self._never_connected(exc) or left <= 0:
+                    raise self._unavailable(exc) from None
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, 0.1)
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                raise self._unavailable(exc) from None
+
+    def _never_connected(self, exc: aiohttp.ClientOSError) -> bool:
+        """True when ``exc`` says the unix socket was never connected, so the request
+        reached no one and may be sent again.
+
+        While the daemon's listen queue is full, a non-blocking unix connect fails with
+        EAGAIN (connect(2)); asyncio takes that for a connect in progress
+        (CPython gh-117208) and the first write then fails with ENOTCONN.
+        """
+        return self.socket_path is not None and exc.errno == errno.ENOTCONN
 
     async def request(
         self,

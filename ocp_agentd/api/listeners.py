@@ -165,7 +165,7 @@ def _bind_unix(path: Path, mode: int, gid: int = -1) -> socket.socket:
         os.chown(temporary, -1, gid, follow_symlinks=False)
         os.chmod(temporary, mode)
         os.rename(temporary, path)
-        sock.listen(128)
+        sock.listen(UNIX_BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -208,6 +208,14 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+# The unix socket's listen queue (the kernel caps it at net.core.somaxconn). While it is
+# full a local client's connect fails at once with EAGAIN instead of waiting (connect(2)),
+# and asyncio's clients then fail their first write with ENOTCONN (CPython gh-117208): a
+# burst of local clients while the daemon is busy must find room.
+UNIX_BACKLOG = 4096
+# Connections the event loop accepts per wake-up (asyncio also hands this to listen(),
+# which is why UNIX_BACKLOG is set after it): a burst is served in turns with other work.
+UNIX_ACCEPTS = 128
 # TCP connections held at once. Past it new ones are closed on arrival: clients that
 # connect and send nothing cannot use up the daemon's file descriptors (programs could no
 # longer be spawned or watched, and the unix socket would stop answering).
@@ -422,7 +430,9 @@ async def start_api(app: web.Application, settings: Settings) -> ApiServer:
         app[AUTH].socket_gid = st.st_gid
         server = ApiServer(runner, path, None, (st.st_dev, st.st_ino))
         # Guarded: out of descriptors, accepting pauses instead of spinning (descriptors.py).
-        await web.SockSite(runner, guard_listener(unix_sock)).start()
+        guarded = guard_listener(unix_sock)
+        await web.SockSite(runner, guarded, backlog=UNIX_ACCEPTS).start()
+        guarded.listen(UNIX_BACKLOG)
         log.info("API listening on %s (mode %s)", path, api.socket_mode)
         if api.tcp_host_port is not None:
             host, port = api.tcp_host_port

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import time
 
 from ocp_agentd.cli.http11 import Connection, ProtocolError, Response
 
@@ -117,15 +118,33 @@ def _with_query(path: str, query: dict[str, Any] | None) -> str:
 
 
 def _unix_socket(path: str, timeout: float | None) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(min(CONNECT_TIMEOUT, timeout or CONNECT_TIMEOUT))
-    try:
-        sock.connect(path)
-    except OSError:
-        sock.close()
-        raise
-    sock.settimeout(timeout)
-    return sock
+    """A socket connected to ``path`` within CONNECT_TIMEOUT (or ``timeout`` when shorter).
+
+    A unix socket's connect with a timeout fails at once with EAGAIN while the daemon's
+    listen queue is full, where TCP would wait (connect(2)): it is tried again, with short
+    pauses, until the connect timeout. Raises OSError (TimeoutError once it has passed).
+    """
+    limit = min(CONNECT_TIMEOUT, timeout or CONNECT_TIMEOUT)
+    deadline = time.monotonic() + limit
+    pause = 0.002
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(limit)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{path}: the daemon's listen queue stayed full") from None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.1)
+            continue
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(timeout)
+        return sock
 
 
 def _tls_context(target: Target) -> ssl.SSLContext:

@@ -1,0 +1,180 @@
+"""A burst of local clients while the daemon is busy: the unix socket's listen queue.
+
+A unix socket's connect does not wait while the listener's queue is full, as TCP's does:
+a non-blocking or timed connect fails at once with EAGAIN (connect(2)), and asyncio takes
+that EAGAIN for a connect in progress, so an aiohttp client fails its first write with
+ENOTCONN (CPython gh-117208). The daemon therefore keeps a deep queue, and both of its
+clients (ocp-agentctl's transport and AgentClient, which the restart task uses) try again
+while the queue stays full, within their connect timeout.
+
+The full queue is made for real: a listener frozen with SIGSTOP and connections that fill
+its queue, then SIGCONT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ocp_agentd.cli.transport import _unix_socket
+from ocp_agentd.client import AgentClient
+
+BURST = 400  # local clients at once: well past the 128 of a default listen queue
+STILL_TRYING = 0.3  # seconds a client must still be trying while the queue is full
+REQUEST = b"GET /api/v1/status HTTP/1.1\r\nHost: ocp-agentd\r\nConnection: close\r\n\r\n"
+
+# A listener with a queue of one that answers every request with one success envelope.
+TINY_SERVER = textwrap.dedent("""
+    import socket, sys
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(sys.argv[1])
+    server.listen(1)
+    print("ready", flush=True)
+    body = b'{"successful": true, "status": 200, "data": {"answered": true}}'
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            seen = b""
+            while b"\\r\\n\\r\\n" not in seen:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                seen += chunk
+            if seen:
+                conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\n"
+                             b"Connection: close\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body)
+                             + body)
+""")
+
+
+def _connect_nonblocking(path: Path) -> socket.socket:
+    """A non-blocking unix connect, as an event loop makes it; OSError as connect(2)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _read_all(sock: socket.socket, timeout: float) -> bytes:
+    sock.setblocking(True)
+    sock.settimeout(timeout)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def _full_queue(path: Path) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """A tiny server at ``path``, frozen, whose listen queue is full, and the call that
+    frees the queue (closing the connections that fill it) and resumes the server. On
+    leaving, the server is resumed and killed."""
+    server = subprocess.Popen([sys.executable, "-c", TINY_SERVER, str(path)],
+                              stdout=subprocess.PIPE)
+    fillers: list[socket.socket] = []
+
+    def resume() -> None:
+        for sock in fillers:
+            sock.close()
+        server.send_signal(signal.SIGCONT)
+
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        server.send_signal(signal.SIGSTOP)
+        while True:
+            try:
+                fillers.append(_connect_nonblocking(path))
+            except BlockingIOError:
+                break
+            assert len(fillers) < 64, "the tiny server's queue never filled"
+        yield path, resume
+    finally:
+        resume()
+        server.kill()
+        server.wait(timeout=10)
+        server.stdout.close()
+
+
+def test_a_burst_of_local_clients_finds_room_while_the_daemon_is_frozen(daemon_factory):
+    runner = daemon_factory()
+    assert runner.pid is not None
+    clients: list[socket.socket] = []
+    refused = 0
+    runner.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(BURST):
+            try:
+                clients.append(_connect_nonblocking(runner.socket))
+            except BlockingIOError:
+                refused += 1
+        for sock in clients:
+            sock.sendall(REQUEST)
+    finally:
+        runner.send_signal(signal.SIGCONT)
+    try:
+        assert refused == 0, f"{refused} of {BURST} connects found the listen queue full"
+        answers = [_read_all(sock, timeout=30) for sock in clients]
+    finally:
+        for sock in clients:
+            sock.close()
+    assert all(answer.startswith(b"HTTP/1.1 200 ") for answer in answers)
+
+
+def test_ctl_transport_tries_again_while_the_queue_is_full(tmp_path):
+    with (_full_queue(tmp_path / "tiny.sock") as (path, _),
+          pytest.raises(TimeoutError, match="listen queue stayed full")):
+        _unix_socket(str(path), STILL_TRYING)
+
+    with _full_queue(tmp_path / "second.sock") as (path, resume):
+        async def connect_while_frozen() -> socket.socket:
+            attempt = asyncio.create_task(asyncio.to_thread(_unix_socket, str(path), 30.0))
+            done, _ = await asyncio.wait({attempt}, timeout=STILL_TRYING)
+            assert not done, f"gave up while the queue was full: {attempt.exception()!r}"
+            resume()
+            return await attempt
+
+        sock = asyncio.run(connect_while_frozen())
+        with sock:
+            sock.sendall(REQUEST)
+            assert _read_all(sock, timeout=30).startswith(b"HTTP/1.1 200 ")
+
+
+def test_agent_client_tries_again_while_the_queue_is_full(tmp_path):
+    with _full_queue(tmp_path / "tiny.sock") as (path, resume):
+        async def request_while_frozen() -> object:
+            async with AgentClient(socket_path=path, timeout=30, connect_timeout=30) as client:
+                attempt = asyncio.create_task(client.request("GET", "/api/v1/status"))
+                done, _ = await asyncio.wait({attempt}, timeout=STILL_TRYING)
+                assert not done, f"gave up while the queue was full: {attempt.exception()!r}"
+                resume()
+                return await attempt
+
+        assert asyncio.run(request_while_frozen()) == {"answered": True}
+
+
+def test_a_never_connected_socket_fails_its_first_write_with_enotconn(tmp_path):
+    """The kernel's side of the case above, so the clients' reading of ENOTCONN stays
+    right: after EAGAIN the socket has no peer, and a write says so."""
+    with _full_queue(tmp_path / "tiny.sock") as (path, _):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        with sock:
+            with pytest.raises(BlockingIOError):
+                sock.connect(str(path))
+            with pytest.raises(OSError) as failed:
+                sock.send(b"x")
+            assert failed.value.errno == errno.ENOTCONN
