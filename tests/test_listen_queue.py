@@ -1,11 +1,13 @@
-"""A burst of local clients while the daemon is busy: the unix socket's listen queue.
+"""A burst of clients while the daemon is busy: the listen queues of both listeners.
 
 A unix socket's connect does not wait while the listener's queue is full, as TCP's does:
 a non-blocking or timed connect fails at once with EAGAIN (connect(2)), and asyncio takes
 that EAGAIN for a connect in progress, so an aiohttp client fails its first write with
-ENOTCONN (CPython gh-117208). The daemon therefore keeps a deep queue, and both of its
-clients (ocp-agentctl's transport and AgentClient, which the restart task uses) try again
-while the queue stays full, within their connect timeout.
+ENOTCONN (CPython gh-117208). A full TCP queue drops the handshake instead, and the
+client waits a second or more for its SYN to go again. The daemon therefore keeps deep
+queues on both listeners, and both of its clients (ocp-agentctl's transport and
+AgentClient, which the restart task uses) try again while the unix socket's queue stays
+full, within their connect timeout.
 
 The full queue is made for real: a listener frozen with SIGSTOP and connections that fill
 its queue, then SIGCONT.
@@ -16,21 +18,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
+import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
+from harness import free_port, wait_for
 
 from ocp_agentd.cli.transport import _unix_socket
 from ocp_agentd.client import AgentClient
 
 BURST = 400  # local clients at once: well past the 128 of a default listen queue
 STILL_TRYING = 0.3  # seconds a client must still be trying while the queue is full
+HANDSHAKE_SECONDS = 0.5  # a loopback handshake with room in the queue takes microseconds
+TOKEN = "listen-queue-viewer-token"
 REQUEST = b"GET /api/v1/status HTTP/1.1\r\nHost: ocp-agentd\r\nConnection: close\r\n\r\n"
 
 # A listener with a queue of one that answers every request with one success envelope.
@@ -69,6 +79,14 @@ def _connect_nonblocking(path: Path) -> socket.socket:
     return sock
 
 
+def _freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped for real: a process still running could
+    accept a connection meant to fill its queue."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED,
+             timeout=10, message=f"pid {pid} stopped")
+
+
 def _read_all(sock: socket.socket, timeout: float) -> bytes:
     sock.setblocking(True)
     sock.settimeout(timeout)
@@ -94,7 +112,7 @@ def _full_queue(path: Path) -> Iterator[tuple[Path, Callable[[], None]]]:
 
     try:
         assert server.stdout is not None and server.stdout.readline() == b"ready\n"
-        server.send_signal(signal.SIGSTOP)
+        _freeze(server.pid)
         while True:
             try:
                 fillers.append(_connect_nonblocking(path))
@@ -114,8 +132,8 @@ def test_a_burst_of_local_clients_finds_room_while_the_daemon_is_frozen(daemon_f
     assert runner.pid is not None
     clients: list[socket.socket] = []
     refused = 0
-    runner.send_signal(signal.SIGSTOP)
     try:
+        _freeze(runner.pid)
         for _ in range(BURST):
             try:
                 clients.append(_connect_nonblocking(runner.socket))
@@ -127,6 +145,47 @@ def test_a_burst_of_local_clients_finds_room_while_the_daemon_is_frozen(daemon_f
         runner.send_signal(signal.SIGCONT)
     try:
         assert refused == 0, f"{refused} of {BURST} connects found the listen queue full"
+        answers = [_read_all(sock, timeout=30) for sock in clients]
+    finally:
+        for sock in clients:
+            sock.close()
+    assert all(answer.startswith(b"HTTP/1.1 200 ") for answer in answers)
+
+
+def test_a_burst_of_tcp_clients_completes_its_handshakes_while_the_daemon_is_frozen(
+        daemon_factory):
+    port = free_port()
+    runner = daemon_factory(overrides={"api": {"tcp": f"127.0.0.1:{port}", "tokens": [
+        {"name": "viewer", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+         "permissions": ["HOST_VIEWER"]}]}})
+    request = REQUEST.replace(b"\r\n\r\n",
+                              b"\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+    clients: list[socket.socket] = []
+    try:
+        _freeze(runner.pid)
+        for _ in range(BURST // 2):  # the daemon's TCP table holds 256 at most
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            clients.append(sock)
+            sock.setblocking(False)
+            assert sock.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS)
+        poller = select.poll()
+        for sock in clients:
+            poller.register(sock, select.POLLOUT)
+        deadline = time.monotonic() + HANDSHAKE_SECONDS
+        connected: set[int] = set()
+        while len(connected) < len(clients) and time.monotonic() < deadline:
+            for fd, _ in poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                poller.unregister(fd)
+                connected.add(fd)
+        for sock in clients:
+            if sock.fileno() in connected:
+                sock.sendall(request)
+    finally:
+        runner.send_signal(signal.SIGCONT)
+    try:
+        assert len(connected) == len(clients), (
+            f"{len(clients) - len(connected)} of {len(clients)} handshakes waited for a "
+            "full listen queue")
         answers = [_read_all(sock, timeout=30) for sock in clients]
     finally:
         for sock in clients:

@@ -147,6 +147,19 @@ def socket_dir_problem(path: Path) -> str | None:
     return safefs.check_directory(path.parent, owner=os.getuid())
 
 
+# Both listeners' queues of connections not yet accepted (the kernel caps them at
+# net.core.somaxconn): a burst of clients while the daemon is busy must find room. While a
+# unix socket's queue is full a client's connect fails at once with EAGAIN (connect(2)),
+# and asyncio's clients then fail their first write with ENOTCONN (CPython gh-117208);
+# while a TCP queue is full the kernel drops the handshake, and the client waits a second
+# or more for its SYN to be sent again.
+LISTEN_QUEUE = 4096
+# Connections the event loop accepts per wake-up on the unix socket (asyncio also hands
+# this number to listen(), which is why LISTEN_QUEUE is set again after it): a burst is
+# served in turns with other work.
+UNIX_ACCEPTS = 128
+
+
 def _bind_unix(path: Path, mode: int, gid: int = -1) -> socket.socket:
     """A listening unix socket at ``path`` that has ``mode`` (and group ``gid``, -1 to keep
     the daemon's) before anyone can reach it.
@@ -165,7 +178,7 @@ def _bind_unix(path: Path, mode: int, gid: int = -1) -> socket.socket:
         os.chown(temporary, -1, gid, follow_symlinks=False)
         os.chmod(temporary, mode)
         os.rename(temporary, path)
-        sock.listen(UNIX_BACKLOG)
+        sock.listen(LISTEN_QUEUE)
     except OSError:
         sock.close()
         raise
@@ -203,19 +216,11 @@ def load_tls(context: ssl.SSLContext, api: ApiSection) -> None:
 
 def _bind_tcp(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=128)
+    sock = socket.create_server((host, port), family=family, backlog=LISTEN_QUEUE)
     sock.setblocking(False)
     return sock
 
 
-# The unix socket's listen queue (the kernel caps it at net.core.somaxconn). While it is
-# full a local client's connect fails at once with EAGAIN instead of waiting (connect(2)),
-# and asyncio's clients then fail their first write with ENOTCONN (CPython gh-117208): a
-# burst of local clients while the daemon is busy must find room.
-UNIX_BACKLOG = 4096
-# Connections the event loop accepts per wake-up (asyncio also hands this to listen(),
-# which is why UNIX_BACKLOG is set after it): a burst is served in turns with other work.
-UNIX_ACCEPTS = 128
 # TCP connections held at once. Past it new ones are closed on arrival: clients that
 # connect and send nothing cannot use up the daemon's file descriptors (programs could no
 # longer be spawned or watched, and the unix socket would stop answering).
@@ -405,6 +410,7 @@ class _CappedSite(web.SockSite):
             self._protocol, sock=self._sock, backlog=32, ssl=self._ssl_context,
             ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS if self._ssl_context else None,
         )
+        self._sock.listen(LISTEN_QUEUE)  # the queue stays deep; see LISTEN_QUEUE
 
 
 async def start_api(app: web.Application, settings: Settings) -> ApiServer:
@@ -432,7 +438,7 @@ async def start_api(app: web.Application, settings: Settings) -> ApiServer:
         # Guarded: out of descriptors, accepting pauses instead of spinning (descriptors.py).
         guarded = guard_listener(unix_sock)
         await web.SockSite(runner, guarded, backlog=UNIX_ACCEPTS).start()
-        guarded.listen(UNIX_BACKLOG)
+        guarded.listen(LISTEN_QUEUE)
         log.info("API listening on %s (mode %s)", path, api.socket_mode)
         if api.tcp_host_port is not None:
             host, port = api.tcp_host_port
