@@ -146,6 +146,7 @@ class Daemon:
         self.metrics: AgentMetrics | None = None
         self.ctx: AppContext | None = None
         self.ticker = Ticker(self.notifier, self.supervisor.housekeep, self._record_lag)
+        self.supervisor.log_watch.on_change = self.ticker.want_housekeeping
         self._booted = False
 
     async def run(self) -> int:

@@ -2,16 +2,19 @@
 housekeeping (log rotation).
 
 Idle, the ticker wakes only for what is due: the watchdog ping (half of WatchdogSec, see
-sd_watchdog_enabled(3)) and housekeeping. For BUSY_SECONDS after activity (a request or a
-state change) it also wakes every PROBE_SECONDS: how late each timer wake-up comes is the
-event loop's lag, so a stall that could make the watchdog miss its ping shows in
-ocp_agentd_event_loop_lag_seconds.
+sd_watchdog_enabled(3)) and housekeeping, which is due HOUSEKEEPING_SECONDS after start,
+then after each round that asks for another and HOUSEKEEPING_SECONDS after
+want_housekeeping() (a watched log file changed): with nothing changing, the daemon sleeps.
+For BUSY_SECONDS after activity (a request or a state change) it also wakes every
+PROBE_SECONDS: how late each timer wake-up comes is the event loop's lag, so a stall that
+could make the watchdog miss its ping shows in ocp_agentd_event_loop_lag_seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -25,13 +28,15 @@ BUSY_SECONDS = 5.0
 
 
 class Ticker:
-    """Runs until cancelled. housekeep() is awaited every HOUSEKEEPING_SECONDS (its errors
-    are logged); observe_lag(seconds) gets each timer wake-up's lateness."""
+    """Runs until cancelled. housekeep() is awaited when due (see the module docstring;
+    its errors are logged, and a round that raised is followed by another) and answers
+    whether another round is due in HOUSEKEEPING_SECONDS whatever happens;
+    observe_lag(seconds) gets each timer wake-up's lateness."""
 
     def __init__(
         self,
         notifier: Notifier,
-        housekeep: Callable[[], Awaitable[None]],
+        housekeep: Callable[[], Awaitable[bool]],
         observe_lag: Callable[[float], None],
     ) -> None:
         self._notifier = notifier
@@ -39,6 +44,15 @@ class Ticker:
         self._observe_lag = observe_lag
         self._last_activity = time.monotonic()
         self._wake = asyncio.Event()  # set by activity; ends the long idle sleep
+        self._next_housekeeping = math.inf  # event loop time; set when run() starts
+
+    def want_housekeeping(self) -> None:
+        """A round is due HOUSEKEEPING_SECONDS from now, unless one is due sooner (call on
+        the event loop: a watched log file changed, a reload named new files)."""
+        if self._next_housekeeping == math.inf:
+            self._next_housekeeping = (asyncio.get_running_loop().time()
+                                       + HOUSEKEEPING_SECONDS)
+            self._wake.set()  # the idle sleep is recomputed with the new due time
 
     def note_activity(self) -> None:
         """Something happened: probe the loop closely for the next BUSY_SECONDS."""
@@ -49,11 +63,11 @@ class Ticker:
         loop = asyncio.get_running_loop()
         watchdog = self._notifier.watchdog_interval()
         now = loop.time()
-        next_ping = now if watchdog else float("inf")
-        next_housekeeping = now + HOUSEKEEPING_SECONDS
+        next_ping = now if watchdog else math.inf
+        self._next_housekeeping = now + HOUSEKEEPING_SECONDS
         while True:
             now = loop.time()
-            due = min(next_ping, next_housekeeping)
+            due = min(next_ping, self._next_housekeeping)
             busy = time.monotonic() - self._last_activity < BUSY_SECONDS
             if busy:
                 due = min(due, now + PROBE_SECONDS)
@@ -73,9 +87,14 @@ class Ticker:
             if watchdog and now >= next_ping:
                 self._notifier.ping()
                 next_ping = now + watchdog
-            if now >= next_housekeeping:
-                next_housekeeping = now + HOUSEKEEPING_SECONDS
+            if now >= self._next_housekeeping:
+                # A change during the round schedules the next one (want_housekeeping).
+                self._next_housekeeping = math.inf
                 try:
-                    await self._housekeep()
+                    again = await self._housekeep()
                 except Exception:
                     log.exception("housekeeping failed")
+                    again = True
+                if again:
+                    self._next_housekeeping = min(self._next_housekeeping,
+                                                  loop.time() + HOUSEKEEPING_SECONDS)

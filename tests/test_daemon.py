@@ -204,14 +204,17 @@ def _main_thread_wakeups(pid: int) -> int:
 
 def test_idle_daemon_wakes_only_for_housekeeping(daemon_factory) -> None:
     """Left alone, the event loop sleeps until housekeeping is due (no per-second tick), and
-    housekeeping still rotates a log file that outgrew log_max_bytes. No program has a
+    log files still rotate: the keeper's, and one a program appends to by name, which
+    housekeeping rotates once its watch says it changed (logwatch.py). No program has a
     liveness probe here (SPEC section 10: those cost nothing between periods, and without
     one, nothing at all)."""
     spammer = {"command": [sys.executable, "-m", "ocp_agentd.demo.misbehave", "spam",
                            "--bytes", "20000"],
                "log_max_bytes": 5000, "log_backups": 1}
+    quiet = {"command": ["/bin/sleep", "100000"], "log_max_bytes": 5000, "log_backups": 1}
     no_probe = {"programs": {"ocp_exporter": {"liveness": None}}}
-    daemon = daemon_factory({"spammer": spammer}, no_probe, wait_running=True)
+    daemon = daemon_factory({"spammer": spammer, "quiet": quiet}, no_probe,
+                            wait_running=True)
     assert all(spec.liveness is None for spec in daemon.settings.programs.values())
     assert daemon.pid is not None and daemon.settings is not None
     stdout_log = daemon.settings.programs["spammer"].stdout_log
@@ -230,3 +233,11 @@ def test_idle_daemon_wakes_only_for_housekeeping(daemon_factory) -> None:
     # The copy ends at a file system block: the rest stays in the live file, none is lost.
     assert stdout_log.stat().st_size <= 5000
     assert backup.stat().st_size >= 4096
+    # A log appended to by name past its limit: the change wakes housekeeping.
+    quiet_log = daemon.settings.programs["quiet"].stdout_log
+    assert quiet_log is not None
+    with quiet_log.open("ab") as appended:
+        appended.write(b"x" * 20000)
+    quiet_backup = quiet_log.with_name(quiet_log.name + ".1")
+    wait_for(quiet_backup.exists, 2 * HOUSEKEEPING_SECONDS, "the appended log rotated")
+    assert quiet_log.stat().st_size <= 5000

@@ -75,7 +75,8 @@ def test_housekeeping_leaves_the_logs_of_programs_on_this_daemons_keeper(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """A program this daemon started writes through its log keeper, which rotates the
     file exactly: housekeeping does not look into its logs while they are within their
-    limit (one stat each, no walk). A stopped program's logs are looked at."""
+    limit (one stat each, no walk). A stopped program's logs are looked at; after that
+    a log is looked at again only once it changed (logwatch.py)."""
     looked: list[Path] = []
     real = output.rotate_if_needed
 
@@ -93,9 +94,14 @@ def test_housekeeping_leaves_the_logs_of_programs_on_this_daemons_keeper(
         stopped = sup.program("stopped").spec
         assert sorted(looked) == sorted({stopped.stdout_log, stopped.stderr_log})
         looked.clear()
-        await sup.stop("running")  # no longer on the keeper: looked at again
+        await sup.stop("running")  # no longer on the keeper
+        assert not await sup.housekeep()  # every file watched: no round due for itself
+        assert looked == []  # nothing changed since the last look
+        running = sup.program("running").spec
+        with running.stdout_log.open("ab") as appended:  # appended to by name
+            appended.write(b"more\n")
         await sup.housekeep()
-        assert sup.program("running").spec.stdout_log in looked
+        assert looked == [running.stdout_log]
 
     run(world, body)
 

@@ -20,6 +20,7 @@ from ocp_agentd.repeats import Once
 from ocp_agentd.supervision import cgroups, output, tree
 from ocp_agentd.supervision.intent import CANCELLED_BY_STOP, ticket
 from ocp_agentd.supervision.intent_records import IntentRecords
+from ocp_agentd.supervision.logwatch import LogWatch
 from ocp_agentd.supervision.pid_records import PidRecords
 from ocp_agentd.supervision.proctable import ProcEntry, Scanner, Snapshot
 from ocp_agentd.supervision.program import (
@@ -80,6 +81,9 @@ class Supervisor:
         self._records_json = RecordsJson()
         # Housekeeping meets a planted FIFO or a missing user every pass: said once.
         self._rotate_problems = Once(log)
+        # Which log files changed since housekeeping looked; its on_change is called when
+        # one did, or a reload may have named new ones (the daemon schedules a round).
+        self.log_watch = LogWatch()
         for spec in _ordered(settings.programs.values()):
             self.programs[spec.name] = self._make(spec)
 
@@ -412,6 +416,7 @@ class Supervisor:
             log.error("pid records not all written within 10 s")
         await self.intents.flush()
         self.watch.close()
+        self.log_watch.close()
         await self.tree_usage.stop()
         REAPER.uninstall()
         if self.host.usable:
@@ -465,45 +470,74 @@ class Supervisor:
             *(self._quietly(n, "start", since) for n in report["added"]),
             *(self._quietly(n, "restart", since) for n in restart),
         )
+        if self.log_watch.on_change is not None:
+            self.log_watch.on_change()  # log paths may be new: housekeeping looks at them
         return report
 
-    async def housekeep(self) -> None:
-        """Rotates program log files that grew past their limit. A log keeper never lets
-        its file pass the limit: this rotates files a program appends to itself (one an
-        older daemon started and this one adopted). The logs of a program running on
-        this daemon's keeper get one stat each: the keeper rotates them exactly, but
-        counts only the bytes it pumps, and the program may also append to its log by
-        name (a wrapper's `exec >>log`), which only this rotation bounds."""
-        specs = [
-            (p.spec, p.logs_kept()) for p in self.programs.values()
-            if p.spec.log_target == "file"
-        ]
-        if not specs:
-            self._rotate_problems.forget_all_but(set())
-            return  # nothing to look at: no thread woken
+    async def housekeep(self) -> bool:
+        """Rotates program log files that grew past their limit; True when the next round
+        is due in any case (a file that cannot be watched or has a standing problem),
+        False when it need only come after ``log_watch.on_change``.
 
-        def rotate() -> None:
-            seen = set()
-            for spec, kept in specs:
-                for path in (spec.stdout_log, spec.stderr_log):
-                    if path is None or path in seen:
-                        continue
-                    seen.add(path)
-                    if kept and not _past(path, spec.log_max_bytes):
-                        self._rotate_problems.solved(path, f"rotating {path} again")
-                        continue
-                    try:
-                        uid, gid = output.owner_of(spec)
-                        output.rotate_if_needed(
-                            path, spec.log_max_bytes, spec.log_backups, uid, gid
-                        )
-                    except (KeyError, OSError) as exc:
-                        self._rotate_problems.problem(path, f"cannot rotate {path}: {exc}")
-                    else:
-                        self._rotate_problems.solved(path, f"rotating {path} again")
-            self._rotate_problems.forget_all_but(seen)
+        A log keeper never lets its file pass the limit: this rotates files a program
+        appends to itself (one an older daemon started and this one adopted, or a
+        program on this daemon's keeper that also appends to its log by name, such as a
+        wrapper's `exec >>log`: the keeper counts only the bytes it pumps). A kept log
+        within its limit gets one stat. Only files that changed since the last look are
+        looked at (logwatch.py): an idle host costs nothing.
+        """
+        logs = self._log_files()
+        self._rotate_problems.forget_all_but(set(logs))
+        self.log_watch.forget(set(logs))
+        due = self.log_watch.to_look_at(logs)
+        if not due:
+            return False  # nothing to look at: no thread woken
+        watches, troubled = await asyncio.to_thread(self._look_at_logs, due, logs)
+        self.log_watch.armed(watches)
+        self.log_watch.look_again(troubled)
+        return bool(troubled) or any(wd is None for _, wd in watches)
 
-        await asyncio.to_thread(rotate)
+    def _log_files(self) -> dict[Path, tuple[ProgramSpec, bool]]:
+        """Each program log file: the spec of its program and whether it runs on this
+        daemon's keeper (Program.logs_kept)."""
+        logs: dict[Path, tuple[ProgramSpec, bool]] = {}
+        for program in self.programs.values():
+            spec = program.spec
+            if spec.log_target != "file":
+                continue
+            kept = program.logs_kept()
+            for path in (spec.stdout_log, spec.stderr_log):
+                if path is not None and path not in logs:
+                    logs[path] = (spec, kept)
+        return logs
+
+    def _look_at_logs(
+        self, due: list[Path], logs: dict[Path, tuple[ProgramSpec, bool]]
+    ) -> tuple[list[tuple[Path, int | None]], list[Path]]:
+        """Housekeeping's look (a worker thread): each path armed, then rotated when past
+        its limit. (path, watch descriptor or None) pairs, and the paths with a problem."""
+        watches: list[tuple[Path, int | None]] = []
+        troubled: list[Path] = []
+        for path in due:
+            spec, kept = logs[path]
+            # Armed before the look: a write after it fires the watch.
+            watches.append((path, self.log_watch.arm(path)))
+            if kept and not _past(path, spec.log_max_bytes):
+                self._rotate_problems.solved(path, f"rotating {path} again")
+                continue
+            try:
+                uid, gid = output.owner_of(spec)
+                rotated = output.rotate_if_needed(
+                    path, spec.log_max_bytes, spec.log_backups, uid, gid
+                )
+            except (KeyError, OSError) as exc:
+                self._rotate_problems.problem(path, f"cannot rotate {path}: {exc}")
+                troubled.append(path)
+                continue
+            self._rotate_problems.solved(path, f"rotating {path} again")
+            if rotated:  # a new live file: the watch above follows the old one
+                watches.append((path, self.log_watch.arm(path)))
+        return watches, troubled
 
 
 def _past(path: Path, max_bytes: int) -> bool:

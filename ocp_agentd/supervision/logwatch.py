@@ -1,0 +1,132 @@
+"""Which program log files may have grown since housekeeping last looked: inotify(7).
+
+Housekeeping bounds log files that grow past the keeper (a program appending to its log
+by name, one adopted from an older daemon). Looking at every file every round woke the
+daemon on an idle host for nothing; instead each file it looked at gets a one-shot watch
+(IN_ONESHOT) for a write, a rename or a link count or attribute change, and is looked at
+again only once the watch fired. A file written to all the time costs one event per round
+(the watch is gone after the first); a quiet file costs nothing, and with every file quiet
+housekeeping need not run at all.
+
+    watch = LogWatch(on_change=ticker.want_housekeeping)
+    due = watch.to_look_at(paths)          # event loop: never armed, or changed since
+    def look():                            # a worker thread: arm first, then look
+        return [(path, watch.arm(path)) for path in due if looked_at(path)]
+    watch.armed(await asyncio.to_thread(look))  # event loop again
+
+A path is armed before it is looked at, so a write after the look fires the watch.
+Watch descriptors are recorded on the event loop's thread only, which also reads the
+events: an event that comes before its descriptor is recorded is kept and applied then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ocp_agentd import linux
+
+# A write, a rename of the file (rotation), a link count change (unlink, a rename over
+# it) or an attribute change; one event, then the kernel drops the watch (IN_IGNORED).
+# IN_DONT_FOLLOW: a link planted at the path is watched as itself, not followed.
+WATCH_MASK = (linux.IN_MODIFY | linux.IN_ATTRIB | linux.IN_MOVE_SELF | linux.IN_DELETE_SELF
+              | linux.IN_ONESHOT | linux.IN_DONT_FOLLOW)
+
+
+class LogWatch:
+    """One inotify descriptor watching program log files for housekeeping.
+
+    ``on_change()`` is called (on the event loop) when an armed file changed. Not
+    thread-safe except ``arm``, which only makes the system call.
+    """
+
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+        self.on_change = on_change
+        self._fd = -1
+        self._path_of: dict[int, Path] = {}  # watch descriptor -> path
+        self._quiet: set[Path] = set()  # armed, and no event since
+        self._early: set[int] = set()  # events for descriptors not recorded yet
+
+    def to_look_at(self, paths: Iterable[Path]) -> list[Path]:
+        """The paths among ``paths`` that housekeeping has to look at: never armed, or
+        changed since. They count as changed until ``armed`` records their new watch."""
+        self._start()
+        self._on_events()  # what is waiting now counts, even before the loop reads it
+        due = [path for path in paths if path not in self._quiet]
+        self._quiet.difference_update(due)
+        return due
+
+    def arm(self, path: Path) -> int | None:
+        """Watches ``path`` for one change (any thread); its watch descriptor, or None
+        when it cannot be watched (no such file, no inotify, out of watches): such a path
+        is looked at every round."""
+        if self._fd < 0:
+            return None
+        try:
+            return linux.inotify_add_watch(self._fd, path, WATCH_MASK)
+        except OSError:
+            return None
+
+    def armed(self, watches: Iterable[tuple[Path, int | None]]) -> None:
+        """Records the watches ``arm`` made (event loop). A path whose watch fired before
+        this is left to be looked at again."""
+        for path, wd in watches:
+            if wd is None:
+                continue
+            self._path_of[wd] = path
+            if wd in self._early:
+                self._early.discard(wd)
+            else:
+                self._quiet.add(path)
+
+    def look_again(self, paths: Iterable[Path]) -> None:
+        """``paths`` are looked at next round whatever their watches say (a standing
+        problem: the look itself may succeed next time)."""
+        self._quiet.difference_update(paths)
+
+    def forget(self, keep: set[Path]) -> None:
+        """Drops the paths not in ``keep`` (a program removed by reload); their watches
+        stay until they fire or the file goes."""
+        self._quiet.intersection_update(keep)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(ValueError, OSError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        self._path_of.clear()
+        self._quiet.clear()
+        self._early.clear()
+
+    def _start(self) -> None:
+        """The inotify descriptor, read from the running event loop; without one (out of
+        descriptors or of inotify instances) every path is looked at every round."""
+        if self._fd >= 0:
+            return
+        try:
+            self._fd = linux.inotify_init()
+        except OSError:
+            return
+        asyncio.get_running_loop().add_reader(self._fd, self._on_events)
+
+    def _on_events(self) -> None:
+        if self._fd < 0:
+            return
+        changed = False
+        for wd, mask in linux.inotify_read(self._fd):
+            path = self._path_of.get(wd)
+            if mask & linux.IN_IGNORED:
+                self._path_of.pop(wd, None)
+            if path is None:
+                if not mask & linux.IN_IGNORED:
+                    self._early.add(wd)
+                continue
+            if path in self._quiet:
+                self._quiet.discard(path)
+                changed = True
+        if changed and self.on_change is not None:
+            self.on_change()
