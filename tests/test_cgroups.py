@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -414,3 +415,22 @@ def test_made_again_the_limits_hold_after_a_change_or_a_removed_directory(host):
     assert _pids_max(cg) == "30"
     cg.create(Limits())
     assert _pids_max(cg) == "max"
+
+
+@needs_root
+def test_a_cgroup_removed_after_its_file_was_opened_reads_as_gone(host):
+    """kernfs answers ENODEV to a read of a removed cgroup's open file: that is the cgroup
+    gone (FileNotFoundError, as for a file opened after), not a read error that a stop or
+    the empty watch would report."""
+    cg = host.open("removed-mid-read")
+    cg.create(Limits())
+    paths = [path / "cgroup.procs" for path in cg.all_dirs()]
+    fds = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in paths]
+    cg.remove()
+    assert not any(path.parent.exists() for path in paths)
+    for fd, path in zip(fds, paths, strict=True):
+        with pytest.raises(FileNotFoundError):
+            cgroups._read_open(fd, path)
+    with pytest.raises(OSError) as closed:  # _read_open closed each descriptor
+        os.fstat(fds[0])
+    assert closed.value.errno == errno.EBADF

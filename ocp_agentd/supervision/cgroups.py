@@ -921,11 +921,22 @@ def _read(path: Path) -> str:
     """A cgroup file's text, read with os.read: without io.open's fstat, ioctl and seek,
     which cost more than the read itself on the restart path. Raises OSError
     (FileNotFoundError when the cgroup is gone)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    return _read_open(os.open(path, os.O_RDONLY | os.O_CLOEXEC), path)
+
+
+def _read_open(fd: int, path: Path) -> str:
+    """The rest of the text of ``fd``, a cgroup file opened at ``path``; closes ``fd``.
+
+    A cgroup removed after its file was opened reads ENODEV (kernfs); that is the cgroup
+    gone, as ENOENT is for a file opened after: both raise FileNotFoundError."""
     try:
         chunks = [os.read(fd, 65536)]
         while chunks[-1]:
             chunks.append(os.read(fd, 65536))
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            raise FileNotFoundError(errno.ENOENT, "the cgroup was removed", str(path)) from None
+        raise
     finally:
         os.close(fd)
     return b"".join(chunks).decode()
