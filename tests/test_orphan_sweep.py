@@ -9,6 +9,9 @@ for nothing at each stop-all.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -111,5 +114,41 @@ def test_the_process_table_sampler_resumes_when_a_bare_program_starts(
 
     try:
         run(world, body, boot=False)
+    finally:
+        kill_marked(world.state)
+
+
+def test_a_sweep_out_of_descriptors_leaves_stop_all_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The programs' own stops are done when the sweep runs: a sweep that cannot read the
+    process table (EMFILE, made for real by lowering the soft descriptor limit to what is
+    in use while it reads) is logged, and stop-all still answers every program STOPPED."""
+    real = tree.take_snapshot
+
+    def starved(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.dup(0)  # the limit bounds descriptor numbers: none free below it
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    monkeypatch.setattr(tree, "take_snapshot", starved)
+    world = BareWorld(tmp_path)
+    world.add("bare", ["/bin/sleep", "1000"], start_seconds=0.0)
+
+    async def body(sup: Supervisor) -> None:
+        await until(lambda: len(marked(world.state)) == 1, what="the program")
+        with caplog.at_level(logging.ERROR, logger="ocp_agentd.supervisor"):
+            results = await sup.stop_all()
+        assert {r.state for r in results.values()} == {State.STOPPED}  # type: ignore[union-attr]
+        assert any("cannot look for orphaned processes" in r.getMessage()
+                   and "Too many open files" in r.getMessage() for r in caplog.records)
+
+    try:
+        run(world, body)
     finally:
         kill_marked(world.state)

@@ -219,8 +219,14 @@ class Supervisor:
                 if p.instance is not None and p.alive()
             ]
 
-        if REAPER.uncontained:
+        if not REAPER.uncontained:
+            return
+        try:
             await tree.end_orphans(self.scanner, running)
+        except OSError as exc:
+            # The programs' own stops are done; a look that fails (out of descriptors)
+            # must not fail them. The next stop-all or shutdown looks again.
+            log.error("cannot look for orphaned processes now: %s", exc)
 
     async def verify_all(self) -> dict[str, VerifyResult]:
         names = self.names()
