@@ -373,11 +373,15 @@ class _TomlSource(threading.local):
 
 _toml_source = _TomlSource()
 
+# Settings from the environment: OCP_AGENTD_AGENT__HOST_ID=7 sets agent.host_id.
+ENV_PREFIX = "OCP_AGENTD_"
+ENV_DELIMITER = "__"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="OCP_AGENTD_",
-        env_nested_delimiter="__",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
         extra="forbid",
         case_sensitive=False,
     )
@@ -471,8 +475,23 @@ def _describe(error: ValidationError, path: Path) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        variable = _environment_source(item["loc"])
+        if variable is not None:
+            message += f" (set by the environment variable {variable})"
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)
+
+
+def _environment_source(loc: tuple[int | str, ...]) -> str | None:
+    """The environment variable that set the key at ``loc`` or one of its sections
+    (Settings reads OCP_AGENTD_<SECTION>__<KEY>, any case), else None: the error is the
+    file's."""
+    names = {name.upper(): name for name in os.environ}
+    for depth in range(len(loc), 0, -1):
+        wanted = (ENV_PREFIX + ENV_DELIMITER.join(str(part) for part in loc[:depth])).upper()
+        if wanted in names:
+            return names[wanted]
+    return None
 
 
 def load_settings(path: Path, **overrides: Any) -> Settings:

@@ -16,13 +16,14 @@ from ocp_agentd.demo.config import demo_command
 from ocp_agentd.ticker import BUSY_SECONDS, HOUSEKEEPING_SECONDS
 
 
-def run_daemon(*args: str) -> subprocess.CompletedProcess[str]:
+def run_daemon(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ocp_agentd", *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env={k: v for k, v in os.environ.items() if not k.startswith("OCP_AGENTD_")},
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("OCP_AGENTD_")},
+             **(env or {})},
     )
 
 
@@ -65,6 +66,23 @@ def test_check_into_a_closed_pipe_prints_no_traceback(daemon_factory) -> None:
         os.close(write)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
     assert result.returncode == check_config(runner.config).returncode == 0
+
+
+def test_a_bad_value_from_the_environment_is_named_as_such(tmp_path: Path) -> None:
+    """OCP_AGENTD_<SECTION>__<KEY> overrides the file (any case); an operator reading the
+    error must be sent to the variable, not to a file that holds no such value."""
+    good = tmp_path / "good.toml"
+    good.write_text("[programs.a]\nrole = 'pos_proxy'\ncommand = ['/bin/sleep', '1']\n")
+    result = run_daemon("--check", "--config", str(good),
+                        env={"ocp_agentd_agent__host_id": "abc"})
+    assert result.returncode == 2, result.stderr
+    assert "agent.host_id" in result.stderr
+    assert "set by the environment variable ocp_agentd_agent__host_id" in result.stderr
+    from_file = tmp_path / "bad.toml"
+    from_file.write_text("[agent]\nhost_id = 'abc'\n" + good.read_text())
+    result = run_daemon("--check", "--config", str(from_file))
+    assert result.returncode == 2 and "agent.host_id" in result.stderr
+    assert "environment" not in result.stderr
 
 
 def test_bad_config_is_rejected_naming_the_key(tmp_path: Path) -> None:
