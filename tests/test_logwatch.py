@@ -216,3 +216,28 @@ def test_closing_the_watch_gives_back_its_descriptor(tmp_path: Path) -> None:
 
     _with_loop(body)
     assert _inotify_descriptors() == []
+
+
+def test_a_change_before_the_watch_is_recorded_asks_for_a_round_and_leaks_nothing(
+        tmp_path: Path) -> None:
+    """The watch that fired before the event loop recorded it is gone (IN_ONESHOT): the
+    change asks for a round, or a file written all the time stops being looked at once a
+    write lands while housekeeping looks; and nothing is kept for the dead watch."""
+    log = tmp_path / "a.log"
+    log.write_bytes(b"")
+    calls: list[int] = []
+
+    async def body(watch: LogWatch) -> None:
+        watch.on_change = lambda: calls.append(1)
+        for round_ in range(1, 4):
+            assert watch.to_look_at([log]) == [log]
+            wd = watch.arm(log)
+            assert wd is not None
+            with log.open("ab") as handle:
+                handle.write(b"written before the watch is recorded\n")
+            watch._on_events()  # the loop reads the event (and IN_IGNORED) first
+            watch.armed([(log, wd)])
+            assert len(calls) == round_, "no round asked for the changed file"
+        assert watch._path_of == {} and watch._early == set()
+
+    _with_loop(body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -11,8 +12,10 @@ from pathlib import Path
 import pytest
 from test_supervision import World, run
 
+from ocp_agentd import ticker
 from ocp_agentd.repeats import Once
 from ocp_agentd.supervision import Supervisor, output
+from ocp_agentd.systemd import Notifier
 
 
 def _rotate_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -131,3 +134,48 @@ def test_housekeeping_bounds_a_log_its_running_program_appends_to_itself(
         assert log.stat().st_size <= 16384 + os.statvfs(log).f_bsize
 
     run(world, body)
+
+
+def test_a_log_written_while_housekeeping_looks_is_looked_at_again(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program appending to its log by name writes at any moment, also between the
+    arming of the file's one-shot watch and the event loop recording it: the next round
+    still comes (the real ticker, its interval shortened), or the file is never looked at
+    again and grows without bound."""
+    monkeypatch.setattr(ticker, "HOUSEKEEPING_SECONDS", 0.05)
+    logs = world.tmp / "log"
+    logs.mkdir()
+    log = logs / "direct.log"
+    looked: list[Path] = []
+    real = output.rotate_if_needed
+
+    def written_during_the_look(path: Path, *args: object, **kwargs: object) -> bool:
+        looked.append(path)
+        rotated = real(path, *args, **kwargs)  # type: ignore[arg-type]
+        if len(looked) == 1:
+            with path.open("ab") as appended:  # the program's write, during the look
+                appended.write(b"x" * 100)
+        return rotated
+
+    monkeypatch.setattr(output, "rotate_if_needed", written_during_the_look)
+    # Not started: not on this daemon's keeper, so each look is rotate_if_needed.
+    world.add("direct", ["/bin/sleep", "1000"], stdout_log=str(log), stderr_log=str(log),
+              log_max_bytes=16384, log_backups=1)
+    log.write_bytes(b"")
+
+    async def body(sup: Supervisor) -> None:
+        clock = ticker.Ticker(Notifier(env={}), sup.housekeep, lambda _: None)
+        sup.log_watch.on_change = clock.want_housekeeping
+        task = asyncio.create_task(clock.run())
+        loop = asyncio.get_running_loop()
+        try:
+            deadline = loop.time() + 10
+            while len(looked) < 2:
+                assert loop.time() < deadline, f"looked at {looked}, then never again"
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    run(world, body, boot=False)

@@ -72,15 +72,23 @@ class LogWatch:
 
     def armed(self, watches: Iterable[tuple[Path, int | None]]) -> None:
         """Records the watches ``arm`` made (event loop). A path whose watch fired before
-        this is left to be looked at again."""
+        this is left to be looked at again, and ``on_change()`` is called for it: that
+        one-shot watch is gone, and no other event would ask for the round."""
+        watches = list(watches)
+        fired = {wd for _, wd in watches if wd in self._early}
+        self._early.difference_update(fired)
+        changed: set[Path] = set()
         for path, wd in watches:
             if wd is None:
                 continue
+            if wd in fired:
+                changed.add(path)
+                continue
             self._path_of[wd] = path
-            if wd in self._early:
-                self._early.discard(wd)
-            else:
-                self._quiet.add(path)
+            self._quiet.add(path)
+        # A later watch of the same path (armed again after a rotation) covers it.
+        if changed - self._quiet and self.on_change is not None:
+            self.on_change()
 
     def look_again(self, paths: Iterable[Path]) -> None:
         """``paths`` are looked at next round whatever their watches say (a standing
