@@ -241,3 +241,36 @@ def test_a_change_before_the_watch_is_recorded_asks_for_a_round_and_leaks_nothin
         assert watch._path_of == {} and watch._early == set()
 
     _with_loop(body)
+
+
+def test_a_path_named_again_whose_old_watch_fires_during_the_look_is_not_lost(
+        tmp_path: Path) -> None:
+    """A reload drops a program (its file's watch stays) and a later one names its log
+    again: arming the same file gives back the old, still live watch descriptor. When
+    that watch fires before the event loop records it, the path is still looked at again
+    and later writes still count."""
+    log = tmp_path / "a.log"
+    log.write_bytes(b"")
+    calls: list[int] = []
+
+    async def body(watch: LogWatch) -> None:
+        watch.on_change = lambda: calls.append(1)
+        _armed(watch, log)
+        watch.forget(set())  # reload: the program is gone
+        assert watch.to_look_at([log]) == [log]  # reload: named again
+        wd = watch.arm(log)
+        with log.open("ab") as handle:
+            handle.write(b"written before the watch is recorded\n")
+        watch._on_events()
+        watch.armed([(log, wd)])
+        assert calls == [1], "no round asked for the changed file"
+        _armed(watch, log)
+        with log.open("ab") as handle:
+            handle.write(b"a later write\n")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        while watch.to_look_at([log]) != [log]:
+            assert loop.time() < deadline, "a later write to the file was never seen"
+            await asyncio.sleep(0.01)
+
+    _with_loop(body)

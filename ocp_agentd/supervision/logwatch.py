@@ -16,7 +16,8 @@ housekeeping need not run at all.
 
 A path is armed before it is looked at, so a write after the look fires the watch.
 Watch descriptors are recorded on the event loop's thread only, which also reads the
-events: an event that comes before its descriptor is recorded is kept and applied then.
+events: a watch that fires before its descriptor is recorded is gone (one-shot), so its
+path is due again and asks for the next round then.
 """
 
 from __future__ import annotations
@@ -48,13 +49,17 @@ class LogWatch:
         self._fd = -1
         self._path_of: dict[int, Path] = {}  # watch descriptor -> path
         self._quiet: set[Path] = set()  # armed, and no event since
-        self._early: set[int] = set()  # events for descriptors not recorded yet
+        # Watches that fired while their path was being armed or looked at (before
+        # ``armed`` recorded them, or a live watch given back by arming its file again);
+        # emptied when a round starts, when no watch is being armed.
+        self._early: set[int] = set()
 
     def to_look_at(self, paths: Iterable[Path]) -> list[Path]:
         """The paths among ``paths`` that housekeeping has to look at: never armed, or
         changed since. They count as changed until ``armed`` records their new watch."""
         self._start()
         self._on_events()  # what is waiting now counts, even before the loop reads it
+        self._early.clear()
         due = [path for path in paths if path not in self._quiet]
         self._quiet.difference_update(due)
         return due
@@ -126,15 +131,12 @@ class LogWatch:
             return
         changed = False
         for wd, mask in linux.inotify_read(self._fd):
-            path = self._path_of.get(wd)
-            if mask & linux.IN_IGNORED:
-                self._path_of.pop(wd, None)
-            if path is None:
-                if not mask & linux.IN_IGNORED:
-                    self._early.add(wd)
-                continue
-            if path in self._quiet:
+            ignored = mask & linux.IN_IGNORED
+            path = self._path_of.pop(wd, None) if ignored else self._path_of.get(wd)
+            if path is not None and path in self._quiet:
                 self._quiet.discard(path)
                 changed = True
+            elif not ignored:
+                self._early.add(wd)
         if changed and self.on_change is not None:
             self.on_change()
