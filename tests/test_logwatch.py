@@ -274,3 +274,30 @@ def test_a_path_named_again_whose_old_watch_fires_during_the_look_is_not_lost(
             await asyncio.sleep(0.01)
 
     _with_loop(body)
+
+
+def test_a_directory_moved_aside_makes_its_files_due(tmp_path: Path) -> None:
+    """`mv log log.old; mkdir log`: the watched file now lives elsewhere, and a new file
+    at the path (a program appending by name creates it) has no watch; the directory's
+    own watch makes the path due, or that file would never be looked at."""
+    logs = tmp_path / "log"
+    logs.mkdir()
+    log, other = logs / "a.log", logs / "b.log"
+    log.write_bytes(b"")
+    other.write_bytes(b"")
+    calls: list[int] = []
+
+    async def body(watch: LogWatch) -> None:
+        watch.on_change = lambda: calls.append(1)
+        _armed(watch, log, other)
+        logs.rename(tmp_path / "log.old")
+        logs.mkdir()
+        log.write_bytes(b"x" * 100)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        while not calls:
+            assert loop.time() < deadline, "no change reported for the moved directory"
+            await asyncio.sleep(0.01)
+        assert sorted(watch.to_look_at([log, other])) == sorted([log, other])
+
+    _with_loop(body)

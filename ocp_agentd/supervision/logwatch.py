@@ -4,7 +4,9 @@ Housekeeping bounds log files that grow past the keeper (a program appending to 
 by name, one adopted from an older daemon). Looking at every file every round woke the
 daemon on an idle host for nothing; instead each file it looked at gets a one-shot watch
 (IN_ONESHOT) for a write, a rename or a link count or attribute change, and is looked at
-again only once the watch fired. A file written to all the time costs one event per round
+again only once the watch fired. Its directory gets one too, for a rename or removal of
+the directory itself: a directory moved aside (`mv log log.old; mkdir log`) puts another
+file at the path, one no watch follows. A file written to all the time costs one event per round
 (the watch is gone after the first); a quiet file costs nothing, and with every file quiet
 housekeeping need not run at all.
 
@@ -35,6 +37,9 @@ from ocp_agentd import linux
 # IN_DONT_FOLLOW: a link planted at the path is watched as itself, not followed.
 WATCH_MASK = (linux.IN_MODIFY | linux.IN_ATTRIB | linux.IN_MOVE_SELF | linux.IN_DELETE_SELF
               | linux.IN_ONESHOT | linux.IN_DONT_FOLLOW)
+# The file's directory: renamed or removed itself (not its entries: no event per file).
+DIRECTORY_MASK = (linux.IN_MOVE_SELF | linux.IN_DELETE_SELF | linux.IN_ONESHOT
+                  | linux.IN_DONT_FOLLOW | linux.IN_ONLYDIR)
 
 
 class LogWatch:
@@ -47,11 +52,12 @@ class LogWatch:
     def __init__(self, on_change: Callable[[], None] | None = None) -> None:
         self.on_change = on_change
         self._fd = -1
-        self._path_of: dict[int, Path] = {}  # watch descriptor -> path
+        # watch descriptor -> paths (a directory's covers every log in it)
+        self._path_of: dict[int, set[Path]] = {}
         self._quiet: set[Path] = set()  # armed, and no event since
-        # Watches that fired while their path was being armed or looked at (before
-        # ``armed`` recorded them, or a live watch given back by arming its file again);
-        # emptied when a round starts, when no watch is being armed.
+        # Watches that fired since the round started: among them those that fired before
+        # ``armed`` recorded them (or a live watch arming gave back). Emptied when a round
+        # starts, when no watch is being armed.
         self._early: set[int] = set()
 
     def to_look_at(self, paths: Iterable[Path]) -> list[Path]:
@@ -64,32 +70,37 @@ class LogWatch:
         self._quiet.difference_update(due)
         return due
 
-    def arm(self, path: Path) -> int | None:
-        """Watches ``path`` for one change (any thread); its watch descriptor, or None
-        when it cannot be watched (no such file, no inotify, out of watches): such a path
-        is looked at every round."""
+    def arm(self, path: Path) -> tuple[int, ...] | None:
+        """Watches ``path`` and its directory for one change (any thread); their watch
+        descriptors, or None when the file cannot be watched (no such file, no inotify,
+        out of watches): such a path is looked at every round."""
         if self._fd < 0:
             return None
         try:
-            return linux.inotify_add_watch(self._fd, path, WATCH_MASK)
+            directory = (linux.inotify_add_watch(self._fd, path.parent, DIRECTORY_MASK),)
+        except OSError:
+            directory = ()
+        try:
+            return (*directory, linux.inotify_add_watch(self._fd, path, WATCH_MASK))
         except OSError:
             return None
 
-    def armed(self, watches: Iterable[tuple[Path, int | None]]) -> None:
+    def armed(self, watches: Iterable[tuple[Path, tuple[int, ...] | None]]) -> None:
         """Records the watches ``arm`` made (event loop). A path whose watch fired before
         this is left to be looked at again, and ``on_change()`` is called for it: that
         one-shot watch is gone, and no other event would ask for the round."""
         watches = list(watches)
-        fired = {wd for _, wd in watches if wd in self._early}
+        fired = {wd for _, wds in watches for wd in wds or () if wd in self._early}
         self._early.difference_update(fired)
         changed: set[Path] = set()
-        for path, wd in watches:
-            if wd is None:
+        for path, wds in watches:
+            if wds is None:
                 continue
-            if wd in fired:
+            if fired.intersection(wds):
                 changed.add(path)
                 continue
-            self._path_of[wd] = path
+            for wd in wds:
+                self._path_of.setdefault(wd, set()).add(path)
             self._quiet.add(path)
         # A later watch of the same path (armed again after a rotation) covers it.
         if changed - self._quiet and self.on_change is not None:
@@ -132,11 +143,11 @@ class LogWatch:
         changed = False
         for wd, mask in linux.inotify_read(self._fd):
             ignored = mask & linux.IN_IGNORED
-            path = self._path_of.pop(wd, None) if ignored else self._path_of.get(wd)
-            if path is not None and path in self._quiet:
-                self._quiet.discard(path)
+            paths = self._path_of.pop(wd, set()) if ignored else self._path_of.get(wd, set())
+            if paths & self._quiet:
+                self._quiet.difference_update(paths)
                 changed = True
-            elif not ignored:
-                self._early.add(wd)
+            if not ignored:
+                self._early.add(wd)  # it may be one being armed now (see armed)
         if changed and self.on_change is not None:
             self.on_change()

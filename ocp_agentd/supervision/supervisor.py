@@ -501,7 +501,7 @@ class Supervisor:
         watches, troubled = await asyncio.to_thread(self._look_at_logs, due, logs)
         self.log_watch.armed(watches)
         self.log_watch.look_again(troubled)
-        return bool(troubled) or any(wd is None for _, wd in watches)
+        return bool(troubled) or any(wds is None for _, wds in watches)
 
     def _log_files(self) -> dict[Path, tuple[ProgramSpec, bool]]:
         """Each program log file: the spec of its program and whether it runs on this
@@ -519,10 +519,10 @@ class Supervisor:
 
     def _look_at_logs(
         self, due: list[Path], logs: dict[Path, tuple[ProgramSpec, bool]]
-    ) -> tuple[list[tuple[Path, int | None]], list[Path]]:
+    ) -> tuple[list[tuple[Path, tuple[int, ...] | None]], list[Path]]:
         """Housekeeping's look (a worker thread): each path armed, then rotated when past
-        its limit. (path, watch descriptor or None) pairs, and the paths with a problem."""
-        watches: list[tuple[Path, int | None]] = []
+        its limit. (path, watch descriptors or None) pairs, and the paths with a problem."""
+        watches: list[tuple[Path, tuple[int, ...] | None]] = []
         troubled: list[Path] = []
         for path in due:
             spec, kept = logs[path]
