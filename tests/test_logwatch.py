@@ -276,12 +276,14 @@ def test_a_path_named_again_whose_old_watch_fires_during_the_look_is_not_lost(
     _with_loop(body)
 
 
-def test_a_directory_moved_aside_makes_its_files_due(tmp_path: Path) -> None:
-    """`mv log log.old; mkdir log`: the watched file now lives elsewhere, and a new file
-    at the path (a program appending by name creates it) has no watch; the directory's
-    own watch makes the path due, or that file would never be looked at."""
-    logs = tmp_path / "log"
-    logs.mkdir()
+@pytest.mark.parametrize("moved", ["log", "home"])
+def test_a_directory_moved_aside_makes_its_files_due(tmp_path: Path, moved: str) -> None:
+    """`mv log log.old; mkdir log` (or the same one level up): the watched file now lives
+    elsewhere, and a new file at the path (a program appending by name creates it) has no
+    watch; the directory's own watch makes the path due, or that file would never be
+    looked at."""
+    logs = tmp_path / "home" / "log"
+    logs.mkdir(parents=True)
     log, other = logs / "a.log", logs / "b.log"
     log.write_bytes(b"")
     other.write_bytes(b"")
@@ -290,8 +292,9 @@ def test_a_directory_moved_aside_makes_its_files_due(tmp_path: Path) -> None:
     async def body(watch: LogWatch) -> None:
         watch.on_change = lambda: calls.append(1)
         _armed(watch, log, other)
-        logs.rename(tmp_path / "log.old")
-        logs.mkdir()
+        aside = logs if moved == "log" else logs.parent
+        aside.rename(aside.with_name(aside.name + ".old"))
+        logs.mkdir(parents=True)
         log.write_bytes(b"x" * 100)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DEADLINE

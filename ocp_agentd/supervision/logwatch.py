@@ -4,9 +4,10 @@ Housekeeping bounds log files that grow past the keeper (a program appending to 
 by name, one adopted from an older daemon). Looking at every file every round woke the
 daemon on an idle host for nothing; instead each file it looked at gets a one-shot watch
 (IN_ONESHOT) for a write, a rename or a link count or attribute change, and is looked at
-again only once the watch fired. Its directory gets one too, for a rename or removal of
-the directory itself: a directory moved aside (`mv log log.old; mkdir log`) puts another
-file at the path, one no watch follows. A file written to all the time costs one event per round
+again only once the watch fired. Its directory and their ancestors get one too, for a
+rename or removal of the directory itself: a directory moved aside (`mv log log.old;
+mkdir log`, an install home moved aside for a new one) puts another file at the path, one
+no watch follows. A file written to all the time costs one event per round
 (the watch is gone after the first); a quiet file costs nothing, and with every file quiet
 housekeeping need not run at all.
 
@@ -37,7 +38,8 @@ from ocp_agentd import linux
 # IN_DONT_FOLLOW: a link planted at the path is watched as itself, not followed.
 WATCH_MASK = (linux.IN_MODIFY | linux.IN_ATTRIB | linux.IN_MOVE_SELF | linux.IN_DELETE_SELF
               | linux.IN_ONESHOT | linux.IN_DONT_FOLLOW)
-# The file's directory: renamed or removed itself (not its entries: no event per file).
+# The file's directories up to /: renamed or removed themselves (not their entries: no
+# event per file).
 DIRECTORY_MASK = (linux.IN_MOVE_SELF | linux.IN_DELETE_SELF | linux.IN_ONESHOT
                   | linux.IN_DONT_FOLLOW | linux.IN_ONLYDIR)
 
@@ -71,17 +73,18 @@ class LogWatch:
         return due
 
     def arm(self, path: Path) -> tuple[int, ...] | None:
-        """Watches ``path`` and its directory for one change (any thread); their watch
-        descriptors, or None when the file cannot be watched (no such file, no inotify,
-        out of watches): such a path is looked at every round."""
+        """Watches ``path`` (absolute) and its directories for one change (any thread);
+        their watch descriptors, or None when the file cannot be watched (no such file,
+        no inotify, out of watches): such a path is looked at every round."""
         if self._fd < 0:
             return None
+        directories = []
+        for directory in path.parents:
+            with contextlib.suppress(OSError):  # a link on the way: its target is watched
+                directories.append(
+                    linux.inotify_add_watch(self._fd, directory, DIRECTORY_MASK))
         try:
-            directory = (linux.inotify_add_watch(self._fd, path.parent, DIRECTORY_MASK),)
-        except OSError:
-            directory = ()
-        try:
-            return (*directory, linux.inotify_add_watch(self._fd, path, WATCH_MASK))
+            return (*directories, linux.inotify_add_watch(self._fd, path, WATCH_MASK))
         except OSError:
             return None
 
