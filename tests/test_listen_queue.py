@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,7 +36,7 @@ import pytest
 from harness import free_port, wait_for
 
 from ocp_agentd.cli.transport import _unix_socket
-from ocp_agentd.client import AgentClient
+from ocp_agentd.client import AgentClient, AgentUnavailable
 
 BURST = 400  # local clients at once: well past the 128 of a default listen queue
 STILL_TRYING = 0.3  # seconds a client must still be trying while the queue is full
@@ -237,3 +238,71 @@ def test_a_never_connected_socket_fails_its_first_write_with_enotconn(tmp_path):
             with pytest.raises(OSError) as failed:
                 sock.send(b"x")
             assert failed.value.errno == errno.ENOTCONN
+
+
+@pytest.mark.parametrize("down", ["no socket", "refused"])
+def test_a_daemon_that_is_down_fails_both_clients_at_once(tmp_path, down):
+    """Trying again is for a full queue only: no socket, or one nobody listens on (a
+    daemon killed with SIGKILL leaves it), fails at once, not after the connect timeout."""
+    path = tmp_path / "agentd.sock"
+    if down == "refused":
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+            dead.bind(str(path))  # bound, never listening: connect(2) says ECONNREFUSED
+    expected = FileNotFoundError if down == "no socket" else ConnectionRefusedError
+    with pytest.raises(expected):
+        _unix_socket(str(path), 60.0)  # a TimeoutError would mean it kept trying
+
+    async def request() -> float:
+        loop = asyncio.get_running_loop()
+        async with AgentClient(socket_path=path, timeout=60, connect_timeout=60) as client:
+            started = loop.time()
+            with pytest.raises(AgentUnavailable):
+                await client.request("POST", "/api/v1/programs/x/restart")
+            return loop.time() - started
+
+    assert asyncio.run(request()) < 30, "the client kept trying a daemon that is down"
+
+
+def test_a_request_the_daemon_received_is_never_sent_again(tmp_path):
+    """Only a socket that never connected is tried again: a POST that reached the daemon
+    and whose connection then broke (the daemon killed mid-request) fails, sent once."""
+    path = tmp_path / "agentd.sock"
+    received: list[bytes] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(8)
+        server.settimeout(30)
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                received.append(_read_request(conn))
+
+        async def post() -> None:
+            async with AgentClient(socket_path=path, timeout=30, connect_timeout=30) as client:
+                with pytest.raises(AgentUnavailable):
+                    await client.request("POST", "/api/v1/programs/x/restart",
+                                         json={"reason": "test"})
+
+        accepting = threading.Thread(target=serve, daemon=True)
+        accepting.start()
+        asyncio.run(post())
+        accepting.join(30)
+        # A unix connect is queued by the time it returns: one sent again is waiting here.
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()[0].close()
+    assert [r.split(b"\r\n", 1)[0] for r in received] == [
+        b"POST /api/v1/programs/x/restart HTTP/1.1"]
+
+
+def _read_request(conn: socket.socket) -> bytes:
+    """The request's head, read a byte at a time: its body stays unread, so the close
+    that follows resets the connection (the client's read fails with ECONNRESET)."""
+    seen = b""
+    while not seen.endswith(b"\r\n\r\n"):
+        byte = conn.recv(1)
+        if not byte:
+            break
+        seen += byte
+    return seen
