@@ -127,6 +127,26 @@ def test_task_events_and_agent_restart_wait(demo_daemon: DaemonRunner) -> None:
         conn.close()
 
 
+def _exit_status(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """proc's exit status within ``timeout`` seconds; otherwise it is killed and the
+    failure says where it was (its state, signal masks, kernel wait channel and stack)."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        where = {}
+        for name in ("status", "wchan", "stack"):
+            try:
+                where[name] = Path(f"/proc/{proc.pid}/{name}").read_text()
+            except OSError as exc:
+                where[name] = repr(exc)
+        proc.kill()
+        proc.wait()
+        status = "".join(line for line in where["status"].splitlines(keepends=True)
+                         if line.startswith(("State", "Sig", "Shd")))
+        raise AssertionError(f"pid {proc.pid} still running after {timeout} s:\n{status}"
+                             f"wchan {where['wchan']}\n{where['stack']}") from None
+
+
 def test_logs_tail_follow_and_rotation(demo_daemon: DaemonRunner) -> None:
     log_path = Path(demo_daemon.process("pos_proxy")["log_files"][0])
     wait_for(lambda: log_path.read_text().count("\n") >= 2, message="pos_proxy output")
@@ -169,7 +189,7 @@ def test_logs_tail_follow_and_rotation(demo_daemon: DaemonRunner) -> None:
                  message="output after rotation by rename")
     finally:
         follower.send_signal(signal.SIGINT)
-        assert follower.wait(30) == 0
+        assert _exit_status(follower, 30) == 0
     # The client went away: the daemon lets the file go.
     daemon = psutil.Process(demo_daemon.pid)
     wait_for(lambda: all(f.path != str(log_path) for f in daemon.open_files()),
