@@ -34,6 +34,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from ocp_agentd import linux
+from ocp_agentd.supervision.inotify_reader import InotifyReader
 
 log = logging.getLogger("ocp_agentd.cgroups")
 
@@ -757,7 +758,7 @@ def _enable_down_to(top: Path, base: Path, controllers: list[str]) -> None:
 
 
 
-class EmptyWatch:
+class EmptyWatch(InotifyReader):
     """Waits for cgroups to become empty.
 
     v2: an inotify watch on cgroup.events, which the kernel modifies when "populated"
@@ -767,7 +768,7 @@ class EmptyWatch:
     """
 
     def __init__(self) -> None:
-        self._fd = -1
+        super().__init__()
         self._waiters: dict[int, tuple[Path, list[asyncio.Future[None]]]] = {}
 
     async def wait_empty(self, cgroup: ProgramCgroup, timeout: float) -> bool:
@@ -793,25 +794,15 @@ class EmptyWatch:
 
     def close(self) -> None:
         """Drops every watch and the inotify descriptor."""
-        if self._fd >= 0:
-            with contextlib.suppress(ValueError, OSError, RuntimeError):
-                asyncio.get_running_loop().remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        self._close_fd()
         for _path, futures in self._waiters.values():
             for fut in futures:
                 if not fut.done():
                     fut.cancel()
         self._waiters.clear()
 
-    def _ensure_fd(self) -> int:
-        if self._fd < 0:
-            self._fd = linux.inotify_init()
-            asyncio.get_running_loop().add_reader(self._fd, self._on_events)
-        return self._fd
-
     def _add(self, path: Path, fut: asyncio.Future[None]) -> int:
-        fd = self._ensure_fd()
+        fd = self._open()
         try:
             wd = linux.inotify_add_watch(fd, path, linux.IN_MODIFY)
         except OSError as exc:

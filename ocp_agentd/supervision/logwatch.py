@@ -25,13 +25,12 @@ path is due again and asks for the next round then.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ocp_agentd import linux
+from ocp_agentd.supervision.inotify_reader import InotifyReader
 
 # A write, a rename of the file (rotation), a link count change (unlink, a rename over
 # it) or an attribute change; one event, then the kernel drops the watch (IN_IGNORED).
@@ -44,7 +43,7 @@ DIRECTORY_MASK = (linux.IN_MOVE_SELF | linux.IN_DELETE_SELF | linux.IN_ONESHOT
                   | linux.IN_DONT_FOLLOW | linux.IN_ONLYDIR)
 
 
-class LogWatch:
+class LogWatch(InotifyReader):
     """One inotify descriptor watching program log files for housekeeping.
 
     ``on_change()`` is called (on the event loop) when an armed file changed. Not
@@ -52,8 +51,8 @@ class LogWatch:
     """
 
     def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+        super().__init__()
         self.on_change = on_change
-        self._fd = -1
         # watch descriptor -> paths (a directory's covers every log in it)
         self._path_of: dict[int, set[Path]] = {}
         self._quiet: set[Path] = set()  # armed, and no event since
@@ -80,7 +79,7 @@ class LogWatch:
             return None
         directories = []
         for directory in path.parents:
-            with contextlib.suppress(OSError):  # a link on the way: its target is watched
+            with contextlib.suppress(OSError):  # a link (IN_DONT_FOLLOW) is left out
                 directories.append(
                     linux.inotify_add_watch(self._fd, directory, DIRECTORY_MASK))
         try:
@@ -120,11 +119,8 @@ class LogWatch:
         self._quiet.intersection_update(keep)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(ValueError, OSError, RuntimeError):
-                asyncio.get_running_loop().remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        """Drops every watch and the inotify descriptor."""
+        self._close_fd()
         self._path_of.clear()
         self._quiet.clear()
         self._early.clear()
@@ -132,13 +128,8 @@ class LogWatch:
     def _start(self) -> None:
         """The inotify descriptor, read from the running event loop; without one (out of
         descriptors or of inotify instances) every path is looked at every round."""
-        if self._fd >= 0:
-            return
-        try:
-            self._fd = linux.inotify_init()
-        except OSError:
-            return
-        asyncio.get_running_loop().add_reader(self._fd, self._on_events)
+        with contextlib.suppress(OSError):
+            self._open()
 
     def _on_events(self) -> None:
         if self._fd < 0:
