@@ -180,7 +180,7 @@ class Daemon:
             task_engine=engine,
             server_address=address,
             state="starting",
-            on_request=self.ticker.note_activity,
+            requests=self.ticker,
             events=self.events,
             reload=self.apply_reload,
         )

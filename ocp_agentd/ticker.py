@@ -5,9 +5,14 @@ Idle, the ticker wakes only for what is due: the watchdog ping (half of Watchdog
 sd_watchdog_enabled(3)) and housekeeping, which is due HOUSEKEEPING_SECONDS after start,
 then after each round that asks for another and HOUSEKEEPING_SECONDS after
 want_housekeeping() (a watched log file changed): with nothing changing, the daemon sleeps.
-For BUSY_SECONDS after activity (a request or a state change) it also wakes every
+While there is work (a request being answered) and for BUSY_SECONDS after the last
+activity (a request's start or end, a program's state change) it also wakes every
 PROBE_SECONDS: how late each timer wake-up comes is the event loop's lag, so a stall that
-could make the watchdog miss its ping shows in ocp_agentd_event_loop_lag_seconds.
+could make the watchdog miss its ping shows in ocp_agentd_event_loop_lag_seconds. The loop
+can only stall while it runs work, and each piece of work begins or ends with activity, so
+the probe that follows the last activity sees a stall in it; one that is still running
+keeps the probes going. A stream's work ends once its headers are out
+(api.context.work_ended): a follower that stays connected costs no wake-ups.
 """
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ log = logging.getLogger("ocp_agentd")
 
 HOUSEKEEPING_SECONDS = 15.0
 PROBE_SECONDS = 1.0
-BUSY_SECONDS = 5.0
+BUSY_SECONDS = PROBE_SECONDS
 
 
 class Ticker:
     """Runs until cancelled. housekeep() is awaited when due (see the module docstring;
     its errors are logged, and a round that raised is followed by another) and answers
     whether another round is due in HOUSEKEEPING_SECONDS whatever happens;
-    observe_lag(seconds) gets each timer wake-up's lateness."""
+    observe_lag(seconds) gets each timer wake-up's lateness. It is the API's RequestWatch
+    (api.context): request_started()/request_ended() bracket each request's work."""
 
     def __init__(
         self,
@@ -43,6 +49,7 @@ class Ticker:
         self._housekeep = housekeep
         self._observe_lag = observe_lag
         self._last_activity = time.monotonic()
+        self._requests = 0  # requests whose work is not over
         self._wake = asyncio.Event()  # set by activity; ends the long idle sleep
         self._next_housekeeping = math.inf  # event loop time; set when run() starts
 
@@ -59,6 +66,16 @@ class Ticker:
         self._last_activity = time.monotonic()
         self._wake.set()
 
+    def request_started(self) -> None:
+        """A request's work begins: probe the loop closely until it is over."""
+        self._requests += 1
+        self.note_activity()
+
+    def request_ended(self) -> None:
+        """A request's work is over (call once per request_started)."""
+        self._requests = max(0, self._requests - 1)
+        self._last_activity = time.monotonic()
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         watchdog = self._notifier.watchdog_interval()
@@ -68,7 +85,8 @@ class Ticker:
         while True:
             now = loop.time()
             due = min(next_ping, self._next_housekeeping)
-            busy = time.monotonic() - self._last_activity < BUSY_SECONDS
+            busy = self._requests > 0 or (
+                time.monotonic() - self._last_activity < BUSY_SECONDS)
             if busy:
                 due = min(due, now + PROBE_SECONDS)
                 await asyncio.sleep(due - now)

@@ -37,7 +37,7 @@ from aiohttp import web
 from ocp_agentd.api import envelope
 from ocp_agentd.api.auth import AUTH, Authenticator, describe_peer
 from ocp_agentd.api.compute import routes as compute_routes
-from ocp_agentd.api.context import APP_CTX, AppContext, app_context
+from ocp_agentd.api.context import APP_CTX, AppContext, app_context, work_ended, work_started
 from ocp_agentd.api.control import routes as control_routes
 from ocp_agentd.api.envelope import ApiError, ErrorCode
 from ocp_agentd.api.metrics import METRICS
@@ -202,8 +202,21 @@ async def _envelope_middleware(
     trace_id = envelope.trace_id_from(request.headers.get(TRACE_HEADER))
     request["trace_id"] = trace_id
     ctx = app_context(request)
-    if ctx.on_request is not None:
-        ctx.on_request()
+    work_started(request)
+    try:
+        return await _answer(request, handler, ctx, trace_id)
+    finally:
+        work_ended(request)
+
+
+async def _answer(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ctx: AppContext,
+    trace_id: str,
+) -> web.StreamResponse:
+    """The envelope middleware's work: the handler's answer, or the envelope of its error;
+    the trace header, the request's metrics and its audit line."""
     error: ApiError | None = None
     try:
         response = await handler(request)

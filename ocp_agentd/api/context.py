@@ -65,6 +65,15 @@ class TaskEngineView(Protocol):
     async def cancel_subtask(self, task_id: int, subtask_id: int) -> TaskInstance: ...
 
 
+class RequestWatch(Protocol):
+    """Told when a request starts being worked on and when that work is over (the
+    daemon's ticker watches its event loop closely meanwhile). A streamed answer's work is
+    over once its headers are out: from there it waits on events, not on work."""
+
+    def request_started(self) -> None: ...
+    def request_ended(self) -> None: ...
+
+
 @dataclass
 class AppContext:
     """What handlers may use. ``state`` is the daemon's: starting, running, reloading,
@@ -77,8 +86,8 @@ class AppContext:
     metrics: AgentMetrics = field(default_factory=AgentMetrics)
     server_address: str = field(default_factory=envelope.host_address)
     state: str = "running"
-    # Called as each request arrives (the daemon watches its loop closely while busy).
-    on_request: Callable[[], None] | None = None
+    # Told of each request's work (RequestWatch); None: nobody watches.
+    requests: RequestWatch | None = None
     # What GET /api/v1/events streams (the supervisor's hub in the daemon).
     events: EventHub = field(default_factory=EventHub)
     # Re-reads the config as SIGHUP does: {added, removed, changed, unchanged}, or
@@ -92,3 +101,24 @@ APP_CTX: web.AppKey[AppContext] = web.AppKey("ocp_agentd_context")
 def app_context(request: web.Request) -> AppContext:
     """The AppContext of the app serving this request."""
     return request.app[APP_CTX]
+
+
+_IN_WORK = "ocp_agentd_in_work"
+
+
+def work_started(request: web.Request) -> None:
+    """The request's work begins (the envelope middleware, as it arrives)."""
+    watch = app_context(request).requests
+    if watch is not None:
+        request[_IN_WORK] = True
+        watch.request_started()
+
+
+def work_ended(request: web.Request) -> None:
+    """The request's work is over: its answer is made, or its stream's headers are out.
+    Only the first call for a request counts."""
+    if request.get(_IN_WORK):
+        request[_IN_WORK] = False
+        watch = app_context(request).requests
+        if watch is not None:
+            watch.request_ended()

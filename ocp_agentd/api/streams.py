@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ocp_agentd.api.context import app_context
+from ocp_agentd.api.context import app_context, work_ended
 from ocp_agentd.api.envelope import ApiError, ErrorCode
 from ocp_agentd.api.routes import Param, Route
 from ocp_agentd.events import KEEP, MAX_FOLLOWERS, MAX_SUBSCRIBERS, QUEUE_LIMIT, TooManySubscribers
@@ -46,6 +46,7 @@ async def _start(request: web.Request, content_type: str) -> web.StreamResponse:
     })
     response.enable_chunked_encoding()
     await response.prepare(request)
+    work_ended(request)  # from here the stream waits on events, not on work
     return response
 
 
