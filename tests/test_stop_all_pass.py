@@ -89,6 +89,36 @@ def test_every_main_has_its_signal_before_the_first_state_change(blocking_world:
     assert all(mask & TERM_BIT for mask in seen.values()), seen
 
 
+def test_the_cpu_is_yielded_once_between_the_signals_and_the_bookkeeping(
+        blocking_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first pass the signalled programs get the daemon's CPU before its
+    bookkeeping: one sched_yield(2), when every main has its signal and no program is
+    STOPPING yet."""
+    world = blocking_world
+    at_yield: list[tuple[dict[str, int], set[State]]] = []
+    real_yield = os.sched_yield
+
+    async def body(sup: Supervisor) -> None:
+        await until(lambda: len(marked(world.state)) == 6, what="5 mains and a grandchild")
+        mains = {name: sup.info(name).pid for name in sup.workers()}
+
+        def spy() -> None:
+            at_yield.append(({n: pending(pid) for n, pid in mains.items() if pid},
+                             {sup.info(n).state for n in mains}))
+            real_yield()
+
+        monkeypatch.setattr(os, "sched_yield", spy)
+        await sup.stop_all()
+        assert {sup.info(n).state for n in mains} == {State.STOPPED}
+        await sup.stop_all()  # nothing left to signal: no yield
+
+    run(world, body)
+    assert len(at_yield) == 1, at_yield
+    masks, states = at_yield[0]
+    assert len(masks) == 5 and all(mask & TERM_BIT for mask in masks.values()), masks
+    assert states == {State.RUNNING}, states
+
+
 def test_a_stop_all_exit_is_a_stop_not_a_crash(world: World) -> None:
     needs_cgroups(world)
     world.add("quick", ["/bin/sleep", "1000"], autorestart="always", start_seconds=0.0)
