@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,9 +112,27 @@ def test_daemon_not_running_exits_3(daemon_factory, tmp_path: Path) -> None:
     result = ctl("--socket", str(missing), "status")
     assert result.returncode == 3
     assert result.stderr.strip() == (
-        f"ocp-agentctl: ocp-agentd is not running (no answer on {missing})"
+        f"ocp-agentctl: ocp-agentd is not running (no socket at {missing}; is --socket or "
+        "--config right?)"
     )
     assert result.stdout == ""
+    # A path that is there but is not a socket (a directory given for the socket).
+    result = ctl("--socket", str(tmp_path), "status")
+    assert result.returncode == 3
+    assert result.stderr.strip() == (
+        f"ocp-agentctl: ocp-agentd is not running ({tmp_path} is not a socket; is --socket "
+        "or --config right?)"
+    )
+    # A socket nobody listens on (left by a daemon killed with SIGKILL).
+    stale = tmp_path / "stale.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(stale))
+    listener.close()
+    result = ctl("--socket", str(stale), "status")
+    assert result.returncode == 3
+    assert result.stderr.strip() == (
+        f"ocp-agentctl: ocp-agentd is not running (no answer on {stale})"
+    )
     # A daemon that stopped: its socket is gone, the same answer.
     runner = daemon_factory()
     assert runner.ctl("status").returncode == 0

@@ -78,5 +78,5 @@ def test_launcher_reports_a_bad_config_and_a_missing_daemon(launcher: Path,
     assert f"cannot parse configuration file {broken} (from $OCP_AGENTD_CONFIG)" in result.stderr
     result = run(launcher, "--socket", str(tmp_path / "none.sock"), "status", cwd=tmp_path)
     assert result.returncode == 3
-    assert "ocp-agentd is not running (no answer on" in result.stderr
+    assert "ocp-agentd is not running (no socket at" in result.stderr
     assert "Traceback" not in result.stderr

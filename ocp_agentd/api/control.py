@@ -71,8 +71,10 @@ def routes() -> list[Route]:
     return [
         Route("POST", "/api/v1/agent/reload", reload_config, "HOST_MANAGER",
               "Re-read the configuration, as SIGHUP does",
-              description="Added programs start, removed ones stop, changed ones restart. "
-              "An invalid file answers 1006 with one subError per bad key (the key path "
+              description="Added programs start, removed ones stop, and a changed one "
+              "restarts only when how it runs changed (command, cwd, env, user, its logs); "
+              "other changes (limits, liveness, timeouts, backoff) apply in place and keep "
+              "its pid. An invalid file answers 1006 with one subError per bad key (the key path "
               "in target) and changes nothing.",
               operation_id="reloadConfig", data=ReloadReport,
               errors=(ErrorCode.INVALID_CONFIG,), tags=("processes",)),

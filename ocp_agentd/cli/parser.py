@@ -350,9 +350,11 @@ def build_parser(common_in_commands: bool = True, lazy: bool = False) -> LazyCom
                  "JSON object per line.", _events, handler=programs.cmd_events)
     commands.add("reload", "re-read the daemon's configuration",
                  "Re-read the configuration as SIGHUP does: added programs start, removed "
-                 "ones stop, changed ones restart. Prints what was added, removed, changed "
-                 "and left alone; an invalid file changes nothing and each bad key is named "
-                 "(exit 1).", handler=programs.cmd_reload)
+                 "ones stop, and a changed one restarts only when how it runs changed "
+                 "(command, cwd, env, user, its logs); other changes (limits, liveness, "
+                 "timeouts, backoff) apply in place and keep its pid. Prints what was "
+                 "added, removed, changed and left alone; an invalid file changes nothing "
+                 "and each bad key is named (exit 1).", handler=programs.cmd_reload)
     commands.add("signal", "send a signal to a program",
                  "Send a signal to a running program's process tree (e.g. HUP to re-open "
                  "its logs). Exit 1 when the program is not running.", _signal,

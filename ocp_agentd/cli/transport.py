@@ -17,7 +17,9 @@ nothing answers (exit status 3).
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 import sys
 import time
 
@@ -80,6 +82,20 @@ class Target:
     @property
     def where(self) -> str:
         return self.url or str(self.socket_path)
+
+
+def _no_daemon_at(path: str) -> str:
+    """Why nothing answered on the unix socket at path, told apart by what is there: no
+    socket (the daemon is not running, or the path is not its socket), something else
+    than a socket, or a socket nobody listens on (left by a daemon that was killed)."""
+    hint = "is --socket or --config right?"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return f"ocp-agentd is not running (no socket at {path}; {hint})"
+    if not stat.S_ISSOCK(mode):
+        return f"ocp-agentd is not running ({path} is not a socket; {hint})"
+    return f"ocp-agentd is not running (no answer on {path})"
 
 
 class _Url:
@@ -235,6 +251,8 @@ class Transport:
             return Unavailable(tls)
         if isinstance(exc, ConnectionResetError):  # Disconnected included
             return Unavailable(f"ocp-agentd closed the connection on {where}")
+        if self.target.socket_path is not None and not self.target.url:
+            return Unavailable(_no_daemon_at(self.target.socket_path))
         return Unavailable(f"ocp-agentd is not running (no answer on {where})")
 
     def _send(self, method: str, path: str, body: bytes | None, timeout: float | None,
