@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -514,10 +515,12 @@ def load_settings(path: Path, **overrides: Any) -> Settings:
     return settings
 
 
-def summary(settings: Settings, path: Path) -> str:
-    """What `ocp-agentd --check` prints for a valid configuration: one line per program."""
+def summary(settings: Settings, path: Path, cannot_run: Collection[str] = ()) -> str:
+    """What `ocp-agentd --check` prints for a valid configuration: one line per program;
+    the programs named in `cannot_run` (host problems, told on stderr) are marked."""
+    verdict = "; this host cannot run all of it (the problems follow, on stderr)"
     lines = [
-        f"configuration {path} is valid",
+        f"configuration {path} is valid" + (verdict if cannot_run else ""),
         f"  host_id {settings.agent.host_id}, state_dir {settings.agent.state_dir}",
         f"  socket {settings.api.socket}"
         + (f", tcp {settings.api.tcp}" if settings.api.tcp else ""),
@@ -526,7 +529,8 @@ def summary(settings: Settings, path: Path) -> str:
         kind = "worker" if spec.is_worker else "fixed"
         if spec.role == "pos_proxy":
             kind = "pos_proxy"
-        lines.append(f"  {spec.name:<20} {kind:<9} {' '.join(spec.command)}")
+        mark = "  [cannot run here]" if spec.name in cannot_run else ""
+        lines.append(f"  {spec.name:<20} {kind:<9} {' '.join(spec.command)}{mark}")
     return "\n".join(lines)
 
 

@@ -364,8 +364,10 @@ def _report_check(settings: Settings, path: Path, problems: list[HostProblem]) -
         settings.agent.state_dir,
         {name: limits_of(spec) for name, spec in settings.programs.items()},
     )
+    cannot_run = {problem.key[len("programs."):problem.key.rindex(".")]
+                  for problem in problems if problem.key.startswith("programs.")}
     try:
-        print(summary(settings, path))
+        print(summary(settings, path, cannot_run))
         print("\n".join(lines), flush=True)
     except BrokenPipeError:
         # The reader went away (`--check | head`): the rest, and the interpreter's final

@@ -360,6 +360,29 @@ def test_check_accepts_the_example_config():
     if result.returncode == 1:
         problems = result.stderr.splitlines()[1:]
         assert problems and all(line.strip().startswith("programs.") for line in problems)
+        # The summary says so, and marks exactly the programs named on stderr.
+        assert "this host cannot run all of it" in result.stdout.splitlines()[0]
+        named = {line.strip().split(".")[1] for line in problems}
+        marked = {line.split()[0] for line in result.stdout.splitlines()
+                  if line.endswith("[cannot run here]")}
+        assert marked == named, (marked, named)
+
+
+def test_check_marks_the_programs_this_host_cannot_run(tmp_path):
+    """A valid file with one program whose user is missing here: exit 1, that program
+    alone marked in the summary, its key named on stderr."""
+    path = write_demo_config(tmp_path, free_port(), 2, extra_programs={
+        "stranger": {"command": ["/bin/sleep", "1000"], "user": "no-such-user-7f3a"}})
+    result = check_config(path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("is valid; this host cannot run all of it (the problems "
+                             "follow, on stderr)"), lines[0]
+    marked = [line.split()[0] for line in lines if line.endswith("[cannot run here]")]
+    assert marked == ["stranger"], result.stdout
+    assert "programs.stranger.user: no user 'no-such-user-7f3a'" in result.stderr
+    assert check_config(write_demo_config(tmp_path / "ok", free_port(), 2)).stdout.splitlines()[
+        0].endswith("is valid")
 
 
 def test_example_config_keys_and_defaults():
