@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("dir", type=Path, help="folder for the config, state, logs and socket")
     parser.add_argument("--base-port", type=int, default=62888, help="pos_proxy's port")
-    parser.add_argument("--host-id", type=int, default=2)
+    parser.add_argument("--host-id", type=int, default=2,
+                        help="agent.host_id of the config (the OCP host id the API answers for)")
     args = parser.parse_args(argv)
     path = write_demo_config(args.dir, args.base_port, args.host_id)
     print(path.read_text(), end="")
