@@ -9,10 +9,12 @@ While there is work (a request being answered) and for BUSY_SECONDS after the la
 activity (a request's start or end, a program's state change) it also wakes every
 PROBE_SECONDS: how late each timer wake-up comes is the event loop's lag, so a stall that
 could make the watchdog miss its ping shows in ocp_agentd_event_loop_lag_seconds. The loop
-can only stall while it runs work, and each piece of work begins or ends with activity, so
-the probe that follows the last activity sees a stall in it; one that is still running
-keeps the probes going. A stream's work ends once its headers are out
-(api.context.work_ended): a follower that stays connected costs no wake-ups.
+can only stall while it runs work, and each piece of work begins or ends with activity.
+Activity wakes an idle ticker, and how late that wake-up comes (from the activity to the
+ticker running) is lag too: a stall that begins with the work that woke the ticker, before
+its first await, shows there; one that begins later delays the probe due meanwhile. A
+stream's work ends once its headers are out (api.context.work_ended): a follower that stays
+connected costs no wake-ups.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class Ticker:
     """Runs until cancelled. housekeep() is awaited when due (see the module docstring;
     its errors are logged, and a round that raised is followed by another) and answers
     whether another round is due in HOUSEKEEPING_SECONDS whatever happens;
-    observe_lag(seconds) gets each timer wake-up's lateness. It is the API's RequestWatch
-    (api.context): request_started()/request_ended() bracket each request's work."""
+    observe_lag(seconds) gets each wake-up's lateness (a timer's, or an activity's). It is
+    the API's RequestWatch (api.context): request_started()/request_ended() bracket each
+    request's work."""
 
     def __init__(
         self,
@@ -51,6 +54,7 @@ class Ticker:
         self._last_activity = time.monotonic()
         self._requests = 0  # requests whose work is not over
         self._wake = asyncio.Event()  # set by activity; ends the long idle sleep
+        self._woken_at = 0.0  # time.monotonic() when _wake was last set
         self._next_housekeeping = math.inf  # event loop time; set when run() starts
 
     def want_housekeeping(self) -> None:
@@ -59,12 +63,17 @@ class Ticker:
         if self._next_housekeeping == math.inf:
             self._next_housekeeping = (asyncio.get_running_loop().time()
                                        + HOUSEKEEPING_SECONDS)
-            self._wake.set()  # the idle sleep is recomputed with the new due time
+            self._set_wake()  # the idle sleep is recomputed with the new due time
 
     def note_activity(self) -> None:
         """Something happened: probe the loop closely for the next BUSY_SECONDS."""
         self._last_activity = time.monotonic()
-        self._wake.set()
+        self._set_wake()
+
+    def _set_wake(self) -> None:
+        if not self._wake.is_set():
+            self._woken_at = time.monotonic()
+            self._wake.set()
 
     def request_started(self) -> None:
         """A request's work begins: probe the loop closely until it is over."""
@@ -100,7 +109,9 @@ class Ticker:
                 except TimeoutError:
                     woken = False
             now = loop.time()
-            if not woken:  # a timer wake-up: its lateness is the loop's lag
+            if woken:  # from the activity that woke it to now: the loop's lag too
+                self._observe_lag(max(0.0, time.monotonic() - self._woken_at))
+            else:  # a timer wake-up: its lateness is the loop's lag
                 self._observe_lag(max(0.0, now - due))
             if watchdog and now >= next_ping:
                 self._notifier.ping()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,40 @@ def test_probes_run_while_a_request_is_in_work_and_stop_after(fast_probes: float
             assert settled - after <= 2
             await asyncio.sleep(10 * fast_probes)
             assert len(probes) == settled
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+
+
+def test_a_stall_that_begins_as_work_arrives_on_an_idle_loop_is_measured(
+        fast_probes: float) -> None:
+    """The ticker is asleep (idle) when a request arrives and its handler computes for a
+    while before it first yields, as a big answer made without an await does: the
+    ticker's wake-up comes that much late, and that lateness is the loop's lag too. It
+    must reach observe_lag, or a stall that begins on an idle daemon is never seen."""
+    probes: list[float] = []
+    stall = 0.3
+
+    async def housekeep() -> bool:
+        return False
+
+    async def main() -> None:
+        clock = ticker.Ticker(Notifier(env={}), housekeep, probes.append)
+        task = asyncio.create_task(clock.run())
+        try:
+            await asyncio.sleep(10 * fast_probes)  # the start's activity runs out
+            quiet = len(probes)
+            await asyncio.sleep(10 * fast_probes)
+            assert len(probes) == quiet, "probes with nothing going on"
+
+            clock.request_started()
+            time.sleep(stall)  # the handler's work, no await in it
+            clock.request_ended()
+            await asyncio.sleep(10 * fast_probes)
+            assert max(probes[quiet:], default=0.0) >= stall * 0.9, probes[quiet:]
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
