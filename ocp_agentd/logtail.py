@@ -83,32 +83,47 @@ class LogFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def tail(self, lines: int | None) -> bytes:
-        """The last ``lines`` lines; the reading position is then the end of the file.
-        With None nothing is returned and the position is the start of the file (the
-        whole file then comes from read_new, CHUNK bytes at a time)."""
-        size = os.fstat(self.fd).st_size
+    def seek_tail(self, lines: int | None) -> None:
+        """Puts the reading position at the start of the last ``lines`` lines (None: at
+        the start of the file), for read_new to give them CHUNK bytes at a time. The file
+        is looked through backwards one CHUNK at a time, each counted once and let go: a
+        log of one long line (no newline, or a progress bar redrawn with \\r) costs one
+        pass over it and one CHUNK of memory, not the log gathered in one buffer."""
         if lines is None:
             self.position = 0
-            return b""
+            return
+        size = os.fstat(self.fd).st_size
         self.position = size
         if lines == 0 or size == 0:
-            return b""
-        # A last line without its newline counts as a line too.
-        skip_final = os.pread(self.fd, 1, size - 1) == b"\n"
-        start = end = size
-        found = 0
-        data = b""
-        while start > 0 and found < lines:
-            start = max(0, start - CHUNK)
-            data = os.pread(self.fd, end - start, start) + data
+            return
+        # A last line without its newline counts as a line too: a final newline ends the
+        # last line, it starts none.
+        end = size - 1 if os.pread(self.fd, 1, size - 1) == b"\n" else size
+        wanted = lines  # newlines still to pass going back; the tail starts after the last
+        while end > 0:
+            start = max(0, end - CHUNK)
+            chunk = os.pread(self.fd, end - start, start)
+            found = chunk.count(b"\n")
+            if found >= wanted:
+                cut = len(chunk)
+                for _ in range(wanted):
+                    cut = chunk.rindex(b"\n", 0, cut)
+                self.position = start + cut + 1
+                return
+            wanted -= found
             end = start
-            found = data.count(b"\n") - (1 if skip_final else 0)
-        if found >= lines:
-            cut = len(data) - (1 if skip_final else 0)
-            for _ in range(lines):
-                cut = data.rindex(b"\n", 0, cut)
-            data = data[cut + 1:]
+        self.position = 0
+
+    def tail(self, lines: int | None) -> bytes:
+        """The last ``lines`` lines in one buffer (for a few lines; the API streams them,
+        seek_tail); the reading position is then where they end. With None nothing is
+        returned and the position is the start of the file."""
+        self.seek_tail(lines)
+        if lines is None:
+            return b""
+        end = os.fstat(self.fd).st_size
+        data = os.pread(self.fd, max(0, end - self.position), self.position)
+        self.position += len(data)
         return data
 
     def read_new(self) -> bytes:

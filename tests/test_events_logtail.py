@@ -118,6 +118,24 @@ def test_tail_of_a_long_file(tmp_path: Path) -> None:
     assert last[-1].startswith(b"line 4999 ")
 
 
+@pytest.mark.parametrize("final", [b"", b"\n"])
+def test_tail_of_lines_longer_than_a_chunk(tmp_path: Path, final: bytes) -> None:
+    """Lines of several CHUNKs each: the tail starts at the right byte whichever chunk
+    its newline is in."""
+    a, b, c = b"A" * 100_000, b"B" * 150_000, b"C" * 70_000
+    path = tmp_path / "x.log"
+    path.write_bytes(a + b"\n" + b + b"\n" + c + final)
+    with LogFile.open(path) as log:
+        assert log.tail(2) == b + b"\n" + c + final
+        assert log.tail(1) == c + final
+        assert log.tail(3) == log.tail(9) == path.read_bytes()
+        log.seek_tail(2)
+        streamed = b""
+        while piece := log.read_new():
+            streamed += piece
+        assert streamed == b + b"\n" + c + final
+
+
 def test_refuses_links_non_files_hard_links_and_strangers_files(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     logs.mkdir(mode=0o755)

@@ -109,9 +109,7 @@ async def process_logs(request: web.Request) -> web.StreamResponse:
     with log, _place(hub.following() if params["follow"] else contextlib.nullcontext()):
         response = await _start(request, "text/plain; charset=utf-8")
         try:
-            first = log.tail(params["tail"])
-            if first:
-                await response.write(first)
+            log.seek_tail(params["tail"])  # sent CHUNK by CHUNK, however long the lines
             while data := log.read_new():
                 await response.write(data)
             if params["follow"]:
