@@ -18,6 +18,7 @@ from ocp_agentd import ticker
 from ocp_agentd.api.app import collect_routes, create_app
 from ocp_agentd.api.context import AppContext
 from ocp_agentd.api.listeners import start_api
+from ocp_agentd.api.models import OperationBody
 from ocp_agentd.api.routes import Route
 from ocp_agentd.config import Settings
 from ocp_agentd.supervision import Supervisor
@@ -213,3 +214,58 @@ def test_a_stall_that_begins_as_work_arrives_on_an_idle_loop_is_measured(
                 await task
 
     asyncio.run(main())
+
+
+def test_a_request_waiting_for_the_rest_of_its_body_is_not_work(tmp_path: Path) -> None:
+    """A client that sends its headers and part of its body, then nothing: the handler
+    waits on the client, as a stream waits on events, and must not keep the loop's probes
+    going (once a second for as long as the client likes). When the rest comes, the
+    request is work again until it is answered."""
+    watch = CountingWatch()
+    seen_busy: list[int] = []
+
+    async def echo(request: Any) -> dict[str, Any]:
+        seen_busy.append(watch.busy)
+        return {"timeout": request["body"].timeout}
+
+    async def scenario() -> None:
+        sock = tmp_path / "run" / "a.sock"
+        settings = Settings(api={"socket": str(sock)},
+                            agent={"state_dir": str(tmp_path / "state"),
+                                   "log_dir": str(tmp_path / "log")})
+        supervisor = Supervisor(settings)
+        table = collect_routes()
+        table.add(Route("POST", "/api/v1/test/body", echo, None, "body", hidden=True,
+                        body=OperationBody))
+        server = await start_api(create_app(AppContext(settings, supervisor,
+                                                       requests=watch), table), settings)
+        loop = asyncio.get_running_loop()
+        body = b'{"timeout": 7.5}'
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(b"POST /api/v1/test/body HTTP/1.1\r\nHost: agent\r\n"
+                         b"Content-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+            await writer.drain()
+            deadline = loop.time() + DEADLINE
+            while not (watch.started == 1 and watch.busy == 0):
+                assert loop.time() < deadline, ("still work while waiting on the client",
+                                                watch.started, watch.ended)
+                await asyncio.sleep(0.01)
+            writer.write(body[5:])
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            writer.close()
+            await writer.wait_closed()
+            deadline = loop.time() + DEADLINE
+            while watch.busy:
+                assert loop.time() < deadline, (watch.started, watch.ended)
+                await asyncio.sleep(0.01)
+            assert seen_busy == [1]  # the handler ran as work
+            assert watch.ended == watch.started == 2
+        finally:
+            await server.close()
+            await supervisor.close()
+
+    asyncio.run(scenario())

@@ -154,7 +154,16 @@ def _reject_constant(name: str) -> Any:
 async def _read_body(request: web.Request, route: Route) -> Any:
     """The body parsed as JSON (empty: ``{}``) and validated as ``route.body``; 1000 when
     it is not UTF-8, not JSON (NaN and Infinity included) or not the model."""
-    raw = await request.read()
+    if request.content.is_eof():
+        raw = await request.read()
+    else:
+        # The rest of the body is the client's to send: waiting for it is not work (the
+        # loop's probes would go on for as long as a client stops mid-body).
+        work_ended(request)
+        try:
+            raw = await request.read()
+        finally:
+            work_started(request)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -107,7 +107,8 @@ _IN_WORK = "ocp_agentd_in_work"
 
 
 def work_started(request: web.Request) -> None:
-    """The request's work begins (the envelope middleware, as it arrives)."""
+    """The request's work begins (the envelope middleware, as it arrives; the body
+    reader, once a body it waited for has come)."""
     watch = app_context(request).requests
     if watch is not None:
         request[_IN_WORK] = True
@@ -115,8 +116,9 @@ def work_started(request: web.Request) -> None:
 
 
 def work_ended(request: web.Request) -> None:
-    """The request's work is over: its answer is made, or its stream's headers are out.
-    Only the first call for a request counts."""
+    """The request's work is over: its answer is made, its stream's headers are out, or
+    it waits for the rest of its body from the client. Only the first call after each
+    work_started counts."""
     if request.get(_IN_WORK):
         request[_IN_WORK] = False
         watch = app_context(request).requests
