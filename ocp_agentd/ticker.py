@@ -14,7 +14,8 @@ Activity wakes an idle ticker, and how late that wake-up comes (from the activit
 ticker running) is lag too: a stall that begins with the work that woke the ticker, before
 its first await, shows there; one that begins later delays the probe due meanwhile. A
 stream's work ends once its headers are out (api.context.work_ended): a follower that stays
-connected costs no wake-ups.
+connected brings no probes (its own polls remain: an event stream looks for a client gone
+every streams.GONE_CHECK_SECONDS, a log follower reads every logtail.POLL_SECONDS).
 """
 
 from __future__ import annotations
