@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,50 @@ class CountingWatch:
         self.ended += 1
 
 
+@contextlib.asynccontextmanager
+async def served(tmp_path: Path, watch: CountingWatch,
+                 *extra: Route) -> AsyncIterator[Path]:
+    """The daemon's app with `extra` routes, served on a real unix socket (its path),
+    telling `watch` of each request's work; no program."""
+    sock = tmp_path / "run" / "a.sock"
+    settings = Settings(api={"socket": str(sock)},
+                        agent={"state_dir": str(tmp_path / "state"),
+                               "log_dir": str(tmp_path / "log")})
+    supervisor = Supervisor(settings)
+    table = collect_routes()
+    for route in extra:
+        table.add(route)
+    server = await start_api(create_app(AppContext(settings, supervisor, requests=watch),
+                                        table), settings)
+    try:
+        yield sock
+    finally:
+        await server.close()
+        await supervisor.close()
+
+
+@contextlib.asynccontextmanager
+async def running_ticker(probes: list[float]) -> AsyncIterator[ticker.Ticker]:
+    """A real Ticker running on this loop, its lag observations appended to `probes`,
+    past the activity of its start: no probe comes until something happens."""
+
+    async def housekeep() -> bool:
+        return False
+
+    clock = ticker.Ticker(Notifier(env={}), housekeep, probes.append)
+    task = asyncio.create_task(clock.run())
+    try:
+        await asyncio.sleep(10 * ticker.PROBE_SECONDS)  # the start's activity runs out
+        quiet = len(probes)
+        await asyncio.sleep(10 * ticker.PROBE_SECONDS)
+        assert len(probes) == quiet, "probes with nothing going on"
+        yield clock
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def test_a_request_is_work_until_answered_and_a_stream_until_its_headers(
         tmp_path: Path) -> None:
     """Every request that starts work ends it exactly once: an answer, an error, an
@@ -63,16 +108,6 @@ def test_a_request_is_work_until_answered_and_a_stream_until_its_headers(
         raise RuntimeError("a handler that fails")
 
     async def scenario() -> None:
-        sock = tmp_path / "run" / "a.sock"
-        settings = Settings(api={"socket": str(sock)},
-                            agent={"state_dir": str(tmp_path / "state"),
-                                   "log_dir": str(tmp_path / "log")})
-        supervisor = Supervisor(settings)
-        table = collect_routes()
-        table.add(Route("GET", "/api/v1/test/slow", slow, None, "slow", hidden=True))
-        table.add(Route("GET", "/api/v1/test/broken", broken, None, "broken", hidden=True))
-        ctx = AppContext(settings, supervisor, requests=watch)
-        server = await start_api(create_app(ctx, table), settings)
         loop = asyncio.get_running_loop()
 
         async def settled(started: int) -> None:
@@ -81,7 +116,11 @@ def test_a_request_is_work_until_answered_and_a_stream_until_its_headers(
                 assert loop.time() < deadline, (watch.started, watch.ended)
                 await asyncio.sleep(0.01)
 
-        try:
+        async with served(tmp_path, watch,
+                          Route("GET", "/api/v1/test/slow", slow, None, "slow", hidden=True),
+                          Route("GET", "/api/v1/test/broken", broken, None, "broken",
+                                hidden=True)) as sock, contextlib.AsyncExitStack() as stack:
+            stack.callback(release.set)  # the slow handler ends, whatever happens here
             connector = aiohttp.UnixConnector(path=str(sock))
             async with aiohttp.ClientSession(connector=connector) as http:
                 async with http.get("http://agent/api/v1/status") as answer:
@@ -117,10 +156,6 @@ def test_a_request_is_work_until_answered_and_a_stream_until_its_headers(
                     assert not stream.closed  # still open, and no longer work
                 await settled(5)
                 assert watch.ended == watch.started == 5
-        finally:
-            release.set()
-            await server.close()
-            await supervisor.close()
 
     asyncio.run(scenario())
 
@@ -138,19 +173,10 @@ def test_probes_run_while_a_request_is_in_work_and_stop_after(fast_probes: float
     at most two more come (the one due, the one after the last activity), then none."""
     probes: list[float] = []
 
-    async def housekeep() -> bool:
-        return False
-
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        clock = ticker.Ticker(Notifier(env={}), housekeep, probes.append)
-        task = asyncio.create_task(clock.run())
-        try:
-            await asyncio.sleep(10 * fast_probes)  # the start's activity runs out
+        async with running_ticker(probes) as clock:
             quiet = len(probes)
-            await asyncio.sleep(10 * fast_probes)
-            assert len(probes) == quiet, "probes with nothing going on"
-
             clock.request_started()
             deadline = loop.time() + DEADLINE
             while len(probes) < quiet + 10:  # ten busy windows and more
@@ -174,10 +200,6 @@ def test_probes_run_while_a_request_is_in_work_and_stop_after(fast_probes: float
             assert settled - after <= 2
             await asyncio.sleep(10 * fast_probes)
             assert len(probes) == settled
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     asyncio.run(main())
 
@@ -191,27 +213,14 @@ def test_a_stall_that_begins_as_work_arrives_on_an_idle_loop_is_measured(
     probes: list[float] = []
     stall = 0.3
 
-    async def housekeep() -> bool:
-        return False
-
     async def main() -> None:
-        clock = ticker.Ticker(Notifier(env={}), housekeep, probes.append)
-        task = asyncio.create_task(clock.run())
-        try:
-            await asyncio.sleep(10 * fast_probes)  # the start's activity runs out
+        async with running_ticker(probes) as clock:
             quiet = len(probes)
-            await asyncio.sleep(10 * fast_probes)
-            assert len(probes) == quiet, "probes with nothing going on"
-
             clock.request_started()
             time.sleep(stall)  # the handler's work, no await in it
             clock.request_ended()
             await asyncio.sleep(10 * fast_probes)
             assert max(probes[quiet:], default=0.0) >= stall * 0.9, probes[quiet:]
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     asyncio.run(main())
 
@@ -229,19 +238,11 @@ def test_a_request_waiting_for_the_rest_of_its_body_is_not_work(tmp_path: Path) 
         return {"timeout": request["body"].timeout}
 
     async def scenario() -> None:
-        sock = tmp_path / "run" / "a.sock"
-        settings = Settings(api={"socket": str(sock)},
-                            agent={"state_dir": str(tmp_path / "state"),
-                                   "log_dir": str(tmp_path / "log")})
-        supervisor = Supervisor(settings)
-        table = collect_routes()
-        table.add(Route("POST", "/api/v1/test/body", echo, None, "body", hidden=True,
-                        body=OperationBody))
-        server = await start_api(create_app(AppContext(settings, supervisor,
-                                                       requests=watch), table), settings)
         loop = asyncio.get_running_loop()
         body = b'{"timeout": 7.5}'
-        try:
+        route = Route("POST", "/api/v1/test/body", echo, None, "body", hidden=True,
+                      body=OperationBody)
+        async with served(tmp_path, watch, route) as sock:
             reader, writer = await asyncio.open_unix_connection(str(sock))
             writer.write(b"POST /api/v1/test/body HTTP/1.1\r\nHost: agent\r\n"
                          b"Content-Type: application/json\r\n"
@@ -264,8 +265,5 @@ def test_a_request_waiting_for_the_rest_of_its_body_is_not_work(tmp_path: Path) 
                 await asyncio.sleep(0.01)
             assert seen_busy == [1]  # the handler ran as work
             assert watch.ended == watch.started == 2
-        finally:
-            await server.close()
-            await supervisor.close()
 
     asyncio.run(scenario())
