@@ -27,6 +27,14 @@ def _armed(watch: LogWatch, *paths: Path) -> None:
     watch.armed([(path, watch.arm(path)) for path in paths])
 
 
+def _empty_logs(folder: Path) -> tuple[Path, Path]:
+    """Two empty log files in folder: a.log and b.log."""
+    log, other = folder / "a.log", folder / "b.log"
+    log.write_bytes(b"")
+    other.write_bytes(b"")
+    return log, other
+
+
 def _with_loop(body):
     async def main() -> None:
         watch = LogWatch()
@@ -39,9 +47,7 @@ def _with_loop(body):
 
 
 def test_an_armed_file_is_quiet_until_written_and_says_so_once(tmp_path: Path) -> None:
-    log, other = tmp_path / "a.log", tmp_path / "b.log"
-    log.write_bytes(b"")
-    other.write_bytes(b"")
+    log, other = _empty_logs(tmp_path)
     calls: list[int] = []
 
     async def body(watch: LogWatch) -> None:
@@ -286,9 +292,7 @@ def test_a_directory_moved_aside_makes_its_files_due(tmp_path: Path, moved: str)
     looked at."""
     logs = tmp_path / "home" / "log"
     logs.mkdir(parents=True)
-    log, other = logs / "a.log", logs / "b.log"
-    log.write_bytes(b"")
-    other.write_bytes(b"")
+    log, other = _empty_logs(logs)
     calls: list[int] = []
 
     async def body(watch: LogWatch) -> None:
