@@ -14,7 +14,9 @@ rotation in place it may show again, or miss, what the program wrote in that las
 interval (the bytes themselves are in the rotated copy).
 
     with LogFile.open(path, owner=uid) as log:
-        first = log.tail(10)             # bytes: the last 10 lines
+        log.seek_tail(10)                # from the start of the last 10 lines
+        while data := log.read_new():    # bytes, CHUNK at most
+            ...
         async for chunk in log.follow(stopped):
             ...                          # bytes, as written
 
@@ -113,18 +115,6 @@ class LogFile:
             wanted -= found
             end = start
         self.position = 0
-
-    def tail(self, lines: int | None) -> bytes:
-        """The last ``lines`` lines in one buffer (for a few lines; the API streams them,
-        seek_tail); the reading position is then where they end. With None nothing is
-        returned and the position is the start of the file."""
-        self.seek_tail(lines)
-        if lines is None:
-            return b""
-        end = os.fstat(self.fd).st_size
-        data = os.pread(self.fd, max(0, end - self.position), self.position)
-        self.position += len(data)
-        return data
 
     def read_new(self) -> bytes:
         """What was written since the last read (at most CHUNK bytes); from the start of
